@@ -1,0 +1,289 @@
+//! The [`Consumer`] trait, and the glue that runs one consumer per connection.
+//!
+//! [`consumer::<C>()`](consumer()) gives you an axum route. For every
+//! WebSocket request on it, the runner:
+//!
+//! 1. builds a fresh `C` from the request's [`Scope`] (its path and
+//!    parameters);
+//! 2. calls [`Consumer::connect`] *before* answering the handshake, so the
+//!    consumer can refuse with an HTTP 403 if it never accepts;
+//! 3. completes the handshake and delivers what `connect` sent;
+//! 4. calls [`Consumer::receive`] for each text or binary message, one at a
+//!    time, in order;
+//! 5. calls [`Consumer::disconnect`] exactly once with the close code, also
+//!    when the client vanished without a close frame (code 1006).
+//!
+//! Bad input ends only the connection that sent it, and always with a close
+//! frame that says why: a message over [`Consumer::MAX_MESSAGE_SIZE`] gets
+//! 1009, a text frame that is not UTF-8 gets 1007, and an error returned by
+//! the consumer gets 1011 and one log line.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::RawPathParams;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
+use serde::de::DeserializeOwned;
+use tokio_tungstenite::tungstenite;
+
+use crate::close_code;
+use crate::error::{Error, Result};
+use crate::socket::{Handshake, Socket};
+
+/// The largest message a consumer accepts unless it says otherwise: 64 KiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
+
+/// How long to wait for the client to answer our close frame before giving up
+/// on a polite goodbye and dropping the connection.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Handles one WebSocket connection: one value per connected client.
+///
+/// Implement the lifecycle methods with `async fn`; the runner calls them in
+/// order and never concurrently, so `&mut self` is all the state you need.
+pub trait Consumer: Sized + Send + 'static {
+    /// Messages this consumer takes from a channel layer, as a `serde` enum
+    /// tagged by `"type"`. A consumer that uses no layer says [`NoEvents`].
+    type Event: DeserializeOwned + Send + 'static;
+
+    /// The largest text or binary message accepted, in bytes. A larger one
+    /// closes the connection with code 1009 and a reason that says the limit.
+    const MAX_MESSAGE_SIZE: usize = DEFAULT_MAX_MESSAGE_SIZE;
+
+    /// Builds the consumer for one connection from its request.
+    fn new(scope: &Scope) -> Self;
+
+    /// The client asks to connect. Call [`Socket::accept`] to let it in, or
+    /// [`Socket::close`] (or simply return without accepting) to refuse it.
+    fn connect(&mut self, socket: &mut Socket) -> impl Future<Output = Result<()>> + Send;
+
+    /// The client sent a message.
+    fn receive(
+        &mut self,
+        socket: &mut Socket,
+        frame: Frame,
+    ) -> impl Future<Output = Result<()>> + Send;
+
+    /// The connection is over; `code` is the close code the client sent, the
+    /// one we sent if we closed first, or 1006 if the client just vanished.
+    /// Sending is no longer possible; this is the place to clean up.
+    fn disconnect(&mut self, socket: &mut Socket, code: u16) -> impl Future<Output = ()> + Send {
+        let _ = (socket, code);
+        async {}
+    }
+
+    /// A message arrived from the channel layer.
+    fn event(
+        &mut self,
+        socket: &mut Socket,
+        event: Self::Event,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (socket, event);
+        async { Ok(()) }
+    }
+}
+
+/// The event type of a consumer that takes no messages from a channel layer.
+///
+/// It has no values, so no message can ever be decoded into it.
+#[derive(Debug, serde::Deserialize)]
+pub enum NoEvents {}
+
+/// A message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A text frame (always valid UTF-8: the runner checks).
+    Text(String),
+    /// A binary frame.
+    Binary(Bytes),
+}
+
+/// What a consumer knows about the request that opened its connection.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    path: String,
+    query: Option<String>,
+    params: Vec<(String, String)>,
+}
+
+impl Scope {
+    /// A scope for `path` with no parameters; handy in tests.
+    pub fn new(path: impl Into<String>) -> Self {
+        Scope {
+            path: path.into(),
+            ..Scope::default()
+        }
+    }
+
+    /// Adds a path parameter, as the router would.
+    pub fn with_param(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.params.push((name.into(), value.into()));
+        self
+    }
+
+    /// The request path, e.g. `/ws/room/general`.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The query string without its `?`, if there was one.
+    pub fn query(&self) -> Option<&str> {
+        self.query.as_deref()
+    }
+
+    /// A path parameter by name, percent-decoded: for the route
+    /// `/ws/room/{room_name}`, `param("room_name")` of `/ws/room/caf%C3%A9` is
+    /// `"café"`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// A route that runs consumer `C` for every WebSocket connection on it, as in
+/// `Router::new().route("/ws/system", consumer::<SystemChat>())` (the crate
+/// documentation has a complete example).
+///
+/// The route is for a `Router` without state; a router with state can mount
+/// it with `Router::route_service`.
+pub fn consumer<C: Consumer>() -> MethodRouter {
+    get(upgrade::<C>)
+}
+
+async fn upgrade<C: Consumer>(
+    upgrade: WebSocketUpgrade,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    uri: Uri,
+) -> Response {
+    let params = match params {
+        Ok(params) => params
+            .iter()
+            .map(|(key, value)| (key.to_owned(), value.to_owned()))
+            .collect(),
+        Err(RawPathParamsRejection::MissingPathParams(_)) => Vec::new(),
+        Err(rejection) => return rejection.into_response(),
+    };
+    let scope = Scope {
+        path: uri.path().to_owned(),
+        query: uri.query().map(str::to_owned),
+        params,
+    };
+
+    let mut consumer = C::new(&scope);
+    let mut socket = Socket::connecting();
+    if let Err(err) = consumer.connect(&mut socket).await {
+        tracing::warn!(path = scope.path(), %err, "connect failed; refusing the handshake");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    match socket.handshake() {
+        Handshake::Accepted => upgrade
+            .max_message_size(C::MAX_MESSAGE_SIZE)
+            .max_frame_size(C::MAX_MESSAGE_SIZE)
+            .on_upgrade(move |ws| run(consumer, socket, ws)),
+        Handshake::Refused(reason) => {
+            tracing::debug!(path = scope.path(), reason, "connection refused before accept");
+            (StatusCode::FORBIDDEN, reason).into_response()
+        }
+        Handshake::Undecided => {
+            tracing::debug!(path = scope.path(), "connect did not accept; refusing");
+            StatusCode::FORBIDDEN.into_response()
+        }
+    }
+}
+
+/// Drives one accepted connection from the handshake to `disconnect`.
+async fn run<C: Consumer>(mut consumer: C, mut socket: Socket, ws: WebSocket) {
+    socket.open(ws).await;
+    let code = serve(&mut consumer, &mut socket).await;
+    consumer.disconnect(&mut socket, code).await;
+}
+
+/// Reads the client until the connection ends; returns the close code.
+async fn serve<C: Consumer>(consumer: &mut C, socket: &mut Socket) -> u16 {
+    let mut peer_code = None;
+    loop {
+        let next = if socket.is_closing() {
+            // We said goodbye; wait (boundedly) for the client's reply.
+            match tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.recv()).await {
+                Ok(next) => next,
+                Err(_) => None,
+            }
+        } else {
+            socket.recv().await
+        };
+        let message = match next {
+            Some(Ok(message)) => message,
+            Some(Err(err)) => return fail(socket, err, C::MAX_MESSAGE_SIZE).await,
+            None => {
+                return peer_code
+                    .or(socket.sent_close_code())
+                    .unwrap_or(close_code::ABNORMAL);
+            }
+        };
+        let frame = match message {
+            Message::Text(text) => Frame::Text(text.as_str().to_owned()),
+            Message::Binary(bytes) => Frame::Binary(bytes),
+            Message::Close(frame) => {
+                // Keep reading: the next read sends our reply and ends the
+                // stream, which completes the closing handshake.
+                peer_code = Some(frame.map_or(close_code::NO_STATUS, |frame| frame.code));
+                continue;
+            }
+            // tungstenite answers pings by itself.
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        if socket.is_closing() {
+            continue; // the client had not seen our close frame yet
+        }
+        match consumer.receive(socket, frame).await {
+            Ok(()) | Err(Error::Closed) => {}
+            Err(err) => {
+                tracing::warn!(%err, "consumer failed; closing the connection with 1011");
+                let _ = socket.close(close_code::INTERNAL_ERROR, "internal error").await;
+            }
+        }
+    }
+}
+
+/// Ends the connection after a failed read, telling the client why when it
+/// is still there to hear it. Returns the close code for `disconnect`.
+async fn fail(socket: &mut Socket, err: axum::Error, max_message_size: usize) -> u16 {
+    if let Some(code) = socket.sent_close_code() {
+        // We had already closed; a client that hangs up instead of answering
+        // our close frame does not change why the connection ended.
+        socket.drop_connection();
+        return code;
+    }
+    let (code, reason) = match err.into_inner().downcast::<tungstenite::Error>() {
+        Ok(err) => match *err {
+            tungstenite::Error::Capacity(_) => (
+                close_code::MESSAGE_TOO_BIG,
+                format!("message too big: the limit is {max_message_size} bytes"),
+            ),
+            tungstenite::Error::Utf8(_) => (
+                close_code::INVALID_PAYLOAD,
+                "text frames must be valid UTF-8".to_owned(),
+            ),
+            tungstenite::Error::Protocol(
+                tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+            ) => (close_code::ABNORMAL, String::new()),
+            tungstenite::Error::Protocol(err) => (close_code::PROTOCOL_ERROR, err.to_string()),
+            _ => (close_code::ABNORMAL, String::new()),
+        },
+        Err(_) => (close_code::ABNORMAL, String::new()),
+    };
+    if code == close_code::ABNORMAL {
+        socket.drop_connection();
+    } else {
+        tracing::info!(code, reason, "closing a connection that sent bad input");
+        socket.refuse(code, &reason).await;
+    }
+    code
+}

@@ -1,0 +1,48 @@
+//! The error type shared by consumers and the runner.
+//!
+//! A consumer's methods return [`Result`], so `?` works on every socket call.
+//! The variants are few on purpose: each one tells the runner what to do next.
+//! A closed socket ends the connection quietly (the peer is gone; there is no
+//! one left to tell), while any other error is logged once and the connection
+//! is closed with code 1011. Either way only this one connection is affected.
+
+use std::fmt;
+
+/// What can go wrong while a consumer handles its connection.
+#[derive(Debug)]
+pub enum Error {
+    /// The WebSocket is closed (by the peer, or by [`Socket::close`]), so
+    /// nothing more can be sent on it.
+    ///
+    /// [`Socket::close`]: crate::Socket::close
+    Closed,
+    /// The consumer tried to send before calling [`Socket::accept`].
+    ///
+    /// [`Socket::accept`]: crate::Socket::accept
+    NotAccepted,
+    /// Any other failure, described for the log.
+    Other(String),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Closed => f.write_str("the WebSocket is closed"),
+            Error::NotAccepted => {
+                f.write_str("cannot send before the connection is accepted: call `socket.accept()` first")
+            }
+            Error::Other(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<serde_json::Error> for Error {
+    fn from(err: serde_json::Error) -> Self {
+        Error::Other(format!("JSON error: {err}"))
+    }
+}

@@ -1,0 +1,86 @@
+//! Django-Channels-style consumers for [axum].
+//!
+//! A WebSocket connection is handled by a *consumer*: a plain struct, one
+//! instance per connection, with three lifecycle methods. You write what each
+//! one does; this crate runs them in the right order and takes care of the
+//! WebSocket protocol around them.
+//!
+//! ```text
+//!   client            axum-channels                     your consumer
+//!   ──────            ─────────────                     ─────────────
+//!   GET /ws/… ──────▶ Consumer::new(&scope) ──────────▶ build the state
+//!                     connect(&mut socket)  ──────────▶ socket.accept()
+//!   ◀──── 101 ─────── (handshake answered only now)
+//!   text/binary ────▶ receive(&mut socket, frame) ────▶ socket.send_text(…)
+//!   close / drop ───▶ disconnect(&mut socket, code) ──▶ clean up
+//! ```
+//!
+//! A tour of the modules:
+//!
+//! - [`consumer`]: the [`Consumer`] trait you implement, and [`consumer()`],
+//!   which turns a consumer type into an axum route.
+//! - [`socket`]: the [`Socket`] handle a consumer uses to accept, send and
+//!   close.
+//! - [`error`]: the one [`Error`] type, and why it has so few variants.
+//! - `testing` (feature `testing`): a small client that serves a `Router` on a
+//!   free port and records a readable transcript of what was said, for
+//!   snapshot tests.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::Router;
+//! use axum_channels::{consumer, Consumer, Frame, NoEvents, Result, Scope, Socket};
+//!
+//! struct Shout;
+//!
+//! impl Consumer for Shout {
+//!     type Event = NoEvents;
+//!
+//!     fn new(_scope: &Scope) -> Self {
+//!         Shout
+//!     }
+//!
+//!     async fn connect(&mut self, socket: &mut Socket) -> Result<()> {
+//!         socket.accept().await
+//!     }
+//!
+//!     async fn receive(&mut self, socket: &mut Socket, frame: Frame) -> Result<()> {
+//!         if let Frame::Text(text) = frame {
+//!             socket.send_text(text.to_uppercase()).await?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let app: Router = Router::new().route("/ws/shout", consumer::<Shout>());
+//! ```
+
+pub mod consumer;
+pub mod error;
+pub mod socket;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use consumer::{consumer, Consumer, Frame, NoEvents, Scope, DEFAULT_MAX_MESSAGE_SIZE};
+pub use error::{Error, Result};
+pub use socket::Socket;
+
+/// WebSocket close codes used by this crate, named so that logs and tests
+/// read as words rather than numbers (RFC 6455, section 7.4.1).
+pub mod close_code {
+    /// The purpose of the connection has been fulfilled.
+    pub const NORMAL: u16 = 1000;
+    /// The peer sent something the protocol forbids.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The peer sent a close frame without a code.
+    pub const NO_STATUS: u16 = 1005;
+    /// The connection ended without a close frame (the client vanished).
+    pub const ABNORMAL: u16 = 1006;
+    /// A text frame was not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A message was larger than the consumer accepts.
+    pub const MESSAGE_TOO_BIG: u16 = 1009;
+    /// The server hit an error it could not recover from for this connection.
+    pub const INTERNAL_ERROR: u16 = 1011;
+}

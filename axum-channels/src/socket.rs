@@ -1,0 +1,244 @@
+//! The handle a consumer uses to talk to its client.
+//!
+//! A [`Socket`] lives through two phases. While [`Consumer::connect`] runs,
+//! the HTTP handshake has not been answered yet: the consumer decides whether
+//! to [`accept`](Socket::accept) or to refuse, and whatever it sends is held
+//! back until the handshake completes. That is what lets a consumer refuse a
+//! connection *before* accepting it, with a plain HTTP 403, exactly as Django
+//! Channels does. Once the handshake is answered, sends go straight to the
+//! wire.
+//!
+//! [`Consumer::connect`]: crate::Consumer::connect
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// The longest close reason the protocol allows, in bytes (RFC 6455, 5.5).
+const MAX_CLOSE_REASON: usize = 123;
+
+/// One client's WebSocket, as seen by its consumer.
+#[derive(Debug)]
+pub struct Socket {
+    phase: Phase,
+    /// Frames sent during `connect`, delivered once the handshake completes.
+    outbox: Vec<Message>,
+    /// The code of the close frame we sent, once we sent one.
+    closing: Option<u16>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// `connect` is running; `accepted` says whether it has accepted yet.
+    Connecting { accepted: bool },
+    /// `connect` refused the connection before accepting it.
+    Refused { reason: String },
+    /// The handshake is done and the WebSocket is live.
+    Open(WebSocket),
+    /// The connection is over; nothing more can be sent.
+    Closed,
+}
+
+/// How `connect` left the handshake, for the runner to act on.
+pub(crate) enum Handshake {
+    Accepted,
+    Refused(String),
+    Undecided,
+}
+
+impl Socket {
+    pub(crate) fn connecting() -> Self {
+        Socket {
+            phase: Phase::Connecting { accepted: false },
+            outbox: Vec::new(),
+            closing: None,
+        }
+    }
+
+    /// Accepts the connection. Call it in `connect` before sending anything;
+    /// a consumer that never accepts refuses the client.
+    pub async fn accept(&mut self) -> Result<()> {
+        match &mut self.phase {
+            Phase::Connecting { accepted } => {
+                *accepted = true;
+                Ok(())
+            }
+            Phase::Open(_) => Ok(()),
+            Phase::Refused { .. } | Phase::Closed => Err(Error::Closed),
+        }
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: impl Into<String>) -> Result<()> {
+        self.send(Message::Text(text.into().into())).await
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_bytes(&mut self, bytes: impl Into<Bytes>) -> Result<()> {
+        self.send(Message::Binary(bytes.into())).await
+    }
+
+    /// Serializes `value` to JSON and sends it as a text frame.
+    pub async fn send_json<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        let text = serde_json::to_string(value)?;
+        self.send_text(text).await
+    }
+
+    /// Closes the connection with `code` and a human-readable `reason`.
+    ///
+    /// Before [`accept`](Socket::accept) this refuses the handshake (HTTP 403,
+    /// with `reason` as the body). After it, the client gets a close frame it
+    /// can show: browsers report `code` and `reason` in the `close` event, so
+    /// use a code in the 4000-4999 range for your application's own reasons.
+    /// The reason is cut to the 123 bytes the protocol allows. Closing twice
+    /// is harmless.
+    pub async fn close(&mut self, code: u16, reason: &str) -> Result<()> {
+        if self.closing.is_some() {
+            return Ok(());
+        }
+        let reason = truncate_reason(reason);
+        match &mut self.phase {
+            Phase::Connecting { accepted: false } => {
+                self.phase = Phase::Refused {
+                    reason: reason.to_owned(),
+                };
+                return Ok(());
+            }
+            Phase::Refused { .. } | Phase::Closed => return Ok(()),
+            Phase::Connecting { accepted: true } | Phase::Open(_) => {}
+        }
+        let frame = CloseFrame {
+            code,
+            reason: reason.into(),
+        };
+        let sent = self.send(Message::Close(Some(frame))).await;
+        self.closing = Some(code);
+        sent
+    }
+
+    /// True once this side has sent its close frame, or the connection ended.
+    pub fn is_closing(&self) -> bool {
+        self.closing.is_some() || matches!(self.phase, Phase::Closed | Phase::Refused { .. })
+    }
+
+    async fn send(&mut self, message: Message) -> Result<()> {
+        if self.closing.is_some() {
+            return Err(Error::Closed);
+        }
+        match &mut self.phase {
+            Phase::Connecting { accepted: false } => Err(Error::NotAccepted),
+            Phase::Connecting { accepted: true } => {
+                self.outbox.push(message);
+                Ok(())
+            }
+            Phase::Open(ws) => {
+                if ws.send(message).await.is_err() {
+                    // The peer is gone; the runner learns the details from
+                    // its next read, so there is nothing more to report here.
+                    self.phase = Phase::Closed;
+                    return Err(Error::Closed);
+                }
+                Ok(())
+            }
+            Phase::Refused { .. } | Phase::Closed => Err(Error::Closed),
+        }
+    }
+
+    pub(crate) fn handshake(&self) -> Handshake {
+        match &self.phase {
+            Phase::Connecting { accepted: true } => Handshake::Accepted,
+            Phase::Refused { reason } => Handshake::Refused(reason.clone()),
+            _ => Handshake::Undecided,
+        }
+    }
+
+    /// Completes the handshake and delivers what `connect` sent.
+    pub(crate) async fn open(&mut self, ws: WebSocket) {
+        self.phase = Phase::Open(ws);
+        let closing = self.closing.take();
+        for message in std::mem::take(&mut self.outbox) {
+            if self.send(message).await.is_err() {
+                break;
+            }
+        }
+        self.closing = closing;
+    }
+
+    /// The next message from the client; `None` once the connection is over.
+    pub(crate) async fn recv(&mut self) -> Option<Result<Message, axum::Error>> {
+        match &mut self.phase {
+            Phase::Open(ws) => ws.recv().await,
+            _ => None,
+        }
+    }
+
+    /// Sends a close frame after a read failed (the stream can no longer be
+    /// read, so no reply is awaited) and ends the connection.
+    pub(crate) async fn refuse(&mut self, code: u16, reason: &str) {
+        let _ = self.close(code, reason).await;
+        self.phase = Phase::Closed;
+    }
+
+    /// Ends the connection without a close frame (the peer already left).
+    pub(crate) fn drop_connection(&mut self) {
+        self.phase = Phase::Closed;
+    }
+
+    /// The code of the close frame this side sent, if any.
+    pub(crate) fn sent_close_code(&self) -> Option<u16> {
+        self.closing
+    }
+}
+
+/// Cuts `reason` to the protocol's limit without splitting a character.
+fn truncate_reason(reason: &str) -> &str {
+    if reason.len() <= MAX_CLOSE_REASON {
+        return reason;
+    }
+    let mut end = MAX_CLOSE_REASON;
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_reasons_are_cut_on_a_character_boundary() {
+        let reason = "é".repeat(100); // 200 bytes
+        let cut = truncate_reason(&reason);
+        assert!(cut.len() <= MAX_CLOSE_REASON);
+        assert_eq!(cut, "é".repeat(61));
+    }
+
+    #[tokio::test]
+    async fn sending_before_accept_is_an_error() {
+        let mut socket = Socket::connecting();
+        let err = socket.send_text("too early").await.unwrap_err();
+        assert!(matches!(err, Error::NotAccepted));
+    }
+
+    #[tokio::test]
+    async fn closing_before_accept_refuses_the_handshake() {
+        let mut socket = Socket::connecting();
+        socket.close(4000, "go away").await.unwrap();
+        assert!(matches!(socket.handshake(), Handshake::Refused(reason) if reason == "go away"));
+        assert!(matches!(socket.accept().await, Err(Error::Closed)));
+    }
+
+    #[tokio::test]
+    async fn frames_sent_during_connect_wait_for_the_handshake() {
+        let mut socket = Socket::connecting();
+        socket.accept().await.unwrap();
+        socket.send_text("welcome").await.unwrap();
+        socket.close(4001, "bye").await.unwrap();
+        assert!(matches!(socket.handshake(), Handshake::Accepted));
+        assert_eq!(socket.outbox.len(), 2);
+        assert!(matches!(socket.send_text("late").await, Err(Error::Closed)));
+    }
+}
