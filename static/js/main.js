@@ -1,0 +1,569 @@
+/*
+ * Fast Channels · browser demo client.
+ *
+ * Wires the four panels of index.html to the server's WebSocket endpoints.
+ * The same page is served by every tutorial step, so each connection first
+ * probes its endpoint and shows a friendly "arrives in step NN" notice when
+ * the running step does not have it yet. All panels share one helper,
+ * createChannel(), which owns probing, the socket, the status line and the
+ * close handling; the panel code below only decides what to send and how to
+ * display what comes back.
+ *
+ * Plain ES2020, no build step, no dependencies.
+ */
+'use strict';
+
+/* ------------------------------------------------------------------ */
+/* Small utilities                                                     */
+/* ------------------------------------------------------------------ */
+
+const $ = (id) => document.getElementById(id);
+
+// Derived from the page location so the demo works behind any host, port
+// or TLS terminator without configuration.
+function wsUrl(path) {
+  const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${location.host}${path}`;
+}
+
+// A plain GET to a WebSocket route is rejected by axum with a 4xx that is
+// not 404 (the upgrade headers are missing), while a route that does not
+// exist in this step gives 404. That difference lets the page find out
+// which endpoints exist without opening (and failing) a WebSocket.
+async function probe(path) {
+  try {
+    const res = await fetch(path, { cache: 'no-store' });
+    // The body is irrelevant; cancelling frees the connection sooner.
+    if (res.body) res.body.cancel().catch(() => {});
+    return res.status === 404 ? 'missing' : 'available';
+  } catch {
+    return 'unreachable';
+  }
+}
+
+function timeStamp(date = new Date()) {
+  return [date.getHours(), date.getMinutes(), date.getSeconds()]
+    .map((n) => String(n).padStart(2, '0'))
+    .join(':');
+}
+
+// Status messages are either a string or a list of strings and
+// {code: '...'} parts, so step hints can show the command as code without
+// ever going through innerHTML.
+function renderStatus(el, message) {
+  const parts = Array.isArray(message) ? message : [message];
+  el.replaceChildren(
+    ...parts.map((part) => {
+      if (typeof part === 'string') return part;
+      const code = document.createElement('code');
+      code.textContent = part.code;
+      return code;
+    }),
+  );
+}
+
+function stepNotice(lead, step) {
+  return [`${lead} in step ${step} — run `, { code: `cargo xtask step ${step}` }];
+}
+
+// Periodic server pushes would otherwise grow the DOM without bound.
+const LOG_LIMIT = 500;
+// Only follow new entries when the reader is already at the bottom, so
+// scrolling back through history is not yanked away by the next message.
+const STICKY_SCROLL_PX = 48;
+
+function appendLog(logEl, text, kind, data) {
+  const distance = logEl.scrollHeight - logEl.scrollTop - logEl.clientHeight;
+  const follow = distance < STICKY_SCROLL_PX;
+
+  const li = document.createElement('li');
+  li.className = kind ? `log-entry log-${kind}` : 'log-entry';
+  // Server text is user input relayed by the server: textContent only.
+  li.textContent = text;
+  if (data) {
+    for (const [key, value] of Object.entries(data)) {
+      if (value !== undefined && value !== null) li.dataset[key] = String(value);
+    }
+  }
+  logEl.append(li);
+
+  while (logEl.childElementCount > LOG_LIMIT) logEl.firstElementChild.remove();
+  if (follow) logEl.scrollTop = logEl.scrollHeight;
+  return li;
+}
+
+// Parses a frame that should be JSON; anything else comes back as null so
+// callers can fall back to showing the raw text.
+function parseObject(text) {
+  try {
+    const value = JSON.parse(text);
+    return value !== null && typeof value === 'object' && !Array.isArray(value) ? value : null;
+  } catch {
+    return null;
+  }
+}
+
+function asText(value) {
+  if (typeof value === 'string') return value;
+  try {
+    return JSON.stringify(value);
+  } catch {
+    return String(value);
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* The reusable panel connection                                       */
+/* ------------------------------------------------------------------ */
+
+/*
+ * States, mirrored as data-state on the status element and on the closest
+ * [data-channel] container so CSS and tests can follow along:
+ *   idle        probed, endpoint exists, not connected yet (manual panels)
+ *   probing     checking whether the endpoint exists
+ *   connecting  WebSocket created, waiting for open
+ *   open        connected
+ *   closed      disconnected (by the user or unexpectedly)
+ *   refused     server closed with an application code 4000–4999
+ *   missing     endpoint not part of the running step (404)
+ *   unreachable the probe could not reach the server at all
+ */
+function createChannel(options) {
+  const {
+    path, // string, or function returning the path at connect time
+    probePath = typeof path === 'string' ? path : undefined,
+    missingLead, // e.g. 'Room chat arrives'
+    step, // e.g. '02'
+    statusEl,
+    logEl,
+    actionBtn = null, // doubles as Retry (unreachable) and Reconnect (closed)
+    controls = [], // enabled only while the socket is open
+    offerReconnect = true,
+    idleMessage = 'Not connected',
+    describeOpen = () => 'Connected',
+    onOpen = () => {},
+    onMessage = (text) => appendLog(logEl, text),
+    onStateChange = () => {},
+  } = options;
+
+  const container = statusEl.closest('[data-channel]');
+  const decoder = new TextDecoder();
+  let state = 'idle';
+  let action = null;
+  let socket = null;
+  // Bumped whenever a probe or socket is superseded, so late answers from
+  // an abandoned attempt cannot overwrite the current state.
+  let generation = 0;
+  let autoConnect = true;
+
+  const resolvePath = () => (typeof path === 'function' ? path() : path);
+
+  function setState(next, message, nextAction = null) {
+    state = next;
+    action = nextAction;
+    statusEl.dataset.state = next;
+    if (container) container.dataset.state = next;
+    if (message !== undefined) renderStatus(statusEl, message);
+
+    const open = next === 'open';
+    for (const control of controls) control.disabled = !open;
+
+    if (actionBtn) {
+      actionBtn.hidden = action === null;
+      actionBtn.textContent = action === 'retry' ? 'Retry' : 'Reconnect';
+    }
+    onStateChange(next, api);
+  }
+
+  // Resolves true when the endpoint exists; otherwise leaves the panel in
+  // its missing/unreachable state.
+  async function check() {
+    const gen = ++generation;
+    setState('probing', 'Checking endpoint…');
+    const result = await probe(probePath !== undefined ? probePath : resolvePath());
+    if (gen !== generation) return false;
+    if (result === 'missing') {
+      setState('missing', stepNotice(missingLead, step));
+      return false;
+    }
+    if (result === 'unreachable') {
+      setState('unreachable', 'Server unreachable', 'retry');
+      return false;
+    }
+    return true;
+  }
+
+  // For panels that wait for the user: probe now so a missing endpoint is
+  // visible before anyone presses Connect.
+  async function prepare() {
+    autoConnect = false;
+    if (await check()) setState('idle', idleMessage);
+  }
+
+  async function connect() {
+    if (state === 'probing' || state === 'connecting' || state === 'open') return;
+    if (!(await check())) return;
+
+    let ws;
+    try {
+      ws = new WebSocket(wsUrl(resolvePath()));
+    } catch (err) {
+      setState('closed', `Could not open connection: ${err && err.message ? err.message : err}`,
+        offerReconnect ? 'reconnect' : null);
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    socket = ws;
+    setState('connecting', 'Connecting…');
+
+    ws.addEventListener('open', () => {
+      if (ws !== socket) return;
+      setState('open', describeOpen());
+      try {
+        onOpen(api);
+      } catch (err) {
+        console.error(err);
+      }
+    });
+
+    ws.addEventListener('message', (event) => {
+      if (ws !== socket) return;
+      const text = typeof event.data === 'string' ? event.data : decoder.decode(event.data);
+      try {
+        onMessage(text, api);
+      } catch (err) {
+        // A display bug must never lose the frame or break the socket.
+        console.error(err);
+        appendLog(logEl, text, 'raw');
+      }
+    });
+
+    // 'error' carries no detail in browsers and is always followed by
+    // 'close', so all reporting happens there.
+    ws.addEventListener('close', (event) => {
+      if (ws !== socket) return;
+      socket = null;
+      const { code, reason } = event;
+      const next = offerReconnect ? 'reconnect' : null;
+      if (code >= 4000 && code <= 4999) {
+        let message = `Refused (code ${code})`;
+        if (reason) message = /^refused\b/i.test(reason) ? reason : `Refused: ${reason}`;
+        setState('refused', message, next);
+      } else {
+        const message = reason
+          ? `Disconnected (code ${code}): ${reason}`
+          : `Disconnected (code ${code})`;
+        setState('closed', message, next);
+      }
+    });
+  }
+
+  function disconnect(code = 1000, reason = 'Client disconnected') {
+    generation++;
+    const ws = socket;
+    // Dropping the reference first means the socket's own close event is
+    // ignored: the user asked for this, so it is not an error.
+    socket = null;
+    if (ws) {
+      try {
+        ws.close(code, reason);
+      } catch (err) {
+        console.error(err);
+      }
+    }
+    setState('closed', 'Disconnected');
+  }
+
+  function send(data) {
+    if (!socket || socket.readyState !== WebSocket.OPEN) return false;
+    try {
+      socket.send(data);
+      return true;
+    } catch (err) {
+      console.error(err);
+      return false;
+    }
+  }
+
+  if (actionBtn) {
+    actionBtn.addEventListener('click', () => {
+      if (action === 'retry' && !autoConnect) prepare();
+      else connect();
+    });
+  }
+
+  const api = {
+    connect,
+    prepare,
+    disconnect,
+    send,
+    log: (text, kind, data) => appendLog(logEl, text, kind, data),
+    status: (message) => renderStatus(statusEl, message),
+    get state() {
+      return state;
+    },
+  };
+  return api;
+}
+
+// Enter in a text input submits its form, which gives "Enter sends" for
+// free; the handler gets the trimmed-or-not text and decides what to do.
+function onSubmit(form, handler) {
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    try {
+      handler();
+    } catch (err) {
+      console.error(err);
+    }
+  });
+}
+
+// Sends the input's text through a channel and clears it on success.
+// Whitespace-only messages are ignored: they would only add blank lines.
+function bindComposer(form, input, channel, encode = (text) => text, afterSend = () => {}) {
+  onSubmit(form, () => {
+    const text = input.value;
+    if (text.trim() === '') return;
+    if (channel.send(encode(text))) {
+      afterSend(text);
+      input.value = '';
+      input.focus();
+    }
+  });
+}
+
+/* ------------------------------------------------------------------ */
+/* Panels                                                              */
+/* ------------------------------------------------------------------ */
+
+function setupSystem() {
+  const logEl = $('system-log');
+  const input = $('system-input');
+  let greeted = false;
+
+  const channel = createChannel({
+    path: '/ws/system',
+    missingLead: 'System messages arrive',
+    step: '01',
+    statusEl: $('system-status'),
+    logEl,
+    actionBtn: $('system-reconnect'),
+    controls: [input, $('system-send')],
+    onOpen: () => {
+      greeted = false;
+    },
+    onMessage: (text, api) => {
+      // The server's first frame is its welcome line; it doubles as the
+      // status so the panel header reads like the server's own voice.
+      if (!greeted) {
+        greeted = true;
+        api.status(text);
+      }
+      api.log(text);
+    },
+  });
+
+  bindComposer($('system-form'), input, channel, undefined, (text) => {
+    appendLog(logEl, `👤 User: ${text}`, 'user');
+  });
+  return channel;
+}
+
+function setupRoom() {
+  const nameInput = $('room-name');
+  const connectBtn = $('room-connect');
+  const disconnectBtn = $('room-disconnect');
+  const input = $('room-input');
+  let currentRoom = '';
+
+  const channel = createChannel({
+    path: () => `/ws/room/${encodeURIComponent(currentRoom)}`,
+    probePath: '/ws/room/general',
+    missingLead: 'Room chat arrives',
+    step: '02',
+    statusEl: $('room-status'),
+    logEl: $('room-log'),
+    actionBtn: $('room-retry'),
+    controls: [input, $('room-send')],
+    // The Connect button is the way back in after a drop.
+    offerReconnect: false,
+    idleMessage: 'Not connected. Pick a room and press Connect.',
+    describeOpen: () => `Connected to room '${currentRoom}'`,
+    onStateChange: (state) => {
+      const canConnect = state === 'idle' || state === 'closed' || state === 'refused';
+      connectBtn.disabled = !canConnect;
+      nameInput.disabled = !canConnect;
+      disconnectBtn.disabled = !(state === 'open' || state === 'connecting');
+    },
+  });
+
+  onSubmit($('room-connect-form'), () => {
+    if (connectBtn.disabled) return;
+    if (nameInput.value === '') {
+      channel.status('Enter a room name first.');
+      nameInput.focus();
+      return;
+    }
+    // Captured once so the URL and the status line agree even if the
+    // input changes while connecting.
+    currentRoom = nameInput.value;
+    channel.connect();
+  });
+
+  disconnectBtn.addEventListener('click', () => {
+    channel.disconnect(1000, 'User left the room');
+    connectBtn.focus();
+  });
+
+  // No local echo: the server broadcasts the message back to its sender.
+  bindComposer($('room-form'), input, channel);
+  return channel;
+}
+
+function setupJobs() {
+  const typeSelect = $('job-type');
+  const input = $('job-input');
+
+  const channel = createChannel({
+    path: '/ws/backgroundjob',
+    missingLead: 'Background jobs arrive',
+    step: '03',
+    statusEl: $('job-status'),
+    logEl: $('job-log'),
+    actionBtn: $('job-reconnect'),
+    controls: [typeSelect, input, $('job-send')],
+    onMessage: (text, api) => {
+      const frame = parseObject(text);
+      if (!frame || !('message' in frame)) {
+        api.log(text, 'raw');
+        return;
+      }
+      const message = asText(frame.message);
+      const data = { jobId: frame.job_id, status: frame.status };
+      if (frame.type === 'job_result') {
+        api.log(message, 'result', data);
+      } else if (frame.status === 'error') {
+        api.log(message, 'error', data);
+      } else {
+        if (frame.status === 'connected') api.status(message);
+        api.log(message, 'muted', data);
+      }
+    },
+  });
+
+  // Empty content is allowed on purpose: validating it is the server's
+  // job, and its error reply is part of what this panel demonstrates.
+  onSubmit($('job-form'), () => {
+    const payload = JSON.stringify({ type: typeSelect.value, content: input.value });
+    if (channel.send(payload)) {
+      input.value = '';
+      input.focus();
+    }
+  });
+  return channel;
+}
+
+function setupShowcase() {
+  const summaryEl = $('showcase-status');
+  const panel = $('showcase-panel');
+  const channels = [];
+
+  // The showcase as a whole gets one summary line so a reader can tell at
+  // a glance whether step 04 is running.
+  function summarise() {
+    if (channels.length < 4) return;
+    const states = channels.map((c) => c.state);
+    let state;
+    let message;
+    if (states.every((s) => s === 'missing')) {
+      state = 'missing';
+      message = stepNotice('The showcase arrives', '04');
+    } else if (states.every((s) => s === 'unreachable')) {
+      state = 'unreachable';
+      message = 'Server unreachable';
+    } else if (states.some((s) => s === 'probing' || s === 'connecting' || s === 'idle')) {
+      state = 'connecting';
+      message = 'Connecting…';
+    } else {
+      const open = states.filter((s) => s === 'open').length;
+      state = open === channels.length ? 'open' : 'partial';
+      message = `${open} of ${channels.length} connected`;
+    }
+    summaryEl.dataset.state = state;
+    panel.dataset.state = state;
+    renderStatus(summaryEl, message);
+  }
+
+  function sub(name, lead, extra = {}) {
+    return createChannel({
+      path: `/ws/${name}`,
+      missingLead: lead,
+      step: '04',
+      statusEl: $(`${name}-status`),
+      logEl: $(`${name}-log`),
+      actionBtn: $(`${name}-reconnect`),
+      onStateChange: summarise,
+      ...extra,
+    });
+  }
+
+  const chat = sub('chat', 'Chat arrives', {
+    controls: [$('chat-input'), $('chat-send')],
+  });
+  bindComposer($('chat-form'), $('chat-input'), chat);
+
+  const reliable = sub('reliable', 'Reliable messaging arrives', {
+    controls: [$('reliable-input'), $('reliable-send')],
+  });
+  bindComposer($('reliable-form'), $('reliable-input'), reliable);
+
+  const notifications = sub('notifications', 'Notifications arrive', {
+    controls: [$('notifications-input'), $('notifications-send')],
+    onMessage: (text, api) => {
+      const frame = parseObject(text);
+      if (!frame || !('message' in frame)) {
+        api.log(text, 'raw');
+        return;
+      }
+      // The type goes into a data attribute (shown as a badge by CSS) so
+      // the entry's text stays exactly the message.
+      const type = typeof frame.type === 'string' ? frame.type : undefined;
+      api.log(asText(frame.message), 'notification', { type });
+    },
+  });
+  bindComposer($('notifications-form'), $('notifications-input'), notifications,
+    (text) => JSON.stringify({ message: text }));
+
+  const sendBtn = $('analytics-send');
+  const analytics = sub('analytics', 'Analytics arrives', { controls: [sendBtn] });
+  sendBtn.addEventListener('click', () => {
+    analytics.send(`button_click:send-analytics@${timeStamp()}`);
+  });
+
+  channels.push(chat, reliable, notifications, analytics);
+  return channels;
+}
+
+/* ------------------------------------------------------------------ */
+/* Start-up                                                            */
+/* ------------------------------------------------------------------ */
+
+function init() {
+  const system = setupSystem();
+  const room = setupRoom();
+  const jobs = setupJobs();
+  const showcase = setupShowcase();
+
+  // Probes run in parallel; each panel settles on its own.
+  system.connect();
+  room.prepare();
+  jobs.connect();
+  for (const channel of showcase) channel.connect();
+}
+
+if (document.readyState === 'loading') {
+  document.addEventListener('DOMContentLoaded', init);
+} else {
+  init();
+}
