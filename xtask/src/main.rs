@@ -1,0 +1,342 @@
+//! `cargo xtask`: the maintenance tasks of this tutorial repository.
+//!
+//! Run `cargo xtask help` for the list. This file only does the dispatch, the
+//! usage text, and the few helpers every task shares (errors, argument
+//! matching, locating the workspace and cargo). Each task lives in its own
+//! module.
+//!
+//! The argument handling is hand-written on purpose: the crate must compile in
+//! seconds on a reader's machine, so it depends on nothing but `similar`.
+
+mod bench;
+mod check;
+mod diff;
+mod steps;
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fmt::Display;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::str::FromStr;
+
+/// Every task, as (synopsis, one-line description). The usage text is built
+/// from this table so that a new task cannot be forgotten in the help.
+const TASKS: &[(&str, &str)] = &[
+    ("list", "List the steps with the title of their chapter"),
+    (
+        "step <N> [--port P]",
+        "Run step N's app (N: 1, 01, 01-system-chat or system-chat)",
+    ),
+    (
+        "diff [A] B",
+        "Show what changed from step A to step B (A defaults to the step before B)",
+    ),
+    (
+        "check [--no-build]",
+        "Build everything, check the book's includes, and that chapters name the files they change",
+    ),
+    (
+        "bench [--seconds S] [--rounds R] [--clients C]",
+        "Compare step 01's echo with a bare tokio-tungstenite echo server (defaults 5 s, 3 rounds, 32 clients)",
+    ),
+    ("help", "Show this help"),
+];
+
+fn usage() -> String {
+    let width = TASKS.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+    let mut out = String::from("Usage: cargo xtask <task> [options]\n\nTasks:\n");
+    for (synopsis, description) in TASKS {
+        out.push_str(&format!("  {synopsis:<width$}  {description}\n"));
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let mut args: VecDeque<String> = std::env::args().skip(1).collect();
+    let task = args.pop_front();
+    let args = Args(args);
+    let ws = Workspace::locate();
+    let result = match task.as_deref() {
+        None | Some("help" | "-h" | "--help") => {
+            print!("{}", usage());
+            Ok(())
+        }
+        Some("list") => steps::run_list(&ws, args),
+        Some("step") => steps::run_step(&ws, args),
+        Some("diff") => diff::run(&ws, args),
+        Some("check") => check::run(&ws, args),
+        Some("bench") => bench::run(&ws, args),
+        Some(other) => {
+            eprintln!("error: unknown task '{other}'\n\n{}", usage());
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Failed(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+        Err(Error::Usage(msg)) => {
+            eprintln!("error: {msg}\n(run `cargo xtask help` for usage)");
+            ExitCode::from(2)
+        }
+        Err(Error::Exit(code)) => ExitCode::from(code),
+    }
+}
+
+/// Why a task did not succeed; decides the exit code.
+#[derive(Debug)]
+pub enum Error {
+    /// The command line is wrong (exit code 2, usage is shown).
+    Usage(String),
+    /// The task ran and failed (exit code 1).
+    Failed(String),
+    /// A child process failed and already said why; exit with its code.
+    Exit(u8),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shorthand for the common "the task failed" error.
+pub fn fail(msg: impl Display) -> Error {
+    Error::Failed(msg.to_string())
+}
+
+/// The arguments after the task name. Tasks take their options out of it
+/// first, then the positionals, and anything left over is a usage error.
+pub struct Args(VecDeque<String>);
+
+impl Args {
+    /// Removes a boolean `--flag`; true if it was present.
+    pub fn flag(&mut self, name: &str) -> bool {
+        let before = self.0.len();
+        self.0.retain(|a| a != name);
+        before != self.0.len()
+    }
+
+    /// Removes `--name VALUE` or `--name=VALUE` and parses the value.
+    pub fn value<T: FromStr>(&mut self, name: &str) -> Result<Option<T>> {
+        let prefix = format!("{name}=");
+        let Some(i) = self
+            .0
+            .iter()
+            .position(|a| a == name || a.starts_with(&prefix))
+        else {
+            return Ok(None);
+        };
+        let arg = self.0.remove(i).unwrap_or_default();
+        let raw = match arg.strip_prefix(&prefix) {
+            Some(v) => v.to_string(),
+            None => self
+                .0
+                .remove(i)
+                .ok_or_else(|| Error::Usage(format!("{name} needs a value")))?,
+        };
+        raw.parse()
+            .map(Some)
+            .map_err(|_| Error::Usage(format!("invalid value '{raw}' for {name}")))
+    }
+
+    /// The remaining arguments, which must all be positional and number
+    /// between `min` and `max`.
+    pub fn positionals(self, min: usize, max: usize) -> Result<Vec<String>> {
+        if let Some(opt) = self.0.iter().find(|a| a.starts_with("--")) {
+            return Err(Error::Usage(format!("unknown option '{opt}'")));
+        }
+        let n = self.0.len();
+        if n < min {
+            return Err(Error::Usage("missing argument".into()));
+        }
+        if n > max {
+            let extra: Vec<&str> = self.0.iter().skip(max).map(String::as_str).collect();
+            return Err(Error::Usage(format!(
+                "unexpected argument(s): {}",
+                extra.join(" ")
+            )));
+        }
+        Ok(self.0.into())
+    }
+}
+
+/// Where the workspace is and how to call cargo.
+pub struct Workspace {
+    pub root: PathBuf,
+}
+
+impl Workspace {
+    /// The workspace root is the parent of this crate's directory; using the
+    /// compile-time path means `cargo xtask` works from any subdirectory.
+    fn locate() -> Self {
+        let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf();
+        Workspace { root }
+    }
+
+    /// A `cargo` command run from the workspace root. `CARGO` is set by cargo
+    /// itself when it runs us, so we use the same toolchain the user invoked.
+    pub fn cargo(&self) -> Command {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&self.root);
+        cmd
+    }
+
+    /// `path` for messages: relative to the workspace root when inside it,
+    /// with `/` separators so the output looks the same on every OS.
+    pub fn display(&self, path: &Path) -> String {
+        let path = normalize(path);
+        match path.strip_prefix(&self.root) {
+            Ok(rel) => slash_path(rel),
+            Err(_) => path.display().to_string(),
+        }
+    }
+}
+
+/// Resolves `.` and `..` without touching the file system, so that paths built
+/// from `{{#include ../../steps/...}}` print readably even if they don't exist.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) {
+                    out.pop();
+                } else {
+                    out.push(c);
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// A relative path written with `/` whatever the platform, as the book uses.
+pub fn slash_path(path: &Path) -> String {
+    path.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Reads a file as text, with the path in the error.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))
+}
+
+/// Translates a child's exit status into ours: success is `Ok`, a failure
+/// becomes `Error::Exit` with the same code (1 if killed by a signal).
+pub fn propagate(status: std::process::ExitStatus) -> Result<()> {
+    if status.success() {
+        return Ok(());
+    }
+    let code = status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .filter(|&c| c != 0)
+        .unwrap_or(1);
+    Err(Error::Exit(code))
+}
+
+#[cfg(test)]
+pub mod testutil {
+    //! Scratch directories for the unit tests.
+
+    use std::path::{Path, PathBuf};
+
+    /// A fresh directory under the system temp dir, removed when dropped.
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("xtask-test-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+
+        /// Writes `contents` at `rel`, creating parent directories.
+        pub fn write(&self, rel: &str, contents: &str) -> PathBuf {
+            let path = self.0.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, contents).unwrap();
+            path
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args(list.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn usage_lists_every_task() {
+        let text = usage();
+        for task in ["list", "step", "diff", "check", "bench", "help"] {
+            assert!(
+                text.lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{task} ")) || l.trim() == task),
+                "{task} missing from usage"
+            );
+        }
+    }
+
+    #[test]
+    fn options_in_both_forms() {
+        let mut a = args(&["--port", "9000", "x"]);
+        assert_eq!(a.value::<u16>("--port").unwrap(), Some(9000));
+        assert_eq!(a.positionals(1, 1).unwrap(), vec!["x"]);
+
+        let mut a = args(&["--port=9001"]);
+        assert_eq!(a.value::<u16>("--port").unwrap(), Some(9001));
+
+        let mut a = args(&["--port"]);
+        assert!(matches!(a.value::<u16>("--port"), Err(Error::Usage(_))));
+
+        let mut a = args(&["--port", "nope"]);
+        assert!(matches!(a.value::<u16>("--port"), Err(Error::Usage(_))));
+    }
+
+    #[test]
+    fn leftovers_are_usage_errors() {
+        assert!(matches!(
+            args(&["--what"]).positionals(0, 2),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(
+            args(&["a", "b", "c"]).positionals(0, 2),
+            Err(Error::Usage(_))
+        ));
+        assert!(matches!(args(&[]).positionals(1, 2), Err(Error::Usage(_))));
+        let mut a = args(&["--no-build"]);
+        assert!(a.flag("--no-build"));
+        assert!(a.positionals(0, 0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn normalizes_parent_dirs() {
+        assert_eq!(
+            normalize(Path::new("/w/docs/src/../../steps/01/src/main.rs")),
+            PathBuf::from("/w/steps/01/src/main.rs")
+        );
+        assert_eq!(normalize(Path::new("../a/./b")), PathBuf::from("../a/b"));
+    }
+}
