@@ -22,12 +22,12 @@ use std::future::Future;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::RawPathParams;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::RawPathParams;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, MethodRouter};
+use axum::routing::{MethodRouter, get};
 use serde::de::DeserializeOwned;
 use tokio_tungstenite::tungstenite;
 
@@ -188,7 +188,11 @@ async fn upgrade<C: Consumer>(
             .max_frame_size(C::MAX_MESSAGE_SIZE)
             .on_upgrade(move |ws| run(consumer, socket, ws)),
         Handshake::Refused(reason) => {
-            tracing::debug!(path = scope.path(), reason, "connection refused before accept");
+            tracing::debug!(
+                path = scope.path(),
+                reason,
+                "connection refused before accept"
+            );
             (StatusCode::FORBIDDEN, reason).into_response()
         }
         Handshake::Undecided => {
@@ -210,11 +214,12 @@ async fn serve<C: Consumer>(consumer: &mut C, socket: &mut Socket) -> u16 {
     let mut peer_code = None;
     loop {
         let next = if socket.is_closing() {
-            // We said goodbye; wait (boundedly) for the client's reply.
-            match tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.recv()).await {
-                Ok(next) => next,
-                Err(_) => None,
-            }
+            // We said goodbye; a client that does not answer in time is
+            // treated as gone.
+            tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.recv())
+                .await
+                .ok()
+                .flatten()
         } else {
             socket.recv().await
         };
@@ -246,7 +251,9 @@ async fn serve<C: Consumer>(consumer: &mut C, socket: &mut Socket) -> u16 {
             Ok(()) | Err(Error::Closed) => {}
             Err(err) => {
                 tracing::warn!(%err, "consumer failed; closing the connection with 1011");
-                let _ = socket.close(close_code::INTERNAL_ERROR, "internal error").await;
+                let _ = socket
+                    .close(close_code::INTERNAL_ERROR, "internal error")
+                    .await;
             }
         }
     }

@@ -31,9 +31,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Closed => f.write_str("the WebSocket is closed"),
-            Error::NotAccepted => {
-                f.write_str("cannot send before the connection is accepted: call `socket.accept()` first")
-            }
+            Error::NotAccepted => f.write_str(
+                "cannot send before the connection is accepted: call `socket.accept()` first",
+            ),
             Error::Other(message) => f.write_str(message),
         }
     }

@@ -62,7 +62,7 @@ pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use consumer::{consumer, Consumer, Frame, NoEvents, Scope, DEFAULT_MAX_MESSAGE_SIZE};
+pub use consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, Frame, NoEvents, Scope, consumer};
 pub use error::{Error, Result};
 pub use socket::Socket;
 

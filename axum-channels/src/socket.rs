@@ -35,8 +35,9 @@ enum Phase {
     Connecting { accepted: bool },
     /// `connect` refused the connection before accepting it.
     Refused { reason: String },
-    /// The handshake is done and the WebSocket is live.
-    Open(WebSocket),
+    /// The handshake is done and the WebSocket is live. (Boxed: the stream
+    /// is large, and every other phase is small.)
+    Open(Box<WebSocket>),
     /// The connection is over; nothing more can be sent.
     Closed,
 }
@@ -156,7 +157,7 @@ impl Socket {
 
     /// Completes the handshake and delivers what `connect` sent.
     pub(crate) async fn open(&mut self, ws: WebSocket) {
-        self.phase = Phase::Open(ws);
+        self.phase = Phase::Open(Box::new(ws));
         let closing = self.closing.take();
         for message in std::mem::take(&mut self.outbox) {
             if self.send(message).await.is_err() {

@@ -20,15 +20,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::{Body, Bytes};
-use axum::http::{header, Request, StatusCode};
 use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::http::{Request, StatusCode, header};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt;
@@ -93,7 +93,11 @@ impl TestServer {
         path: &str,
         transcript: &Transcript,
     ) -> Result<TestClient, StatusCode> {
-        let prefix = if name.is_empty() { String::new() } else { format!("{name} ") };
+        let prefix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("{name} ")
+        };
         transcript.push(format!("{prefix}connect {path}"));
         match tokio_tungstenite::connect_async(self.ws_url(path)).await {
             Ok((ws, _response)) => Ok(TestClient {
@@ -113,7 +117,9 @@ impl TestServer {
 
     /// Sends `GET path` to the app (no network needed for plain HTTP).
     pub async fn get(&self, path: &str) -> HttpResponse {
-        let request = Request::get(path).body(Body::empty()).expect("a valid request");
+        let request = Request::get(path)
+            .body(Body::empty())
+            .expect("a valid request");
         let response = self.app.clone().oneshot(request).await.expect("infallible");
         let status = response.status();
         let content_type = response

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum_channels::testing::{Received, TestServer, Transcript};
-use axum_channels::{consumer, Consumer, Error, Frame, NoEvents, Result, Scope, Socket};
+use axum_channels::{Consumer, Error, Frame, NoEvents, Result, Scope, Socket, consumer};
 use tokio::sync::mpsc;
 
 type Events = mpsc::UnboundedReceiver<String>;
@@ -105,11 +105,20 @@ async fn a_clean_conversation_calls_each_method_in_order() {
     assert_eq!(client.recv_text().await, "echo: hi");
     client.send_bytes(&[0, 1, 2]).await;
     assert_eq!(client.recv().await, Received::Binary(vec![0, 1, 2]));
-    assert_eq!(client.close(1000).await, Received::Close { code: 1000, reason: String::new() });
+    assert_eq!(
+        client.close(1000).await,
+        Received::Close {
+            code: 1000,
+            reason: String::new()
+        }
+    );
 
     assert_eq!(next(&mut events).await, "connect");
     assert_eq!(next(&mut events).await, r#"receive Text("hi")"#);
-    assert_eq!(next(&mut events).await, "receive Binary(b\"\\0\\x01\\x02\")");
+    assert_eq!(
+        next(&mut events).await,
+        "receive Binary(b\"\\0\\x01\\x02\")"
+    );
     assert_eq!(next(&mut events).await, "disconnect 1000 (can send: false)");
 }
 
@@ -141,7 +150,10 @@ async fn an_oversized_message_closes_with_1009_and_says_the_limit() {
         }
     );
     assert_eq!(next(&mut events).await, "connect");
-    assert_eq!(next(&mut events).await, r#"receive Text("sixteen bytes ok")"#);
+    assert_eq!(
+        next(&mut events).await,
+        r#"receive Text("sixteen bytes ok")"#
+    );
     assert_eq!(next(&mut events).await, "disconnect 1009 (can send: false)");
 }
 
@@ -150,7 +162,9 @@ async fn closing_before_accept_refuses_the_handshake_with_403() {
     let server = server().await;
     let mut events = watch("refuse");
     let transcript = Transcript::default();
-    let refused = server.try_connect_as("", "/refuse/refuse", &transcript).await;
+    let refused = server
+        .try_connect_as("", "/refuse/refuse", &transcript)
+        .await;
     assert_eq!(refused.err().map(|status| status.as_u16()), Some(403));
     assert_eq!(next(&mut events).await, "connect");
     // The 403 is sent once the handler has returned, and a refused client was
@@ -176,7 +190,10 @@ async fn accept_then_close_in_connect_delivers_the_frames_then_the_reason() {
     assert_eq!(client.recv_text().await, "welcome");
     assert_eq!(
         client.recv().await,
-        Received::Close { code: 4001, reason: "you are not on the list".into() }
+        Received::Close {
+            code: 4001,
+            reason: "you are not on the list".into()
+        }
     );
     drop(client);
     assert_eq!(next(&mut events).await, "connect");
@@ -192,7 +209,10 @@ async fn a_consumer_may_close_from_receive() {
     client.send_text("bye").await;
     assert_eq!(
         client.recv().await,
-        Received::Close { code: 4000, reason: "as you wish".into() }
+        Received::Close {
+            code: 4000,
+            reason: "as you wish".into()
+        }
     );
     drop(client);
     assert_eq!(next(&mut events).await, "connect");
@@ -211,7 +231,10 @@ async fn a_failing_consumer_closes_only_its_own_connection_with_1011() {
     broken.send_text("boom").await;
     assert_eq!(
         broken.recv().await,
-        Received::Close { code: 1011, reason: "internal error".into() }
+        Received::Close {
+            code: 1011,
+            reason: "internal error".into()
+        }
     );
     bystander.send_text("still here?").await;
     assert_eq!(bystander.recv_text().await, "echo: still here?");

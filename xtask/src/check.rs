@@ -244,7 +244,8 @@ fn check_chapters(ws: &Workspace, steps: &[Step], problems: &mut Vec<String>) ->
     let mut named = 0;
     for (i, step) in steps.iter().enumerate() {
         let prev = i.checked_sub(1).map(|j| &steps[j]);
-        let changes = diff::changed_files(prev.map(|p| p.dir.as_path()), &step.dir)?;
+        let renames = prev.map_or_else(Vec::new, |p| diff::step_renames(p, step));
+        let changes = diff::changed_files(prev.map(|p| p.dir.as_path()), &step.dir, &renames)?;
         if changes.is_empty() {
             continue;
         }

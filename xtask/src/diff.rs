@@ -52,13 +52,30 @@ pub enum Content {
     Binary(Vec<u8>),
 }
 
-fn load(path: &Path) -> Result<Content> {
+fn load(path: &Path, renames: &[(String, String)]) -> Result<Content> {
     let bytes =
         std::fs::read(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
     Ok(match String::from_utf8(bytes) {
-        Ok(text) => Content::Text(strip_anchors(&text)),
+        Ok(text) => {
+            let mut text = strip_anchors(&text);
+            for (from, to) in renames {
+                text = text.replace(from.as_str(), to);
+            }
+            Content::Text(text)
+        }
         Err(e) => Content::Binary(e.into_bytes()),
     })
+}
+
+/// What to rename in `old`'s files before comparing them with `new`'s: each
+/// step's package and crate carry the step's own name (`step-00-skeleton`,
+/// `step_00_skeleton`), and that name changing is not part of any lesson.
+pub fn step_renames(old: &Step, new: &Step) -> Vec<(String, String)> {
+    let (old_package, new_package) = (old.package(), new.package());
+    vec![
+        (old_package.replace('-', "_"), new_package.replace('-', "_")),
+        (old_package, new_package),
+    ]
 }
 
 /// Paths that are not part of a step's source: build output and insta's
@@ -114,7 +131,13 @@ pub struct Change {
 
 /// The files that differ from `old` to `new`, sorted by path. `old = None`
 /// stands for an empty directory (how step 00 is treated by `check`).
-pub fn changed_files(old: Option<&Path>, new: &Path) -> Result<Vec<Change>> {
+///
+/// `renames` are applied to `old`'s text first (see [`step_renames`]).
+pub fn changed_files(
+    old: Option<&Path>,
+    new: &Path,
+    renames: &[(String, String)],
+) -> Result<Vec<Change>> {
     let old_files = match old {
         Some(dir) => list_files(dir)?,
         None => BTreeMap::new(),
@@ -123,8 +146,8 @@ pub fn changed_files(old: Option<&Path>, new: &Path) -> Result<Vec<Change>> {
     let all: BTreeSet<&String> = old_files.keys().chain(new_files.keys()).collect();
     let mut changes = Vec::new();
     for path in all {
-        let old = old_files.get(path).map(|p| load(p)).transpose()?;
-        let new = new_files.get(path).map(|p| load(p)).transpose()?;
+        let old = old_files.get(path).map(|p| load(p, renames)).transpose()?;
+        let new = new_files.get(path).map(|p| load(p, &[])).transpose()?;
         let kind = match (&old, &new) {
             (None, Some(_)) => Kind::Added,
             (Some(_), None) => Kind::Removed,
@@ -247,7 +270,7 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
         ),
         _ => unreachable!("positionals(1, 2)"),
     };
-    let changes = changed_files(Some(&a.dir), &b.dir)?;
+    let changes = changed_files(Some(&a.dir), &b.dir, &step_renames(a, b))?;
     let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
 
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -318,12 +341,16 @@ mod tests {
         b.write("src/lib.rs", "one\ntwo\n");
         a.write("tests/t.rs", "x\n");
         b.write("tests/t.rs", "y\n");
+        // Only the step's own crate name differs: not a change.
+        a.write("tests/page.rs", "use step_00_a::app;\n");
+        b.write("tests/page.rs", "use step_01_b::app;\n");
         // Never looked at.
         b.write("target/debug/junk", "junk");
         b.write("tests/snapshots/s.snap.new", "pending");
         b.write("tests/snapshots/s.pending-snap", "pending");
 
-        let changes = changed_files(Some(a.path()), b.path()).unwrap();
+        let renames = [("step_00_a".to_owned(), "step_01_b".to_owned())];
+        let changes = changed_files(Some(a.path()), b.path(), &renames).unwrap();
         let got: Vec<(&str, Kind)> = changes.iter().map(|c| (c.path.as_str(), c.kind)).collect();
         assert_eq!(
             got,
@@ -338,9 +365,9 @@ mod tests {
             "3 files changed: 1 added, 1 removed, 1 modified"
         );
 
-        let from_nothing = changed_files(None, a.path()).unwrap();
+        let from_nothing = changed_files(None, a.path(), &[]).unwrap();
         assert!(from_nothing.iter().all(|c| c.kind == Kind::Added));
-        assert_eq!(from_nothing.len(), 4);
+        assert_eq!(from_nothing.len(), 5);
     }
 
     #[test]
