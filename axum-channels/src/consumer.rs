@@ -18,7 +18,9 @@
 //! 1009, a text frame that is not UTF-8 gets 1007, and an error returned by
 //! the consumer gets 1011 and one log line.
 
+use std::any::type_name;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -29,11 +31,13 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 use tokio_tungstenite::tungstenite;
 
 use crate::close_code;
 use crate::error::{Error, Result};
-use crate::socket::{Handshake, Socket};
+use crate::layer::{self, ChannelLayer, LayerError};
+use crate::socket::{Handshake, Inbox, Socket};
 
 /// The largest message a consumer accepts unless it says otherwise: 64 KiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
@@ -55,8 +59,22 @@ pub trait Consumer: Sized + Send + 'static {
     /// closes the connection with code 1009 and a reason that says the limit.
     const MAX_MESSAGE_SIZE: usize = DEFAULT_MAX_MESSAGE_SIZE;
 
+    /// The alias of the channel layer this consumer uses, if any (see
+    /// [`Layers`](crate::layer::Layers)). With a layer, each connection gets
+    /// a channel of its own, and [`event`](Consumer::event) receives what
+    /// arrives on it.
+    const LAYER: Option<&'static str> = None;
+
     /// Builds the consumer for one connection from its request.
     fn new(scope: &Scope) -> Self;
+
+    /// Groups to join before [`connect`](Consumer::connect) and to leave
+    /// after [`disconnect`](Consumer::disconnect). Joining first means the
+    /// consumer hears everything said in its groups from the very start,
+    /// including its own announcement.
+    fn groups(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// The client asks to connect. Call [`Socket::accept`] to let it in, or
     /// [`Socket::close`] (or simply return without accepting) to refuse it.
@@ -77,7 +95,9 @@ pub trait Consumer: Sized + Send + 'static {
         async {}
     }
 
-    /// A message arrived from the channel layer.
+    /// A message arrived from the channel layer, decoded by its `"type"`.
+    /// A message that does not decode into `Self::Event` is logged and
+    /// dropped; the connection carries on.
     fn event(
         &mut self,
         socket: &mut Socket,
@@ -153,14 +173,47 @@ impl Scope {
 ///
 /// The route is for a `Router` without state; a router with state can mount
 /// it with `Router::route_service`.
+///
+/// # Panics
+///
+/// If `C` uses a channel layer: route it with
+/// [`Layers::consumer`](crate::layer::Layers::consumer) instead, which knows
+/// the app's layers.
+///
+/// # Panics
+///
+/// If `C` uses a channel layer: route it with
+/// [`Layers::consumer`](crate::layer::Layers::consumer) instead, which knows
+/// the app's layers.
 pub fn consumer<C: Consumer>() -> MethodRouter {
-    get(upgrade::<C>)
+    if let Some(alias) = C::LAYER {
+        panic!(
+            "{} uses the channel layer {alias:?}: route it with `layers.consumer::<{}>()`",
+            type_name::<C>(),
+            short_type_name::<C>()
+        );
+    }
+    route_with_layer::<C>(None)
 }
 
-async fn upgrade<C: Consumer>(
+pub(crate) fn route_with_layer<C: Consumer>(layer: Option<Arc<dyn ChannelLayer>>) -> MethodRouter {
+    get(
+        move |upgrade: WebSocketUpgrade,
+              params: Result<RawPathParams, RawPathParamsRejection>,
+              uri: Uri| handshake::<C>(upgrade, params, uri, layer.clone()),
+    )
+}
+
+fn short_type_name<C>() -> &'static str {
+    let name = type_name::<C>();
+    name.rsplit("::").next().unwrap_or(name)
+}
+
+async fn handshake<C: Consumer>(
     upgrade: WebSocketUpgrade,
     params: Result<RawPathParams, RawPathParamsRejection>,
     uri: Uri,
+    layer: Option<Arc<dyn ChannelLayer>>,
 ) -> Response {
     let params = match params {
         Ok(params) => params
@@ -178,16 +231,29 @@ async fn upgrade<C: Consumer>(
 
     let mut consumer = C::new(&scope);
     let mut socket = Socket::connecting();
-    if let Err(err) = consumer.connect(&mut socket).await {
-        tracing::warn!(path = scope.path(), %err, "connect failed; refusing the handshake");
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    let groups = consumer.groups();
+    if let Some(layer) = layer {
+        // Subscribed before `connect`, so nothing sent to the groups from
+        // now on (such as our own "joined" announcement) is missed.
+        if let Err(err) = socket.attach(layer, &groups).await {
+            tracing::warn!(path = scope.path(), %err, "cannot join the channel layer; refusing");
+            socket.detach(&groups).await;
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        }
     }
-    match socket.handshake() {
-        Handshake::Accepted => upgrade
-            .max_message_size(C::MAX_MESSAGE_SIZE)
-            .max_frame_size(C::MAX_MESSAGE_SIZE)
-            .on_upgrade(move |ws| run(consumer, socket, ws)),
-        Handshake::Refused(reason) => {
+    let connected = consumer.connect(&mut socket).await;
+    let refusal = match (connected, socket.handshake()) {
+        (Ok(()), Handshake::Accepted) => {
+            return upgrade
+                .max_message_size(C::MAX_MESSAGE_SIZE)
+                .max_frame_size(C::MAX_MESSAGE_SIZE)
+                .on_upgrade(move |ws| run(consumer, socket, groups, ws));
+        }
+        (Err(err), _) => {
+            tracing::warn!(path = scope.path(), %err, "connect failed; refusing the handshake");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        (Ok(()), Handshake::Refused(reason)) => {
             tracing::debug!(
                 path = scope.path(),
                 reason,
@@ -195,33 +261,76 @@ async fn upgrade<C: Consumer>(
             );
             (StatusCode::FORBIDDEN, reason).into_response()
         }
-        Handshake::Undecided => {
+        (Ok(()), Handshake::Undecided) => {
             tracing::debug!(path = scope.path(), "connect did not accept; refusing");
             StatusCode::FORBIDDEN.into_response()
         }
-    }
+    };
+    socket.detach(&groups).await;
+    refusal
 }
 
 /// Drives one accepted connection from the handshake to `disconnect`.
-async fn run<C: Consumer>(mut consumer: C, mut socket: Socket, ws: WebSocket) {
+async fn run<C: Consumer>(mut consumer: C, mut socket: Socket, groups: Vec<String>, ws: WebSocket) {
     socket.open(ws).await;
     let code = serve(&mut consumer, &mut socket).await;
     consumer.disconnect(&mut socket, code).await;
+    socket.detach(&groups).await;
 }
 
-/// Reads the client until the connection ends; returns the close code.
+/// What woke the runner up.
+enum Input {
+    Client(Option<Result<Message, axum::Error>>),
+    Layer(Result<layer::Message, LayerError>),
+}
+
+/// Waits for the client and, if the consumer has a channel, the layer, at
+/// once: whichever speaks first is handled first. Nothing polls.
+async fn next_input(socket: &mut Socket, inbox: Option<&Inbox>) -> Input {
+    if socket.is_closing() {
+        // We said goodbye: only the client's answer matters now, and a client
+        // that does not answer in time is treated as gone.
+        let reply = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.recv()).await;
+        return Input::Client(reply.ok().flatten());
+    }
+    match inbox {
+        Some(inbox) => tokio::select! {
+            next = socket.recv() => Input::Client(next),
+            message = inbox.layer.receive(&inbox.channel) => Input::Layer(message),
+        },
+        None => Input::Client(socket.recv().await),
+    }
+}
+
+/// Serves the connection until it ends; returns the close code.
 async fn serve<C: Consumer>(consumer: &mut C, socket: &mut Socket) -> u16 {
     let mut peer_code = None;
+    let mut inbox = socket.inbox();
     loop {
-        let next = if socket.is_closing() {
-            // We said goodbye; a client that does not answer in time is
-            // treated as gone.
-            tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.recv())
-                .await
-                .ok()
-                .flatten()
-        } else {
-            socket.recv().await
+        let next = match next_input(socket, inbox.as_ref()).await {
+            Input::Client(next) => next,
+            Input::Layer(Ok(message)) => {
+                let outcome = match serde_json::from_value::<C::Event>(Value::Object(message)) {
+                    Ok(event) => consumer.event(socket, event).await,
+                    Err(err) => {
+                        tracing::warn!(
+                            consumer = type_name::<C>(),
+                            %err,
+                            "dropped a layer message this consumer cannot handle"
+                        );
+                        Ok(())
+                    }
+                };
+                handle_outcome(socket, outcome).await;
+                continue;
+            }
+            Input::Layer(Err(err)) => {
+                // The client can still be served; it just hears no more from
+                // the layer.
+                tracing::warn!(%err, "stopped receiving from the channel layer");
+                inbox = None;
+                continue;
+            }
         };
         let message = match next {
             Some(Ok(message)) => message,
@@ -247,14 +356,21 @@ async fn serve<C: Consumer>(consumer: &mut C, socket: &mut Socket) -> u16 {
         if socket.is_closing() {
             continue; // the client had not seen our close frame yet
         }
-        match consumer.receive(socket, frame).await {
-            Ok(()) | Err(Error::Closed) => {}
-            Err(err) => {
-                tracing::warn!(%err, "consumer failed; closing the connection with 1011");
-                let _ = socket
-                    .close(close_code::INTERNAL_ERROR, "internal error")
-                    .await;
-            }
+        let outcome = consumer.receive(socket, frame).await;
+        handle_outcome(socket, outcome).await;
+    }
+}
+
+/// A consumer's error ends its connection with 1011 and one log line; a
+/// closed socket needs nothing more.
+async fn handle_outcome(socket: &mut Socket, outcome: Result<()>) {
+    match outcome {
+        Ok(()) | Err(Error::Closed) => {}
+        Err(err) => {
+            tracing::warn!(%err, "consumer failed; closing the connection with 1011");
+            let _ = socket
+                .close(close_code::INTERNAL_ERROR, "internal error")
+                .await;
         }
     }
 }

@@ -8,6 +8,8 @@
 
 use std::fmt;
 
+use crate::layer::LayerError;
+
 /// What can go wrong while a consumer handles its connection.
 #[derive(Debug)]
 pub enum Error {
@@ -20,6 +22,11 @@ pub enum Error {
     ///
     /// [`Socket::accept`]: crate::Socket::accept
     NotAccepted,
+    /// The consumer used a channel-layer call but has no layer (its
+    /// `Consumer::LAYER` is `None`).
+    NoLayer,
+    /// The channel layer refused or failed.
+    Layer(LayerError),
     /// Any other failure, described for the log.
     Other(String),
 }
@@ -34,12 +41,22 @@ impl fmt::Display for Error {
             Error::NotAccepted => f.write_str(
                 "cannot send before the connection is accepted: call `socket.accept()` first",
             ),
+            Error::NoLayer => f.write_str(
+                "this consumer has no channel layer: set `const LAYER` and route it with `layers.consumer()`",
+            ),
+            Error::Layer(err) => err.fmt(f),
             Error::Other(message) => f.write_str(message),
         }
     }
 }
 
 impl std::error::Error for Error {}
+
+impl From<LayerError> for Error {
+    fn from(err: LayerError) -> Self {
+        Error::Layer(err)
+    }
+}
 
 impl From<serde_json::Error> for Error {
     fn from(err: serde_json::Error) -> Self {

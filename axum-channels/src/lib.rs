@@ -20,7 +20,10 @@
 //! - [`consumer`]: the [`Consumer`] trait you implement, and [`consumer()`],
 //!   which turns a consumer type into an axum route.
 //! - [`socket`]: the [`Socket`] handle a consumer uses to accept, send and
-//!   close.
+//!   close, and to talk to its channel layer.
+//! - [`layer`]: channel layers, which let consumers talk to each other: the
+//!   [`ChannelLayer`](layer::ChannelLayer) trait, the in-memory backend, and
+//!   [`Layers`](layer::Layers), the app's layers by alias.
 //! - [`error`]: the one [`Error`] type, and why it has so few variants.
 //! - `testing` (feature `testing`): a small client that serves a `Router` on a
 //!   free port and records a readable transcript of what was said, for
@@ -58,6 +61,7 @@
 
 pub mod consumer;
 pub mod error;
+pub mod layer;
 pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;

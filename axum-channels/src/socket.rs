@@ -10,11 +10,17 @@
 //!
 //! [`Consumer::connect`]: crate::Consumer::connect
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
 
+use crate::consumer::Frame;
 use crate::error::{Error, Result};
+use crate::layer::{self, ChannelLayer};
 
 /// The longest close reason the protocol allows, in bytes (RFC 6455, 5.5).
 const MAX_CLOSE_REASON: usize = 123;
@@ -27,6 +33,23 @@ pub struct Socket {
     outbox: Vec<Message>,
     /// The code of the close frame we sent, once we sent one.
     closing: Option<u16>,
+    /// This connection's channel, when its consumer uses a layer.
+    inbox: Option<Inbox>,
+}
+
+/// A consumer's channel on its layer.
+#[derive(Clone)]
+pub(crate) struct Inbox {
+    pub(crate) layer: Arc<dyn ChannelLayer>,
+    pub(crate) channel: String,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("channel", &self.channel)
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -55,6 +78,7 @@ impl Socket {
             phase: Phase::Connecting { accepted: false },
             outbox: Vec::new(),
             closing: None,
+            inbox: None,
         }
     }
 
@@ -117,6 +141,116 @@ impl Socket {
         let sent = self.send(Message::Close(Some(frame))).await;
         self.closing = Some(code);
         sent
+    }
+
+    /// Decodes a text frame as JSON into `T`. When that fails (not text, not
+    /// JSON, or not the shape of `T`), the client gets an error frame,
+    /// `{"status": "error", "message": "❌ Invalid message: ..."}`, and this
+    /// returns `Ok(None)`: the connection stays open for the next message.
+    pub async fn receive_json<T: DeserializeOwned>(&mut self, frame: Frame) -> Result<Option<T>> {
+        let problem = match frame {
+            Frame::Text(text) => match serde_json::from_str(&text) {
+                Ok(value) => return Ok(Some(value)),
+                Err(err) => err.to_string(),
+            },
+            Frame::Binary(bytes) => {
+                format!(
+                    "expected a JSON text frame, got {} bytes of binary data",
+                    bytes.len()
+                )
+            }
+        };
+        let reply = json!({"status": "error", "message": format!("❌ Invalid message: {problem}")});
+        self.send_json(&reply).await?;
+        Ok(None)
+    }
+
+    /// This connection's channel name on its layer, if its consumer uses one.
+    /// Give it to others (a worker, say) so they can [`send_to`] it.
+    ///
+    /// [`send_to`]: Socket::send_to
+    pub fn channel_name(&self) -> Option<&str> {
+        self.inbox.as_ref().map(|inbox| inbox.channel.as_str())
+    }
+
+    /// Sends `message` to every channel in `group`, this one included if it
+    /// is a member. `message` must serialize to a JSON object with a
+    /// `"type"`, e.g. a variant of the consumer's event enum.
+    pub async fn group_send<T: Serialize + ?Sized>(
+        &mut self,
+        group: &str,
+        message: &T,
+    ) -> Result<()> {
+        let message = to_layer_message(message)?;
+        self.layer()?.group_send(group, message).await?;
+        Ok(())
+    }
+
+    /// Sends `message` to one channel.
+    pub async fn send_to<T: Serialize + ?Sized>(
+        &mut self,
+        channel: &str,
+        message: &T,
+    ) -> Result<()> {
+        let message = to_layer_message(message)?;
+        self.layer()?.send(channel, message).await?;
+        Ok(())
+    }
+
+    /// Adds this connection's channel to `group`. (Groups declared in
+    /// `Consumer::groups` are joined and left for you.)
+    pub async fn group_add(&mut self, group: &str) -> Result<()> {
+        let inbox = self.inbox.as_ref().ok_or(Error::NoLayer)?;
+        inbox.layer.group_add(group, &inbox.channel).await?;
+        Ok(())
+    }
+
+    /// Removes this connection's channel from `group`.
+    pub async fn group_discard(&mut self, group: &str) -> Result<()> {
+        let inbox = self.inbox.as_ref().ok_or(Error::NoLayer)?;
+        inbox.layer.group_discard(group, &inbox.channel).await?;
+        Ok(())
+    }
+
+    fn layer(&self) -> Result<&Arc<dyn ChannelLayer>> {
+        self.inbox
+            .as_ref()
+            .map(|inbox| &inbox.layer)
+            .ok_or(Error::NoLayer)
+    }
+
+    /// Gives the connection a channel on `layer` and joins `groups`.
+    pub(crate) async fn attach(
+        &mut self,
+        layer: Arc<dyn ChannelLayer>,
+        groups: &[String],
+    ) -> Result<()> {
+        let channel = layer.new_channel("specific").await?;
+        self.inbox = Some(Inbox { layer, channel });
+        for group in groups {
+            self.group_add(group).await?;
+        }
+        Ok(())
+    }
+
+    /// Leaves `groups` and frees the channel; failures are only logged,
+    /// since the connection is over either way.
+    pub(crate) async fn detach(&mut self, groups: &[String]) {
+        let Some(inbox) = self.inbox.take() else {
+            return;
+        };
+        for group in groups {
+            if let Err(err) = inbox.layer.group_discard(group, &inbox.channel).await {
+                tracing::warn!(group, %err, "could not leave a group");
+            }
+        }
+        if let Err(err) = inbox.layer.close_channel(&inbox.channel).await {
+            tracing::warn!(channel = inbox.channel, %err, "could not close a channel");
+        }
+    }
+
+    pub(crate) fn inbox(&self) -> Option<Inbox> {
+        self.inbox.clone()
     }
 
     /// True once this side has sent its close frame, or the connection ended.
@@ -190,6 +324,17 @@ impl Socket {
     /// The code of the close frame this side sent, if any.
     pub(crate) fn sent_close_code(&self) -> Option<u16> {
         self.closing
+    }
+}
+
+/// Turns a serializable value into a layer message, checking it has the
+/// `"type"` the receiving consumer dispatches on.
+fn to_layer_message<T: Serialize + ?Sized>(message: &T) -> Result<layer::Message> {
+    match serde_json::to_value(message)? {
+        Value::Object(map) if map.get("type").is_some_and(Value::is_string) => Ok(map),
+        _ => Err(Error::Other(
+            "a layer message must be a JSON object with a string \"type\" field".to_owned(),
+        )),
     }
 }
 

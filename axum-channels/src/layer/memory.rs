@@ -1,0 +1,321 @@
+//! The in-memory channel layer: every channel and group lives in this process.
+//!
+//! It needs no service, so every step runs with it out of the box, and it is
+//! the reference the other backends are tested against. Its limits keep
+//! memory bounded whatever senders do:
+//!
+//! - **capacity**: a channel holds at most [`MemoryConfig::capacity`]
+//!   messages (default 100, or per channel name pattern); one more is refused
+//!   with [`LayerError::ChannelFull`];
+//! - **expiry**: a message nobody receives within [`MemoryConfig::expiry`]
+//!   (default 60 s) is dropped;
+//! - **group expiry**: a membership not renewed within
+//!   [`MemoryConfig::group_expiry`] (default one day) lapses, so a channel
+//!   whose consumer died without leaving stops getting group messages.
+//!
+//! Expired messages, lapsed memberships and empty channels are swept at most
+//! once a second, during sends, so the cost is spread out and no background
+//! task is needed. Time is tokio's, so tests can pause it.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{ChannelLayer, LayerError, Message, validate_channel_name, validate_group_name};
+
+/// How often expired entries are swept out.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The in-memory layer's limits.
+#[derive(Debug, Clone)]
+pub struct MemoryConfig {
+    /// Messages a channel may hold (default 100).
+    pub capacity: usize,
+    /// Capacity for channels whose name matches a pattern, first match wins.
+    /// A pattern is a channel name, or a prefix followed by `*`, e.g.
+    /// `("background-jobs*", 1000)`.
+    pub channel_capacity: Vec<(String, usize)>,
+    /// How long a message waits to be received before it is dropped
+    /// (default 60 s).
+    pub expiry: Duration,
+    /// How long a group membership lasts unless renewed (default one day).
+    pub group_expiry: Duration,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            capacity: 100,
+            channel_capacity: Vec::new(),
+            expiry: Duration::from_secs(60),
+            group_expiry: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+impl MemoryConfig {
+    fn capacity_of(&self, channel: &str) -> usize {
+        self.channel_capacity
+            .iter()
+            .find(|(pattern, _)| match pattern.strip_suffix('*') {
+                Some(prefix) => channel.starts_with(prefix),
+                None => channel == pattern,
+            })
+            .map_or(self.capacity, |(_, capacity)| *capacity)
+    }
+}
+
+/// Channels and groups inside this process.
+pub struct InMemoryLayer {
+    config: MemoryConfig,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    /// Makes channel names differ between runs, as Django's random ones do.
+    seed: u64,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<String, Channel>,
+    /// Group name → member channel → when the membership lapses.
+    groups: HashMap<String, HashMap<String, Instant>>,
+    last_sweep: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Channel {
+    /// Messages with the moment each one expires, oldest first.
+    queue: VecDeque<(Instant, Message)>,
+    /// Wakes the receiver when a message arrives.
+    arrived: Arc<Notify>,
+    /// Receivers waiting right now; a channel with one is never swept away,
+    /// or its receiver would wait on a `Notify` nobody can reach.
+    waiting: usize,
+}
+
+impl Channel {
+    fn drop_expired(&mut self, now: Instant) {
+        while self
+            .queue
+            .front()
+            .is_some_and(|(expires, _)| *expires <= now)
+        {
+            self.queue.pop_front();
+        }
+    }
+}
+
+impl Default for InMemoryLayer {
+    fn default() -> Self {
+        InMemoryLayer::new(MemoryConfig::default())
+    }
+}
+
+impl InMemoryLayer {
+    /// A layer with the given limits.
+    pub fn new(config: MemoryConfig) -> Self {
+        InMemoryLayer {
+            config,
+            state: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            seed: RandomState::new().hash_one(0u8),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps inconsistent
+        // (every update is a single insert or remove), so carry on.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Puts a message in a channel of a locked state.
+    fn push(
+        &self,
+        state: &mut State,
+        channel: &str,
+        message: Message,
+        now: Instant,
+    ) -> Result<(), LayerError> {
+        let entry = state.channels.entry(channel.to_owned()).or_default();
+        entry.drop_expired(now);
+        if entry.queue.len() >= self.config.capacity_of(channel) {
+            return Err(LayerError::ChannelFull {
+                channel: channel.to_owned(),
+            });
+        }
+        entry.queue.push_back((now + self.config.expiry, message));
+        entry.arrived.notify_one();
+        Ok(())
+    }
+
+    fn sweep_if_due(state: &mut State, now: Instant) {
+        if state
+            .last_sweep
+            .is_some_and(|last| now - last < SWEEP_INTERVAL)
+        {
+            return;
+        }
+        state.last_sweep = Some(now);
+        state.channels.retain(|_, channel| {
+            channel.drop_expired(now);
+            !channel.queue.is_empty() || channel.waiting > 0
+        });
+        state.groups.retain(|_, members| {
+            members.retain(|_, lapses| *lapses > now);
+            !members.is_empty()
+        });
+    }
+
+    /// How many channels and groups the layer holds right now (for tests and
+    /// for watching memory).
+    pub fn size(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.channels.len(), state.groups.len())
+    }
+}
+
+/// Counts a receiver as waiting on a channel for as long as it lives, also
+/// when its future is dropped half-way (a `select!` picked another branch).
+struct Waiting<'a> {
+    layer: &'a InMemoryLayer,
+    channel: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(channel) = self.layer.lock().channels.get_mut(self.channel) {
+            channel.waiting -= 1;
+        }
+    }
+}
+
+#[async_trait]
+impl ChannelLayer for InMemoryLayer {
+    async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{prefix}.inmemory!{:08x}{id:x}", self.seed as u32);
+        validate_channel_name(&name)?;
+        if prefix.contains('!') {
+            return Err(LayerError::InvalidName {
+                kind: super::NameKind::Channel,
+                name,
+            });
+        }
+        Ok(name)
+    }
+
+    async fn send(&self, channel: &str, message: Message) -> Result<(), LayerError> {
+        validate_channel_name(channel)?;
+        let now = Instant::now();
+        let mut state = self.lock();
+        Self::sweep_if_due(&mut state, now);
+        self.push(&mut state, channel, message, now)
+    }
+
+    async fn receive(&self, channel: &str) -> Result<Message, LayerError> {
+        validate_channel_name(channel)?;
+        let arrived = {
+            let mut state = self.lock();
+            let entry = state.channels.entry(channel.to_owned()).or_default();
+            entry.waiting += 1;
+            Arc::clone(&entry.arrived)
+        };
+        let _waiting = Waiting {
+            layer: self,
+            channel,
+        };
+        loop {
+            // Register for a wake-up before looking, so a message that
+            // arrives in between is not missed.
+            let notified = arrived.notified();
+            {
+                let now = Instant::now();
+                let mut state = self.lock();
+                if let Some(entry) = state.channels.get_mut(channel) {
+                    entry.drop_expired(now);
+                    if let Some((_, message)) = entry.queue.pop_front() {
+                        return Ok(message);
+                    }
+                }
+            }
+            notified.await;
+        }
+    }
+
+    async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        validate_channel_name(channel)?;
+        let lapses = Instant::now() + self.config.group_expiry;
+        self.lock()
+            .groups
+            .entry(group.to_owned())
+            .or_default()
+            .insert(channel.to_owned(), lapses);
+        Ok(())
+    }
+
+    async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        validate_channel_name(channel)?;
+        let mut state = self.lock();
+        if let Some(members) = state.groups.get_mut(group) {
+            members.remove(channel);
+            if members.is_empty() {
+                state.groups.remove(group);
+            }
+        }
+        Ok(())
+    }
+
+    async fn group_send(&self, group: &str, message: Message) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        let now = Instant::now();
+        let mut state = self.lock();
+        Self::sweep_if_due(&mut state, now);
+        let members: Vec<String> = match state.groups.get_mut(group) {
+            Some(members) => {
+                members.retain(|_, lapses| *lapses > now);
+                members.keys().cloned().collect()
+            }
+            None => return Ok(()),
+        };
+        for channel in members {
+            if let Err(err) = self.push(&mut state, &channel, message.clone(), now) {
+                tracing::warn!(group, %err, "a group message was dropped for one member");
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), LayerError> {
+        let mut state = self.lock();
+        state.groups.clear();
+        // Keep channels someone is waiting on (their receivers hold the
+        // `Notify`), but empty them.
+        state.channels.retain(|_, channel| {
+            channel.queue.clear();
+            channel.waiting > 0
+        });
+        Ok(())
+    }
+
+    async fn close_channel(&self, channel: &str) -> Result<(), LayerError> {
+        let mut state = self.lock();
+        if state
+            .channels
+            .get(channel)
+            .is_some_and(|entry| entry.waiting == 0)
+        {
+            state.channels.remove(channel);
+        }
+        Ok(())
+    }
+}

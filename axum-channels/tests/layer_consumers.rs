@@ -1,0 +1,254 @@
+//! Consumers with a channel layer: groups joined before `connect` and left
+//! after `disconnect`, layer messages dispatched by `"type"`, and the layer
+//! holding nothing once everyone has gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum_channels::layer::{ChannelLayer, InMemoryLayer, Layers, Message};
+use axum_channels::testing::{Received, TestServer};
+use axum_channels::{Consumer, Frame, Result, Scope, Socket, consumer};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+const QUIET: Duration = Duration::from_millis(100);
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum LobbyEvent {
+    Say { text: String },
+}
+
+/// Joins the `lobby` group; `say X` goes to the lobby, `whoami` answers with
+/// the connection's channel name, and `refuse` in the path refuses.
+struct Lobby {
+    refuse: bool,
+}
+
+impl Consumer for Lobby {
+    type Event = LobbyEvent;
+    const LAYER: Option<&'static str> = Some("lobby");
+
+    fn new(scope: &Scope) -> Self {
+        Lobby {
+            refuse: scope.path().ends_with("refuse"),
+        }
+    }
+
+    fn groups(&self) -> Vec<String> {
+        vec!["lobby".to_owned()]
+    }
+
+    async fn connect(&mut self, socket: &mut Socket) -> Result<()> {
+        if self.refuse {
+            return socket.close(4003, "no").await;
+        }
+        socket.accept().await?;
+        socket
+            .group_send(
+                "lobby",
+                &LobbyEvent::Say {
+                    text: "joined".into(),
+                },
+            )
+            .await
+    }
+
+    async fn receive(&mut self, socket: &mut Socket, frame: Frame) -> Result<()> {
+        let Frame::Text(text) = frame else {
+            return Ok(());
+        };
+        if text == "whoami" {
+            let name = socket.channel_name().unwrap_or("none").to_owned();
+            return socket.send_text(name).await;
+        }
+        if let Some(said) = text.strip_prefix("say ") {
+            let event = LobbyEvent::Say {
+                text: said.to_owned(),
+            };
+            return socket.group_send("lobby", &event).await;
+        }
+        Ok(())
+    }
+
+    async fn event(&mut self, socket: &mut Socket, event: LobbyEvent) -> Result<()> {
+        match event {
+            LobbyEvent::Say { text } => socket.send_text(format!("lobby: {text}")).await,
+        }
+    }
+}
+
+/// The server, and the layer behind it for the test to look into.
+async fn lobby() -> (TestServer, Arc<InMemoryLayer>) {
+    let layer = Arc::new(InMemoryLayer::default());
+    let layers = Layers::new().with_shared("lobby", layer.clone());
+    let app = Router::new()
+        .route("/lobby", layers.consumer::<Lobby>())
+        .route("/lobby/refuse", layers.consumer::<Lobby>());
+    (TestServer::start(app).await, layer)
+}
+
+fn message(value: serde_json::Value) -> Message {
+    value.as_object().expect("an object").clone()
+}
+
+#[tokio::test]
+async fn group_messages_reach_every_member_including_the_first() {
+    let (server, _layer) = lobby().await;
+    let mut first = server.connect("/lobby").await;
+    assert_eq!(
+        first.recv_text().await,
+        "lobby: joined",
+        "the first member hears its own join"
+    );
+    let mut second = server.connect("/lobby").await;
+    assert_eq!(first.recv_text().await, "lobby: joined");
+    assert_eq!(second.recv_text().await, "lobby: joined");
+
+    second.send_text("say hi").await;
+    assert_eq!(first.recv_text().await, "lobby: hi");
+    assert_eq!(second.recv_text().await, "lobby: hi");
+}
+
+#[tokio::test]
+async fn unknown_or_malformed_events_are_dropped_and_the_connection_lives_on() {
+    let (server, layer) = lobby().await;
+    let mut client = server.connect("/lobby").await;
+    client.recv_text().await;
+
+    layer
+        .group_send("lobby", message(json!({"type": "mystery"})))
+        .await
+        .unwrap();
+    layer
+        .group_send("lobby", message(json!({"type": "say"})))
+        .await
+        .unwrap(); // no "text"
+    layer
+        .group_send(
+            "lobby",
+            message(json!({"type": "say", "text": "still here"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.recv_text().await, "lobby: still here");
+    client.expect_silence(QUIET).await;
+}
+
+#[tokio::test]
+async fn others_can_write_to_a_connection_by_its_channel_name() {
+    let (server, layer) = lobby().await;
+    let mut client = server.connect("/lobby").await;
+    client.recv_text().await;
+    client.send_text("whoami").await;
+    let channel = client.recv_text().await;
+    assert!(channel.starts_with("specific."), "{channel}");
+
+    layer
+        .send(
+            &channel,
+            message(json!({"type": "say", "text": "just you"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.recv_text().await, "lobby: just you");
+}
+
+#[tokio::test]
+async fn the_layer_holds_nothing_once_everyone_has_left() {
+    let (server, layer) = lobby().await;
+    let mut polite = server.connect("/lobby").await;
+    polite.recv_text().await;
+    let mut vanishing = server.connect("/lobby").await;
+    polite.recv_text().await;
+    vanishing.recv_text().await;
+    assert_eq!(layer.size().1, 1, "one group");
+
+    vanishing.drop_connection();
+    polite.close(1000).await;
+    // A refused connection joins nothing for long either.
+    let refused = server
+        .try_connect_as("", "/lobby/refuse", &Default::default())
+        .await;
+    assert_eq!(refused.err().map(|status| status.as_u16()), Some(403));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while layer.size() != (0, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left behind: {:?}",
+            layer.size()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[test]
+#[should_panic(expected = "no channel layer is registered as \"lobby\" (registered: chat)")]
+fn an_unknown_alias_is_reported_when_the_router_is_built() {
+    let layers = Layers::new().with("chat", InMemoryLayer::default());
+    let _ = layers.consumer::<Lobby>();
+}
+
+#[test]
+#[should_panic(expected = "route it with `layers.consumer::<Lobby>()`")]
+fn a_layer_consumer_cannot_be_routed_without_its_layers() {
+    let _ = consumer::<Lobby>();
+}
+
+/// A JSON consumer: `{"n": 2}` gets `{"double": 4}`.
+struct Doubler;
+
+#[derive(Deserialize)]
+struct Number {
+    n: i64,
+}
+
+impl Consumer for Doubler {
+    type Event = axum_channels::NoEvents;
+
+    fn new(_scope: &Scope) -> Self {
+        Doubler
+    }
+
+    async fn connect(&mut self, socket: &mut Socket) -> Result<()> {
+        socket.accept().await
+    }
+
+    async fn receive(&mut self, socket: &mut Socket, frame: Frame) -> Result<()> {
+        let Some(number) = socket.receive_json::<Number>(frame).await? else {
+            return Ok(());
+        };
+        socket.send_json(&json!({"double": number.n * 2})).await
+    }
+}
+
+#[tokio::test]
+async fn invalid_json_gets_an_error_frame_and_the_connection_stays_open() {
+    let server = TestServer::start(Router::new().route("/double", consumer::<Doubler>())).await;
+    let mut client = server.connect("/double").await;
+    for bad in ["not json", "", "[1, 2]", "{\"n\": \"two\"}"] {
+        client.send_text(bad).await;
+        let reply: serde_json::Value = serde_json::from_str(&client.recv_text().await).unwrap();
+        assert_eq!(reply["status"], "error", "{bad:?} -> {reply}");
+        assert!(
+            reply["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("❌ Invalid message: ")
+        );
+    }
+    client.send_bytes(&[1, 2]).await;
+    let reply = client.recv_text().await;
+    assert!(reply.contains("binary"), "{reply}");
+    client.send_text("{\"n\": 21}").await;
+    assert_eq!(client.recv_text().await, "{\"double\":42}");
+    assert_eq!(
+        client.close(1000).await,
+        Received::Close {
+            code: 1000,
+            reason: String::new()
+        }
+    );
+}
