@@ -137,6 +137,28 @@ impl Browser {
         serde_json::from_value(entries).expect("a list of strings")
     }
 
+    /// Clicks the element matching `css`.
+    pub async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|err| panic!("find {css}: {err}"))
+            .click()
+            .await
+            .unwrap_or_else(|err| panic!("click {css}: {err}"));
+    }
+
+    /// Replaces the content of the input matching `css` with `text`.
+    pub async fn fill(&self, css: &str, text: &str) {
+        let input = self
+            .client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|err| panic!("find {css}: {err}"));
+        input.clear().await.expect("clear the input");
+        input.send_keys(text).await.expect("type into the input");
+    }
+
     /// Types `text` into the input matching `css` and presses Enter.
     pub async fn type_and_enter(&self, css: &str, text: &str) {
         let input = self

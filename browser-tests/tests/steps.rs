@@ -94,3 +94,103 @@ async fn the_page_fits_a_phone_screen() {
     );
     browser.close().await;
 }
+
+/// Waits until the log matching `css` has an entry equal to `text`.
+async fn wait_for_entry(browser: &Browser, css: &str, text: &str) {
+    let condition = format!(
+        "[...document.querySelectorAll('{css} li')].some(li => li.textContent === {})",
+        serde_json::to_string(text).expect("a JSON string")
+    );
+    browser
+        .wait_until(&condition, &format!("{text:?} in {css}"))
+        .await;
+}
+
+async fn join_room(browser: &Browser, room: &str) {
+    browser.fill("#room-name", room).await;
+    browser.click("#room-connect").await;
+}
+
+#[tokio::test]
+async fn step_02_two_tabs_chat_in_one_room() {
+    let Some(alice) = Browser::launch().await else {
+        return;
+    };
+    let Some(bob) = Browser::launch().await else {
+        return;
+    };
+    let server = TestServer::start(step_02_room_chat::app()).await;
+    let url = format!("http://{}/", server.addr());
+    for tab in [&alice, &bob] {
+        tab.open(&url).await;
+        tab.wait_until(
+            "document.querySelector('#room-status').dataset.state === 'idle'",
+            "the room panel to be ready",
+        )
+        .await;
+    }
+
+    join_room(&alice, "general").await;
+    wait_for_entry(&alice, "#room-log", "🚪 Someone joined room 'general'").await;
+    join_room(&bob, "general").await;
+    wait_for_entry(&bob, "#room-log", "🚪 Someone joined room 'general'").await;
+
+    alice
+        .type_and_enter("#room-input", "hello from alice")
+        .await;
+    wait_for_entry(&alice, "#room-log", "💬 hello from alice").await;
+    wait_for_entry(&bob, "#room-log", "💬 hello from alice").await;
+
+    bob.click("#room-disconnect").await;
+    wait_for_entry(&alice, "#room-log", "👋 Someone left room 'general'").await;
+    assert_eq!(
+        alice.log("#room-log").await,
+        [
+            "🚪 Someone joined room 'general'",
+            "🚪 Someone joined room 'general'",
+            "💬 hello from alice",
+            "👋 Someone left room 'general'",
+        ]
+    );
+
+    // Bob moves to another room: Alice no longer hears him.
+    join_room(&bob, "café").await;
+    wait_for_entry(&bob, "#room-log", "🚪 Someone joined room 'café'").await;
+    bob.type_and_enter("#room-input", "anyone here?").await;
+    wait_for_entry(&bob, "#room-log", "💬 anyone here?").await;
+    assert_eq!(
+        alice.log("#room-log").await.len(),
+        4,
+        "alice heard another room"
+    );
+    alice.close().await;
+    bob.close().await;
+}
+
+#[tokio::test]
+async fn step_02_shows_why_a_room_name_is_refused() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let server = TestServer::start(step_02_room_chat::app()).await;
+    browser.open(&format!("http://{}/", server.addr())).await;
+    browser
+        .wait_until(
+            "document.querySelector('#room-status').dataset.state === 'idle'",
+            "the room panel to be ready",
+        )
+        .await;
+    join_room(&browser, &"x".repeat(65)).await;
+    browser
+        .wait_until(
+            "document.querySelector('#room-status').dataset.state === 'refused'",
+            "the refusal to show",
+        )
+        .await;
+    let status = browser.text("#room-status").await;
+    assert!(
+        status.contains("Room names are 1 to 64 characters"),
+        "{status}"
+    );
+    browser.close().await;
+}
