@@ -14,6 +14,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fantoccini::elements::Element;
 use fantoccini::{Client, ClientBuilder, Locator};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
@@ -116,15 +117,25 @@ impl Browser {
         }
     }
 
-    /// The text of the element matching `css`.
-    pub async fn text(&self, css: &str) -> String {
+    async fn element(&self, css: &str) -> Element {
         self.client
             .find(Locator::Css(css))
             .await
             .unwrap_or_else(|err| panic!("find {css}: {err}"))
-            .text()
-            .await
-            .expect("read the text")
+    }
+
+    /// Waits until the panel or box whose status element is `#{name}-status`
+    /// reaches `state` (its `data-state`: `open`, `idle`, `missing`, ...).
+    pub async fn wait_for_state(&self, name: &str, state: &str) {
+        let condition =
+            format!("document.querySelector('#{name}-status').dataset.state === '{state}'");
+        self.wait_until(&condition, &format!("#{name}-status to be {state}"))
+            .await;
+    }
+
+    /// The text of the element matching `css`.
+    pub async fn text(&self, css: &str) -> String {
+        self.element(css).await.text().await.expect("read the text")
     }
 
     /// The text of each entry of a message log, e.g. `#system-log`.
@@ -139,10 +150,8 @@ impl Browser {
 
     /// Clicks the element matching `css`.
     pub async fn click(&self, css: &str) {
-        self.client
-            .find(Locator::Css(css))
+        self.element(css)
             .await
-            .unwrap_or_else(|err| panic!("find {css}: {err}"))
             .click()
             .await
             .unwrap_or_else(|err| panic!("click {css}: {err}"));
@@ -150,23 +159,15 @@ impl Browser {
 
     /// Replaces the content of the input matching `css` with `text`.
     pub async fn fill(&self, css: &str, text: &str) {
-        let input = self
-            .client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|err| panic!("find {css}: {err}"));
+        let input = self.element(css).await;
         input.clear().await.expect("clear the input");
         input.send_keys(text).await.expect("type into the input");
     }
 
     /// Types `text` into the input matching `css` and presses Enter.
     pub async fn type_and_enter(&self, css: &str, text: &str) {
-        let input = self
-            .client
-            .find(Locator::Css(css))
+        self.element(css)
             .await
-            .unwrap_or_else(|err| panic!("find {css}: {err}"));
-        input
             .send_keys(&format!("{text}\u{e007}"))
             .await
             .expect("type into the input");

@@ -12,19 +12,9 @@ async fn step_00_panels_say_which_step_adds_their_endpoint() {
     let server = TestServer::start(step_00_skeleton::app()).await;
     browser.open(&format!("http://{}/", server.addr())).await;
 
-    browser
-        .wait_until(
-            "document.querySelector('#system-status').dataset.state === 'missing'",
-            "the system panel to learn /ws/system is not in this step",
-        )
-        .await;
+    browser.wait_for_state("system", "missing").await;
     assert!(browser.text("#system-status").await.contains("step 01"));
-    browser
-        .wait_until(
-            "document.querySelector('#room-status').dataset.state === 'missing'",
-            "the room panel to learn /ws/room is not in this step",
-        )
-        .await;
+    browser.wait_for_state("room", "missing").await;
     assert!(browser.text("#room-status").await.contains("step 02"));
     assert_eq!(
         browser
@@ -43,12 +33,7 @@ async fn step_01_echoes_what_you_type() {
     let server = TestServer::start(step_01_system_chat::app()).await;
     browser.open(&format!("http://{}/", server.addr())).await;
 
-    browser
-        .wait_until(
-            "document.querySelector('#system-status').dataset.state === 'open'",
-            "the system panel to connect",
-        )
-        .await;
+    browser.wait_for_state("system", "open").await;
     assert_eq!(
         browser.text("#system-status").await,
         "🔧 System: Connection established!"
@@ -79,12 +64,7 @@ async fn the_page_fits_a_phone_screen() {
     let server = TestServer::start(step_01_system_chat::app()).await;
     browser.resize(360, 800).await;
     browser.open(&format!("http://{}/", server.addr())).await;
-    browser
-        .wait_until(
-            "document.querySelector('#system-status').dataset.state === 'open'",
-            "the system panel to connect",
-        )
-        .await;
+    browser.wait_for_state("system", "open").await;
     assert_eq!(
         browser
             .eval("document.documentElement.scrollWidth <= window.innerWidth")
@@ -123,11 +103,7 @@ async fn step_02_two_tabs_chat_in_one_room() {
     let url = format!("http://{}/", server.addr());
     for tab in [&alice, &bob] {
         tab.open(&url).await;
-        tab.wait_until(
-            "document.querySelector('#room-status').dataset.state === 'idle'",
-            "the room panel to be ready",
-        )
-        .await;
+        tab.wait_for_state("room", "idle").await;
     }
 
     join_room(&alice, "general").await;
@@ -174,19 +150,9 @@ async fn step_02_shows_why_a_room_name_is_refused() {
     };
     let server = TestServer::start(step_02_room_chat::app()).await;
     browser.open(&format!("http://{}/", server.addr())).await;
-    browser
-        .wait_until(
-            "document.querySelector('#room-status').dataset.state === 'idle'",
-            "the room panel to be ready",
-        )
-        .await;
+    browser.wait_for_state("room", "idle").await;
     join_room(&browser, &"x".repeat(65)).await;
-    browser
-        .wait_until(
-            "document.querySelector('#room-status').dataset.state === 'refused'",
-            "the refusal to show",
-        )
-        .await;
+    browser.wait_for_state("room", "refused").await;
     let status = browser.text("#room-status").await;
     assert!(
         status.contains("Room names are 1 to 64 characters"),

@@ -97,6 +97,9 @@ struct Channel {
     /// Receivers waiting right now; a channel with one is never swept away,
     /// or its receiver would wait on a `Notify` nobody can reach.
     waiting: usize,
+    /// Set once a full channel has been reported, so a stuck receiver costs
+    /// one log line rather than one per dropped message.
+    full_reported: bool,
 }
 
 impl Channel {
@@ -151,6 +154,7 @@ impl InMemoryLayer {
                 channel: channel.to_owned(),
             });
         }
+        entry.full_reported = false;
         entry.queue.push_back((now + self.config.expiry, message));
         entry.arrived.notify_one();
         Ok(())
@@ -289,7 +293,16 @@ impl ChannelLayer for InMemoryLayer {
         };
         for channel in members {
             if let Err(err) = self.push(&mut state, &channel, message.clone(), now) {
-                tracing::warn!(group, %err, "a group message was dropped for one member");
+                let entry = state.channels.get_mut(&channel);
+                if let Some(entry) = entry.filter(|entry| !entry.full_reported) {
+                    entry.full_reported = true;
+                    tracing::warn!(
+                        group,
+                        %err,
+                        "dropping group messages for a member that does not keep up \
+                         (reported once until it catches up)"
+                    );
+                }
             }
         }
         Ok(())
@@ -317,5 +330,68 @@ impl ChannelLayer for InMemoryLayer {
             state.channels.remove(channel);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// Collects what `tracing` writes, to count log lines.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self) -> usize {
+            String::from_utf8_lossy(&self.0.lock().unwrap())
+                .lines()
+                .count()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_that_does_not_keep_up_is_reported_once_per_episode() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let layer = InMemoryLayer::new(MemoryConfig {
+            capacity: 2,
+            ..MemoryConfig::default()
+        });
+        layer.group_add("room", "slow").await.unwrap();
+        let message = json!({"type": "chat"}).as_object().unwrap().clone();
+        for _ in 0..5 {
+            layer.group_send("room", message.clone()).await.unwrap();
+        }
+        assert_eq!(captured.lines(), 1, "three drops, one report");
+
+        layer.receive("slow").await.unwrap(); // it catches up a little...
+        for _ in 0..3 {
+            layer.group_send("room", message.clone()).await.unwrap();
+        }
+        assert_eq!(
+            captured.lines(),
+            2,
+            "...and falls behind again: one more report"
+        );
     }
 }
