@@ -293,6 +293,7 @@ async fn next_input(socket: &mut Socket, inbox: Option<&Inbox>) -> Input {
         let reply = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, socket.recv()).await;
         return Input::Client(reply.ok().flatten());
     }
+    // ANCHOR: select
     match inbox {
         Some(inbox) => tokio::select! {
             next = socket.recv() => Input::Client(next),
@@ -300,6 +301,7 @@ async fn next_input(socket: &mut Socket, inbox: Option<&Inbox>) -> Input {
         },
         None => Input::Client(socket.recv().await),
     }
+    // ANCHOR_END: select
 }
 
 /// Serves the connection until it ends; returns the close code.

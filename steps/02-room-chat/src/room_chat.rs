@@ -48,8 +48,10 @@ fn is_valid_room_name(room: &str) -> bool {
 // ANCHOR_END: room_name
 
 impl Consumer for RoomChat {
+    // ANCHOR: layer
     type Event = RoomEvent;
     const LAYER: Option<&'static str> = Some("chat");
+    // ANCHOR_END: layer
 
     // ANCHOR: new
     fn new(scope: &Scope) -> Self {
