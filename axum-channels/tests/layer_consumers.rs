@@ -184,6 +184,43 @@ async fn the_layer_holds_nothing_once_everyone_has_left() {
     }
 }
 
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_hold_up_the_others() {
+    let (server, layer) = lobby().await;
+    let mut sleeper = server.connect("/lobby").await;
+    assert_eq!(sleeper.recv_text().await, "lobby: joined");
+    sleeper.send_text("whoami").await;
+    let sleeper_channel = sleeper.recv_text().await;
+    // From here on the sleeper reads nothing: its socket buffers fill up, its
+    // consumer blocks on sending, and its channel reaches capacity.
+    let mut talker = server.connect("/lobby").await;
+    assert_eq!(talker.recv_text().await, "lobby: joined");
+    let bulk = "x".repeat(60 * 1024);
+    for n in 0..200 {
+        talker.send_text(&format!("say {n} {bulk}")).await;
+        let heard = talker.recv_text().await;
+        assert!(
+            heard.starts_with(&format!("lobby: {n} ")),
+            "message {n} came back as {:.20}",
+            heard
+        );
+    }
+    // What the sleeper missed is bounded: its channel holds exactly its
+    // capacity, and the rest was dropped.
+    let mut waiting = 0;
+    while tokio::time::timeout(QUIET, layer.receive(&sleeper_channel))
+        .await
+        .is_ok()
+    {
+        waiting += 1;
+    }
+    assert_eq!(
+        waiting, 100,
+        "the sleeper's channel should be full, and no fuller"
+    );
+    drop(sleeper);
+}
+
 #[test]
 #[should_panic(expected = "no channel layer is registered as \"lobby\" (registered: chat)")]
 fn an_unknown_alias_is_reported_when_the_router_is_built() {
