@@ -20,6 +20,7 @@
 
 use std::any::type_name;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
+use futures_util::FutureExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite;
@@ -241,7 +243,7 @@ async fn handshake<C: Consumer>(
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
     }
-    let connected = consumer.connect(&mut socket).await;
+    let connected = contained(consumer.connect(&mut socket)).await;
     let refusal = match (connected, socket.handshake()) {
         (Ok(()), Handshake::Accepted) => {
             return upgrade
@@ -274,7 +276,13 @@ async fn handshake<C: Consumer>(
 async fn run<C: Consumer>(mut consumer: C, mut socket: Socket, groups: Vec<String>, ws: WebSocket) {
     socket.open(ws).await;
     let code = serve(&mut consumer, &mut socket).await;
-    consumer.disconnect(&mut socket, code).await;
+    let disconnected = async {
+        consumer.disconnect(&mut socket, code).await;
+        Ok(())
+    };
+    if let Err(err) = contained(disconnected).await {
+        tracing::warn!(%err, "disconnect failed");
+    }
     socket.detach(&groups).await;
 }
 
@@ -313,7 +321,7 @@ async fn serve<C: Consumer>(consumer: &mut C, socket: &mut Socket) -> u16 {
             Input::Client(next) => next,
             Input::Layer(Ok(message)) => {
                 let outcome = match serde_json::from_value::<C::Event>(Value::Object(message)) {
-                    Ok(event) => consumer.event(socket, event).await,
+                    Ok(event) => contained(consumer.event(socket, event)).await,
                     Err(err) => {
                         tracing::warn!(
                             consumer = type_name::<C>(),
@@ -358,8 +366,26 @@ async fn serve<C: Consumer>(consumer: &mut C, socket: &mut Socket) -> u16 {
         if socket.is_closing() {
             continue; // the client had not seen our close frame yet
         }
-        let outcome = consumer.receive(socket, frame).await;
+        let outcome = contained(consumer.receive(socket, frame)).await;
         handle_outcome(socket, outcome).await;
+    }
+}
+
+/// Runs one call into the consumer, turning a panic into an error: a bug in
+/// a consumer then ends its connection like any other error (a 1011 close
+/// frame, the groups left, `disconnect` called) instead of dropping it
+/// without a word and leaving its group memberships behind.
+async fn contained(call: impl Future<Output = Result<()>>) -> Result<()> {
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|text| text.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            Err(Error::Other(format!("the consumer panicked: {what}")))
+        }
     }
 }
 

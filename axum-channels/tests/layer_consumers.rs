@@ -59,6 +59,9 @@ impl Consumer for Lobby {
         let Frame::Text(text) = frame else {
             return Ok(());
         };
+        if text == "panic" {
+            panic!("a bug in the consumer");
+        }
         if text == "whoami" {
             let name = socket.channel_name().unwrap_or("none").to_owned();
             return socket.send_text(name).await;
@@ -87,6 +90,20 @@ async fn lobby() -> (TestServer, Arc<InMemoryLayer>) {
         .route("/lobby", layers.consumer::<Lobby>())
         .route("/lobby/refuse", layers.consumer::<Lobby>());
     (TestServer::start(app).await, layer)
+}
+
+/// Waits (boundedly) for the runners of closed connections to finish their
+/// clean-up, then checks the layer holds no channel and no group.
+async fn until_empty(layer: &InMemoryLayer) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while layer.size() != (0, 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left behind: {:?}",
+            layer.size()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn message(value: serde_json::Value) -> Message {
@@ -173,15 +190,24 @@ async fn the_layer_holds_nothing_once_everyone_has_left() {
         .await;
     assert_eq!(refused.err().map(|status| status.as_u16()), Some(403));
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while layer.size() != (0, 0) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "left behind: {:?}",
-            layer.size()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_empty(&layer).await;
+}
+
+#[tokio::test]
+async fn a_panicking_consumer_still_leaves_its_groups() {
+    let (server, layer) = lobby().await;
+    let mut client = server.connect("/lobby").await;
+    client.recv_text().await;
+    client.send_text("panic").await;
+    assert_eq!(
+        client.recv().await,
+        Received::Close {
+            code: 1011,
+            reason: "internal error".into()
+        }
+    );
+    drop(client);
+    until_empty(&layer).await;
 }
 
 #[tokio::test]

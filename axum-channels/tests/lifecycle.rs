@@ -73,6 +73,7 @@ impl Consumer for Probe {
         match frame {
             Frame::Text(text) if text == "bye" => socket.close(4000, "as you wish").await,
             Frame::Text(text) if text == "boom" => Err(Error::Other("boom".into())),
+            Frame::Text(text) if text == "panic" => panic!("a bug in the consumer"),
             Frame::Text(text) => socket.send_text(format!("echo: {text}")).await,
             Frame::Binary(bytes) => socket.send_bytes(bytes).await,
         }
@@ -218,6 +219,31 @@ async fn a_consumer_may_close_from_receive() {
     assert_eq!(next(&mut events).await, "connect");
     assert_eq!(next(&mut events).await, r#"receive Text("bye")"#);
     assert_eq!(next(&mut events).await, "disconnect 4000 (can send: false)");
+}
+
+#[tokio::test]
+async fn a_panicking_consumer_is_closed_with_1011_and_still_disconnected() {
+    let server = server().await;
+    let mut events = watch("panic");
+    let mut broken = server.connect("/echo/panic").await;
+    let mut bystander = server.connect("/echo/bystander-of-panic").await;
+    broken.recv_text().await;
+    bystander.recv_text().await;
+
+    broken.send_text("panic").await;
+    assert_eq!(
+        broken.recv().await,
+        Received::Close {
+            code: 1011,
+            reason: "internal error".into()
+        }
+    );
+    drop(broken);
+    assert_eq!(next(&mut events).await, "connect");
+    assert_eq!(next(&mut events).await, r#"receive Text("panic")"#);
+    assert_eq!(next(&mut events).await, "disconnect 1011 (can send: false)");
+    bystander.send_text("still here?").await;
+    assert_eq!(bystander.recv_text().await, "echo: still here?");
 }
 
 #[tokio::test]
