@@ -16,7 +16,7 @@
 //! Bad input ends only the connection that sent it, and always with a close
 //! frame that says why: a message over [`Consumer::MAX_MESSAGE_SIZE`] gets
 //! 1009, a text frame that is not UTF-8 gets 1007, and an error returned by
-//! the consumer gets 1011 and one log line.
+//! the consumer (or a panic in it) gets 1011 and one log line.
 
 use std::any::type_name;
 use std::future::Future;
