@@ -343,10 +343,7 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Args {
-        Args(list.iter().map(|s| s.to_string()).collect())
-    }
+    use crate::testutil::args;
 
     #[test]
     fn options_and_defaults() {

@@ -243,9 +243,16 @@ pub fn propagate(status: std::process::ExitStatus) -> Result<()> {
 
 #[cfg(test)]
 pub mod testutil {
-    //! Scratch directories for the unit tests.
+    //! Scratch directories and argument lists for the unit tests.
 
     use std::path::{Path, PathBuf};
+
+    use crate::Args;
+
+    /// Arguments as the command line would give them.
+    pub fn args(list: &[&str]) -> Args {
+        Args(list.iter().map(|s| s.to_string()).collect())
+    }
 
     /// A fresh directory under the system temp dir, removed when dropped.
     pub struct TempDir(PathBuf);
@@ -282,10 +289,7 @@ pub mod testutil {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Args {
-        Args(list.iter().map(|s| s.to_string()).collect())
-    }
+    use crate::testutil::args;
 
     #[test]
     fn usage_lists_every_task() {
