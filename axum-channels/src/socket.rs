@@ -200,23 +200,25 @@ impl Socket {
     /// Adds this connection's channel to `group`. (Groups declared in
     /// `Consumer::groups` are joined and left for you.)
     pub async fn group_add(&mut self, group: &str) -> Result<()> {
-        let inbox = self.inbox.as_ref().ok_or(Error::NoLayer)?;
+        let inbox = self.attached()?;
         inbox.layer.group_add(group, &inbox.channel).await?;
         Ok(())
     }
 
     /// Removes this connection's channel from `group`.
     pub async fn group_discard(&mut self, group: &str) -> Result<()> {
-        let inbox = self.inbox.as_ref().ok_or(Error::NoLayer)?;
+        let inbox = self.attached()?;
         inbox.layer.group_discard(group, &inbox.channel).await?;
         Ok(())
     }
 
+    /// This connection's channel, or `NoLayer` for a consumer without one.
+    fn attached(&self) -> Result<&Inbox> {
+        self.inbox.as_ref().ok_or(Error::NoLayer)
+    }
+
     fn layer(&self) -> Result<&Arc<dyn ChannelLayer>> {
-        self.inbox
-            .as_ref()
-            .map(|inbox| &inbox.layer)
-            .ok_or(Error::NoLayer)
+        self.attached().map(|inbox| &inbox.layer)
     }
 
     /// Gives the connection a channel on `layer` and joins `groups`.
