@@ -42,7 +42,7 @@ impl fmt::Display for Error {
                 "cannot send before the connection is accepted: call `socket.accept()` first",
             ),
             Error::NoLayer => f.write_str(
-                "this consumer has no channel layer: set `const LAYER` and route it with `layers.consumer()`",
+                "this consumer has no channel layer: set `const LAYER` and route it with `layers.route()`",
             ),
             Error::Layer(err) => err.fmt(f),
             Error::Other(message) => f.write_str(message),
@@ -50,7 +50,14 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Layer(err) => Some(err),
+            _ => None,
+        }
+    }
+}
 
 impl From<LayerError> for Error {
     fn from(err: LayerError) -> Self {

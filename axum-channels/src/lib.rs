@@ -15,16 +15,22 @@
 //!   close / drop ───▶ disconnect(&mut socket, code) ──▶ clean up
 //! ```
 //!
-//! A tour of the modules:
+//! A tour of the modules, in the order they depend on each other (each one
+//! uses only those above it):
 //!
-//! - [`consumer`]: the [`Consumer`] trait you implement, and [`consumer()`],
-//!   which turns a consumer type into an axum route.
-//! - [`socket`]: the [`Socket`] handle a consumer uses to accept, send and
-//!   close, and to talk to its channel layer.
 //! - [`layer`]: channel layers, which let consumers talk to each other: the
-//!   [`ChannelLayer`](layer::ChannelLayer) trait, the in-memory backend, and
-//!   [`Layers`](layer::Layers), the app's layers by alias.
-//! - [`error`]: the one [`Error`] type, and why it has so few variants.
+//!   [`ChannelLayer`](layer::ChannelLayer) trait, the in-memory backend,
+//!   [`Layers`](layer::Layers) (the app's layers by alias), and
+//!   [`LayerError`](layer::LayerError), the layers' own error type.
+//! - [`error`]: [`Error`], what a consumer's methods return, and why it has
+//!   so few variants.
+//! - [`socket`]: the [`Socket`] handle a consumer uses to accept, send and
+//!   close, and to talk to its channel layer; and [`Frame`], a message from
+//!   the client.
+//! - [`consumer`]: the [`Consumer`] trait you implement. Start here.
+//! - [`runner`]: [`route()`], which turns a consumer type into an axum
+//!   route, and the machinery that drives one consumer per connection.
+//! - [`close_code`]: the WebSocket close codes this crate uses, by name.
 //! - `testing` (feature `testing`): a small client that serves a `Router` on a
 //!   free port and records a readable transcript of what was said, for
 //!   snapshot tests.
@@ -33,7 +39,7 @@
 //!
 //! ```
 //! use axum::Router;
-//! use axum_channels::{consumer, Consumer, Frame, NoEvents, Result, Scope, Socket};
+//! use axum_channels::{route, Consumer, Frame, NoEvents, Result, Scope, Socket};
 //!
 //! struct Shout;
 //!
@@ -56,19 +62,22 @@
 //!     }
 //! }
 //!
-//! let app: Router = Router::new().route("/ws/shout", consumer::<Shout>());
+//! let app: Router = Router::new().route("/ws/shout", route::<Shout>());
 //! ```
 
 pub mod consumer;
 pub mod error;
 pub mod layer;
+pub mod runner;
 pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, Frame, NoEvents, Scope, consumer};
+pub use consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, NoEvents, Scope};
 pub use error::{Error, Result};
-pub use socket::Socket;
+pub use layer::LayerEvent;
+pub use runner::route;
+pub use socket::{Frame, Socket};
 
 /// WebSocket close codes used by this crate, named so that logs and tests
 /// read as words rather than numbers (RFC 6455, section 7.4.1).

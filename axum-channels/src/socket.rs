@@ -16,11 +16,19 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::consumer::Frame;
 use crate::error::{Error, Result};
-use crate::layer::{self, ChannelLayer};
+use crate::layer::{ChannelLayer, LayerEvent, to_layer_message};
+
+/// A message from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A text frame (always valid UTF-8: the runner checks).
+    Text(String),
+    /// A binary frame.
+    Binary(Bytes),
+}
 
 /// The longest close reason the protocol allows, in bytes (RFC 6455, 5.5).
 const MAX_CLOSE_REASON: usize = 123;
@@ -173,26 +181,36 @@ impl Socket {
         self.inbox.as_ref().map(|inbox| inbox.channel.as_str())
     }
 
-    /// Sends `message` to every channel in `group`, this one included if it
-    /// is a member. `message` must serialize to a JSON object with a
-    /// `"type"`, e.g. a variant of the consumer's event enum.
-    pub async fn group_send<T: Serialize + ?Sized>(
-        &mut self,
-        group: &str,
-        message: &T,
-    ) -> Result<()> {
-        let message = to_layer_message(message)?;
+    /// Sends `event` to every channel in `group`, this one included if it is
+    /// a member.
+    ///
+    /// Only a [`LayerEvent`] can be sent, so passing a plain string or a
+    /// value of some other type does not compile. Sending works after the
+    /// client has gone too: in [`disconnect`](crate::Consumer::disconnect)
+    /// the layer is still attached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoLayer`] for a consumer without a layer,
+    /// [`Error::Layer`] when the layer refuses (a bad group name, Redis
+    /// away), and [`Error::Layer`] with [`LayerError::NotAnEvent`] if
+    /// `event` does not serialize to a JSON object with a string `"type"`
+    /// (a `LayerEvent` type without `#[serde(tag = "type")]`).
+    ///
+    /// [`LayerError::NotAnEvent`]: crate::layer::LayerError::NotAnEvent
+    pub async fn group_send<E: LayerEvent>(&mut self, group: &str, event: &E) -> Result<()> {
+        let message = to_layer_message(event)?;
         self.layer()?.group_send(group, message).await?;
         Ok(())
     }
 
-    /// Sends `message` to one channel.
-    pub async fn send_to<T: Serialize + ?Sized>(
-        &mut self,
-        channel: &str,
-        message: &T,
-    ) -> Result<()> {
-        let message = to_layer_message(message)?;
+    /// Sends `event` to one channel, e.g. one a worker was given as
+    /// `reply_to`. The errors are those of [`group_send`](Socket::group_send),
+    /// plus [`LayerError::ChannelFull`] when that channel is at capacity.
+    ///
+    /// [`LayerError::ChannelFull`]: crate::layer::LayerError::ChannelFull
+    pub async fn send_to<E: LayerEvent>(&mut self, channel: &str, event: &E) -> Result<()> {
+        let message = to_layer_message(event)?;
         self.layer()?.send(channel, message).await?;
         Ok(())
     }
@@ -313,7 +331,7 @@ impl Socket {
 
     /// Sends a close frame after a read failed (the stream can no longer be
     /// read, so no reply is awaited) and ends the connection.
-    pub(crate) async fn refuse(&mut self, code: u16, reason: &str) {
+    pub(crate) async fn close_after_read_error(&mut self, code: u16, reason: &str) {
         let _ = self.close(code, reason).await;
         self.phase = Phase::Closed;
     }
@@ -326,17 +344,6 @@ impl Socket {
     /// The code of the close frame this side sent, if any.
     pub(crate) fn sent_close_code(&self) -> Option<u16> {
         self.closing
-    }
-}
-
-/// Turns a serializable value into a layer message, checking it has the
-/// `"type"` the receiving consumer dispatches on.
-fn to_layer_message<T: Serialize + ?Sized>(message: &T) -> Result<layer::Message> {
-    match serde_json::to_value(message)? {
-        Value::Object(map) if map.get("type").is_some_and(Value::is_string) => Ok(map),
-        _ => Err(Error::Other(
-            "a layer message must be a JSON object with a string \"type\" field".to_owned(),
-        )),
     }
 }
 

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum_channels::layer::{
-    ChannelLayer, InMemoryLayer, LayerError, Layers, MemoryConfig, Message, NameKind,
+    ChannelLayer, InMemoryLayer, LayerError, LayerMessage, Layers, MemoryConfig, NameKind,
     validate_channel_name,
 };
 use serde_json::json;
@@ -75,7 +75,7 @@ type Backend = dyn Fn(Limits) -> Layer;
 const GUARD: Duration = Duration::from_secs(5);
 
 /// A test message: `{"type": "test.message", "n": n}`.
-fn message(n: u64) -> Message {
+fn message(n: u64) -> LayerMessage {
     json!({"type": "test.message", "n": n})
         .as_object()
         .unwrap()
@@ -83,7 +83,7 @@ fn message(n: u64) -> Message {
 }
 
 /// The message [`assert_nothing_queued`] sends behind whatever is queued.
-fn sentinel() -> Message {
+fn sentinel() -> LayerMessage {
     json!({"type": "test.sentinel"})
         .as_object()
         .unwrap()
@@ -92,7 +92,7 @@ fn sentinel() -> Message {
 
 /// Receives the next message of `channel`, failing the test if it does not
 /// come within [`GUARD`].
-async fn recv(layer: &Layer, channel: &str, context: &str) -> Message {
+async fn recv(layer: &Layer, channel: &str, context: &str) -> LayerMessage {
     match timeout(GUARD, layer.receive(channel)).await {
         Ok(Ok(message)) => message,
         Ok(Err(err)) => panic!("{context}: receive on {channel:?} failed: {err}"),
@@ -101,7 +101,7 @@ async fn recv(layer: &Layer, channel: &str, context: &str) -> Message {
 }
 
 /// Receives the next message of `channel` and checks it is `expected`.
-async fn assert_next(layer: &Layer, channel: &str, expected: &Message, context: &str) {
+async fn assert_next(layer: &Layer, channel: &str, expected: &LayerMessage, context: &str) {
     let got = recv(layer, channel, context).await;
     assert_eq!(
         &got, expected,
@@ -144,7 +144,7 @@ async fn let_others_run() {
 fn spawn_receive(
     layer: &Layer,
     channel: &str,
-) -> tokio::task::JoinHandle<Result<Message, LayerError>> {
+) -> tokio::task::JoinHandle<Result<LayerMessage, LayerError>> {
     let layer = Arc::clone(layer);
     let channel = channel.to_owned();
     tokio::spawn(async move { layer.receive(&channel).await })
@@ -182,7 +182,7 @@ mod checks {
     pub async fn send_then_receive_returns_the_same_message(make: &Backend) {
         let layer = make(Limits::default());
         let ch = channel(&layer, "roundtrip").await;
-        let rich: Message = json!({
+        let rich: LayerMessage = json!({
             "type": "chat.message",
             "text": "héllo, 世界 \"quoted\" \n newline",
             "nested": {"list": [1, 2.5, -3, null, true], "empty": {}},

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum_channels::layer::{ChannelLayer, InMemoryLayer, Layers, Message};
+use axum_channels::layer::{ChannelLayer, InMemoryLayer, LayerEvent, LayerMessage, Layers};
 use axum_channels::testing::{Received, TestServer};
-use axum_channels::{Consumer, Frame, Result, Scope, Socket, consumer};
+use axum_channels::{Consumer, Frame, Result, Scope, Socket, route};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -19,6 +19,8 @@ const QUIET: Duration = Duration::from_millis(100);
 enum LobbyEvent {
     Say { text: String },
 }
+
+impl LayerEvent for LobbyEvent {}
 
 /// Joins the `lobby` group; `say X` goes to the lobby, `whoami` answers with
 /// the connection's channel name, and `refuse` in the path refuses.
@@ -87,8 +89,8 @@ async fn lobby() -> (TestServer, Arc<InMemoryLayer>) {
     let layer = Arc::new(InMemoryLayer::default());
     let layers = Layers::new().with_shared("lobby", layer.clone());
     let app = Router::new()
-        .route("/lobby", layers.consumer::<Lobby>())
-        .route("/lobby/refuse", layers.consumer::<Lobby>());
+        .route("/lobby", layers.route::<Lobby>())
+        .route("/lobby/refuse", layers.route::<Lobby>());
     (TestServer::start(app).await, layer)
 }
 
@@ -106,7 +108,7 @@ async fn until_empty(layer: &InMemoryLayer) {
     }
 }
 
-fn message(value: serde_json::Value) -> Message {
+fn message(value: serde_json::Value) -> LayerMessage {
     value.as_object().expect("an object").clone()
 }
 
@@ -251,13 +253,13 @@ async fn a_client_that_stops_reading_does_not_hold_up_the_others() {
 #[should_panic(expected = "no channel layer is registered as \"lobby\" (registered: chat)")]
 fn an_unknown_alias_is_reported_when_the_router_is_built() {
     let layers = Layers::new().with("chat", InMemoryLayer::default());
-    let _ = layers.consumer::<Lobby>();
+    let _ = layers.route::<Lobby>();
 }
 
 #[test]
-#[should_panic(expected = "route it with `layers.consumer::<Lobby>()`")]
+#[should_panic(expected = "route it with `layers.route::<Lobby>()`")]
 fn a_layer_consumer_cannot_be_routed_without_its_layers() {
-    let _ = consumer::<Lobby>();
+    let _ = route::<Lobby>();
 }
 
 /// A JSON consumer: `{"n": 2}` gets `{"double": 4}`.
@@ -289,7 +291,7 @@ impl Consumer for Doubler {
 
 #[tokio::test]
 async fn invalid_json_gets_an_error_frame_and_the_connection_stays_open() {
-    let server = TestServer::start(Router::new().route("/double", consumer::<Doubler>())).await;
+    let server = TestServer::start(Router::new().route("/double", route::<Doubler>())).await;
     let mut client = server.connect("/double").await;
     for bad in ["not json", "", "[1, 2]", "{\"n\": \"two\"}"] {
         client.send_text(bad).await;
@@ -313,5 +315,66 @@ async fn invalid_json_gets_an_error_frame_and_the_connection_stays_open() {
             code: 1000,
             reason: String::new()
         }
+    );
+}
+
+/// A consumer's memberships are renewed while its connection lives, so it
+/// keeps hearing its group long after `group_expiry` (the Redis layers'
+/// default is one day; here it is 150 ms). A channel added to the same group
+/// by hand, and never renewed, lapses: that shows the expiry is real.
+#[tokio::test]
+async fn live_connections_keep_their_groups_past_the_group_expiry() {
+    let group_expiry = Duration::from_millis(150);
+    let layer = Arc::new(InMemoryLayer::new(axum_channels::layer::MemoryConfig {
+        group_expiry,
+        ..Default::default()
+    }));
+    let layers = Layers::new().with_shared("lobby", layer.clone());
+    let server = TestServer::start(Router::new().route("/lobby", layers.route::<Lobby>())).await;
+    let mut member = server.connect("/lobby").await;
+    assert_eq!(member.recv_text().await, "lobby: joined");
+    layer.group_add("lobby", "unrenewed").await.unwrap();
+
+    // Several expiry periods pass (a configured delay, not a timing check).
+    tokio::time::sleep(group_expiry * 4).await;
+
+    layer
+        .group_send(
+            "lobby",
+            message(json!({"type": "say", "text": "still here?"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(member.recv_text().await, "lobby: still here?");
+    layer
+        .send("unrenewed", message(json!({"type": "say", "text": "x"})))
+        .await
+        .unwrap();
+    let first = layer.receive("unrenewed").await.unwrap();
+    assert_eq!(
+        first["text"], "x",
+        "the unrenewed member's lapsed membership got no group message"
+    );
+}
+
+/// A type marked `LayerEvent` that is not tagged by `"type"` is refused at
+/// run time, before anything is sent; the compile-time half of the promise
+/// is the `compile_fail` example on `LayerEvent`.
+#[test]
+fn an_untagged_event_is_refused_before_sending() {
+    #[derive(Serialize, Deserialize)]
+    struct Untagged {
+        text: String,
+    }
+    impl LayerEvent for Untagged {}
+
+    let err = axum_channels::layer::to_layer_message(&Untagged { text: "hi".into() }).unwrap_err();
+    assert!(
+        matches!(err, axum_channels::layer::LayerError::NotAnEvent { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("#[serde(tag = \"type\")]"),
+        "{err}"
     );
 }

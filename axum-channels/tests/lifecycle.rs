@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum_channels::testing::{Received, TestServer, Transcript};
-use axum_channels::{Consumer, Error, Frame, NoEvents, Result, Scope, Socket, consumer};
+use axum_channels::{Consumer, Error, Frame, NoEvents, Result, Scope, Socket, route};
 use tokio::sync::mpsc;
 
 type Events = mpsc::UnboundedReceiver<String>;
@@ -86,7 +86,7 @@ impl Consumer for Probe {
 }
 
 async fn server() -> TestServer {
-    TestServer::start(Router::new().route("/{mode}/{id}", consumer::<Probe>())).await
+    TestServer::start(Router::new().route("/{mode}/{id}", route::<Probe>())).await
 }
 
 async fn next(events: &mut Events) -> String {

@@ -16,6 +16,20 @@
 //! Expired messages, lapsed memberships and empty channels are swept at most
 //! once a second, during sends, so the cost is spread out and no background
 //! task is needed. Time is tokio's, so tests can pause it.
+//!
+//! # Why a `std::sync::Mutex` in async code
+//!
+//! All state sits behind one [`std::sync::Mutex`], not tokio's async mutex.
+//! That is the right choice here, and the reason is the rule chapter 1 warns
+//! about: a `std` guard must never be held across an `.await`, because the
+//! task could be suspended while holding it and block every other task
+//! that wants the lock (and a `std` guard is not `Send`, so the compiler
+//! refuses such a future in `tokio::spawn` anyway). Every method below takes
+//! the lock, does a few map operations, and drops the guard *before* it
+//! awaits anything; the only await, in [`receive`](ChannelLayer::receive),
+//! happens after the guard's block has ended. A lock held for microseconds
+//! and never across an await is cheaper as a plain mutex: tokio's own
+//! documentation recommends exactly this for shared data.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -27,7 +41,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{ChannelLayer, LayerError, Message, validate_channel_name, validate_group_name};
+use super::{ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name};
 
 /// How often expired entries are swept out.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -91,7 +105,7 @@ struct State {
 #[derive(Default)]
 struct Channel {
     /// Messages with the moment each one expires, oldest first.
-    queue: VecDeque<(Instant, Message)>,
+    queue: VecDeque<(Instant, LayerMessage)>,
     /// Wakes the receiver when a message arrives.
     arrived: Arc<Notify>,
     /// Receivers waiting right now; a channel with one is never swept away,
@@ -144,7 +158,7 @@ impl InMemoryLayer {
         &self,
         state: &mut State,
         channel: &str,
-        message: Message,
+        message: LayerMessage,
         now: Instant,
     ) -> Result<(), LayerError> {
         let entry = state.channels.entry(channel.to_owned()).or_default();
@@ -211,7 +225,7 @@ impl ChannelLayer for InMemoryLayer {
         Ok(name)
     }
 
-    async fn send(&self, channel: &str, message: Message) -> Result<(), LayerError> {
+    async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_channel_name(channel)?;
         let now = Instant::now();
         let mut state = self.lock();
@@ -219,7 +233,7 @@ impl ChannelLayer for InMemoryLayer {
         self.push(&mut state, channel, message, now)
     }
 
-    async fn receive(&self, channel: &str) -> Result<Message, LayerError> {
+    async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
         validate_channel_name(channel)?;
         let arrived = {
             let mut state = self.lock();
@@ -274,7 +288,7 @@ impl ChannelLayer for InMemoryLayer {
         Ok(())
     }
 
-    async fn group_send(&self, group: &str, message: Message) -> Result<(), LayerError> {
+    async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_group_name(group)?;
         let now = Instant::now();
         let mut state = self.lock();
@@ -313,6 +327,10 @@ impl ChannelLayer for InMemoryLayer {
             channel.waiting > 0
         });
         Ok(())
+    }
+
+    fn group_expiry(&self) -> Option<Duration> {
+        Some(self.config.group_expiry)
     }
 
     async fn close_channel(&self, channel: &str) -> Result<(), LayerError> {

@@ -13,6 +13,10 @@
 //! field says what it is, e.g. `{"type": "room_message", "message": "hi"}`.
 //! Such a message can cross Redis to a Python peer unchanged.
 //!
+//! (A *channel layer* has nothing to do with axum's `Router::layer` or
+//! tower's `Layer`, which wrap a service in middleware. The name comes from
+//! Django Channels, where it means the shared mailroom described here.)
+//!
 //! Backends:
 //! - [`InMemoryLayer`] ([`memory`]): inside one process, with no services
 //!   at all. The default of every step.
@@ -25,20 +29,83 @@ mod names;
 mod registry;
 
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 pub use memory::{InMemoryLayer, MemoryConfig};
 pub use names::{MAX_NAME_LENGTH, group_name_for, validate_channel_name, validate_group_name};
 pub use registry::Layers;
 
-/// A layer message: a JSON object with a string `"type"` field.
-pub type Message = serde_json::Map<String, serde_json::Value>;
+/// What travels through a layer: a JSON object with a string `"type"`
+/// field, e.g. `{"type": "room_message", "message": "hi"}`. (Not to be
+/// confused with a WebSocket message, which only ever goes to one client.)
+pub type LayerMessage = serde_json::Map<String, Value>;
+
+/// A Rust type that may be sent through a channel layer: an event enum (or
+/// struct) that `serde` turns into an object with a `"type"` field.
+///
+/// ```
+/// use axum_channels::layer::LayerEvent;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// #[serde(tag = "type", rename_all = "snake_case")]
+/// enum RoomEvent {
+///     RoomMessage { message: String },
+/// }
+///
+/// impl LayerEvent for RoomEvent {}
+/// ```
+///
+/// What is checked when:
+/// - **at compile time**: only types marked `LayerEvent` can be sent with
+///   [`Socket::group_send`](crate::Socket::group_send) and
+///   [`Socket::send_to`](crate::Socket::send_to), so a string or a value of
+///   the wrong type is a compile error, and so is a misspelt variant;
+/// - **at run time**, on every send: that the value really serializes to an
+///   object with a string `"type"`. A type marked `LayerEvent` without
+///   `#[serde(tag = "type")]` fails there with [`LayerError::NotAnEvent`],
+///   and nothing is sent.
+///
+/// A consumer's [`Event`](crate::Consumer::Event) type must be a
+/// `LayerEvent`, so what it receives is also what it can send. Anything
+/// else is refused by the compiler:
+///
+/// ```compile_fail
+/// # async fn demo(socket: &mut axum_channels::Socket) -> axum_channels::Result<()> {
+/// socket.group_send("room_general", &"hi").await // `&str` is not a LayerEvent
+/// # }
+/// ```
+pub trait LayerEvent: Serialize + DeserializeOwned + Send + 'static {}
+
+/// Serializes `event` into a [`LayerMessage`], checking that it has the
+/// string `"type"` a receiving consumer dispatches on.
+pub fn to_layer_message<E: Serialize + ?Sized>(event: &E) -> Result<LayerMessage, LayerError> {
+    match serde_json::to_value(event) {
+        Ok(Value::Object(map)) if map.get("type").is_some_and(Value::is_string) => Ok(map),
+        Ok(_) => Err(LayerError::NotAnEvent {
+            type_name: std::any::type_name::<E>(),
+        }),
+        Err(err) => Err(LayerError::Serialize(err.to_string())),
+    }
+}
 
 /// A place where consumers exchange messages, by channel and by group.
 ///
 /// Every method takes `&self`: a layer is shared by all connections (behind an
 /// `Arc`) and does its own locking.
+///
+/// The trait uses `#[async_trait]` because apps hold their layers as
+/// `Arc<dyn ChannelLayer>`: one `Layers` registry holds backends of
+/// different types, chosen at start from the configuration. A trait object
+/// needs every method's future to have one known type, so `#[async_trait]`
+/// boxes them (`Pin<Box<dyn Future + Send>>`). The cost, one allocation per
+/// call, is small next to a layer's own work. ([`Consumer`](crate::Consumer)
+/// needs none of this: it is only ever used as a generic type.)
 #[async_trait]
 pub trait ChannelLayer: Send + Sync + 'static {
     /// A new, unique channel name that starts with `prefix`, for one
@@ -47,11 +114,11 @@ pub trait ChannelLayer: Send + Sync + 'static {
 
     /// Puts `message` in `channel`. Fails with [`LayerError::ChannelFull`]
     /// when the channel already holds its capacity.
-    async fn send(&self, channel: &str, message: Message) -> Result<(), LayerError>;
+    async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError>;
 
     /// Waits for the next message of `channel`. Cancelling the wait loses
     /// nothing: a message is only taken out when it is returned.
-    async fn receive(&self, channel: &str) -> Result<Message, LayerError>;
+    async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError>;
 
     /// Adds `channel` to `group` (again, if it was there: that renews its
     /// membership's expiry).
@@ -62,7 +129,7 @@ pub trait ChannelLayer: Send + Sync + 'static {
 
     /// Sends `message` to every channel in `group`. A full member channel
     /// misses the message (logged as `ChannelFull`); the others still get it.
-    async fn group_send(&self, group: &str, message: Message) -> Result<(), LayerError>;
+    async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError>;
 
     /// Drops every message, channel and group.
     async fn flush(&self) -> Result<(), LayerError>;
@@ -73,6 +140,14 @@ pub trait ChannelLayer: Send + Sync + 'static {
     async fn close_channel(&self, channel: &str) -> Result<(), LayerError> {
         let _ = channel;
         Ok(())
+    }
+
+    /// How long a group membership lasts unless it is renewed by another
+    /// [`group_add`](ChannelLayer::group_add), or `None` if memberships
+    /// never lapse. The runner renews a live consumer's memberships at half
+    /// this interval.
+    fn group_expiry(&self) -> Option<Duration> {
+        None
     }
 }
 
@@ -112,6 +187,15 @@ pub enum LayerError {
         /// The aliases that are registered.
         known: Vec<String>,
     },
+    /// A value sent through a layer did not serialize to a JSON object with
+    /// a string `"type"` (see [`LayerEvent`]).
+    NotAnEvent {
+        /// The Rust type that was sent.
+        type_name: &'static str,
+    },
+    /// A value could not be serialized, or a payload from a peer could not
+    /// be read (e.g. another serializer).
+    Serialize(String),
     /// The backend failed (e.g. its server went away).
     Backend(String),
 }
@@ -147,6 +231,14 @@ impl fmt::Display for LayerError {
                     known.join(", ")
                 }
             ),
+            LayerError::NotAnEvent { type_name } => write!(
+                f,
+                "a {type_name} is not a layer event: it must serialize to a JSON object \
+                 with a string \"type\" field (add #[serde(tag = \"type\")])"
+            ),
+            LayerError::Serialize(message) => {
+                write!(f, "cannot encode or decode a layer message: {message}")
+            }
             LayerError::Backend(message) => write!(f, "channel layer failed: {message}"),
         }
     }

@@ -1,12 +1,12 @@
 //! [`Layers`]: the app's channel layers under aliases, built once at start.
+//!
+//! Routing a consumer with its layer ([`Layers::route`]) is the runner's
+//! business, so that method lives in [`runner`](crate::runner).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::routing::MethodRouter;
-
 use super::{ChannelLayer, LayerError};
-use crate::consumer::{Consumer, route_with_layer};
 
 /// The channel layers an app uses, by alias: the Rust counterpart of a
 /// `setup_layers()` function. Cheap to clone: clones share the layers.
@@ -50,24 +50,5 @@ impl Layers {
                 alias: alias.to_owned(),
                 known: self.layers.keys().cloned().collect(),
             })
-    }
-
-    /// A route that runs consumer `C` with the layer it names in
-    /// [`Consumer::LAYER`].
-    ///
-    /// # Panics
-    ///
-    /// When building the router, if `C` names an alias that is not
-    /// registered: a mistake in the app's code, reported at start with the
-    /// aliases that are registered, rather than at the first message.
-    pub fn consumer<C: Consumer>(&self) -> MethodRouter {
-        let layer = match C::LAYER {
-            Some(alias) => match self.get(alias) {
-                Ok(layer) => Some(layer),
-                Err(err) => panic!("{}: {err}", std::any::type_name::<C>()),
-            },
-            None => None,
-        };
-        route_with_layer::<C>(layer)
     }
 }

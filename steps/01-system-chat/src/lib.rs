@@ -13,7 +13,7 @@ mod system_chat;
 
 use axum::Router;
 use axum::routing::get;
-use axum_channels::consumer;
+use axum_channels::route;
 
 pub use config::Config;
 pub use system_chat::SystemChat;
@@ -24,6 +24,6 @@ pub fn app() -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::static_file))
-        .route("/ws/system", consumer::<SystemChat>())
+        .route("/ws/system", route::<SystemChat>())
 }
 // ANCHOR_END: app

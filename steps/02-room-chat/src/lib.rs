@@ -16,7 +16,7 @@ mod system_chat;
 
 use axum::Router;
 use axum::routing::get;
-use axum_channels::consumer;
+use axum_channels::route;
 
 pub use config::Config;
 pub use room_chat::{RoomChat, RoomEvent};
@@ -29,7 +29,7 @@ pub fn app() -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::static_file))
-        .route("/ws/system", consumer::<SystemChat>())
-        .route("/ws/room/{room_name}", layers.consumer::<RoomChat>())
+        .route("/ws/system", route::<SystemChat>())
+        .route("/ws/room/{room_name}", layers.route::<RoomChat>())
 }
 // ANCHOR_END: app

@@ -7,7 +7,7 @@
 //! order.
 
 use axum_channels::layer::group_name_for;
-use axum_channels::{Consumer, Frame, Result, Scope, Socket};
+use axum_channels::{Consumer, Frame, LayerEvent, Result, Scope, Socket};
 use serde::{Deserialize, Serialize};
 
 /// The longest room name, in characters.
@@ -26,6 +26,9 @@ pub enum RoomEvent {
     /// A line for every member to show.
     RoomMessage { message: String },
 }
+
+/// Marks `RoomEvent` as something that may travel through a channel layer.
+impl LayerEvent for RoomEvent {}
 // ANCHOR_END: event
 
 // ANCHOR: state
