@@ -69,12 +69,18 @@ fn load(path: &Path, renames: &[(String, String)]) -> Result<Content> {
 
 /// What to rename in `old`'s files before comparing them with `new`'s: each
 /// step's package and crate carry the step's own name (`step-00-skeleton`,
-/// `step_00_skeleton`), and that name changing is not part of any lesson.
+/// `step_00_skeleton`), and files that name their own path do so through the
+/// step's directory (`steps/00-skeleton`, as in a snapshot's `source:`
+/// header). None of those changing is part of any lesson.
 pub fn step_renames(old: &Step, new: &Step) -> Vec<(String, String)> {
     let (old_package, new_package) = (old.package(), new.package());
     vec![
         (old_package.replace('-', "_"), new_package.replace('-', "_")),
         (old_package, new_package),
+        (
+            format!("steps/{}", old.dir_name()),
+            format!("steps/{}", new.dir_name()),
+        ),
     ]
 }
 
@@ -368,6 +374,30 @@ mod tests {
         let from_nothing = changed_files(None, a.path(), &[]).unwrap();
         assert!(from_nothing.iter().all(|c| c.kind == Kind::Added));
         assert_eq!(from_nothing.len(), 5);
+    }
+
+    #[test]
+    fn a_copied_file_naming_its_own_step_is_unchanged() {
+        let root = TempDir::new("renames");
+        let step = |id: &str, name: &str| Step {
+            id: id.into(),
+            number: id.parse().unwrap(),
+            name: name.into(),
+            dir: root.path().join(format!("steps/{id}-{name}")),
+        };
+        let (old, new) = (step("00", "skeleton"), step("01", "system-chat"));
+        // A snapshot header names the step's directory, a test its crate,
+        // Cargo.toml its package: all three are the step's own name.
+        let copy = |dir: &str| {
+            format!(
+                "source: steps/{dir}/tests/page.rs\nuse step_{}::app;\nname = \"step-{dir}\"\n",
+                dir.replace('-', "_")
+            )
+        };
+        root.write("steps/00-skeleton/tests/x.snap", &copy("00-skeleton"));
+        root.write("steps/01-system-chat/tests/x.snap", &copy("01-system-chat"));
+        let changes = changed_files(Some(&old.dir), &new.dir, &step_renames(&old, &new)).unwrap();
+        assert_eq!(summary(&changes), "no files changed");
     }
 
     #[test]

@@ -23,11 +23,15 @@ fn room(name: &str) -> String {
 #[tokio::test]
 async fn two_clients_in_one_room() {
     let server = server().await;
-    let log = Transcript::default();
-    let mut alice = server.connect_as("alice", &room("general"), &log).await;
+    let transcript = Transcript::default();
+    let mut alice = server
+        .connect_as("alice", &room("general"), &transcript)
+        .await;
     // Subscribed before announcing: the first member hears its own join.
     assert_eq!(alice.recv_text().await, "🚪 Someone joined room 'general'");
-    let mut bob = server.connect_as("bob", &room("general"), &log).await;
+    let mut bob = server
+        .connect_as("bob", &room("general"), &transcript)
+        .await;
     assert_eq!(alice.recv_text().await, "🚪 Someone joined room 'general'");
     assert_eq!(bob.recv_text().await, "🚪 Someone joined room 'general'");
 
@@ -41,19 +45,25 @@ async fn two_clients_in_one_room() {
     alice.close(1000).await;
     assert_eq!(bob.recv_text().await, "👋 Someone left room 'general'");
     bob.close(1000).await;
-    assert_snapshot!("two_clients_in_one_room", log);
+    assert_snapshot!("two_clients_in_one_room", transcript);
 }
 
 #[tokio::test]
 async fn three_clients_in_one_room() {
     let server = server().await;
-    let log = Transcript::default();
-    let mut alice = server.connect_as("alice", &room("general"), &log).await;
+    let transcript = Transcript::default();
+    let mut alice = server
+        .connect_as("alice", &room("general"), &transcript)
+        .await;
     alice.recv_text().await;
-    let mut bob = server.connect_as("bob", &room("general"), &log).await;
+    let mut bob = server
+        .connect_as("bob", &room("general"), &transcript)
+        .await;
     alice.recv_text().await;
     bob.recv_text().await;
-    let mut carol = server.connect_as("carol", &room("general"), &log).await;
+    let mut carol = server
+        .connect_as("carol", &room("general"), &transcript)
+        .await;
     for client in [&mut alice, &mut bob, &mut carol] {
         assert_eq!(client.recv_text().await, "🚪 Someone joined room 'general'");
     }
@@ -69,24 +79,28 @@ async fn three_clients_in_one_room() {
     alice.close(1000).await;
     assert_eq!(carol.recv_text().await, "👋 Someone left room 'general'");
     carol.close(1000).await;
-    assert_snapshot!("three_clients_in_one_room", log);
+    assert_snapshot!("three_clients_in_one_room", transcript);
 }
 
 #[tokio::test]
 async fn rooms_are_isolated() {
     let server = server().await;
-    let log = Transcript::default();
+    let transcript = Transcript::default();
     // `a b` and `a_b` look alike but are different rooms with different groups.
-    let mut spaced = server.connect_as("a-space-b", &room("a b"), &log).await;
+    let mut spaced = server
+        .connect_as("a-space-b", &room("a b"), &transcript)
+        .await;
     assert_eq!(spaced.recv_text().await, "🚪 Someone joined room 'a b'");
     let mut underscored = server
-        .connect_as("a-underscore-b", &room("a_b"), &log)
+        .connect_as("a-underscore-b", &room("a_b"), &transcript)
         .await;
     assert_eq!(
         underscored.recv_text().await,
         "🚪 Someone joined room 'a_b'"
     );
-    let mut general = server.connect_as("general", &room("general"), &log).await;
+    let mut general = server
+        .connect_as("general", &room("general"), &transcript)
+        .await;
     assert_eq!(
         general.recv_text().await,
         "🚪 Someone joined room 'general'"
@@ -100,15 +114,15 @@ async fn rooms_are_isolated() {
     spaced.expect_silence(QUIET).await;
     underscored.expect_silence(QUIET).await;
     general.expect_silence(QUIET).await;
-    assert_snapshot!("rooms_are_isolated", log);
+    assert_snapshot!("rooms_are_isolated", transcript);
 }
 
 #[tokio::test]
 async fn unicode_room_name() {
     let server = server().await;
-    let log = Transcript::default();
+    let transcript = Transcript::default();
     let mut guest = server
-        .connect_as("guest", &room("café ☕ team"), &log)
+        .connect_as("guest", &room("café ☕ team"), &transcript)
         .await;
     assert_eq!(
         guest.recv_text().await,
@@ -117,16 +131,16 @@ async fn unicode_room_name() {
     guest.send_text("un café ?").await;
     assert_eq!(guest.recv_text().await, "💬 un café ?");
     guest.close(1000).await;
-    assert_snapshot!("unicode_room_name", log);
+    assert_snapshot!("unicode_room_name", transcript);
 }
 
 #[tokio::test]
 async fn refused_room_names() {
     let server = server().await;
-    let log = Transcript::default();
+    let transcript = Transcript::default();
     let too_long = "x".repeat(65);
     for name in [too_long.as_str(), "bell\u{7}", "two\nlines"] {
-        let mut client = server.connect_as("guest", &room(name), &log).await;
+        let mut client = server.connect_as("guest", &room(name), &transcript).await;
         assert_eq!(
             client.recv().await,
             Received::Close {
@@ -137,23 +151,27 @@ async fn refused_room_names() {
     }
     // The longest allowed name is fine.
     let mut client = server
-        .connect_as("guest", &room(&"x".repeat(64)), &log)
+        .connect_as("guest", &room(&"x".repeat(64)), &transcript)
         .await;
     let joined = client.recv_text().await;
     assert!(
         joined.starts_with("🚪 Someone joined room 'xxxx"),
         "{joined}"
     );
-    assert_snapshot!("refused_room_names", log);
+    assert_snapshot!("refused_room_names", transcript);
 }
 
 #[tokio::test]
 async fn a_vanished_client_leaves_the_room() {
     let server = server().await;
-    let log = Transcript::default();
-    let mut alice = server.connect_as("alice", &room("general"), &log).await;
+    let transcript = Transcript::default();
+    let mut alice = server
+        .connect_as("alice", &room("general"), &transcript)
+        .await;
     alice.recv_text().await;
-    let mut bob = server.connect_as("bob", &room("general"), &log).await;
+    let mut bob = server
+        .connect_as("bob", &room("general"), &transcript)
+        .await;
     alice.recv_text().await;
     bob.recv_text().await;
 
@@ -162,16 +180,20 @@ async fn a_vanished_client_leaves_the_room() {
     alice.send_text("anyone?").await;
     assert_eq!(alice.recv_text().await, "💬 anyone?");
     alice.expect_silence(QUIET).await;
-    assert_snapshot!("a_vanished_client_leaves_the_room", log);
+    assert_snapshot!("a_vanished_client_leaves_the_room", transcript);
 }
 
 #[tokio::test]
 async fn binary_frames_are_not_broadcast() {
     let server = server().await;
-    let log = Transcript::default();
-    let mut alice = server.connect_as("alice", &room("general"), &log).await;
+    let transcript = Transcript::default();
+    let mut alice = server
+        .connect_as("alice", &room("general"), &transcript)
+        .await;
     alice.recv_text().await;
-    let mut bob = server.connect_as("bob", &room("general"), &log).await;
+    let mut bob = server
+        .connect_as("bob", &room("general"), &transcript)
+        .await;
     alice.recv_text().await;
     bob.recv_text().await;
 
@@ -181,5 +203,5 @@ async fn binary_frames_are_not_broadcast() {
         "💬 This room carries text messages only"
     );
     bob.expect_silence(QUIET).await;
-    assert_snapshot!("binary_frames_are_not_broadcast", log);
+    assert_snapshot!("binary_frames_are_not_broadcast", transcript);
 }

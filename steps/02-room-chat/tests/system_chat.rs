@@ -87,7 +87,10 @@ async fn binary_frame_gets_a_clear_reply_and_the_connection_stays_open() {
     client.send_text("still there?").await;
     assert_eq!(client.recv_text().await, "🔧 System Echo: still there?");
     client.close(1000).await;
-    assert_snapshot!("binary_frame", transcript);
+    assert_snapshot!(
+        "binary_frame_gets_a_clear_reply_and_the_connection_stays_open",
+        transcript
+    );
 }
 
 #[tokio::test]
@@ -108,7 +111,7 @@ async fn clients_do_not_see_each_others_echoes() {
     bob.expect_silence(Duration::from_millis(100)).await;
     alice.close(1000).await;
     bob.close(1000).await;
-    assert_snapshot!("clients_are_isolated", transcript);
+    assert_snapshot!("clients_do_not_see_each_others_echoes", transcript);
 }
 
 #[tokio::test]
