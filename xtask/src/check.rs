@@ -8,6 +8,10 @@
 //! 3. Every file that changes from one step to the next is named in the next
 //!    step's chapter, so a reader following the book never meets a change the
 //!    text did not mention. Step 00 is compared with an empty directory.
+//! 4. Every code block that includes a file is introduced by a line naming
+//!    that file ("In `src/room_chat.rs`:"), as the Rust Book's style guide
+//!    asks: a reader typing along must know where the code goes, and a
+//!    heading about another file a few paragraphs up is not enough.
 //!
 //! All problems are collected and reported together, one per line.
 
@@ -170,6 +174,18 @@ fn mentions(text: &str, needle: &str, end_ok: impl Fn(&str) -> bool) -> bool {
     })
 }
 
+/// Whether what follows a file name ends it: punctuation such as a
+/// sentence's final `.` or an include's `:anchor`, but not a longer name
+/// (`lib.rs.bak`).
+fn file_end(after: &str) -> bool {
+    let mut chars = after.chars();
+    match chars.next() {
+        None => true,
+        Some('.') => !chars.next().is_some_and(char::is_alphanumeric),
+        Some(c) => !(name_char(c) || c == '/'),
+    }
+}
+
 /// Whether a chapter names `path` (relative to the step directory, with `/`):
 /// either the path itself, or one of its directories written with a trailing
 /// `/` (`tests/snapshots/` covers every snapshot).
@@ -178,22 +194,94 @@ fn mentions(text: &str, needle: &str, end_ok: impl Fn(&str) -> bool) -> bool {
 /// `src/main.rs` names `src/main.rs`, not every file of `src/`. Otherwise any
 /// chapter that shows one source file would cover all of them.
 pub fn names_file(chapter: &str, path: &str) -> bool {
-    // After a file name, allow punctuation such as a sentence's final `.`
-    // or an include's `:anchor`, but not a longer name (`lib.rs.bak`).
-    let file_end = |after: &str| {
-        let mut chars = after.chars();
-        match chars.next() {
-            None => true,
-            Some('.') => !chars.next().is_some_and(char::is_alphanumeric),
-            Some(c) => !(name_char(c) || c == '/'),
-        }
-    };
     let dir_end = |after: &str| !after.chars().next().is_some_and(name_char);
     if mentions(chapter, path, file_end) {
         return true;
     }
     path.match_indices('/')
         .any(|(i, _)| mentions(chapter, &path[..=i], dir_end))
+}
+
+/// How many lines, at most, of the paragraph before a code block count as
+/// its caption: enough for a sentence that wraps, not so many that a file
+/// named far above would do.
+const CAPTION_LINES: usize = 3;
+
+/// Whether `line` opens or closes a fenced code block.
+fn is_fence(line: &str) -> bool {
+    let line = line.trim_start();
+    line.starts_with("```") || line.starts_with("~~~")
+}
+
+/// For each line of `markdown`, the index of the opening fence of the code
+/// block it is in, if it is inside one.
+fn enclosing_fences(lines: &[&str]) -> Vec<Option<usize>> {
+    let mut open = None;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            if is_fence(line) {
+                open = match open {
+                    None => Some(i),
+                    Some(_) => None,
+                };
+                None
+            } else {
+                open
+            }
+        })
+        .collect()
+}
+
+/// The caption of the code block opening at `fence`: the last lines (at most
+/// [`CAPTION_LINES`]) of the paragraph just before it, which may be a heading.
+/// Nothing is taken from an earlier code block.
+pub fn caption(lines: &[&str], fence: usize) -> String {
+    let mut end = fence;
+    while end > 0 && lines[end - 1].trim().is_empty() {
+        end -= 1;
+    }
+    let mut start = end;
+    while start > 0
+        && end - start < CAPTION_LINES
+        && !lines[start - 1].trim().is_empty()
+        && !is_fence(lines[start - 1])
+    {
+        start -= 1;
+    }
+    lines[start..end].join("\n")
+}
+
+/// The names by which a caption may point at the included `path`: its file
+/// name, and for an insta snapshot (`page__page_and_assets.snap`) also the
+/// snapshot's name, which is its test's name.
+fn caption_names(path: &str) -> Vec<&str> {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    let mut names = vec![file];
+    if let Some((_, snapshot)) = file.strip_suffix(".snap").and_then(|s| s.split_once("__")) {
+        names.push(snapshot);
+    }
+    names
+}
+
+/// Rule 4 for one markdown text: each include inside a code block, and
+/// whether its caption names the included file. Includes outside code blocks
+/// pull in prose and need no caption.
+pub fn listing_captions(markdown: &str) -> Vec<(Include, bool)> {
+    let lines: Vec<&str> = markdown.lines().collect();
+    let fences = enclosing_fences(&lines);
+    parse_includes(markdown)
+        .into_iter()
+        .filter_map(|include| {
+            let fence = fences.get(include.line - 1).copied().flatten()?;
+            let text = caption(&lines, fence);
+            let named = caption_names(&include.path)
+                .iter()
+                .any(|name| !name.is_empty() && mentions(&text, name, file_end));
+            Some((include, named))
+        })
+        .collect()
 }
 
 /// Every `.md` file under `dir`, sorted.
@@ -236,6 +324,38 @@ fn check_includes(ws: &Workspace, problems: &mut Vec<String>) -> Result<usize> {
         }
     }
     Ok(resolved)
+}
+
+/// Rule 4: every included listing is introduced by its file's name.
+/// Returns how many captions named their file.
+fn check_captions(ws: &Workspace, problems: &mut Vec<String>) -> Result<usize> {
+    let mut captioned = 0;
+    for md in markdown_files(&ws.root.join("docs/src")) {
+        let md_dir = md.parent().unwrap_or(&ws.root);
+        for (include, named) in listing_captions(&read_text(&md)?) {
+            if named {
+                captioned += 1;
+                continue;
+            }
+            let shown = ws.display(&md_dir.join(&include.path));
+            problems.push(format!(
+                "{}:{}: the code block including {shown} does not say which file it shows: \
+                 name it in the line just before the block, e.g. \"In `{}`:\"",
+                ws.display(&md),
+                include.line,
+                in_step(&shown),
+            ));
+        }
+    }
+    Ok(captioned)
+}
+
+/// `path` as a reader of a step's chapter knows it: relative to its step's
+/// directory (`src/room_chat.rs`), or as it is when outside the steps.
+fn in_step(path: &str) -> &str {
+    path.strip_prefix("steps/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(path, |(_, in_step)| in_step)
 }
 
 /// Rule 3: each step's chapter names the files changed since the previous
@@ -303,6 +423,7 @@ pub fn run(ws: &Workspace, mut args: Args) -> Result<()> {
     }
     let resolved = check_includes(ws, &mut problems)?;
     let named = check_chapters(ws, &steps, &mut problems)?;
+    let captioned = check_captions(ws, &mut problems)?;
 
     if !problems.is_empty() {
         for p in &problems {
@@ -320,7 +441,8 @@ pub fn run(ws: &Workspace, mut args: Args) -> Result<()> {
         format!("{} steps built", steps.len())
     };
     println!(
-        "check: {built}, {resolved} includes resolved, {named} changed files named in their chapters"
+        "check: {built}, {resolved} includes resolved, {named} changed files named in their \
+         chapters, {captioned} listings captioned"
     );
     Ok(())
 }
@@ -446,6 +568,71 @@ mod tests {
             "everything in tests/ changed",
             "tests/snapshots/x.snap"
         ));
+    }
+
+    /// The paths of the includes whose caption does not name them.
+    fn uncaptioned(markdown: &str) -> Vec<String> {
+        listing_captions(markdown)
+            .into_iter()
+            .filter(|(_, named)| !named)
+            .map(|(include, _)| include.path)
+            .collect()
+    }
+
+    #[test]
+    fn a_listing_is_introduced_by_its_file_name() {
+        let named = [
+            "In `src/room_chat.rs`:\n\n```rust\n{{#include ../../steps/02-x/src/room_chat.rs:new}}\n```\n",
+            // The file name alone, in the last lines of a wrapped paragraph.
+            "A long sentence that explains\nwhat `room_chat.rs` does and wraps\nover three lines:\n\
+             ```rust\n{{#include ../../steps/02-x/src/room_chat.rs}}\n```\n",
+            // A heading right above the block is a caption too.
+            "## The binary: `src/main.rs`\n\n```rust\n{{#include ../../steps/00-x/src/main.rs:main}}\n```\n",
+            // A snapshot is named by its file or by its test.
+            "The test `two_in_a_room`:\n\n```text\n\
+             {{#include ../../steps/02-x/tests/snapshots/room_chat__two_in_a_room.snap}}\n```\n",
+            "From `room_chat__two_in_a_room.snap`:\n```text\n\
+             {{#include ../../steps/02-x/tests/snapshots/room_chat__two_in_a_room.snap}}\n```\n",
+            // Not in a code block: an included piece of prose.
+            "Some text.\n\n{{#include ../shared.md}}\n",
+        ];
+        for markdown in named {
+            assert!(uncaptioned(markdown).is_empty(), "{markdown}");
+        }
+    }
+
+    #[test]
+    fn a_listing_under_another_files_name_fails() {
+        let unnamed = [
+            // The heading names another file (the review's ch02 example).
+            "## Configuring the layers: `src/layers.rs`\n\nA consumer names the alias:\n\n\
+             ```rust\n{{#include ../../steps/02-x/src/room_chat.rs:layer}}\n```\n",
+            // Named, but four lines up: too far to be a caption.
+            "In `room_chat.rs`\none\ntwo\nthree:\n```rust\n{{#include ../room_chat.rs}}\n```\n",
+            // Named only in the paragraph before the nearest one.
+            "In `room_chat.rs`:\n\nSomething else:\n\n```rust\n{{#include ../room_chat.rs}}\n```\n",
+            // Named only inside the previous code block.
+            "```text\nroom_chat.rs\n```\n```rust\n{{#include ../room_chat.rs}}\n```\n",
+            // A longer name is not the file's name.
+            "In `old_room_chat.rs`:\n```rust\n{{#include ../room_chat.rs}}\n```\n",
+            // A snapshot's module alone does not say which snapshot.
+            "In `room_chat.rs`:\n```text\n{{#include s/room_chat__two.snap}}\n```\n",
+        ];
+        for markdown in unnamed {
+            assert_eq!(uncaptioned(markdown).len(), 1, "{markdown}");
+        }
+        // Each include of a block must be named, in a block that is not the first.
+        let two = "```rust\nfn x() {}\n```\n\nIn `a.rs`:\n```rust\n{{#include a.rs}}\n{{#include b.rs}}\n```\n";
+        assert_eq!(uncaptioned(two), ["b.rs"]);
+    }
+
+    #[test]
+    fn suggests_the_path_within_the_step() {
+        assert_eq!(in_step("steps/02-x/src/room_chat.rs"), "src/room_chat.rs");
+        assert_eq!(
+            in_step("axum-channels/src/runner.rs"),
+            "axum-channels/src/runner.rs"
+        );
     }
 
     #[test]
