@@ -12,12 +12,15 @@
 //!    that file ("In `src/room_chat.rs`:"), as the Rust Book's style guide
 //!    asks: a reader typing along must know where the code goes, and a
 //!    heading about another file a few paragraphs up is not enough.
+//! 5. Snapshots are reviewed, asserted by a test, and say which test wrote
+//!    them (see [`crate::snapshots`]).
 //!
 //! All problems are collected and reported together, one per line.
 
 use std::path::{Path, PathBuf};
 
 use crate::diff::{self, Kind};
+use crate::snapshots;
 use crate::steps::{self, Step};
 use crate::{Args, Result, Workspace, fail, normalize, read_text};
 
@@ -424,6 +427,7 @@ pub fn run(ws: &Workspace, mut args: Args) -> Result<()> {
     let resolved = check_includes(ws, &mut problems)?;
     let named = check_chapters(ws, &steps, &mut problems)?;
     let captioned = check_captions(ws, &mut problems)?;
+    let snapshots = snapshots::check(ws, &mut problems)?;
 
     if !problems.is_empty() {
         for p in &problems {
@@ -442,7 +446,7 @@ pub fn run(ws: &Workspace, mut args: Args) -> Result<()> {
     };
     println!(
         "check: {built}, {resolved} includes resolved, {named} changed files named in their \
-         chapters, {captioned} listings captioned"
+         chapters, {captioned} listings captioned, {snapshots} snapshots asserted by their tests"
     );
     Ok(())
 }

@@ -11,6 +11,7 @@
 mod bench;
 mod check;
 mod diff;
+mod snapshots;
 mod steps;
 
 use std::collections::VecDeque;
