@@ -45,12 +45,15 @@ pub struct Socket {
     inbox: Option<Inbox>,
 }
 
-/// A consumer's channel on its layer.
+// ANCHOR: inbox
+/// A consumer's channel on its layer: the layer, shared by every connection,
+/// and the name of this connection's own mailbox in it.
 #[derive(Clone)]
 pub(crate) struct Inbox {
     pub(crate) layer: Arc<dyn ChannelLayer>,
     pub(crate) channel: String,
 }
+// ANCHOR_END: inbox
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
