@@ -28,6 +28,8 @@
 //!   close, and to talk to its channel layer; and [`Frame`], a message from
 //!   the client.
 //! - [`consumer`]: the [`Consumer`] trait you implement. Start here.
+//! - [`json`]: [`JsonConsumer`], a consumer whose client sends JSON of one
+//!   shape, decoded for you, with a clear error frame for anything else.
 //! - [`runner`]: [`route()`], which turns a consumer type into an axum
 //!   route, and the machinery that drives one consumer per connection.
 //! - [`close_code`]: the WebSocket close codes this crate uses, by name.
@@ -67,6 +69,7 @@
 
 pub mod consumer;
 pub mod error;
+pub mod json;
 pub mod layer;
 pub mod runner;
 pub mod socket;
@@ -75,6 +78,7 @@ pub mod testing;
 
 pub use consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, NoEvents, Scope};
 pub use error::{Error, Result};
+pub use json::{InvalidMessage, JsonConsumer};
 pub use layer::LayerEvent;
 pub use runner::route;
 pub use socket::{Frame, Socket};

@@ -15,8 +15,6 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::layer::{ChannelLayer, LayerEvent, to_layer_message};
@@ -152,28 +150,6 @@ impl Socket {
         let sent = self.send(Message::Close(Some(frame))).await;
         self.closing = Some(code);
         sent
-    }
-
-    /// Decodes a text frame as JSON into `T`. When that fails (not text, not
-    /// JSON, or not the shape of `T`), the client gets an error frame,
-    /// `{"status": "error", "message": "❌ Invalid message: ..."}`, and this
-    /// returns `Ok(None)`: the connection stays open for the next message.
-    pub async fn receive_json<T: DeserializeOwned>(&mut self, frame: Frame) -> Result<Option<T>> {
-        let problem = match frame {
-            Frame::Text(text) => match serde_json::from_str(&text) {
-                Ok(value) => return Ok(Some(value)),
-                Err(err) => err.to_string(),
-            },
-            Frame::Binary(bytes) => {
-                format!(
-                    "expected a JSON text frame, got {} bytes of binary data",
-                    bytes.len()
-                )
-            }
-        };
-        let reply = json!({"status": "error", "message": format!("❌ Invalid message: {problem}")});
-        self.send_json(&reply).await?;
-        Ok(None)
     }
 
     /// This connection's channel name on its layer, if its consumer uses one.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum_channels::layer::{ChannelLayer, InMemoryLayer, LayerEvent, LayerMessage, Layers};
 use axum_channels::testing::{Received, TestServer};
-use axum_channels::{Consumer, Frame, Result, Scope, Socket, route};
+use axum_channels::{Consumer, Frame, JsonConsumer, Result, Scope, Socket, route};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -270,7 +270,8 @@ struct Number {
     n: i64,
 }
 
-impl Consumer for Doubler {
+impl JsonConsumer for Doubler {
+    type Message = Number;
     type Event = axum_channels::NoEvents;
 
     fn new(_scope: &Scope) -> Self {
@@ -281,10 +282,7 @@ impl Consumer for Doubler {
         socket.accept().await
     }
 
-    async fn receive(&mut self, socket: &mut Socket, frame: Frame) -> Result<()> {
-        let Some(number) = socket.receive_json::<Number>(frame).await? else {
-            return Ok(());
-        };
+    async fn receive(&mut self, socket: &mut Socket, number: Number) -> Result<()> {
         socket.send_json(&json!({"double": number.n * 2})).await
     }
 }
