@@ -179,7 +179,9 @@ pub fn run_step(ws: &Workspace, mut args: Args) -> Result<()> {
     }
 
     let mut cmd = ws.cargo();
-    cmd.args(["run", "--quiet", "--package", &step.package()]);
+    // Not `--quiet`: a first build compiles about a hundred crates, and
+    // cargo's progress is what tells the reader it is working, not hung.
+    cmd.args(["run", "--package", &step.package()]);
     // The app reads HOST/PORT itself (default 127.0.0.1:8080) and prints the
     // URL it listens on, so we only pass the port through.
     if let Some(port) = port {
