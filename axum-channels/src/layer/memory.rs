@@ -31,7 +31,7 @@
 //! and never across an await is cheaper as a plain mutex: tokio's own
 //! documentation recommends exactly this for shared data.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -90,13 +90,18 @@ pub struct InMemoryLayer {
     config: MemoryConfig,
     state: Mutex<State>,
     next_id: AtomicU64,
-    /// Makes channel names differ between runs, as Django's random ones do.
-    seed: u64,
+    /// What every channel name this layer makes contains, e.g.
+    /// `.inmemory!5e0c71a2`: random per layer, as Django's names are.
+    marker: String,
 }
 
 #[derive(Default)]
 struct State {
     channels: HashMap<String, Channel>,
+    /// Channels made by `new_channel` and not closed yet. A send to one of
+    /// this layer's own names that is not here goes to a connection that has
+    /// ended, so it is dropped rather than kept until it expires.
+    open: HashSet<String>,
     /// Group name → member channel → when the membership lapses.
     groups: HashMap<String, HashMap<String, Instant>>,
     last_sweep: Option<Instant>,
@@ -141,7 +146,7 @@ impl InMemoryLayer {
             config,
             state: Mutex::default(),
             next_id: AtomicU64::new(0),
-            seed: RandomState::new().hash_one(0u8),
+            marker: format!(".inmemory!{:08x}", RandomState::new().hash_one(0u8) as u32),
         }
     }
 
@@ -219,9 +224,10 @@ impl Drop for Waiting<'_> {
 impl ChannelLayer for InMemoryLayer {
     async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{prefix}.inmemory!{:08x}{id:x}", self.seed as u32);
+        let name = format!("{prefix}{}{id:x}", self.marker);
         // A prefix with its own '!' makes a name with two, which this refuses.
         validate_channel_name(&name)?;
+        self.lock().open.insert(name.clone());
         Ok(name)
     }
 
@@ -229,6 +235,11 @@ impl ChannelLayer for InMemoryLayer {
         validate_channel_name(channel)?;
         let now = Instant::now();
         let mut state = self.lock();
+        if channel.contains(&self.marker) && !state.open.contains(channel) {
+            // E.g. a job's result for a client that left before it was done.
+            tracing::debug!(channel, "dropped a message for a channel that is closed");
+            return Ok(());
+        }
         Self::sweep_if_due(&mut state, now);
         self.push(&mut state, channel, message, now)
     }
@@ -343,6 +354,7 @@ impl ChannelLayer for InMemoryLayer {
         {
             return Ok(()); // someone still receives on it
         }
+        state.open.remove(channel);
         state.channels.remove(channel);
         // Left in a group, the channel would be recreated by the next group
         // message and fill up with messages nobody reads.
@@ -382,6 +394,26 @@ mod tests {
                 .lines()
                 .count()
         }
+    }
+
+    #[tokio::test]
+    async fn a_send_to_a_closed_channel_costs_nothing() {
+        let layer = InMemoryLayer::default();
+        let channel = layer.new_channel("specific").await.unwrap();
+        let message = json!({"type": "job_result"}).as_object().unwrap().clone();
+        layer.send(&channel, message.clone()).await.unwrap();
+        assert_eq!(layer.size(), (1, 0));
+        layer.close_channel(&channel).await.unwrap();
+        assert_eq!(layer.size(), (0, 0));
+
+        // The client left before its result: the send succeeds, and nothing
+        // is kept for a receiver that will never come.
+        layer.send(&channel, message.clone()).await.unwrap();
+        assert_eq!(layer.size(), (0, 0));
+        // Names the layer did not make are still created on demand, as in
+        // Django (a worker's plain channel, say).
+        layer.send("worker.jobs", message).await.unwrap();
+        assert_eq!(layer.size(), (1, 0));
     }
 
     #[tokio::test]
