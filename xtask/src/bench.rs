@@ -1,28 +1,97 @@
-//! The `bench` task: how much does step 01 cost compared with the simplest
-//! possible WebSocket echo server?
+//! The `bench` task: what does a step cost compared with the simplest
+//! possible WebSocket server doing the same job?
 //!
-//! Each round starts each server in turn (a bare tokio-tungstenite echo, then
-//! step 01, alternating the order every round so neither always runs on a
-//! warmer machine), drives it with the `loadgen` binary, and compares the
-//! round trips per second. Server and load generator are pinned to different
-//! CPUs with `taskset` when available, so they don't compete for one core.
-//! The result is the median ratio over the rounds, which is less sensitive to
-//! one noisy round than the mean.
+//! A *scenario* says what is measured and against which baseline. Today there
+//! is one, `echo` (the default): every client sends a message to `--path` and
+//! waits for the reply that contains it, compared with a bare
+//! tokio-tungstenite echo server. Which step and which endpoint are options
+//! (default: the newest step, `/ws/system`), so adding a step needs no change
+//! here; adding a scenario is a new [`Scenario`] variant.
+//!
+//! Each round starts each server in turn (the baseline, then the step,
+//! alternating the order every round so neither always runs on a warmer
+//! machine), drives it with the `loadgen` binary, and compares the round trips
+//! per second. Server and load generator are pinned to different CPUs with
+//! `taskset` when available, so they don't compete for one core. The result is
+//! the median ratio over the rounds, which is less sensitive to one noisy
+//! round than the mean.
 
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Args, Error, Result, Workspace, fail, steps};
+use crate::steps::{self, Step};
+use crate::{Args, Error, Result, Workspace, fail};
 
 /// How long a server may take to start accepting connections.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// Message size the load generator sends, in bytes.
+/// The endpoint measured when `--path` is not given: every step from 01 on
+/// has it.
+const DEFAULT_PATH: &str = "/ws/system";
+/// Message size the load generator sends in the echo scenario, in bytes.
 const MESSAGE_SIZE: &str = "32";
+
+/// What is measured, and against what.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scenario {
+    /// Closed-loop round trips: send, wait for the reply, send again.
+    Echo,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 1] = [Scenario::Echo];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Echo => "echo",
+        }
+    }
+
+    fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|s| s.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|s| s.name()).collect();
+                Error::Usage(format!(
+                    "unknown scenario '{name}'; known scenarios: {}",
+                    known.join(", ")
+                ))
+            })
+    }
+
+    /// One line for the report's header.
+    fn describe(self) -> String {
+        match self {
+            Scenario::Echo => {
+                format!("{MESSAGE_SIZE}-byte messages, each client waits for its reply")
+            }
+        }
+    }
+
+    /// The baseline server, a binary of the `loadgen` package, and its label.
+    fn baseline(self) -> (&'static str, &'static str) {
+        match self {
+            Scenario::Echo => ("bare-echo", "bare echo"),
+        }
+    }
+
+    /// The load generator's arguments beyond the URL, clients and duration.
+    fn loadgen_args(self) -> Vec<&'static str> {
+        match self {
+            Scenario::Echo => vec!["--size", MESSAGE_SIZE],
+        }
+    }
+}
 
 #[derive(Debug, PartialEq)]
 struct Options {
+    scenario: Scenario,
+    /// The step as the user named it; `None` means the newest one.
+    step: Option<String>,
+    path: String,
     seconds: u32,
     rounds: u32,
     clients: u32,
@@ -37,8 +106,23 @@ fn parse_options(mut args: Args) -> Result<Options> {
     let seconds = positive("--seconds", args.value("--seconds")?, 5)?;
     let rounds = positive("--rounds", args.value("--rounds")?, 3)?;
     let clients = positive("--clients", args.value("--clients")?, 32)?;
-    args.positionals(0, 0)?;
+    let step = args.value("--step")?;
+    let path: String = args
+        .value("--path")?
+        .unwrap_or_else(|| DEFAULT_PATH.to_string());
+    if !path.starts_with('/') {
+        return Err(Error::Usage(format!(
+            "--path must start with '/', like {DEFAULT_PATH}"
+        )));
+    }
+    let scenario = match args.positionals(0, 1)?.first() {
+        Some(name) => Scenario::from_name(name)?,
+        None => Scenario::Echo,
+    };
     Ok(Options {
+        scenario,
+        step,
+        path,
         seconds,
         rounds,
         clients,
@@ -172,40 +256,67 @@ fn wait_for_port(server: &mut Server, port: u16, name: &str) -> Result<()> {
     }
 }
 
+/// The status code of a plain `GET path` on the server at `port`. A
+/// WebSocket route refuses a request without the upgrade headers with an
+/// error other than 404 (the demo page probes endpoints the same way), so a
+/// 404 means the step has no such endpoint.
+fn http_status(port: u16, path: &str) -> Result<u16, String> {
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("cannot connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(STARTUP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("cannot send a request: {e}"))?;
+    let mut status_line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut status_line)
+        .map_err(|e| format!("no answer: {e}"))?;
+    status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {status_line:?}"))
+}
+
+/// Which server of a round runs.
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
     Baseline,
-    Step01,
+    Step,
 }
 
-impl Target {
-    fn label(self) -> &'static str {
-        match self {
-            Target::Baseline => "bare echo",
-            Target::Step01 => "step 01",
-        }
-    }
-}
-
-struct Bench {
+struct Bench<'a> {
     release: PathBuf,
-    step_binary: String,
+    step: &'a Step,
     options: Options,
     pin: bool,
 }
 
-impl Bench {
+impl Bench<'_> {
+    fn label(&self, target: Target) -> String {
+        match target {
+            Target::Baseline => self.options.scenario.baseline().1.to_string(),
+            Target::Step => format!("step {}", self.step.id),
+        }
+    }
+
     /// Starts the server, runs the load generator against it, stops it.
     fn measure(&self, target: Target) -> Result<Report> {
+        let label = self.label(target);
         let port = free_port()?;
         let mut cmd = match target {
             Target::Baseline => {
-                let mut cmd = command(&self.release.join(exe("bare-echo")), "0", self.pin);
+                let binary = self.options.scenario.baseline().0;
+                let mut cmd = command(&self.release.join(exe(binary)), "0", self.pin);
                 cmd.args(["--port", &port.to_string()]);
                 cmd
             }
-            Target::Step01 => {
-                let mut cmd = command(&self.release.join(exe(&self.step_binary)), "0", self.pin);
+            Target::Step => {
+                let mut cmd = command(&self.release.join(exe(&self.step.package())), "0", self.pin);
                 // HOST too, in case the user's environment sets another one.
                 cmd.env("HOST", "127.0.0.1")
                     .env("PORT", port.to_string())
@@ -218,33 +329,42 @@ impl Bench {
         cmd.stdout(Stdio::null());
         let child = cmd
             .spawn()
-            .map_err(|e| fail(format!("cannot start {}: {e}", target.label())))?;
+            .map_err(|e| fail(format!("cannot start {label}: {e}")))?;
         let mut server = Server { child };
-        wait_for_port(&mut server, port, target.label())?;
+        wait_for_port(&mut server, port, &label)?;
 
-        // Step 01 greets every new connection; the load generator must read
-        // and discard that message before it starts timing echoes.
-        let skip_first = if target == Target::Step01 { "1" } else { "0" };
+        let path = &self.options.path;
+        if target == Target::Step {
+            match http_status(port, path) {
+                Ok(404) => {
+                    return Err(fail(format!(
+                        "{label} has no endpoint {path} (a plain GET answers 404); \
+                         choose another with --step or --path"
+                    )));
+                }
+                Ok(_) => {}
+                Err(why) => return Err(fail(format!("{label} at {path}: {why}"))),
+            }
+        }
+
         let o = &self.options;
         let output = command(&self.release.join(exe("loadgen")), "1", self.pin)
-            .args(["--url", &format!("ws://127.0.0.1:{port}/ws/system")])
+            .args(["--url", &format!("ws://127.0.0.1:{port}{path}")])
             .args(["--clients", &o.clients.to_string()])
             .args(["--seconds", &o.seconds.to_string()])
-            .args(["--size", MESSAGE_SIZE])
-            .args(["--skip-first", skip_first])
+            .args(o.scenario.loadgen_args())
             .stderr(Stdio::inherit())
             .output()
             .map_err(|e| fail(format!("cannot run loadgen: {e}")))?;
         drop(server);
         if !output.status.success() {
             return Err(fail(format!(
-                "loadgen against {} failed ({})",
-                target.label(),
+                "loadgen against {label} failed ({})",
                 output.status
             )));
         }
         parse_report(&String::from_utf8_lossy(&output.stdout))
-            .map_err(|e| fail(format!("against {}: {e}", target.label())))
+            .map_err(|e| fail(format!("against {label}: {e}")))
     }
 }
 
@@ -263,12 +383,17 @@ fn release_dir(root: &Path) -> PathBuf {
     target.join("release")
 }
 
-/// `cargo xtask bench [--seconds S] [--rounds R] [--clients C]`
+/// `cargo xtask bench [SCENARIO] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]`
 pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let options = parse_options(args)?;
     let all_steps = steps::discover(&ws.root)?;
-    let step = steps::resolve_arg(&all_steps, "1")?;
+    let step = match &options.step {
+        Some(query) => steps::resolve_arg(&all_steps, query)?,
+        // `discover` fails rather than return no steps.
+        None => all_steps.last().ok_or_else(|| fail("no steps"))?,
+    };
 
+    // The baselines are binaries of the loadgen package.
     let status = ws
         .cargo()
         .args(["build", "--release", "--package", "loadgen"])
@@ -283,56 +408,62 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     }
     let bench = Bench {
         release: release_dir(&ws.root),
-        step_binary: step.package(),
+        step,
         options,
         pin,
     };
+    let o = &bench.options;
+    let (step_label, baseline_label) = (bench.label(Target::Step), bench.label(Target::Baseline));
     println!(
-        "{} clients, {} s per run, {} round(s), {MESSAGE_SIZE}-byte messages",
-        bench.options.clients, bench.options.seconds, bench.options.rounds
+        "{}: {step_label} ({}) at {}, against a {baseline_label} server",
+        o.scenario.name(),
+        step.dir_name(),
+        o.path
+    );
+    println!(
+        "{} clients, {} s per run, {} round(s), {}",
+        o.clients,
+        o.seconds,
+        o.rounds,
+        o.scenario.describe()
     );
 
     let mut ratios = Vec::new();
-    for round in 0..bench.options.rounds {
+    for round in 0..o.rounds {
         let order = if round % 2 == 0 {
-            [Target::Baseline, Target::Step01]
+            [Target::Baseline, Target::Step]
         } else {
-            [Target::Step01, Target::Baseline]
+            [Target::Step, Target::Baseline]
         };
-        let mut baseline = None;
-        let mut step01 = None;
+        let (mut baseline, mut measured) = (None, None);
         for target in order {
-            let report = bench.measure(target)?;
+            let report = Some(bench.measure(target)?);
             match target {
-                Target::Baseline => baseline = Some(report),
-                Target::Step01 => step01 = Some(report),
+                Target::Baseline => baseline = report,
+                Target::Step => measured = report,
             }
         }
-        let (Some(baseline), Some(step01)) = (baseline, step01) else {
+        let (Some(baseline), Some(measured)) = (baseline, measured) else {
             unreachable!("both targets ran");
         };
-        let ratio = step01.rps / baseline.rps;
+        let ratio = measured.rps / baseline.rps;
         ratios.push(ratio);
 
-        println!("\nround {}/{}", round + 1, bench.options.rounds);
+        println!("\nround {}/{}", round + 1, o.rounds);
         println!(
             "  {:<10} {:>12} {:>12} {:>10} {:>10}",
             "server", "rps", "round trips", "p50 µs", "p99 µs"
         );
-        for (target, r) in [(Target::Baseline, baseline), (Target::Step01, step01)] {
+        for (label, r) in [(&baseline_label, baseline), (&step_label, measured)] {
             println!(
-                "  {:<10} {:>12.0} {:>12.0} {:>10.0} {:>10.0}",
-                target.label(),
-                r.rps,
-                r.round_trips,
-                r.p50_us,
-                r.p99_us
+                "  {label:<10} {:>12.0} {:>12.0} {:>10.0} {:>10.0}",
+                r.rps, r.round_trips, r.p50_us, r.p99_us
             );
         }
-        println!("  ratio step 01 / bare echo: {ratio:.2}");
+        println!("  ratio {step_label} / {baseline_label}: {ratio:.2}");
     }
     println!(
-        "\nstep 01 / bare echo: {:.2} (median of {} round{})",
+        "\n{step_label} / {baseline_label}: {:.2} (median of {} round{})",
         median(&ratios),
         ratios.len(),
         if ratios.len() == 1 { "" } else { "s" }
@@ -350,14 +481,31 @@ mod tests {
         assert_eq!(
             parse_options(args(&[])).unwrap(),
             Options {
+                scenario: Scenario::Echo,
+                step: None,
+                path: "/ws/system".into(),
                 seconds: 5,
                 rounds: 3,
                 clients: 32
             }
         );
         assert_eq!(
-            parse_options(args(&["--rounds", "5", "--clients=8", "--seconds", "2"])).unwrap(),
+            parse_options(args(&[
+                "echo",
+                "--rounds",
+                "5",
+                "--clients=8",
+                "--seconds",
+                "2",
+                "--step",
+                "02",
+                "--path=/ws/room/bench"
+            ]))
+            .unwrap(),
             Options {
+                scenario: Scenario::Echo,
+                step: Some("02".into()),
+                path: "/ws/room/bench".into(),
                 seconds: 2,
                 rounds: 5,
                 clients: 8
@@ -367,13 +515,59 @@ mod tests {
             &["--rounds", "0"][..],
             &["--seconds", "x"],
             &["--clients"],
-            &["extra"],
+            &["--step"],
+            &["--path", "ws/system"],
+            &["fanout"],
+            &["echo", "extra"],
         ] {
             assert!(
                 matches!(parse_options(args(bad)), Err(Error::Usage(_))),
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_usage_line_matches_the_options() {
+        let (synopsis, _) = crate::TASKS
+            .iter()
+            .find(|(s, _)| s.starts_with("bench "))
+            .expect("bench is in TASKS");
+        let words: Vec<&str> = synopsis
+            .split(|c: char| c.is_whitespace() || "[]|".contains(c))
+            .filter(|w| !w.is_empty())
+            .collect();
+        for option in words.iter().filter(|w| w.starts_with("--")) {
+            let value = if *option == "--path" { "/ws/x" } else { "1" };
+            assert!(
+                parse_options(args(&[option, value])).is_ok(),
+                "{option} is in the usage but not accepted"
+            );
+        }
+        for scenario in Scenario::ALL {
+            assert!(
+                words.contains(&scenario.name()),
+                "scenario {} missing from the usage",
+                scenario.name()
+            );
+        }
+    }
+
+    #[test]
+    fn reads_an_http_status() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(&stream).read_line(&mut request).unwrap();
+            stream
+                .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                .unwrap();
+            request
+        });
+        assert_eq!(http_status(port, "/ws/nope"), Ok(404));
+        assert_eq!(server.join().unwrap(), "GET /ws/nope HTTP/1.1\r\n");
     }
 
     #[test]

@@ -35,20 +35,34 @@ const TASKS: &[(&str, &str)] = &[
     ),
     (
         "check [--no-build]",
-        "Build everything, check the book's includes, and that chapters name the files they change",
+        "Build everything; check the book's includes and their captions, that chapters name the files they change, and the snapshots",
     ),
     (
-        "bench [--seconds S] [--rounds R] [--clients C]",
-        "Compare step 01's echo with a bare tokio-tungstenite echo server (defaults 5 s, 3 rounds, 32 clients)",
+        "bench [echo] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]",
+        "Compare a step's endpoint with a bare tokio-tungstenite server; echo: round trips \
+         (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients)",
     ),
     ("help", "Show this help"),
 ];
 
+/// A synopsis longer than this has its description on the next line, so
+/// that one long synopsis does not push every description to the right.
+const SYNOPSIS_WIDTH: usize = 24;
+
 fn usage() -> String {
-    let width = TASKS.iter().map(|(s, _)| s.len()).max().unwrap_or(0);
+    let width = TASKS
+        .iter()
+        .map(|(s, _)| s.len())
+        .filter(|&len| len <= SYNOPSIS_WIDTH)
+        .max()
+        .unwrap_or(0);
     let mut out = String::from("Usage: cargo xtask <task> [options]\n\nTasks:\n");
     for (synopsis, description) in TASKS {
-        out.push_str(&format!("  {synopsis:<width$}  {description}\n"));
+        if synopsis.len() <= width {
+            out.push_str(&format!("  {synopsis:<width$}  {description}\n"));
+        } else {
+            out.push_str(&format!("  {synopsis}\n  {:width$}  {description}\n", ""));
+        }
     }
     out
 }
