@@ -154,11 +154,13 @@ pub fn check_snapshot(ws: &Workspace, snapshot: &Path) -> Result<Vec<String>> {
     let test_shown = ws.display(&test_file);
     let mut problems = Vec::new();
     if !test_file.is_file() {
-        problems.push(format!(
+        // Its header can only name a file that is gone: one message is enough.
+        return Ok(vec![format!(
             "{shown}: orphan snapshot: there is no {test_shown} to assert it; \
              delete it if its test is gone"
-        ));
-    } else if !asserted_names(&read_text(&test_file)?).contains(&name) {
+        )]);
+    }
+    if !asserted_names(&read_text(&test_file)?).contains(&name) {
         problems.push(format!(
             "{shown}: orphan snapshot: {test_shown} has no assert_snapshot!(\"{name}\", ...); \
              delete it if its test is gone, or rename it to the test's snapshot name"
