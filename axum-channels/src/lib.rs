@@ -30,8 +30,13 @@
 //! - [`consumer`]: the [`Consumer`] trait you implement. Start here.
 //! - [`json`]: [`JsonConsumer`], a consumer whose client sends JSON of one
 //!   shape, decoded for you, with a clear error frame for anything else.
+//! - [`settings`]: [`Settings`], what a server on the internet needs (small
+//!   buffers, pings, timeouts, an origin check, a connection limit), with
+//!   safe defaults.
 //! - [`runner`]: [`route()`], which turns a consumer type into an axum
 //!   route, and the machinery that drives one consumer per connection.
+//! - [`server`]: [`serve()`], which serves an app until Ctrl+C or SIGTERM
+//!   and then closes every WebSocket politely.
 //! - [`close_code`]: the WebSocket close codes this crate uses, by name.
 //! - `testing` (feature `testing`): a small client that serves a `Router` on a
 //!   free port and records a readable transcript of what was said, for
@@ -72,6 +77,8 @@ pub mod error;
 pub mod json;
 pub mod layer;
 pub mod runner;
+pub mod server;
+pub mod settings;
 pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -80,7 +87,9 @@ pub use consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, NoEvents, Scope};
 pub use error::{Error, Result};
 pub use json::{InvalidMessage, JsonConsumer};
 pub use layer::LayerEvent;
-pub use runner::route;
+pub use runner::{route, route_with};
+pub use server::serve;
+pub use settings::Settings;
 pub use socket::{Frame, Socket};
 
 /// WebSocket close codes used by this crate, named so that logs and tests
@@ -92,10 +101,15 @@ pub mod close_code {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// The peer sent a close frame without a code.
     pub const NO_STATUS: u16 = 1005;
+    /// The endpoint is going away: the server is shutting down, or the
+    /// browser left the page.
+    pub const GOING_AWAY: u16 = 1001;
     /// The connection ended without a close frame (the client vanished).
     pub const ABNORMAL: u16 = 1006;
     /// A text frame was not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The peer broke a rule of this server, e.g. it stopped reading.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// A message was larger than the consumer accepts.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
     /// The server hit an error it could not recover from for this connection.

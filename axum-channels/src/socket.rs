@@ -11,11 +11,13 @@
 //! [`Consumer::connect`]: crate::Consumer::connect
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::Serialize;
 
+use crate::close_code;
 use crate::error::{Error, Result};
 use crate::layer::{ChannelLayer, LayerEvent, to_layer_message};
 
@@ -41,6 +43,8 @@ pub struct Socket {
     closing: Option<u16>,
     /// This connection's channel, when its consumer uses a layer.
     inbox: Option<Inbox>,
+    /// How long one send may take before the client counts as not reading.
+    write_timeout: Duration,
 }
 
 // ANCHOR: inbox
@@ -82,12 +86,13 @@ pub(crate) enum Handshake {
 }
 
 impl Socket {
-    pub(crate) fn connecting() -> Self {
+    pub(crate) fn connecting(write_timeout: Duration) -> Self {
         Socket {
             phase: Phase::Connecting { accepted: false },
             outbox: Vec::new(),
             closing: None,
             inbox: None,
+            write_timeout,
         }
     }
 
@@ -268,13 +273,31 @@ impl Socket {
                 Ok(())
             }
             Phase::Open(ws) => {
-                if ws.send(message).await.is_err() {
-                    // The peer is gone; the runner learns the details from
-                    // its next read, so there is nothing more to report here.
-                    self.phase = Phase::Closed;
-                    return Err(Error::Closed);
+                match tokio::time::timeout(self.write_timeout, ws.send(message)).await {
+                    Ok(Ok(())) => {
+                        metrics::counter!("axum_channels_frames_out_total").increment(1);
+                        Ok(())
+                    }
+                    Ok(Err(_)) => {
+                        // The peer is gone; the runner learns the details from
+                        // its next read, so there is nothing more to report here.
+                        self.phase = Phase::Closed;
+                        Err(Error::Closed)
+                    }
+                    Err(_) => {
+                        // Its socket buffers are full: the client stopped
+                        // reading. Waiting longer would hold this consumer (and
+                        // its channel's backlog) for as long as the client
+                        // pleases, so the connection ends here, with 1008.
+                        tracing::warn!(
+                            timeout = ?self.write_timeout,
+                            "closing a connection whose client stopped reading"
+                        );
+                        self.phase = Phase::Closed;
+                        self.closing = Some(close_code::POLICY_VIOLATION);
+                        Err(Error::Closed)
+                    }
                 }
-                Ok(())
             }
             Phase::Refused { .. } | Phase::Closed => Err(Error::Closed),
         }
@@ -298,6 +321,11 @@ impl Socket {
             }
         }
         self.closing = closing;
+    }
+
+    /// Pings the client; its pong (or any frame) shows it is still there.
+    pub(crate) async fn ping(&mut self) -> Result<()> {
+        self.send(Message::Ping(Bytes::new())).await
     }
 
     /// The next message from the client; `None` once the connection is over.
@@ -352,14 +380,14 @@ mod tests {
 
     #[tokio::test]
     async fn sending_before_accept_is_an_error() {
-        let mut socket = Socket::connecting();
+        let mut socket = Socket::connecting(Duration::from_secs(10));
         let err = socket.send_text("too early").await.unwrap_err();
         assert!(matches!(err, Error::NotAccepted));
     }
 
     #[tokio::test]
     async fn closing_before_accept_refuses_the_handshake() {
-        let mut socket = Socket::connecting();
+        let mut socket = Socket::connecting(Duration::from_secs(10));
         socket.close(4000, "go away").await.unwrap();
         assert!(matches!(socket.handshake(), Handshake::Refused(reason) if reason == "go away"));
         assert!(matches!(socket.accept().await, Err(Error::Closed)));
@@ -367,7 +395,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_sent_during_connect_wait_for_the_handshake() {
-        let mut socket = Socket::connecting();
+        let mut socket = Socket::connecting(Duration::from_secs(10));
         socket.accept().await.unwrap();
         socket.send_text("welcome").await.unwrap();
         socket.close(4001, "bye").await.unwrap();

@@ -1,0 +1,101 @@
+//! [`serve`]: run an app until Ctrl+C or SIGTERM, then close every
+//! WebSocket politely.
+//!
+//! `axum::serve(...).with_graceful_shutdown(...)` stops accepting and waits
+//! for HTTP requests, but a WebSocket stops being an HTTP request the moment
+//! it is upgraded, so plain axum would end the process with every WebSocket
+//! cut off mid-sentence: no close frame, no `disconnect`, groups never left
+//! (in Redis, other processes would keep sending to them). `serve` does
+//! what a careful server does instead: on the signal it refuses new
+//! handshakes, sends every open WebSocket a close frame 1001 ("server
+//! shutting down"), lets each consumer run `disconnect` and leave its
+//! groups, and waits for that at most [`Settings::shutdown_timeout`], so a
+//! client that never answers cannot keep the process alive.
+
+use std::io;
+
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::settings::Settings;
+
+/// Serves `app` on `listener` with the process's [`Settings`] (read from the
+/// environment), until Ctrl+C or SIGTERM; then shuts down gracefully, as
+/// the module documentation describes. With `METRICS=1` it also serves
+/// `/metrics` (needs the crate's `metrics` feature).
+///
+/// # Errors
+///
+/// A bad setting in the environment, with the variable named, before
+/// anything is served; or the error that stopped the server.
+pub async fn serve(listener: TcpListener, app: Router) -> io::Result<()> {
+    let settings =
+        Settings::from_env().map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    let settings = settings.install();
+    let app = if settings.metrics {
+        app.merge(metrics_route()?)
+    } else {
+        app
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: closing every WebSocket with 1001");
+            settings.begin_shutdown();
+        })
+        .await?;
+    settings.shut_down().await;
+    Ok(())
+}
+
+/// Resolves on Ctrl+C or, on Unix, SIGTERM (what `kill` and container
+/// runtimes send). If no handler can be installed, it never resolves, and
+/// the server runs until it is killed.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// `/metrics` in Prometheus text format, from the counters and gauges this
+/// crate records with the `metrics` facade.
+#[cfg(feature = "metrics")]
+fn metrics_route() -> io::Result<Router> {
+    use axum::routing::get;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    let handle = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|err| io::Error::other(format!("cannot serve /metrics: {err}")))?;
+    let render = move || {
+        let handle = handle.clone();
+        async move { handle.render() }
+    };
+    Ok(Router::new().route("/metrics", get(render)))
+}
+
+#[cfg(not(feature = "metrics"))]
+fn metrics_route() -> io::Result<Router> {
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "METRICS=1 needs axum-channels' `metrics` feature: add it to the app's Cargo.toml",
+    ))
+}

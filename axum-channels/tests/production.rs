@@ -1,0 +1,364 @@
+//! The production settings, each tried with real clients: dead peers, slow
+//! readers, the origin check, the connection limit and graceful shutdown.
+//!
+//! Every test builds its route with [`route_with`]-style settings of its own
+//! (short intervals, small limits), so the tests run in parallel without
+//! touching the process's settings, and no test waits for a default.
+//!
+//! A `Member` joins the group `room` and reports its `disconnect` to the
+//! group; the test watches the group through a channel of its own on the
+//! same in-memory layer, which shows both that `disconnect` ran (and with
+//! which code) and what the others in the room went through.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::HeaderValue;
+use axum_channels::layer::{ChannelLayer, InMemoryLayer, LayerMessage, Layers};
+use axum_channels::testing::TestServer;
+use axum_channels::{Consumer, Frame, LayerEvent, Result, Scope, Settings, Socket};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single expectation may take before the test fails.
+const GUARD: Duration = Duration::from_secs(5);
+
+type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum RoomEvent {
+    Said { text: String },
+    Left { code: u16 },
+}
+
+impl LayerEvent for RoomEvent {}
+
+struct Member;
+
+impl Consumer for Member {
+    type Event = RoomEvent;
+    const LAYER: Option<&'static str> = Some("room");
+
+    fn new(_scope: &Scope) -> Self {
+        Member
+    }
+
+    fn groups(&self) -> Vec<String> {
+        vec!["room".to_owned()]
+    }
+
+    async fn connect(&mut self, socket: &mut Socket) -> Result<()> {
+        socket.accept().await?;
+        socket.send_text("welcome").await
+    }
+
+    async fn receive(&mut self, socket: &mut Socket, frame: Frame) -> Result<()> {
+        if let Frame::Text(text) = frame {
+            socket.group_send("room", &RoomEvent::Said { text }).await?;
+        }
+        Ok(())
+    }
+
+    async fn event(&mut self, socket: &mut Socket, event: RoomEvent) -> Result<()> {
+        match event {
+            RoomEvent::Said { text } => socket.send_text(text).await,
+            RoomEvent::Left { code } => socket.send_text(format!("left {code}")).await,
+        }
+    }
+
+    async fn disconnect(&mut self, socket: &mut Socket, code: u16) {
+        let _ = socket.group_send("room", &RoomEvent::Left { code }).await;
+    }
+}
+
+/// A server with one route, `/room`, under `settings`, and a watcher on its
+/// layer.
+struct Room {
+    server: TestServer,
+    layer: Arc<InMemoryLayer>,
+    watcher: String,
+    settings: Settings,
+}
+
+impl Room {
+    async fn start(settings: Settings) -> Room {
+        let layer = Arc::new(InMemoryLayer::default());
+        let layers = Layers::new().with_shared("room", layer.clone());
+        let app = Router::new().route("/room", layers.route_with::<Member>(settings.clone()));
+        let watcher = layer.new_channel("watcher").await.unwrap();
+        layer.group_add("room", &watcher).await.unwrap();
+        Room {
+            server: TestServer::start(app).await,
+            layer,
+            watcher,
+            settings,
+        }
+    }
+
+    /// Connects and reads the welcome.
+    async fn join(&self) -> Client {
+        let mut client = self.connect(None).await.expect("handshake refused");
+        assert_eq!(next_text(&mut client).await, "welcome");
+        client
+    }
+
+    /// Connects with an optional `Origin`; the HTTP status if refused.
+    async fn connect(&self, origin: Option<&str>) -> std::result::Result<Client, u16> {
+        let mut request = self.server.ws_url("/room").into_client_request().unwrap();
+        if let Some(origin) = origin {
+            let value = HeaderValue::from_str(origin).unwrap();
+            request.headers_mut().insert("origin", value);
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((client, _)) => Ok(client),
+            Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+            Err(err) => panic!("connect failed: {err}"),
+        }
+    }
+
+    /// The next message the room's group carried.
+    async fn watch(&self) -> LayerMessage {
+        timeout(GUARD, self.layer.receive(&self.watcher))
+            .await
+            .expect("nothing reached the room in time")
+            .unwrap()
+    }
+
+    /// Waits for a departure, skipping what was said.
+    async fn departure(&self) -> u64 {
+        loop {
+            let message = self.watch().await;
+            if message["type"] == "left" {
+                return message["code"].as_u64().unwrap();
+            }
+        }
+    }
+}
+
+async fn next_text(client: &mut Client) -> String {
+    loop {
+        match timeout(GUARD, client.next())
+            .await
+            .expect("no frame in time")
+        {
+            Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+fn quick(settings: Settings) -> Settings {
+    Settings {
+        close_timeout: Duration::from_millis(200),
+        ..settings
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_answering_pings_is_dropped_and_leaves_its_groups() {
+    let room = Room::start(quick(Settings {
+        ping_interval: Some(Duration::from_millis(100)),
+        pong_timeout: Duration::from_millis(100),
+        ..Settings::default()
+    }))
+    .await;
+
+    // A client that keeps reading answers the pings (tungstenite sends the
+    // pongs while it reads) and stays.
+    let mut lively = room.join().await;
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(message)) = lively.next().await {
+            if matches!(&message, Message::Text(text) if text.as_str() == "still here") {
+                return lively;
+            }
+        }
+        panic!("the lively client was disconnected");
+    });
+
+    // A client that completes the handshake and then never reads again:
+    // its pings go unanswered.
+    let silent = room.join().await;
+    assert_eq!(room.departure().await, 1006, "disconnect runs with 1006");
+
+    // Well past several ping intervals, the lively one is still there.
+    room.layer
+        .group_send(
+            "room",
+            serde_json::json!({"type": "said", "text": "still here"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        )
+        .await
+        .unwrap();
+    let lively = timeout(GUARD, reader).await.unwrap().unwrap();
+    assert_eq!(room.settings.open_connections(), 1, "only the lively one");
+    drop((silent, lively));
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_slows_nobody_down() {
+    let room = Room::start(quick(Settings {
+        write_timeout: Duration::from_millis(300),
+        ping_interval: None,
+        ..Settings::default()
+    }))
+    .await;
+    let _sleeper = room.join().await; // never reads again
+    let mut talker = room.join().await;
+
+    // Say enough that the sleeper's socket buffers fill up: its consumer's
+    // sends then wait, and time out.
+    let line = "x".repeat(60 * 1024);
+    let mut lines = 0;
+    let code = loop {
+        // 60 KiB lines: 2,000 of them (120 MB) is far more than any socket
+        // buffers hold, so a missing write timeout fails here, not hangs.
+        lines += 1;
+        assert!(lines < 2_000, "the sleeper was never closed");
+        talker.send(Message::text(line.clone())).await.unwrap();
+        // The talker hears every line of its own promptly, sleeper or not.
+        assert_eq!(next_text(&mut talker).await.len(), line.len());
+        if let Ok(Some(left)) = timeout(Duration::from_millis(1), async {
+            loop {
+                let message = room.watch().await;
+                if message["type"] == "left" {
+                    return Some(message["code"].as_u64().unwrap());
+                }
+            }
+        })
+        .await
+        {
+            break left;
+        }
+    };
+    assert_eq!(code, 1008, "disconnect runs with 1008 (policy violation)");
+    assert_eq!(next_text(&mut talker).await, "left 1008");
+
+    // The talker carries on.
+    talker.send(Message::text("after")).await.unwrap();
+    assert_eq!(next_text(&mut talker).await, "after");
+}
+
+#[tokio::test]
+async fn only_the_pages_own_origin_may_connect_unless_allowed() {
+    let room = Room::start(Settings::default()).await;
+    let own = format!("http://{}", room.server.addr());
+
+    assert!(room.connect(None).await.is_ok(), "no Origin: not a browser");
+    assert!(room.connect(Some(&own)).await.is_ok(), "the page's own");
+    assert_eq!(
+        room.connect(Some("http://evil.example")).await.err(),
+        Some(403)
+    );
+
+    let open = Room::start(Settings {
+        allowed_origins: axum_channels::settings::AllowedOrigins::parse("http://evil.example")
+            .unwrap(),
+        ..Settings::default()
+    })
+    .await;
+    assert!(open.connect(Some("http://evil.example")).await.is_ok());
+    assert_eq!(
+        open.connect(Some("http://other.example")).await.err(),
+        Some(403)
+    );
+}
+
+#[tokio::test]
+async fn past_the_connection_limit_a_handshake_gets_503_and_the_others_carry_on() {
+    let room = Room::start(Settings {
+        max_connections: Some(2),
+        ..Settings::default()
+    })
+    .await;
+    let mut first = room.join().await;
+    let _second = room.join().await;
+
+    let response = reqwest_like_get(&room).await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("retry-after: 5"),
+        "{response}"
+    );
+
+    first.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next_text(&mut first).await, "hello");
+    first.close(None).await.unwrap();
+    assert_eq!(room.departure().await, 1005);
+
+    // A place came free.
+    timeout(GUARD, async {
+        while room.settings.open_connections() > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    room.join().await;
+}
+
+/// A raw WebSocket handshake, to read the refusal's headers.
+async fn reqwest_like_get(room: &Room) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(room.server.addr()).await.unwrap();
+    let request = format!(
+        "GET /room HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        room.server.addr()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = vec![0; 4096];
+    let n = timeout(GUARD, stream.read(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&response[..n]).into_owned()
+}
+
+#[tokio::test]
+async fn shutting_down_closes_every_connection_with_1001_and_waits_for_disconnect() {
+    let room = Room::start(quick(Settings {
+        shutdown_timeout: Duration::from_secs(3),
+        ..Settings::default()
+    }))
+    .await;
+    let mut polite = room.join().await;
+    let silent = room.join().await; // never answers the close frame
+
+    let shutdown = tokio::spawn({
+        let settings = room.settings.clone();
+        async move { settings.shut_down().await }
+    });
+
+    match timeout(GUARD, polite.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1001);
+            assert_eq!(frame.reason.as_str(), "server shutting down");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+    // The polite client answers (tungstenite does, as it reads on).
+    assert!(timeout(GUARD, polite.next()).await.unwrap().is_none());
+
+    let left = timeout(GUARD, shutdown).await.unwrap().unwrap();
+    assert_eq!(
+        left, 0,
+        "every connection ended within the shutdown timeout"
+    );
+    assert_eq!(room.departure().await, 1001);
+    assert_eq!(room.departure().await, 1001);
+    assert_eq!(room.settings.open_connections(), 0);
+
+    // Nothing new gets in.
+    assert_eq!(room.connect(None).await.err(), Some(503));
+    drop(silent);
+}
