@@ -25,6 +25,8 @@
 
 use std::future::Future;
 
+use axum::http::Extensions;
+
 use crate::error::Result;
 use crate::layer::LayerEvent;
 use crate::socket::{Frame, Socket};
@@ -117,6 +119,9 @@ pub struct Scope {
     path: String,
     query: Option<String>,
     params: Vec<(String, String)>,
+    /// The request's extensions: what the app shares with its consumers
+    /// through axum's `Extension` (see [`Scope::extension`]).
+    extensions: Extensions,
 }
 
 impl Scope {
@@ -140,6 +145,12 @@ impl Scope {
         self
     }
 
+    /// Sets the request's extensions, as the runner does.
+    pub fn with_extensions(mut self, extensions: Extensions) -> Self {
+        self.extensions = extensions;
+        self
+    }
+
     /// The request path, e.g. `/ws/room/general`.
     pub fn path(&self) -> &str {
         &self.path
@@ -158,5 +169,33 @@ impl Scope {
             .iter()
             .find(|(key, _)| key == name)
             .map(|(_, value)| value.as_str())
+    }
+
+    /// A value the app shares with its consumers, such as a job queue or a
+    /// database pool, or `None` if the app shares none of type `T`.
+    ///
+    /// A consumer is built by the library, so it cannot be handed such
+    /// things as arguments. The app adds them to its router with axum's
+    /// [`Extension`](axum::Extension) instead, and every request, the
+    /// WebSocket handshake included, carries a copy:
+    ///
+    /// ```
+    /// use axum::{Extension, Router};
+    /// use axum_channels::Scope;
+    ///
+    /// #[derive(Clone)]
+    /// struct Greeting(&'static str);
+    ///
+    /// // In the app: `Router::new().route(...).layer(Extension(Greeting("hi")))`.
+    /// # let _: Router = Router::new().layer(Extension(Greeting("hi")));
+    /// // In `Consumer::new`, which the runner hands the request's scope:
+    /// # let mut extensions = axum::http::Extensions::new();
+    /// # extensions.insert(Greeting("hi"));
+    /// # let scope = Scope::new("/ws/hello").with_extensions(extensions);
+    /// let greeting = scope.extension::<Greeting>().map(|g| g.0);
+    /// assert_eq!(greeting, Some("hi"));
+    /// ```
+    pub fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.extensions.get::<T>()
     }
 }
