@@ -1,12 +1,17 @@
 //! The `bench` task: what does a step cost compared with the simplest
 //! possible WebSocket server doing the same job?
 //!
-//! A *scenario* says what is measured and against which baseline. Today there
-//! is one, `echo` (the default): every client sends a message to `--path` and
-//! waits for the reply that contains it, compared with a bare
-//! tokio-tungstenite echo server. Which step and which endpoint are options
-//! (default: the newest step, `/ws/system`), so adding a step needs no change
-//! here; adding a scenario is a new [`Scenario`] variant.
+//! A *scenario* says what is measured and against which baseline:
+//!
+//! - `echo` (the default): every client sends a message to `--path` and
+//!   waits for the reply that contains it, compared with a bare
+//!   tokio-tungstenite echo server;
+//! - `idle`: the server's memory per idle connection, and how much of it
+//!   comes back once they close (see [`idle`]).
+//!
+//! Which step and which endpoint are options (default: the newest step,
+//! `/ws/system`), so adding a step needs no change here; adding a scenario is
+//! a new [`Scenario`] variant.
 //!
 //! Each round starts each server in turn (the baseline, then the step,
 //! alternating the order every round so neither always runs on a warmer
@@ -25,6 +30,8 @@ use std::time::{Duration, Instant};
 use crate::steps::{self, Step};
 use crate::{Args, Error, Result, Workspace, fail};
 
+mod idle;
+
 /// How long a server may take to start accepting connections.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// The endpoint measured when `--path` is not given: every step from 01 on
@@ -38,14 +45,25 @@ const MESSAGE_SIZE: &str = "32";
 enum Scenario {
     /// Closed-loop round trips: send, wait for the reply, send again.
     Echo,
+    /// Resident memory per idle connection, and what comes back.
+    Idle,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 1] = [Scenario::Echo];
+    const ALL: [Scenario; 2] = [Scenario::Echo, Scenario::Idle];
 
     fn name(self) -> &'static str {
         match self {
             Scenario::Echo => "echo",
+            Scenario::Idle => "idle",
+        }
+    }
+
+    /// How many clients when `--clients` is not given.
+    fn default_clients(self) -> u32 {
+        match self {
+            Scenario::Echo => 32,
+            Scenario::Idle => 10_000,
         }
     }
 
@@ -68,20 +86,21 @@ impl Scenario {
             Scenario::Echo => {
                 format!("{MESSAGE_SIZE}-byte messages, each client waits for its reply")
             }
+            Scenario::Idle => "connections that say nothing after the handshake".to_owned(),
         }
     }
 
     /// The baseline server, a binary of the `loadgen` package, and its label.
     fn baseline(self) -> (&'static str, &'static str) {
         match self {
-            Scenario::Echo => ("bare-echo", "bare echo"),
+            Scenario::Echo | Scenario::Idle => ("bare-echo", "bare echo"),
         }
     }
 
     /// The load generator's arguments beyond the URL, clients and duration.
     fn loadgen_args(self) -> Vec<&'static str> {
         match self {
-            Scenario::Echo => vec!["--size", MESSAGE_SIZE],
+            Scenario::Echo | Scenario::Idle => vec!["--size", MESSAGE_SIZE],
         }
     }
 }
@@ -105,7 +124,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
     };
     let seconds = positive("--seconds", args.value("--seconds")?, 5)?;
     let rounds = positive("--rounds", args.value("--rounds")?, 3)?;
-    let clients = positive("--clients", args.value("--clients")?, 32)?;
+    let clients = args.value("--clients")?;
     let step = args.value("--step")?;
     let path: String = args
         .value("--path")?
@@ -119,6 +138,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
         Some(name) => Scenario::from_name(name)?,
         None => Scenario::Echo,
     };
+    let clients = positive("--clients", clients, scenario.default_clients())?;
     Ok(Options {
         scenario,
         step,
@@ -393,7 +413,7 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
         None => all_steps.last().ok_or_else(|| fail("no steps"))?,
     };
 
-    // The baselines are binaries of the loadgen package.
+    // The baselines and the clients are binaries of the loadgen package.
     let status = ws
         .cargo()
         .args(["build", "--release", "--package", "loadgen"])
@@ -405,6 +425,23 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let pin = can_pin();
     if !pin {
         println!("note: taskset unavailable or CPUs 0/1 not allowed; running unpinned (noisier)");
+    }
+    if options.scenario == Scenario::Idle {
+        println!(
+            "idle: {} ({}) at {}, {} {}",
+            format_args!("step {}", step.id),
+            step.dir_name(),
+            options.path,
+            options.clients,
+            options.scenario.describe()
+        );
+        return idle::run(
+            &release_dir(&ws.root),
+            step,
+            &options.path,
+            options.clients,
+            pin,
+        );
     }
     let bench = Bench {
         release: release_dir(&ws.root),
@@ -518,6 +555,7 @@ mod tests {
             &["--step"],
             &["--path", "ws/system"],
             &["fanout"],
+            &["idle", "--clients", "0"],
             &["echo", "extra"],
         ] {
             assert!(

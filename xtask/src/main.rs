@@ -38,9 +38,10 @@ const TASKS: &[(&str, &str)] = &[
         "Build everything; check the book's includes and their captions, that chapters name the files they change, and the snapshots",
     ),
     (
-        "bench [echo] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]",
+        "bench [echo|idle] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]",
         "Compare a step's endpoint with a bare tokio-tungstenite server; echo: round trips \
-         (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients)",
+         (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients); idle: memory per \
+         idle connection and how much returns (10,000 clients)",
     ),
     ("help", "Show this help"),
 ];
