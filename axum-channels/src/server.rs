@@ -15,6 +15,7 @@
 use std::io;
 
 use axum::Router;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::settings::Settings;
@@ -37,6 +38,14 @@ pub async fn serve(listener: TcpListener, app: Router) -> io::Result<()> {
     } else {
         app
     };
+    // Without TCP_NODELAY, a small frame can wait for the client's delayed
+    // ACK of the previous one (Nagle's algorithm): tens of milliseconds
+    // added to a room's broadcasts.
+    let listener = listener.tap_io(|stream| {
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%err, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
@@ -76,9 +85,16 @@ async fn shutdown_signal() {
 }
 
 /// `/metrics` in Prometheus text format, from the counters and gauges this
-/// crate records with the `metrics` facade.
+/// crate records with the `metrics` facade: open connections, accepted and
+/// refused handshakes (by reason), frames in and out, layer sends, full
+/// channels, Redis reconnects. [`serve`] mounts it when `METRICS=1`; an app
+/// that serves itself can merge it into its router.
+///
+/// # Errors
+///
+/// If another metrics recorder is already installed in this process.
 #[cfg(feature = "metrics")]
-fn metrics_route() -> io::Result<Router> {
+pub fn metrics_route() -> io::Result<Router> {
     use axum::routing::get;
     use metrics_exporter_prometheus::PrometheusBuilder;
 

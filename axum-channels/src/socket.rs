@@ -185,6 +185,7 @@ impl Socket {
     pub async fn group_send<E: LayerEvent>(&mut self, group: &str, event: &E) -> Result<()> {
         let message = to_layer_message(event)?;
         self.layer()?.group_send(group, message).await?;
+        metrics::counter!("axum_channels_layer_sends_total", "to" => "group").increment(1);
         Ok(())
     }
 
@@ -196,6 +197,7 @@ impl Socket {
     pub async fn send_to<E: LayerEvent>(&mut self, channel: &str, event: &E) -> Result<()> {
         let message = to_layer_message(event)?;
         self.layer()?.send(channel, message).await?;
+        metrics::counter!("axum_channels_layer_sends_total", "to" => "channel").increment(1);
         Ok(())
     }
 

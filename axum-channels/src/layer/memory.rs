@@ -169,6 +169,7 @@ impl InMemoryLayer {
         let entry = state.channels.entry(channel.to_owned()).or_default();
         entry.drop_expired(now);
         if entry.queue.len() >= self.config.capacity_of(channel) {
+            metrics::counter!("axum_channels_layer_channel_full_total").increment(1);
             return Err(LayerError::ChannelFull {
                 channel: channel.to_owned(),
             });
