@@ -26,8 +26,9 @@ use std::str::FromStr;
 const TASKS: &[(&str, &str)] = &[
     ("list", "List the steps with the title of their chapter"),
     (
-        "step <N> [--port P]",
-        "Run step N's app (N: 1, 01, 01-system-chat or system-chat)",
+        "step <N> [--port P] [--redis]",
+        "Run step N's app (N: 1, 01, 01-system-chat or system-chat); --redis: on a throwaway \
+         redis-server, with the step's worker if it has one",
     ),
     (
         "diff [A] B",

@@ -3,10 +3,15 @@
 //!
 //! A step is a directory `steps/NN-name/` holding the package
 //! `step-NN-name`; its chapter is `docs/src/chNN-*.md`, titled by its first
-//! `# ` heading. Everything here is derived from those names so that adding a
-//! step needs no change to xtask.
+//! `# ` heading. A step that has `src/bin/worker.rs` has a worker, which
+//! `step NN --redis` runs next to its server. Everything here is derived
+//! from those names so that adding a step needs no change to xtask.
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::{Args, Error, Result, Workspace, fail};
 
@@ -166,9 +171,10 @@ pub fn run_list(ws: &Workspace, args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask step NN [--port P]`
+/// `cargo xtask step NN [--port P] [--redis]`
 pub fn run_step(ws: &Workspace, mut args: Args) -> Result<()> {
     let port: Option<u16> = args.value("--port")?;
+    let redis = args.flag("--redis");
     let query = args.positionals(1, 1)?.remove(0);
     let steps = discover(&ws.root)?;
     let step = resolve_arg(&steps, &query)?;
@@ -177,11 +183,16 @@ pub fn run_step(ws: &Workspace, mut args: Args) -> Result<()> {
         (title, Some(path)) => println!("Step {} · {title} — read {path}", step.id),
         (title, None) => println!("Step {} · {} {title}", step.id, step.name),
     }
+    if redis {
+        return run_with_redis(ws, step, port);
+    }
 
     let mut cmd = ws.cargo();
     // Not `--quiet`: a first build compiles about a hundred crates, and
     // cargo's progress is what tells the reader it is working, not hung.
-    cmd.args(["run", "--package", &step.package()]);
+    // `--bin`: a step may have other binaries too, such as a worker.
+    let package = step.package();
+    cmd.args(["run", "--package", &package, "--bin", &package]);
     // The app reads HOST/PORT itself (default 127.0.0.1:8080) and prints the
     // URL it listens on, so we only pass the port through.
     if let Some(port) = port {
@@ -191,6 +202,199 @@ pub fn run_step(ws: &Workspace, mut args: Args) -> Result<()> {
         .status()
         .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
     crate::propagate(status)
+}
+
+/// Whether a step has a worker to run next to its server: a step declares
+/// one by having `src/bin/worker.rs`.
+pub fn has_worker(step: &Step) -> bool {
+    step.dir.join("src/bin/worker.rs").is_file()
+}
+
+/// How long a fresh redis-server may take to answer `PING`.
+const REDIS_STARTUP: Duration = Duration::from_secs(10);
+
+/// `step NN --redis`: a throwaway redis-server on a free port, then the
+/// step's server and, if it has one, its worker, both told where Redis is by
+/// `REDIS_URL`.
+///
+/// They all share the terminal, so Ctrl+C reaches each of them and each
+/// stops in its own way (xtask, being std-only, cannot catch it, and need
+/// not). If one of them stops on its own, the others are stopped too.
+fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> {
+    if !redis_installed() {
+        return Err(fail(
+            "redis-server is not installed: install it with `sudo apt-get install redis-server` \
+             (Debian, Ubuntu) or `brew install redis` (macOS), or run the step without --redis",
+        ));
+    }
+    let package = step.package();
+    // Build once, with cargo's progress showing, so that the server and the
+    // worker then start at once.
+    let built = ws
+        .cargo()
+        .args(["build", "--package", &package, "--bins"])
+        .status()
+        .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+    crate::propagate(built)?;
+
+    let mut children = Children::default();
+    let redis_port = free_port()?;
+    let log = std::env::temp_dir().join(format!("redis-{redis_port}.log"));
+    let redis = Command::new("redis-server")
+        .args(redis_args(redis_port, &log))
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start redis-server: {e}")))?;
+    children.add("redis-server", redis);
+    wait_for_redis(redis_port, &log, &mut children)?;
+    let url = format!("redis://127.0.0.1:{redis_port}");
+    println!(
+        "Redis: a throwaway redis-server at {url}; it saves nothing, and logs to {}",
+        log.display()
+    );
+
+    let mut bins = vec![("server", package.clone())];
+    if has_worker(step) {
+        bins.push(("worker", "worker".to_owned()));
+    }
+    for (name, bin) in bins {
+        let mut cmd = ws.cargo();
+        cmd.args(["run", "--quiet", "--package", &package, "--bin", &bin])
+            .env("REDIS_URL", &url)
+            .stdin(Stdio::null());
+        if let (Some(port), "server") = (port, name) {
+            cmd.env("PORT", port.to_string());
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+        children.add(name, child);
+    }
+    println!("Press Ctrl+C to stop them all.");
+
+    let (name, status) = children.wait_any();
+    children.stop_all();
+    if status.success() {
+        Ok(())
+    } else {
+        Err(fail(format!(
+            "the {name} stopped ({status}); the others were stopped too"
+        )))
+    }
+}
+
+fn redis_installed() -> bool {
+    Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// A Redis that keeps nothing on disk and writes its log to `log`, not to
+/// the terminal the server and the worker speak in.
+fn redis_args(port: u16, log: &Path) -> Vec<String> {
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--logfile",
+        &log.display().to_string(),
+    ];
+    args.iter().map(|arg| arg.to_string()).collect()
+}
+
+/// A port that was free a moment ago (the OS picks it for port 0).
+fn free_port() -> Result<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .map_err(|e| fail(format!("cannot find a free port: {e}")))
+}
+
+/// Waits until the redis-server on `port` answers `PING`.
+fn wait_for_redis(port: u16, log: &Path, children: &mut Children) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if ping(port) {
+            return Ok(());
+        }
+        if let Some((_, status)) = children.exited() {
+            return Err(fail(format!(
+                "redis-server stopped at start ({status}); see {}",
+                log.display()
+            )));
+        }
+        if started.elapsed() > REDIS_STARTUP {
+            return Err(fail(format!(
+                "redis-server did not answer on port {port} within {REDIS_STARTUP:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True if something on `port` answers `PING` with `+PONG`.
+fn ping(port: u16) -> bool {
+    let answer = || -> std::io::Result<bool> {
+        let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+        stream.write_all(b"PING\r\n")?;
+        let mut reply = [0u8; 7];
+        stream.read_exact(&mut reply)?;
+        Ok(&reply == b"+PONG\r\n")
+    };
+    answer().unwrap_or(false)
+}
+
+/// The processes `step --redis` started, stopped when dropped, so that an
+/// error on the way never leaves a redis-server behind.
+#[derive(Default)]
+struct Children(Vec<(&'static str, Child)>);
+
+impl Children {
+    fn add(&mut self, name: &'static str, child: Child) {
+        self.0.push((name, child));
+    }
+
+    /// The first child found to have exited, if any has.
+    fn exited(&mut self) -> Option<(&'static str, ExitStatus)> {
+        self.0.iter_mut().find_map(|(name, child)| {
+            let status = child.try_wait().ok().flatten()?;
+            Some((*name, status))
+        })
+    }
+
+    /// Waits until one of the children exits.
+    fn wait_any(&mut self) -> (&'static str, ExitStatus) {
+        loop {
+            if let Some(exited) = self.exited() {
+                return exited;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills the children still running, the last started first.
+    fn stop_all(&mut self) {
+        for (_, child) in self.0.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
 }
 
 #[cfg(test)]
@@ -246,6 +450,31 @@ mod tests {
         assert_eq!(parse_dir_name("README"), None);
         assert_eq!(parse_dir_name("x1-foo"), None);
         assert_eq!(parse_dir_name("01-"), None);
+    }
+
+    #[test]
+    fn a_step_with_src_bin_worker_has_a_worker() {
+        let tmp = TempDir::new("worker");
+        tmp.write("steps/02-room-chat/src/main.rs", "");
+        tmp.write("steps/03-background-jobs/src/bin/worker.rs", "");
+        let steps = discover(tmp.path()).unwrap();
+        let workers: Vec<bool> = steps.iter().map(has_worker).collect();
+        assert_eq!(workers, [false, true]);
+    }
+
+    #[test]
+    fn the_throwaway_redis_saves_nothing() {
+        let args = redis_args(6400, Path::new("/tmp/redis.log")).join(" ");
+        assert_eq!(
+            args,
+            "--port 6400 --bind 127.0.0.1 --save  --appendonly no --logfile /tmp/redis.log"
+        );
+    }
+
+    #[test]
+    fn ping_fails_where_nothing_listens() {
+        let port = free_port().unwrap();
+        assert!(!ping(port));
     }
 
     #[test]
