@@ -13,6 +13,7 @@
 //! | [`write_timeout`](Settings::write_timeout) | 10 s | `WRITE_TIMEOUT` (seconds) | a client that stops reading holding its consumer forever |
 //! | [`allowed_origins`](Settings::allowed_origins) | the page's own origin | `ALLOWED_ORIGINS` (comma-separated, or `*`) | cross-site WebSocket hijacking |
 //! | [`max_connections`](Settings::max_connections) | 10,000 | `MAX_CONNECTIONS` | running out of memory or file descriptors |
+//! | [`close_timeout`](Settings::close_timeout) | 5 s | `CLOSE_TIMEOUT` (seconds) | a client that never answers a close frame |
 //! | [`shutdown_timeout`](Settings::shutdown_timeout) | 10 s | | a shutdown that waits forever on a silent client |
 //! | [`metrics`](Settings::metrics) | off | `METRICS=1` | (serves `/metrics` for Prometheus) |
 //!
@@ -159,6 +160,7 @@ fn release_memory() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_memory() {}
 
+// ANCHOR: defaults
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -177,13 +179,14 @@ impl Default for Settings {
         }
     }
 }
+// ANCHOR_END: defaults
 
 static PROCESS: OnceLock<Settings> = OnceLock::new();
 
 impl Settings {
     /// The defaults, changed by whichever of `PING_INTERVAL`,
-    /// `WRITE_TIMEOUT`, `ALLOWED_ORIGINS`, `MAX_CONNECTIONS` and `METRICS`
-    /// are set. A bad value is an error that names the variable.
+    /// `WRITE_TIMEOUT`, `CLOSE_TIMEOUT`, `ALLOWED_ORIGINS`, `MAX_CONNECTIONS`
+    /// and `METRICS` are set. A bad value is an error that names the variable.
     pub fn from_env() -> Result<Settings, String> {
         Settings::from_lookup(|name| std::env::var(name).ok())
     }
@@ -207,6 +210,9 @@ impl Settings {
                 0 => return Err("WRITE_TIMEOUT must be at least 1 second".to_owned()),
                 secs => settings.write_timeout = Duration::from_secs(secs),
             }
+        }
+        if let Some(value) = lookup("CLOSE_TIMEOUT") {
+            settings.close_timeout = Duration::from_secs(seconds("CLOSE_TIMEOUT", value)?);
         }
         if let Some(value) = lookup("ALLOWED_ORIGINS") {
             settings.allowed_origins = AllowedOrigins::parse(&value)?;
@@ -397,6 +403,7 @@ mod tests {
         let read = settings(&[
             ("PING_INTERVAL", "0"),
             ("WRITE_TIMEOUT", "3"),
+            ("CLOSE_TIMEOUT", "1"),
             (
                 "ALLOWED_ORIGINS",
                 "https://App.example.com, http://localhost:3000",
@@ -407,6 +414,7 @@ mod tests {
         .unwrap();
         assert_eq!(read.ping_interval, None);
         assert_eq!(read.write_timeout, Duration::from_secs(3));
+        assert_eq!(read.close_timeout, Duration::from_secs(1));
         assert_eq!(read.max_connections, None);
         assert!(read.metrics);
         assert_eq!(

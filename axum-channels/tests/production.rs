@@ -91,7 +91,9 @@ impl Room {
     async fn start(settings: Settings) -> Room {
         let layer = Arc::new(InMemoryLayer::default());
         let layers = Layers::new().with_shared("room", layer.clone());
+        // ANCHOR: route_with
         let app = Router::new().route("/room", layers.route_with::<Member>(settings.clone()));
+        // ANCHOR_END: route_with
         let watcher = layer.new_channel("watcher").await.unwrap();
         layer.group_add("room", &watcher).await.unwrap();
         Room {

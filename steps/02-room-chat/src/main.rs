@@ -1,4 +1,5 @@
-//! Reads the configuration, then serves this step's app until Ctrl+C.
+//! Reads the configuration, then serves this step's app until Ctrl+C (or
+//! SIGTERM), and closes every WebSocket politely on the way out.
 
 use std::process::ExitCode;
 
@@ -34,20 +35,13 @@ async fn main() -> ExitCode {
         Err(_) => tracing::info!("listening on http://{address}"),
     }
 
-    let server = axum::serve(listener, app()).with_graceful_shutdown(ctrl_c());
-    if let Err(err) = server.await {
-        eprintln!("error: the server stopped: {err}");
+    // Unlike `axum::serve`, this also closes each WebSocket with a close
+    // frame on the way out, and lets its consumer's `disconnect` run.
+    if let Err(err) = axum_channels::serve(listener, app()).await {
+        eprintln!("error: {err}");
         return ExitCode::FAILURE;
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
 // ANCHOR_END: main
-
-/// Resolves when the user presses Ctrl+C.
-async fn ctrl_c() {
-    // If the signal handler cannot be installed, serve until killed.
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
