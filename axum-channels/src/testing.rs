@@ -14,6 +14,9 @@
 //!
 //! Lines are recorded in the order the test awaits them, so the transcript is
 //! deterministic even when several clients talk at once.
+//!
+//! With the `redis` feature too, [`RedisServer`] starts a throwaway
+//! `redis-server` for a test.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -33,9 +36,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt;
 
-mod process;
-
-pub use process::ServerProcess;
+#[cfg(feature = "redis")]
+mod redis_server;
+#[cfg(feature = "redis")]
+pub use redis_server::RedisServer;
 
 /// How long a client waits for an expected frame before the test fails.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,7 +101,26 @@ impl TestServer {
         path: &str,
         transcript: &Transcript,
     ) -> Result<TestClient, StatusCode> {
-        TestClient::connect_url(&self.ws_url(path), name, path, transcript).await
+        let prefix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("{name} ")
+        };
+        transcript.push(format!("{prefix}connect {path}"));
+        match tokio_tungstenite::connect_async(self.ws_url(path)).await {
+            Ok((ws, _response)) => Ok(TestClient {
+                ws,
+                prefix,
+                transcript: transcript.clone(),
+                timeout: DEFAULT_TIMEOUT,
+            }),
+            Err(tungstenite::Error::Http(response)) => {
+                let status = response.status();
+                transcript.push(format!("{prefix}refused: HTTP {status}"));
+                Err(status)
+            }
+            Err(err) => panic!("{path}: cannot connect: {err}"),
+        }
     }
 
     /// Sends `GET path` to the app (no network needed for plain HTTP).
@@ -215,37 +238,6 @@ pub struct TestClient {
 }
 
 impl TestClient {
-    /// Connects a client called `name` to `url` (whose path, for the
-    /// transcript, is `path`); the HTTP status if the handshake is refused,
-    /// recorded too.
-    pub async fn connect_url(
-        url: &str,
-        name: &str,
-        path: &str,
-        transcript: &Transcript,
-    ) -> Result<TestClient, StatusCode> {
-        let prefix = if name.is_empty() {
-            String::new()
-        } else {
-            format!("{name} ")
-        };
-        transcript.push(format!("{prefix}connect {path}"));
-        match tokio_tungstenite::connect_async(url).await {
-            Ok((ws, _response)) => Ok(TestClient {
-                ws,
-                prefix,
-                transcript: transcript.clone(),
-                timeout: DEFAULT_TIMEOUT,
-            }),
-            Err(tungstenite::Error::Http(response)) => {
-                let status = response.status();
-                transcript.push(format!("{prefix}refused: HTTP {status}"));
-                Err(status)
-            }
-            Err(err) => panic!("{path}: cannot connect: {err}"),
-        }
-    }
-
     /// This client's transcript.
     pub fn transcript(&self) -> &Transcript {
         &self.transcript
@@ -305,6 +297,15 @@ impl TestClient {
             Received::Text(text) => text,
             other => panic!("{}expected a text frame, got {other}", self.prefix),
         }
+    }
+
+    /// Waits up to `window` for the next frame; `None` if none came (which,
+    /// unlike [`recv`](Self::recv), is not a failure). For polling with a
+    /// deadline of the test's own.
+    pub async fn try_recv(&mut self, window: Duration) -> Option<Received> {
+        let received = tokio::time::timeout(window, self.next()).await.ok()?;
+        self.record('<', &received.to_string());
+        Some(received)
     }
 
     /// Fails the test if any frame arrives within `window`.

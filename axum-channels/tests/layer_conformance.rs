@@ -1,23 +1,26 @@
 //! What every channel layer must do, whatever its backend.
 //!
 //! The suite is written once, as generic async checks in [`checks`] that take
-//! a *backend*: a function that builds a fresh layer with the given
-//! [`Limits`]. The [`conformance_tests!`] macro turns every check into one
-//! `#[tokio::test]` inside a module named for the backend, so every backend
-//! runs exactly the same checks and a failure reads
-//! `memory::group_send_reaches_every_member`.
+//! a [`Backend`]: something that builds a fresh layer with the given
+//! [`Limits`], plus the backend's [`Capabilities`]. The
+//! [`conformance_tests!`] macro turns every check into one `#[tokio::test]`
+//! inside a module named for the backend, so every backend runs exactly the
+//! same checks and a failure reads `redis_queue::group_send_reaches_every_member`.
 //!
-//! To add a backend, add one line at the bottom of this file:
+//! Three backends run it, at the bottom of this file: `memory`
+//! ([`InMemoryLayer`]), and with the `redis` feature `redis_queue`
+//! ([`RedisLayer`]) and `redis_pubsub` ([`RedisPubSubLayer`]), each test on a
+//! redis-server of its own (see `axum_channels::testing::RedisServer`;
+//! without redis-server installed those tests say loudly that they were
+//! skipped, and fail under `CI=true`). To add a backend, add a constructor
+//! on [`Backend`] and one `conformance_tests!` line.
 //!
-//! ```ignore
-//! conformance_tests!(redis, |limits: Limits| RedisLayer::new(redis_config(limits)));
-//! ```
-//!
-//! The closure gets the limits a check needs (capacity, message expiry,
-//! group membership expiry) and returns the layer (anything that coerces to
-//! `Arc<dyn ChannelLayer>`). Each test builds its own layer, so a backend
-//! backed by a shared server should give each one its own prefix or database,
-//! because tests run in parallel.
+//! Where a layer kind differs **by design** (pub/sub keeps nothing: no
+//! capacity on the wire, nothing kept for a channel nobody listens to, no
+//! expiry, memberships local to the process), its [`Capabilities`] say so,
+//! and the check concerned asserts the documented behaviour instead, and
+//! prints the difference on stderr ([`note`]); nothing is skipped silently.
+//! `documented_differences` prints each backend's table.
 //!
 //! How the checks avoid timing:
 //! - "nothing more arrives on this channel" is checked by sending a sentinel
@@ -26,14 +29,19 @@
 //!   over a network;
 //! - a receive that should succeed is guarded by a generous timeout, so a
 //!   broken backend fails instead of hanging;
-//! - the two checks about expiry run on tokio's paused clock and
-//!   `tokio::time::advance` (no real sleeps), so they need a backend whose
-//!   expiry follows tokio's clock. A backend whose server expires entries on
-//!   its own clock must run them with real time or leave them out.
+//! - the expiry checks run on tokio's paused clock and
+//!   `tokio::time::advance` for a backend whose expiry follows tokio's clock
+//!   (in-memory). Redis expires on its own clock, in whole seconds, so the
+//!   Redis queue layer runs real-time variants with expiries of 1 and 2 s
+//!   (the only real waits in the suite, about 3.5 s each).
 //!
 //! Checks that concern one backend only (e.g. [`InMemoryLayer::size`]) live
-//! outside the macro, in `memory_only`.
+//! outside the macro, in `memory_only`; the Redis layers' own are in
+//! `tests/redis_layers.rs`.
 
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,11 +73,89 @@ impl Default for Limits {
     }
 }
 
+/// How a backend's messages and memberships expire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// On tokio's clock, so the checks can pause and advance it.
+    TokioClock,
+    /// On the server's wall clock, in whole seconds.
+    WallClock,
+    /// Never, by design.
+    Never,
+}
+
+/// What a backend does where layer kinds differ by design.
+#[derive(Debug, Clone, Copy)]
+pub struct Capabilities {
+    /// What `new_channel(prefix)` puts in front of `prefix` (the pub/sub
+    /// layer puts its own prefix there, as Python does).
+    pub name_prefix: &'static str,
+    /// `send` refuses a message past the channel's capacity with
+    /// `ChannelFull`, and `group_send` skips a full member.
+    pub capacity: bool,
+    /// A message sent to a channel before anyone receives on it waits for
+    /// the first receiver.
+    pub keeps_unreceived: bool,
+    /// How messages expire.
+    pub expiry: Expiry,
+    /// How group memberships expire.
+    pub group_expiry: Expiry,
+}
+
 /// A layer as the checks use it.
 type Layer = Arc<dyn ChannelLayer>;
 
-/// Builds a fresh layer with the given limits.
-type Backend = dyn Fn(Limits) -> Layer;
+type Build = Box<dyn Fn(Limits) -> Pin<Box<dyn Future<Output = Layer> + Send>> + Send + Sync>;
+
+/// One backend under test: how to build its layers, and what it promises.
+pub struct Backend {
+    /// The module name, for notes.
+    name: &'static str,
+    caps: Capabilities,
+    build: Build,
+    /// Keeps the backend's server alive for the test.
+    #[cfg(feature = "redis")]
+    _server: Option<axum_channels::testing::RedisServer>,
+}
+
+impl Backend {
+    /// A fresh layer with the given limits.
+    async fn layer(&self, limits: Limits) -> Layer {
+        (self.build)(limits).await
+    }
+
+    fn memory() -> Backend {
+        Backend {
+            name: "memory",
+            caps: Capabilities {
+                name_prefix: "",
+                capacity: true,
+                keeps_unreceived: true,
+                expiry: Expiry::TokioClock,
+                group_expiry: Expiry::TokioClock,
+            },
+            build: Box::new(|limits| {
+                Box::pin(async move {
+                    Arc::new(InMemoryLayer::new(MemoryConfig {
+                        capacity: limits.capacity,
+                        expiry: limits.expiry,
+                        group_expiry: limits.group_expiry,
+                        ..MemoryConfig::default()
+                    })) as Layer
+                })
+            }),
+            #[cfg(feature = "redis")]
+            _server: None,
+        }
+    }
+}
+
+/// Prints a documented difference of `backend` on stderr, past the test
+/// harness's capture, so a reader of the test output sees it.
+fn note(backend: &Backend, what: &str) {
+    let line = format!("conformance: {}: by design, {what}\n", backend.name);
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
 
 /// How long a receive that should succeed may take before the check fails.
 const GUARD: Duration = Duration::from_secs(5);
@@ -150,12 +236,48 @@ fn spawn_receive(
     tokio::spawn(async move { layer.receive(&channel).await })
 }
 
+/// Makes sure `ch` is listened to before a check sends to it, on a backend
+/// that keeps nothing for a channel nobody receives on (pub/sub): starts a
+/// receive, sends numbered probes until it gets one, then takes the probes
+/// still on their way. A no-op on other backends.
+async fn listen_first(b: &Backend, layer: &Layer, ch: &str) {
+    if b.caps.keeps_unreceived {
+        return;
+    }
+    let probe = |n: u64| -> LayerMessage {
+        json!({"type": "test.probe", "n": n})
+            .as_object()
+            .unwrap()
+            .clone()
+    };
+    let mut receiver = spawn_receive(layer, ch);
+    let deadline = tokio::time::Instant::now() + GUARD;
+    let mut sent = 0;
+    let first = loop {
+        layer.send(ch, probe(sent)).await.expect("send a probe");
+        sent += 1;
+        if let Ok(got) = timeout(Duration::from_millis(20), &mut receiver).await {
+            break got
+                .expect("the receiving task panicked")
+                .expect("receive failed");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{ch:?}: no probe arrived within {GUARD:?}"
+        );
+    };
+    let first = first["n"].as_u64().expect("a probe");
+    for n in first + 1..sent {
+        assert_next(layer, ch, &probe(n), "a probe on its way").await;
+    }
+}
+
 /// The checks, each generic over the backend.
 mod checks {
     use super::*;
 
-    pub async fn new_channel_names_are_unique_valid_and_prefixed(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn new_channel_names_are_unique_valid_and_prefixed(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let mut seen = std::collections::HashSet::new();
         for i in 0..1000 {
             let prefix = if i % 2 == 0 {
@@ -168,9 +290,10 @@ mod checks {
                 validate_channel_name(&name).is_ok(),
                 "new_channel({prefix:?}) returned {name:?}, which breaks the naming rules"
             );
+            let expected = format!("{}{prefix}", b.caps.name_prefix);
             assert!(
-                name.starts_with(prefix),
-                "new_channel({prefix:?}) returned {name:?}, which does not start with the prefix"
+                name.starts_with(&expected),
+                "new_channel({prefix:?}) returned {name:?}, which does not start with {expected:?}"
             );
             assert!(
                 seen.insert(name.clone()),
@@ -179,8 +302,8 @@ mod checks {
         }
     }
 
-    pub async fn send_then_receive_returns_the_same_message(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn send_then_receive_returns_the_same_message(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let ch = channel(&layer, "roundtrip").await;
         let rich: LayerMessage = json!({
             "type": "chat.message",
@@ -195,8 +318,8 @@ mod checks {
         assert_next(&layer, &ch, &rich, "a message must come back unchanged").await;
     }
 
-    pub async fn messages_of_a_channel_arrive_in_order(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn messages_of_a_channel_arrive_in_order(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let ch = channel(&layer, "fifo").await;
         for n in 0..50 {
             layer
@@ -216,8 +339,8 @@ mod checks {
         assert_nothing_queued(&layer, &ch, "all 50 messages were received").await;
     }
 
-    pub async fn receive_waits_until_a_message_arrives(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn receive_waits_until_a_message_arrives(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let ch = channel(&layer, "wait").await;
         let receiver = spawn_receive(&layer, &ch);
         let_others_run().await;
@@ -235,8 +358,8 @@ mod checks {
         assert_eq!(got, message(7), "the waiting receive got the wrong message");
     }
 
-    pub async fn a_cancelled_receive_loses_nothing(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn a_cancelled_receive_loses_nothing(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let ch = channel(&layer, "cancel").await;
 
         // A receive dropped after being polled once, while the channel is empty.
@@ -312,8 +435,8 @@ mod checks {
         assert_nothing_queued(&layer, &ch, "every message was received once").await;
     }
 
-    pub async fn channels_are_isolated(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn channels_are_isolated(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let a = channel(&layer, "iso").await;
         let b = channel(&layer, "iso").await;
         layer.send(&a, message(1)).await.expect("send failed");
@@ -327,8 +450,8 @@ mod checks {
         .await;
     }
 
-    pub async fn group_send_reaches_every_member(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn group_send_reaches_every_member(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let mut members = Vec::new();
         for _ in 0..3 {
             let ch = channel(&layer, "member").await;
@@ -365,8 +488,8 @@ mod checks {
             .expect("group_send to a group without members must succeed");
     }
 
-    pub async fn group_discard_stops_group_messages(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn group_discard_stops_group_messages(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let mut members = Vec::new();
         for _ in 0..3 {
             let ch = channel(&layer, "member").await;
@@ -411,8 +534,8 @@ mod checks {
         assert_nothing_queued(&layer, &stranger, "a stranger got a group message").await;
     }
 
-    pub async fn group_add_twice_is_one_membership(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn group_add_twice_is_one_membership(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let ch = channel(&layer, "twice").await;
         layer
             .group_add("room", &ch)
@@ -450,11 +573,32 @@ mod checks {
         assert_nothing_queued(&layer, &ch, "one discard must undo two adds").await;
     }
 
-    pub async fn a_full_channel_refuses_messages(make: &Backend) {
-        let layer = make(Limits {
-            capacity: 3,
-            ..Limits::default()
-        });
+    pub async fn a_full_channel_refuses_messages(b: &Backend) {
+        let layer = b
+            .layer(Limits {
+                capacity: 3,
+                ..Limits::default()
+            })
+            .await;
+        if !b.caps.capacity {
+            note(
+                b,
+                "no capacity on the wire: send never fails with ChannelFull, and each \
+                 channel's local buffer keeps its newest `capacity` messages",
+            );
+            let ch = channel(&layer, "full").await;
+            for n in 1..=5 {
+                layer
+                    .send(&ch, message(n))
+                    .await
+                    .unwrap_or_else(|err| panic!("send #{n} into capacity 3: {err}"));
+            }
+            for n in 3..=5 {
+                assert_next(&layer, &ch, &message(n), "the buffer keeps the newest 3").await;
+            }
+            assert_nothing_queued(&layer, &ch, "the 2 oldest were dropped").await;
+            return;
+        }
         let full = channel(&layer, "full").await;
         for n in 1..=3 {
             layer
@@ -519,12 +663,14 @@ mod checks {
         .await;
     }
 
-    pub async fn messages_expire(make: &Backend) {
-        let layer = make(Limits {
-            capacity: 3,
-            expiry: Duration::from_secs(10),
-            ..Limits::default()
-        });
+    pub async fn messages_expire(b: &Backend) {
+        let layer = b
+            .layer(Limits {
+                capacity: 3,
+                expiry: Duration::from_secs(10),
+                ..Limits::default()
+            })
+            .await;
         let ch = channel(&layer, "expiry").await;
 
         layer.send(&ch, message(1)).await.expect("send failed");
@@ -557,11 +703,13 @@ mod checks {
         assert_next(&layer, &ch, &message(4), "expired messages are gone").await;
     }
 
-    pub async fn group_membership_expires_unless_renewed(make: &Backend) {
-        let layer = make(Limits {
-            group_expiry: Duration::from_secs(30),
-            ..Limits::default()
-        });
+    pub async fn group_membership_expires_unless_renewed(b: &Backend) {
+        let layer = b
+            .layer(Limits {
+                group_expiry: Duration::from_secs(30),
+                ..Limits::default()
+            })
+            .await;
         let lapsed = channel(&layer, "lapsed").await;
         let renewed = channel(&layer, "renewed").await;
         layer
@@ -613,8 +761,8 @@ mod checks {
         .await;
     }
 
-    pub async fn flush_drops_messages_and_groups(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn flush_drops_messages_and_groups(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let ch = channel(&layer, "flushed").await;
         layer.send(&ch, message(1)).await.expect("send failed");
         layer
@@ -649,8 +797,8 @@ mod checks {
         );
     }
 
-    pub async fn invalid_names_are_refused(make: &Backend) {
-        let layer = make(Limits::default());
+    pub async fn invalid_names_are_refused(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
         let good_channel = channel(&layer, "good").await;
         let too_long = "a".repeat(100);
         let bad_channels = ["with space", "café", too_long.as_str(), "", "two!bangs!"];
@@ -735,6 +883,7 @@ mod checks {
 
         // The longest valid names work.
         let longest = "c".repeat(99);
+        listen_first(b, &layer, &longest).await;
         layer
             .send(&longest, message(1))
             .await
@@ -759,14 +908,172 @@ mod checks {
         assert_nothing_queued(&layer, &good_channel, "refused calls must have no effect").await;
     }
 
-    pub async fn many_concurrent_senders_and_receivers(make: &Backend) {
+    /// `messages_expire` on a real clock, for a backend whose server
+    /// expires entries itself, in whole seconds (expiry 1 s). The waits give
+    /// lower bounds that no scheduling delay can break; the upper bounds
+    /// have a margin of 0.5 s.
+    pub async fn messages_expire_in_real_time(b: &Backend) {
+        let layer = b
+            .layer(Limits {
+                capacity: 3,
+                expiry: Duration::from_secs(1),
+                ..Limits::default()
+            })
+            .await;
+        let ch = channel(&layer, "expiry").await;
+
+        layer.send(&ch, message(1)).await.expect("send failed");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_nothing_queued(&layer, &ch, "a message 1.1 s old with an expiry of 1 s").await;
+
+        // Sent at t=0 and t=0.7 s, received at t=1.2 s: the second send kept
+        // the first alive in the server, so the receiver must drop it.
+        layer.send(&ch, message(2)).await.expect("send failed");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        layer.send(&ch, message(3)).await.expect("send failed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_next(
+            &layer,
+            &ch,
+            &message(3),
+            "at t=1.2 s, the message sent at t=0 has expired and the one sent at t=0.7 s has not",
+        )
+        .await;
+        assert_nothing_queued(&layer, &ch, "both messages are accounted for").await;
+
+        // Expired messages do not count against the capacity.
+        for n in 0..3 {
+            layer.send(&ch, message(n)).await.expect("send failed");
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        layer
+            .send(&ch, message(4))
+            .await
+            .expect("a channel full of expired messages must take a new message");
+        assert_next(&layer, &ch, &message(4), "expired messages are gone").await;
+    }
+
+    /// `group_membership_expires_unless_renewed` on a real clock (group
+    /// expiry 2 s). With whole seconds, a membership lasts between 2 and
+    /// 3 s: the lapsed one is 3.3 s old, the renewed one 0.9 s.
+    pub async fn group_membership_expires_in_real_time(b: &Backend) {
+        let layer = b
+            .layer(Limits {
+                group_expiry: Duration::from_secs(2),
+                ..Limits::default()
+            })
+            .await;
+        let lapsed = channel(&layer, "lapsed").await;
+        let renewed = channel(&layer, "renewed").await;
+        for ch in [&lapsed, &renewed] {
+            layer.group_add("room", ch).await.expect("group_add failed");
+        }
+        for wait in [1200, 1200, 900] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            if wait > 1000 {
+                layer
+                    .group_add("room", &renewed)
+                    .await
+                    .expect("renewing group_add failed");
+            }
+        }
+        layer
+            .group_send("room", message(1))
+            .await
+            .expect("group_send failed");
+        assert_nothing_queued(
+            &layer,
+            &lapsed,
+            "a membership 3.3 s old with a group expiry of 2 s must have lapsed",
+        )
+        .await;
+        assert_next(
+            &layer,
+            &renewed,
+            &message(1),
+            "a membership renewed 0.9 s ago must still hold",
+        )
+        .await;
+        layer
+            .group_add("room", &lapsed)
+            .await
+            .expect("group_add failed");
+        layer
+            .group_send("room", message(2))
+            .await
+            .expect("group_send failed");
+        assert_next(
+            &layer,
+            &lapsed,
+            &message(2),
+            "adding a lapsed channel again makes it a member again",
+        )
+        .await;
+    }
+
+    /// For a backend where nothing expires: says so, and checks the layer
+    /// tells the runner there is nothing to renew.
+    pub async fn nothing_expires_by_design(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
+        assert_eq!(b.caps.expiry, Expiry::Never);
+        assert_eq!(b.caps.group_expiry, Expiry::Never);
+        note(
+            b,
+            "messages do not expire (they are delivered at once or never), and group \
+             memberships are local and never lapse",
+        );
+        assert_eq!(
+            layer.group_expiry(),
+            None,
+            "a backend whose memberships never lapse must not ask the runner to renew them"
+        );
+    }
+
+    /// Prints the backend's table of capabilities, and checks what the
+    /// layer itself reports agrees with it.
+    pub async fn documented_differences(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
+        let caps = b.caps;
+        assert_eq!(
+            layer.group_expiry().is_some(),
+            caps.group_expiry != Expiry::Never,
+            "group_expiry() must be Some exactly when memberships lapse"
+        );
+        if !caps.keeps_unreceived {
+            note(
+                b,
+                "a message sent to a channel nobody receives on yet is lost (checks listen first)",
+            );
+            let ch = channel(&layer, "fresh").await;
+            layer
+                .send("nobody-listens", message(1))
+                .await
+                .expect("send failed");
+            assert_nothing_queued(&layer, &ch, "a channel made after the send").await;
+        }
+        if !caps.name_prefix.is_empty() {
+            note(
+                b,
+                &format!(
+                    "new_channel(prefix) names start with the layer's prefix {:?}, as in Python",
+                    caps.name_prefix
+                ),
+            );
+        }
+        let line = format!("conformance: {}: {caps:?}\n", b.name);
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }
+
+    pub async fn many_concurrent_senders_and_receivers(b: &Backend) {
         const CHANNELS: usize = 8;
         const SENDERS: u64 = 4;
         const PER_SENDER: u64 = 50;
-        let layer = make(Limits {
-            capacity: 1000,
-            ..Limits::default()
-        });
+        let layer = b
+            .layer(Limits {
+                capacity: 1000,
+                ..Limits::default()
+            })
+            .await;
         let mut channels = Vec::new();
         for _ in 0..CHANNELS {
             channels.push(channel(&layer, "load").await);
@@ -849,16 +1156,17 @@ mod checks {
 /// Runs every check in [`checks`] against one backend, as
 /// `mod $backend { #[tokio::test] async fn $check() ... }`.
 ///
-/// `$make` is a closure from [`Limits`] to a layer (anything that coerces to
-/// `Arc<dyn ChannelLayer>`).
+/// `$make` is an expression giving `Option<Backend>` (`None`: skipped, and
+/// the backend has said so loudly); `expiry` picks the expiry checks:
+/// `paused` (tokio's paused clock), `real_time` (short real waits) or
+/// `none` (a check that states the backend has no expiry).
 macro_rules! conformance_tests {
-    ($backend:ident, $make:expr) => {
+    ($backend:ident, $make:expr, expiry = $expiry:ident) => {
         mod $backend {
             use super::*;
 
-            fn make(limits: Limits) -> Layer {
-                let make = $make;
-                make(limits)
+            fn backend() -> Option<Backend> {
+                $make
             }
 
             conformance_tests!(@each [tokio::test]
@@ -874,34 +1182,117 @@ macro_rules! conformance_tests {
                 a_full_channel_refuses_messages,
                 flush_drops_messages_and_groups,
                 invalid_names_are_refused,
+                documented_differences,
             );
-            conformance_tests!(@each [tokio::test(start_paused = true)]
-                messages_expire,
-                group_membership_expires_unless_renewed,
-            );
+            conformance_tests!(@expiry $expiry);
             conformance_tests!(@each [tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 many_concurrent_senders_and_receivers,
             );
         }
     };
+    (@expiry paused) => {
+        conformance_tests!(@each [tokio::test(start_paused = true)]
+            messages_expire,
+            group_membership_expires_unless_renewed,
+        );
+    };
+    (@expiry real_time) => {
+        conformance_tests!(@each [tokio::test]
+            messages_expire_in_real_time,
+            group_membership_expires_in_real_time,
+        );
+    };
+    (@expiry none) => {
+        conformance_tests!(@each [tokio::test] nothing_expires_by_design);
+    };
     (@each [$attr:meta] $($check:ident),+ $(,)?) => {
         $(
             #[$attr]
             async fn $check() {
-                checks::$check(&make).await;
+                let Some(backend) = backend() else {
+                    return;
+                };
+                checks::$check(&backend).await;
             }
         )+
     };
 }
 
-conformance_tests!(memory, |limits: Limits| Arc::new(InMemoryLayer::new(
-    MemoryConfig {
-        capacity: limits.capacity,
-        expiry: limits.expiry,
-        group_expiry: limits.group_expiry,
-        ..MemoryConfig::default()
+conformance_tests!(memory, Some(Backend::memory()), expiry = paused);
+
+#[cfg(feature = "redis")]
+conformance_tests!(redis_queue, Backend::redis_queue(), expiry = real_time);
+
+#[cfg(feature = "redis")]
+conformance_tests!(redis_pubsub, Backend::redis_pubsub(), expiry = none);
+
+/// The Redis backends: each test on a redis-server of its own.
+#[cfg(feature = "redis")]
+mod redis_backends {
+    use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
+    use axum_channels::testing::RedisServer;
+
+    use super::*;
+
+    fn config(url: &str, limits: Limits) -> RedisConfig {
+        RedisConfig {
+            capacity: limits.capacity,
+            expiry: limits.expiry,
+            group_expiry: limits.group_expiry,
+            // A closed channel's popper stops within a second.
+            block_timeout: Duration::from_secs(1),
+            ..RedisConfig::new(url)
+        }
     }
-)));
+
+    impl Backend {
+        pub(crate) fn redis_queue() -> Option<Backend> {
+            let server = RedisServer::start()?;
+            let url = server.url();
+            Some(Backend {
+                name: "redis_queue",
+                caps: Capabilities {
+                    name_prefix: "",
+                    capacity: true,
+                    keeps_unreceived: true,
+                    expiry: Expiry::WallClock,
+                    group_expiry: Expiry::WallClock,
+                },
+                build: Box::new(move |limits| {
+                    let url = url.clone();
+                    Box::pin(async move {
+                        let layer = RedisLayer::connect(config(&url, limits)).await;
+                        Arc::new(layer.expect("connect to the test's redis-server")) as Layer
+                    })
+                }),
+                _server: Some(server),
+            })
+        }
+
+        pub(crate) fn redis_pubsub() -> Option<Backend> {
+            let server = RedisServer::start()?;
+            let url = server.url();
+            Some(Backend {
+                name: "redis_pubsub",
+                caps: Capabilities {
+                    name_prefix: "asgi",
+                    capacity: false,
+                    keeps_unreceived: false,
+                    expiry: Expiry::Never,
+                    group_expiry: Expiry::Never,
+                },
+                build: Box::new(move |limits| {
+                    let url = url.clone();
+                    Box::pin(async move {
+                        let layer = RedisPubSubLayer::connect(config(&url, limits)).await;
+                        Arc::new(layer.expect("connect to the test's redis-server")) as Layer
+                    })
+                }),
+                _server: Some(server),
+            })
+        }
+    }
+}
 
 /// Checks of the in-memory backend alone.
 mod memory_only {

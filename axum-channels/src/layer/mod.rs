@@ -20,12 +20,17 @@
 //! Backends:
 //! - [`InMemoryLayer`] ([`memory`]): inside one process, with no services
 //!   at all. The default of every step.
+//! - `RedisPubSubLayer` and `RedisLayer` (`redis`, behind the cargo feature
+//!   `redis`): on Redis, shared by several processes, and wire-compatible
+//!   with the Python layers of channels_redis and fast-channels.
 //!
 //! [`Layers`] holds the layers an app uses under short aliases (`"chat"`,
 //! `"queue"`, ...), built once at start.
 
 pub mod memory;
 mod names;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod registry;
 
 use std::fmt;
@@ -196,6 +201,14 @@ pub enum LayerError {
     /// A value could not be serialized, or a payload from a peer could not
     /// be read (e.g. another serializer).
     Serialize(String),
+    /// An encoded message is larger than the layer accepts (e.g. the Redis
+    /// layers' `max_message_size`, 1 MiB by default).
+    MessageTooLarge {
+        /// The encoded size, in bytes.
+        size: usize,
+        /// The largest size allowed.
+        limit: usize,
+    },
     /// The backend failed (e.g. its server went away).
     Backend(String),
 }
@@ -239,6 +252,10 @@ impl fmt::Display for LayerError {
             LayerError::Serialize(message) => {
                 write!(f, "cannot encode or decode a layer message: {message}")
             }
+            LayerError::MessageTooLarge { size, limit } => write!(
+                f,
+                "a layer message of {size} bytes is over the limit of {limit} bytes"
+            ),
             LayerError::Backend(message) => write!(f, "channel layer failed: {message}"),
         }
     }

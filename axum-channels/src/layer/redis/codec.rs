@@ -1,0 +1,426 @@
+//! Layer messages to bytes and back: a [`LayerMessage`] (a JSON object) as
+//! the msgpack map Python's `msgpack.packb` writes, with the queue layer's
+//! random prefix and routing field.
+//!
+//! Encoding follows the wire specification, §3: a map at the top, str keys,
+//! strings as str, integers in their smallest form, floats as float64, and
+//! `__asgi_channel__` added last. Decoding accepts what Python peers send and
+//! turns the rest into a [`DecodeError`] that says what was wrong, so the
+//! caller can log one line and drop the payload: a peer's bad message never
+//! panics and never affects other channels.
+
+use std::fmt;
+
+use rmpv::Value as Pack;
+use serde_json::{Map, Number, Value as Json};
+
+use super::wire::{RANDOM_PREFIX_LENGTH, ROUTING_FIELD};
+use crate::layer::{LayerError, LayerMessage};
+
+/// How deep messages may nest (maps and arrays in one another). JSON from
+/// `serde_json` stops at 128 anyway; the bound keeps a hostile payload from
+/// exhausting the stack.
+const MAX_DEPTH: usize = 128;
+
+/// Where a queue-layer message is going, written as `__asgi_channel__`.
+pub(crate) enum Route<'a> {
+    /// No routing field: plain channels and the pub/sub layer.
+    None,
+    /// One channel (`send` to a specific channel): a string.
+    One(&'a str),
+    /// Every member channel of one key (`group_send`): an array.
+    Many(&'a [String]),
+}
+
+/// Encodes `message` for Redis. `random_prefix` puts the queue layer's 12
+/// random bytes in front; `limit` is the largest payload allowed.
+pub(crate) fn encode(
+    message: &LayerMessage,
+    route: Route<'_>,
+    random_prefix: bool,
+    limit: usize,
+) -> Result<Vec<u8>, LayerError> {
+    if !message.get("type").is_some_and(Json::is_string) {
+        return Err(LayerError::Serialize(
+            "a layer message needs a string \"type\" field, which receivers dispatch on".into(),
+        ));
+    }
+    if message.contains_key(ROUTING_FIELD) {
+        return Err(LayerError::Serialize(format!(
+            "a layer message must not contain {ROUTING_FIELD:?}: the layer sets it"
+        )));
+    }
+    let mut entries = Vec::with_capacity(message.len() + 1);
+    for (key, value) in message {
+        entries.push((Pack::from(key.as_str()), to_pack(value, 1)?));
+    }
+    match route {
+        Route::None => {}
+        Route::One(channel) => entries.push((Pack::from(ROUTING_FIELD), Pack::from(channel))),
+        Route::Many(channels) => entries.push((
+            Pack::from(ROUTING_FIELD),
+            Pack::Array(channels.iter().map(|c| Pack::from(c.as_str())).collect()),
+        )),
+    }
+    let mut bytes = Vec::with_capacity(64);
+    if random_prefix {
+        bytes.extend_from_slice(&rand::random::<[u8; RANDOM_PREFIX_LENGTH]>());
+    }
+    rmpv::encode::write_value(&mut bytes, &Pack::Map(entries))
+        .map_err(|err| LayerError::Serialize(err.to_string()))?;
+    if bytes.len() > limit {
+        return Err(LayerError::MessageTooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+fn to_pack(value: &Json, depth: usize) -> Result<Pack, LayerError> {
+    if depth > MAX_DEPTH {
+        return Err(LayerError::Serialize(format!(
+            "the message nests deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    Ok(match value {
+        Json::Null => Pack::Nil,
+        Json::Bool(b) => Pack::Boolean(*b),
+        Json::Number(n) => {
+            if let Some(u) = n.as_u64() {
+                Pack::from(u)
+            } else if let Some(i) = n.as_i64() {
+                Pack::from(i)
+            } else {
+                Pack::F64(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Json::String(s) => Pack::from(s.as_str()),
+        Json::Array(items) => Pack::Array(
+            items
+                .iter()
+                .map(|item| to_pack(item, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        Json::Object(map) => Pack::Map(
+            map.iter()
+                .map(|(k, v)| Ok((Pack::from(k.as_str()), to_pack(v, depth + 1)?)))
+                .collect::<Result<_, LayerError>>()?,
+        ),
+    })
+}
+
+/// A message read from Redis: the message without `__asgi_channel__`, and
+/// that field's channels if it had one.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub message: LayerMessage,
+    pub route: Option<Vec<String>>,
+}
+
+/// Why a payload from a peer was dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DecodeError(String);
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn fail<T>(why: impl Into<String>) -> Result<T, DecodeError> {
+    Err(DecodeError(why.into()))
+}
+
+/// Decodes a payload from Redis; `random_prefix` strips the queue layer's
+/// 12 bytes first.
+pub(crate) fn decode(payload: &[u8], random_prefix: bool) -> Result<Decoded, DecodeError> {
+    let body = if random_prefix {
+        match payload.get(RANDOM_PREFIX_LENGTH..) {
+            Some(body) => body,
+            None => {
+                return fail(format!(
+                    "{} bytes is shorter than the {RANDOM_PREFIX_LENGTH}-byte random prefix",
+                    payload.len()
+                ));
+            }
+        }
+    } else {
+        payload
+    };
+    if body.first() == Some(&b'{') {
+        return fail(
+            "the payload is JSON, not msgpack: the peer uses serializer_format=\"json\"; \
+             use the default (msgpack) on every peer",
+        );
+    }
+    let mut reader = body;
+    // Each level of nesting costs the reader two units of depth.
+    let value = match rmpv::decode::read_value_with_max_depth(&mut reader, 2 * MAX_DEPTH) {
+        Ok(value) => value,
+        Err(err) => return fail(format!("not valid msgpack ({err})")),
+    };
+    if !reader.is_empty() {
+        return fail(format!(
+            "{} bytes follow the msgpack value (another serializer, or encryption?)",
+            reader.len()
+        ));
+    }
+    let Pack::Map(entries) = value else {
+        return fail(format!(
+            "the payload is a msgpack {}, not a map",
+            kind(&value)
+        ));
+    };
+    let mut message = Map::new();
+    let mut route = None;
+    for (key, value) in entries {
+        let key = map_key(key)?;
+        if key == ROUTING_FIELD {
+            route = Some(routing(value)?);
+        } else {
+            message.insert(key, to_json(value, 1)?);
+        }
+    }
+    if !message.get("type").is_some_and(Json::is_string) {
+        return fail("the message has no string \"type\" field");
+    }
+    Ok(Decoded { message, route })
+}
+
+fn kind(value: &Pack) -> &'static str {
+    match value {
+        Pack::Nil => "nil",
+        Pack::Boolean(_) => "boolean",
+        Pack::Integer(_) => "integer",
+        Pack::F32(_) | Pack::F64(_) => "float",
+        Pack::String(_) => "string",
+        Pack::Binary(_) => "binary",
+        Pack::Array(_) => "array",
+        Pack::Map(_) => "map",
+        Pack::Ext(..) => "extension",
+    }
+}
+
+/// Map keys must be text, as Python's `strict_map_key` requires (bin keys
+/// that are valid UTF-8 are read as text too).
+fn map_key(key: Pack) -> Result<String, DecodeError> {
+    match key {
+        Pack::String(s) => match s.into_str() {
+            Some(s) => Ok(s),
+            None => fail("a map key is not valid UTF-8"),
+        },
+        Pack::Binary(bytes) => {
+            String::from_utf8(bytes).or_else(|_| fail("a map key is not valid UTF-8"))
+        }
+        other => fail(format!("a map key is a {}, not a string", kind(&other))),
+    }
+}
+
+fn routing(value: Pack) -> Result<Vec<String>, DecodeError> {
+    match value {
+        Pack::String(s) => match s.into_str() {
+            Some(s) => Ok(vec![s]),
+            None => fail(format!("{ROUTING_FIELD} is not valid UTF-8")),
+        },
+        Pack::Array(items) => items
+            .into_iter()
+            .map(|item| match item {
+                Pack::String(s) => s
+                    .into_str()
+                    .map_or_else(|| fail(format!("{ROUTING_FIELD} is not valid UTF-8")), Ok),
+                other => fail(format!("{ROUTING_FIELD} holds a {}", kind(&other))),
+            })
+            .collect(),
+        other => fail(format!(
+            "{ROUTING_FIELD} is a {}, not a string or an array",
+            kind(&other)
+        )),
+    }
+}
+
+/// msgpack to JSON. Binary (Python `bytes`) becomes an array of byte values,
+/// since JSON has no bytes; a NaN or infinite float becomes `null`.
+fn to_json(value: Pack, depth: usize) -> Result<Json, DecodeError> {
+    if depth > MAX_DEPTH {
+        return fail(format!("the message nests deeper than {MAX_DEPTH} levels"));
+    }
+    Ok(match value {
+        Pack::Nil => Json::Null,
+        Pack::Boolean(b) => Json::Bool(b),
+        Pack::Integer(i) => match (i.as_u64(), i.as_i64()) {
+            (Some(u), _) => Json::from(u),
+            (None, Some(i)) => Json::from(i),
+            (None, None) => return fail("an integer out of range"),
+        },
+        Pack::F32(f) => Number::from_f64(f64::from(f)).map_or(Json::Null, Json::Number),
+        Pack::F64(f) => Number::from_f64(f).map_or(Json::Null, Json::Number),
+        Pack::String(s) => match s.into_str() {
+            Some(s) => Json::String(s),
+            None => return fail("a string is not valid UTF-8"),
+        },
+        Pack::Binary(bytes) => Json::Array(bytes.into_iter().map(Json::from).collect()),
+        Pack::Array(items) => Json::Array(
+            items
+                .into_iter()
+                .map(|item| to_json(item, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        Pack::Map(entries) => {
+            let mut map = Map::new();
+            for (key, value) in entries {
+                map.insert(map_key(key)?, to_json(value, depth + 1)?);
+            }
+            Json::Object(map)
+        }
+        Pack::Ext(kind, _) => {
+            return fail(format!("msgpack extension type {kind} is not supported"));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn msg(value: Json) -> LayerMessage {
+        value.as_object().unwrap().clone()
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    const CHAT: &str =
+        "82 a4 74 79 70 65 ac 63 68 61 74 2e 6d 65 73 73 61 67 65 a7 6d 65 73 73 61 67 65 a2 68 69";
+
+    /// The bytes of the wire specification, §3.5. A `LayerMessage` keeps its
+    /// keys sorted, so "message" comes before "type", where Python writes
+    /// insertion order; readers do not care about the order, and the bytes
+    /// are otherwise Python's own.
+    #[test]
+    fn encodes_the_bytes_python_writes() {
+        let map = msg(json!({"type": "chat.message", "message": "hi"}));
+        let plain = encode(&map, Route::None, false, 1 << 20).unwrap();
+        assert_eq!(
+            hex(&plain),
+            "82 a7 6d 65 73 73 61 67 65 a2 68 69 a4 74 79 70 65 ac 63 68 61 74 2e 6d 65 73 73 61 67 65"
+        );
+        let decoded = decode(&plain, false).unwrap();
+        assert_eq!(decoded.message, map);
+        assert!(decoded.route.is_none());
+
+        // Python's own bytes decode to the same message.
+        let python: Vec<u8> = CHAT
+            .split(' ')
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect();
+        assert_eq!(decode(&python, false).unwrap().message, map);
+    }
+
+    #[test]
+    fn routing_field_is_last_as_a_string_or_an_array() {
+        let name = "specific.d0a712bf8a1f4369ba8d0a9a466b4511!56d0c51210de4166a46dc93a92d52605";
+        let m = msg(json!({"type": "chat.message", "message": "hi"}));
+        let one = encode(&m, Route::One(name), true, 1 << 20).unwrap();
+        assert_eq!(one.len(), 135, "the length Python writes");
+        let tail = hex(&one[one.len() - 76..]);
+        assert!(tail.starts_with("d9 4a 73 70"), "str8 of 74 bytes: {tail}");
+        assert_eq!(hex(&one[12..13]), "83");
+        let names = vec![name.to_owned()];
+        let many = encode(&m, Route::Many(&names), true, 1 << 20).unwrap();
+        assert_eq!(many.len(), 136, "the length Python writes");
+        assert_eq!(hex(&many[many.len() - 77..many.len() - 74]), "91 d9 4a");
+        let decoded = decode(&many, true).unwrap();
+        assert_eq!(decoded.message, m);
+        assert_eq!(decoded.route, Some(names));
+    }
+
+    #[test]
+    fn values_round_trip_and_match_python_types() {
+        let m = msg(json!({
+            "type": "t", "i": 1, "neg": -5, "big": 1u64 << 40, "f": 1.5, "b": true,
+            "n": null, "list": [1, "a"], "nested": {"k": "v"}, "uni": "🌍", "max": u64::MAX,
+            "min": i64::MIN,
+        }));
+        let bytes = encode(&m, Route::None, false, 1 << 20).unwrap();
+        assert_eq!(decode(&bytes, false).unwrap().message, m);
+        let text = hex(&bytes);
+        for expected in [
+            "a3 6e 65 67 fb",                         // "neg": -5 as a negative fixint
+            "a3 62 69 67 cf 00 00 01 00 00 00 00 00", // 2**40 as uint64
+            "a1 66 cb 3f f8 00 00 00 00 00 00",       // 1.5 as float64
+            "a3 75 6e 69 a4 f0 9f 8c 8d",             // "uni": "🌍"
+        ] {
+            assert!(text.contains(expected), "{expected} missing from {text}");
+        }
+        // Python bytes (bin 8) arrive as an array of byte values.
+        let python_bytes = [0x81, 0xa4, b't', b'y', b'p', b'e', 0xc4, 0x02, 0x00, 0x01];
+        assert!(
+            decode(&python_bytes, false).is_err(),
+            "a bin \"type\" is no string type"
+        );
+        let with_bytes = [
+            0x82, 0xa4, b't', b'y', b'p', b'e', 0xa1, b't', 0xa1, b'b', 0xc4, 0x02, 0x00, 0x01,
+        ];
+        assert_eq!(
+            decode(&with_bytes, false).unwrap().message,
+            msg(json!({"type": "t", "b": [0, 1]}))
+        );
+    }
+
+    #[test]
+    fn bad_payloads_are_errors_that_say_why() {
+        let cases: [(&[u8], &str); 8] = [
+            (b"", "not valid msgpack"),
+            (b"\x92\x01\x02", "array, not a map"),
+            (b"\x81\xa1a\x01", "no string \"type\""),
+            (b"{\"type\": \"x\"}", "serializer_format=\"json\""),
+            (b"\x81\x01\xa1a", "integer, not a string"),
+            (b"\x81\xa4type\xa1a\xff", "follow the msgpack value"),
+            (b"\x82\xa4type\xa1a\xa1x\xd4\x01\x00", "extension"),
+            (b"\x81\xa4type\xa2\xff\xfe", "UTF-8"),
+        ];
+        for (payload, why) in cases {
+            let err = decode(payload, false).unwrap_err().to_string();
+            assert!(err.contains(why), "{payload:?}: {err}");
+        }
+        assert!(
+            decode(b"short", true)
+                .unwrap_err()
+                .to_string()
+                .contains("random prefix")
+        );
+        // A deeply nested payload is refused, not a stack overflow.
+        let mut deep = b"\x82\xa4type\xa1t\xa1x".to_vec();
+        deep.extend(std::iter::repeat_n(0x91u8, 100_000));
+        deep.push(0x01);
+        assert!(decode(&deep, false).is_err());
+    }
+
+    #[test]
+    fn messages_the_layer_cannot_send_are_refused() {
+        let limit = 100;
+        let big = msg(json!({"type": "t", "data": "x".repeat(200)}));
+        assert!(matches!(
+            encode(&big, Route::None, true, limit),
+            Err(LayerError::MessageTooLarge { limit: 100, .. })
+        ));
+        let untyped = msg(json!({"message": "hi"}));
+        assert!(matches!(
+            encode(&untyped, Route::None, false, limit),
+            Err(LayerError::Serialize(_))
+        ));
+        let routed = msg(json!({"type": "t", "__asgi_channel__": "x"}));
+        assert!(matches!(
+            encode(&routed, Route::None, false, limit),
+            Err(LayerError::Serialize(_))
+        ));
+    }
+}

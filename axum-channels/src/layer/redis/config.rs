@@ -1,0 +1,306 @@
+//! [`RedisConfig`]: what both Redis layers are built from, with the Python
+//! layers' defaults, and the checks that refuse a bad configuration at start.
+
+use std::time::Duration;
+
+use crate::layer::LayerError;
+
+/// Settings of [`RedisLayer`](super::RedisLayer) and
+/// [`RedisPubSubLayer`](super::RedisPubSubLayer).
+///
+/// The defaults are those of the Python layers (`channels_redis`,
+/// `fast-channels`), so a Rust and a Python process that leave them alone
+/// agree on the wire. A Python peer must use the same `hosts` (in the same
+/// order), `prefix`, `expiry`, `group_expiry` and capacities, and its
+/// defaults for the serializer (msgpack), the random prefix length (12) and
+/// encryption (none).
+///
+/// The settings marked *Rust only* have no Python counterpart and do not
+/// change what is on the wire.
+///
+/// Durations on the wire are whole seconds: Python passes `int(expiry)`, so
+/// fractions are dropped here too (and a duration under one second is
+/// refused, since Redis would read it as 0).
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// Redis URLs, one per shard, e.g. `redis://127.0.0.1:6379/0` (default:
+    /// `redis://localhost:6379`, as in Python). With several hosts, names are
+    /// spread over them with Python's consistent hash, so every process must
+    /// list the same hosts in the same order.
+    pub hosts: Vec<String>,
+    /// Put in front of every Redis key or channel name (default `"asgi"`).
+    /// Two layers on one Redis with different prefixes never see each
+    /// other's messages; pick prefixes where neither starts with the other
+    /// (see `flush`).
+    pub prefix: String,
+    /// How long a message waits to be received before it is dropped
+    /// (default 60 s). Queue layer only.
+    pub expiry: Duration,
+    /// How long a group membership lasts unless renewed (default one day).
+    /// Queue layer only; the runner renews live connections' memberships.
+    pub group_expiry: Duration,
+    /// Messages a channel may hold (default 100). Queue layer: the limit on
+    /// the channel's key in Redis (`send` fails with `ChannelFull`,
+    /// `group_send` skips that member). Both layers: the limit on the local
+    /// buffer of each channel.
+    pub capacity: usize,
+    /// Capacity for channels whose name matches a pattern, first match wins.
+    /// Patterns are Python's `fnmatch` globs: `*` (any run of characters),
+    /// `?` (one character) and `[...]` / `[!...]` (a character class), e.g.
+    /// `("background-jobs*", 1000)`.
+    pub channel_capacity: Vec<(String, usize)>,
+    /// *Rust only.* How long one blocking pop (`BZPOPMIN`) waits before it is
+    /// issued again (default 5 s, Python's `brpop_timeout`). Whole seconds,
+    /// at least 1. Shorter means a closed channel's popper stops sooner;
+    /// longer means fewer idle round trips. Queue layer only.
+    pub block_timeout: Duration,
+    /// *Rust only.* The longest any layer call may take (default 2 s). When
+    /// Redis is away or does not answer, calls fail with
+    /// [`LayerError::Backend`] within this time instead of hanging.
+    pub command_timeout: Duration,
+    /// *Rust only.* The largest encoded message, in bytes (default 1 MiB).
+    /// A bigger message is refused with [`LayerError::MessageTooLarge`];
+    /// a bigger payload from a peer is dropped with one log line.
+    pub max_message_size: usize,
+}
+
+/// The default [`RedisConfig::max_message_size`]: 1 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            hosts: vec!["redis://localhost:6379".to_owned()],
+            prefix: "asgi".to_owned(),
+            expiry: Duration::from_secs(60),
+            group_expiry: Duration::from_secs(24 * 60 * 60),
+            capacity: 100,
+            channel_capacity: Vec::new(),
+            block_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(2),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The defaults, on one Redis at `url` (e.g. from `REDIS_URL`).
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            hosts: vec![url.into()],
+            ..RedisConfig::default()
+        }
+    }
+
+    /// The capacity of `channel`: the first matching pattern's, or
+    /// [`capacity`](Self::capacity).
+    pub fn capacity_of(&self, channel: &str) -> usize {
+        self.channel_capacity
+            .iter()
+            .find(|(pattern, _)| glob_match(pattern, channel))
+            .map_or(self.capacity, |(_, capacity)| *capacity)
+    }
+
+    /// `expiry` in the whole seconds the wire uses.
+    pub(crate) fn expiry_secs(&self) -> u64 {
+        self.expiry.as_secs()
+    }
+
+    /// `group_expiry` in the whole seconds the wire uses.
+    pub(crate) fn group_expiry_secs(&self) -> u64 {
+        self.group_expiry.as_secs()
+    }
+
+    /// `block_timeout` in the whole seconds `BZPOPMIN` takes on Redis 5.
+    pub(crate) fn block_secs(&self) -> u64 {
+        self.block_timeout.as_secs().max(1)
+    }
+
+    /// Refuses settings that cannot work, with one line that says which.
+    pub(crate) fn validate(&self) -> Result<(), LayerError> {
+        let invalid = |why: String| Err(LayerError::Backend(format!("invalid RedisConfig: {why}")));
+        if self.hosts.is_empty() {
+            return invalid("`hosts` is empty: give at least one redis:// URL".into());
+        }
+        for (name, value) in [
+            ("expiry", self.expiry),
+            ("group_expiry", self.group_expiry),
+            ("block_timeout", self.block_timeout),
+        ] {
+            if value < Duration::from_secs(1) {
+                return invalid(format!(
+                    "`{name}` is {value:?}, but the wire counts whole seconds: use at least 1 s"
+                ));
+            }
+        }
+        if self.command_timeout.is_zero() {
+            return invalid("`command_timeout` must be above zero".into());
+        }
+        if self.capacity == 0 || self.channel_capacity.iter().any(|(_, c)| *c == 0) {
+            return invalid("capacities must be at least 1".into());
+        }
+        if self.max_message_size == 0 {
+            return invalid("`max_message_size` must be above zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// Python's `fnmatch` on the whole name: `*`, `?`, `[abc]`, `[a-z]`,
+/// `[!abc]`; everything else matches itself. Linear in practice: a `*`
+/// only ever backtracks to the last `*` (the classic two-pointer match).
+pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let name: Vec<char> = name.chars().collect();
+    let (mut p, mut n) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if p < pattern.len() {
+            match pattern[p] {
+                '*' => {
+                    star = Some((p, n));
+                    p += 1;
+                    continue;
+                }
+                '?' => {
+                    p += 1;
+                    n += 1;
+                    continue;
+                }
+                '[' => {
+                    if let Some((matched, next)) = class_match(&pattern, p, name[n]) {
+                        if matched {
+                            p = next;
+                            n += 1;
+                            continue;
+                        }
+                    } else if name[n] == '[' {
+                        // An unclosed '[' is a literal, as in fnmatch.
+                        p += 1;
+                        n += 1;
+                        continue;
+                    }
+                }
+                literal if literal == name[n] => {
+                    p += 1;
+                    n += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        match star {
+            Some((star_p, star_n)) => {
+                p = star_p + 1;
+                n = star_n + 1;
+                star = Some((star_p, star_n + 1));
+            }
+            None => return false,
+        }
+    }
+    pattern[p..].iter().all(|&c| c == '*')
+}
+
+/// Matches `c` against the class starting at `pattern[open] == '['`.
+/// Returns whether it matched and the index after the class, or `None` if
+/// the class is not closed.
+fn class_match(pattern: &[char], open: usize, c: char) -> Option<(bool, usize)> {
+    let mut i = open + 1;
+    let negated = matches!(pattern.get(i), Some('!'));
+    if negated {
+        i += 1;
+    }
+    let start = i;
+    let mut matched = false;
+    while i < pattern.len() {
+        // A ']' right after the opening (or after '!') is a literal.
+        if pattern[i] == ']' && i > start {
+            return Some((matched != negated, i + 1));
+        }
+        if i + 2 < pattern.len() && pattern[i + 1] == '-' && pattern[i + 2] != ']' {
+            if pattern[i] <= c && c <= pattern[i + 2] {
+                matched = true;
+            }
+            i += 3;
+        } else {
+            if pattern[i] == c {
+                matched = true;
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_follow_fnmatch() {
+        let cases = [
+            ("background-jobs*", "background-jobs", true),
+            ("background-jobs*", "background-jobs.specific!x", true),
+            ("background-jobs*", "other", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("*.jobs", "worker.jobs", true),
+            ("*a*b*", "xxaxxbxx", true),
+            ("*a*b*", "xxbxxaxx", false),
+            ("[ab]x", "bx", true),
+            ("[!ab]x", "bx", false),
+            ("[!ab]x", "cx", true),
+            ("[a-c]1", "b1", true),
+            ("[a-c]1", "d1", false),
+            ("[]]", "]", true),
+            ("[", "[", true),
+            ("*", "", true),
+            ("", "", true),
+            ("", "a", false),
+        ];
+        for (pattern, name, expected) in cases {
+            assert_eq!(
+                glob_match(pattern, name),
+                expected,
+                "{pattern:?} vs {name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn first_matching_pattern_wins() {
+        let config = RedisConfig {
+            capacity: 5,
+            channel_capacity: vec![("jobs*".into(), 3), ("jobs.urgent".into(), 1)],
+            ..RedisConfig::default()
+        };
+        assert_eq!(config.capacity_of("jobs.urgent"), 3);
+        assert_eq!(config.capacity_of("jobs"), 3);
+        assert_eq!(config.capacity_of("chat"), 5);
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_a_reason() {
+        let cases = [
+            RedisConfig {
+                hosts: vec![],
+                ..RedisConfig::default()
+            },
+            RedisConfig {
+                expiry: Duration::from_millis(500),
+                ..RedisConfig::default()
+            },
+            RedisConfig {
+                capacity: 0,
+                ..RedisConfig::default()
+            },
+        ];
+        for config in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("invalid RedisConfig"), "{err}");
+        }
+        assert!(RedisConfig::new("redis://127.0.0.1:1").validate().is_ok());
+    }
+}

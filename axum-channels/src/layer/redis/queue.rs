@@ -1,0 +1,1124 @@
+//! [`RedisLayer`]: the queue ("reliable") layer. Every channel is a Redis
+//! sorted set of messages, so a message waits in Redis until someone
+//! receives it or it expires, and groups are sorted sets of channel names.
+//!
+//! The keys, payloads and Lua scripts are the Python layer's
+//! (`RedisChannelLayer` of channels_redis / fast-channels), so Python and
+//! Rust processes share channels and groups. How it reads from Redis is its
+//! own, to fix what goes wrong in Python (the wire specification, §7):
+//!
+//! - **Poppers.** Each Redis key this process reads (normally one:
+//!   `{prefix}specific.{client_prefix}!`, shared by all its consumers) has
+//!   one popper task per host, each on a connection of its own, doing
+//!   `BZPOPMIN key block_timeout` and handing what it pops to the local
+//!   buffer of the channel named in `__asgi_channel__`. A popper is never
+//!   cancelled in the middle of a pop, and `receive` only waits on its
+//!   buffer, so a cancelled `receive` loses nothing.
+//! - **Demand.** A popper only pops while a receiver of its key is waiting
+//!   with an empty buffer. Messages nobody is waiting for stay in Redis,
+//!   where `capacity` and `expiry` apply, so a busy consumer pushes back on
+//!   its senders with `ChannelFull` instead of filling this process's memory.
+//! - **Bounded buffers.** A local buffer holds at most the channel's
+//!   capacity (dropping its oldest, with one warning per episode), and
+//!   `close_channel` frees it and leaves the groups the channel joined here.
+//! - **Every host.** A send to a specific channel goes to the host of its
+//!   non-local name, where its receiver reads; poppers read their key on
+//!   every host, so the Python layer's sends (which hash the full name, a
+//!   bug with several hosts) arrive too.
+//! - **Plain channels** (no `!`, e.g. `worker.jobs`) are work queues shared
+//!   by processes: each receiving process pops only while it has a receiver
+//!   waiting, and gives back to Redis what it popped but could not hand over
+//!   (the channel was closed first).
+//! - **Expiry on receive.** Messages older than `expiry` are dropped when
+//!   taken, not only when a sender purges the key.
+//! - **Redis going away.** Calls fail within `command_timeout`; poppers retry
+//!   with backoff, log once per outage, and resume by themselves; after a
+//!   reconnection, the memberships of live local channels are written again
+//!   (a Redis restarted without persistence has lost them).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError, Script};
+use tokio::sync::Notify;
+
+use super::bounded;
+use super::codec::{self, Route};
+use super::config::RedisConfig;
+use super::inbox::{Entry, Inbox, Raw};
+use super::link::{BACKOFF_MAX, BACKOFF_MIN, Link};
+use super::wire::{
+    CLEANUP_LUA, GROUP_SEND_LUA, Version, channel_key, consistent_hash, escape_glob, flushable,
+    group_key, inflight_key, longer_prefix_of, non_local_name, now_secs, purge_below,
+    queue_channel_name, score_arg, uuid4_hex,
+};
+use crate::layer::{
+    ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
+};
+
+/// How many keys one `UNLINK` of `flush` deletes.
+const UNLINK_BATCH: usize = 500;
+
+/// Keys whose over-capacity episode is remembered, at most (a bound on
+/// memory; past it, the record starts afresh).
+const MAX_REPORTED: usize = 10_000;
+
+/// The queue layer on Redis: messages wait in Redis until received or
+/// expired. See [the module documentation](super) for when to choose it.
+pub struct RedisLayer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    /// This instance's 32 hex digits in its channel names (Python makes one
+    /// per layer instance too).
+    client_prefix: String,
+    links: Vec<Arc<Link>>,
+    state: Mutex<State>,
+    round_robin: AtomicUsize,
+    next_epoch: AtomicU64,
+    shut_down: AtomicBool,
+    group_send: Script,
+    cleanup: Script,
+}
+
+#[derive(Default)]
+struct State {
+    /// Local channel name → its buffer.
+    inboxes: HashMap<String, Inbox>,
+    /// Redis key → who reads it here.
+    keys: HashMap<String, KeyState>,
+    /// Local channel → groups it joined through this layer, to leave them
+    /// on `close_channel` and restore them after a Redis restart.
+    memberships: HashMap<String, BTreeSet<String>>,
+    /// Keys a `group_send` found at capacity and reported, until a group
+    /// message gets into them again.
+    over_capacity: HashSet<String>,
+}
+
+/// What a popper is asked for: how many receivers of a key wait on an
+/// empty buffer, and what kind of key it is.
+struct Demand {
+    plain: bool,
+    hungry: usize,
+}
+
+impl Demand {
+    fn of(readers: &KeyState) -> Demand {
+        Demand {
+            plain: readers.plain,
+            hungry: readers.hungry,
+        }
+    }
+}
+
+/// Members popped from a key, with their scores.
+type Popped = Vec<(Vec<u8>, f64)>;
+
+/// The readers of one Redis key in this process.
+struct KeyState {
+    /// Identifies this generation of the key's poppers: a popper whose
+    /// epoch is not the key's current one stops.
+    epoch: u64,
+    /// A plain channel (work queue), rather than a process's specific key.
+    plain: bool,
+    /// Local channels whose messages come from this key.
+    channels: usize,
+    /// Of those, how many have a receiver waiting on an empty buffer.
+    hungry: usize,
+    /// Wakes the key's poppers when `hungry` rises above zero, or when they
+    /// should stop.
+    demand: Arc<Notify>,
+}
+
+impl State {
+    /// Adds a local channel reading `key`, if it is new. Returns the epoch
+    /// of the key's poppers when they have to be started.
+    fn register(
+        &mut self,
+        name: &str,
+        key: &str,
+        plain: bool,
+        capacity: usize,
+        next_epoch: &AtomicU64,
+    ) -> Option<u64> {
+        if self.inboxes.contains_key(name) {
+            return None;
+        }
+        self.inboxes.insert(name.to_owned(), Inbox::new(capacity));
+        if let Some(readers) = self.keys.get_mut(key) {
+            readers.channels += 1;
+            return None;
+        }
+        let epoch = next_epoch.fetch_add(1, Ordering::Relaxed);
+        self.keys.insert(
+            key.to_owned(),
+            KeyState {
+                epoch,
+                plain,
+                channels: 1,
+                hungry: 0,
+                demand: Arc::new(Notify::new()),
+            },
+        );
+        Some(epoch)
+    }
+
+    /// Runs `change` on a channel's buffer, keeping its key's `hungry`
+    /// count right and waking the poppers when it becomes hungry.
+    fn update<R>(
+        &mut self,
+        name: &str,
+        key: &str,
+        change: impl FnOnce(&mut Inbox) -> R,
+    ) -> Option<R> {
+        let inbox = self.inboxes.get_mut(name)?;
+        let before = inbox.hungry();
+        let result = change(inbox);
+        let after = inbox.hungry();
+        if before != after
+            && let Some(readers) = self.keys.get_mut(key)
+        {
+            if after {
+                readers.hungry += 1;
+                readers.demand.notify_waiters();
+            } else {
+                readers.hungry = readers.hungry.saturating_sub(1);
+            }
+        }
+        Some(result)
+    }
+
+    /// Removes an idle local channel, returning what it still buffered, or
+    /// `None` if it is unknown or someone still waits on it.
+    fn unregister(&mut self, name: &str, key: &str) -> Option<Vec<Entry>> {
+        if self.inboxes.get(name)?.waiting > 0 {
+            return None;
+        }
+        let inbox = self.inboxes.remove(name)?;
+        if let Some(readers) = self.keys.get_mut(key) {
+            readers.channels = readers.channels.saturating_sub(1);
+            if readers.channels == 0
+                && let Some(gone) = self.keys.remove(key)
+            {
+                gone.demand.notify_waiters(); // its poppers stop
+            }
+        }
+        Some(inbox.queue.into())
+    }
+}
+
+impl RedisLayer {
+    /// Connects to every host of `config` and checks that each runs Redis
+    /// 5.0 or newer (`BZPOPMIN`). Fails with [`LayerError::Backend`] and a
+    /// one-line reason when a host is unreachable, too old, or the
+    /// configuration is invalid.
+    pub async fn connect(config: RedisConfig) -> Result<Self, LayerError> {
+        config.validate()?;
+        let mut links = Vec::with_capacity(config.hosts.len());
+        for url in &config.hosts {
+            links.push(
+                Link::connect(
+                    url,
+                    Version(5, 0),
+                    "the queue layer pops with BZPOPMIN",
+                    false,
+                    config.command_timeout,
+                    None,
+                )
+                .await?,
+            );
+        }
+        let inner = Arc::new(Inner {
+            config,
+            client_prefix: uuid4_hex(),
+            links,
+            state: Mutex::default(),
+            round_robin: AtomicUsize::new(0),
+            next_epoch: AtomicU64::new(1),
+            shut_down: AtomicBool::new(false),
+            group_send: Script::new(GROUP_SEND_LUA),
+            cleanup: Script::new(CLEANUP_LUA),
+        });
+        for (shard, link) in inner.links.iter().enumerate() {
+            let weak: Weak<Inner> = Arc::downgrade(&inner);
+            link.supervise(Arc::new(move |conn| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    match weak.upgrade() {
+                        Some(inner) => inner.restore_memberships(shard, conn).await,
+                        None => Ok(()),
+                    }
+                })
+            }));
+        }
+        Ok(RedisLayer { inner })
+    }
+
+    /// The configuration this layer runs with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// How many local channels have a buffer here right now (channels made
+    /// by `new_channel` or received on, and not closed yet): for tests and
+    /// for watching memory.
+    pub fn local_channels(&self) -> usize {
+        self.inner.lock().inboxes.len()
+    }
+}
+
+impl Drop for RedisLayer {
+    fn drop(&mut self) {
+        self.inner.shut_down.store(true, Ordering::SeqCst);
+        for link in &self.inner.links {
+            link.close();
+        }
+        for readers in self.inner.lock().keys.values() {
+            readers.demand.notify_waiters();
+        }
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every update is a few map operations that leave the maps
+        // consistent, so a panic elsewhere cannot corrupt them: carry on.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn shards(&self) -> usize {
+        self.links.len()
+    }
+
+    fn key_of(&self, channel: &str) -> String {
+        channel_key(&self.config.prefix, channel)
+    }
+
+    fn is_shut_down(&self) -> bool {
+        self.shut_down.load(Ordering::SeqCst)
+    }
+
+    /// Starts one popper per host for `key`.
+    fn spawn_poppers(self: &Arc<Self>, key: &str, epoch: u64) {
+        for shard in 0..self.shards() {
+            tokio::spawn(popper(Arc::clone(self), key.to_owned(), epoch, shard));
+        }
+    }
+
+    /// Makes `channel` local (a buffer, and poppers for its key).
+    fn register(self: &Arc<Self>, channel: &str, key: &str) {
+        let plain = !channel.contains('!');
+        let capacity = self.config.capacity_of(channel);
+        let epoch = self
+            .lock()
+            .register(channel, key, plain, capacity, &self.next_epoch);
+        if let Some(epoch) = epoch {
+            self.spawn_poppers(key, epoch);
+        }
+    }
+
+    /// Waits until receivers of `key` are hungry, or returns `None` when the
+    /// popper should stop.
+    async fn wait_for_demand(&self, key: &str, epoch: u64) -> Option<Demand> {
+        loop {
+            let notify = {
+                let state = self.lock();
+                let readers = state.keys.get(key).filter(|r| r.epoch == epoch)?;
+                if self.is_shut_down() {
+                    return None;
+                }
+                if readers.hungry > 0 {
+                    return Some(Demand::of(readers));
+                }
+                Arc::clone(&readers.demand)
+            };
+            let notified = notify.notified();
+            // Checked again now that a wake-up cannot be missed.
+            {
+                let state = self.lock();
+                let readers = state.keys.get(key).filter(|r| r.epoch == epoch)?;
+                if self.is_shut_down() {
+                    return None;
+                }
+                if readers.hungry > 0 {
+                    return Some(Demand::of(readers));
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Hands a popped member to the local buffers it is for.
+    async fn deliver(
+        &self,
+        key: &str,
+        plain: bool,
+        shard: usize,
+        member: Vec<u8>,
+        score: f64,
+        conn: &mut MultiplexedConnection,
+    ) {
+        if member.len() > self.config.max_message_size {
+            tracing::warn!(
+                key,
+                size = member.len(),
+                limit = self.config.max_message_size,
+                "dropped a message larger than max_message_size"
+            );
+            return;
+        }
+        let decoded = match codec::decode(&member, true) {
+            Ok(decoded) => decoded,
+            Err(why) => {
+                tracing::warn!(key, %why, "dropped a message this layer cannot read");
+                return;
+            }
+        };
+        if plain {
+            let name = &key[self.config.prefix.len()..];
+            let entry = Entry {
+                message: decoded.message,
+                sent_at: Some(score),
+                raw: Some(Raw {
+                    member,
+                    score,
+                    shard,
+                }),
+            };
+            let unwanted = {
+                let mut state = self.lock();
+                if self.is_shut_down() || !state.inboxes.contains_key(name) {
+                    Some(entry)
+                } else {
+                    state.update(name, key, |inbox| inbox.push(name, entry));
+                    None
+                }
+            };
+            if let Some(Entry { raw: Some(raw), .. }) = unwanted {
+                let restored = self.give_back(conn, key, &[raw]).await;
+                if let Err(err) = restored {
+                    tracing::warn!(key, %err, "could not give a popped message back to Redis");
+                }
+            }
+            return;
+        }
+        let Some(route) = decoded.route else {
+            tracing::warn!(
+                key,
+                "dropped a message without __asgi_channel__ from a process-specific key"
+            );
+            return;
+        };
+        let mut state = self.lock();
+        let last = route.len().saturating_sub(1);
+        let mut message = Some(decoded.message);
+        for (i, name) in route.iter().enumerate() {
+            let copy = if i == last {
+                message.take()
+            } else {
+                message.clone()
+            };
+            let Some(copy) = copy else { break };
+            let entry = Entry {
+                message: copy,
+                sent_at: Some(score),
+                raw: None,
+            };
+            let key = self.key_of(name);
+            if state
+                .update(name, &key, |inbox| inbox.push(name, entry))
+                .is_none()
+            {
+                tracing::debug!(channel = name, "dropped a message for a closed channel");
+            }
+        }
+    }
+
+    /// Puts popped members back into `key`, with their scores.
+    async fn give_back(
+        &self,
+        conn: &mut MultiplexedConnection,
+        key: &str,
+        raws: &[Raw],
+    ) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        for raw in raws {
+            pipe.cmd("ZADD")
+                .arg(key)
+                .arg(score_arg(raw.score))
+                .arg(&raw.member)
+                .ignore();
+        }
+        pipe.cmd("EXPIRE")
+            .arg(key)
+            .arg(self.config.expiry_secs())
+            .ignore();
+        pipe.query_async(conn).await
+    }
+
+    /// Writes again the memberships of live local channels whose group
+    /// lives on `shard` (after a reconnection: a Redis restarted without
+    /// persistence has lost them; one that kept them just gets them renewed).
+    async fn restore_memberships(
+        &self,
+        shard: usize,
+        mut conn: MultiplexedConnection,
+    ) -> Result<(), RedisError> {
+        let mut by_group: HashMap<String, Vec<String>> = HashMap::new();
+        {
+            let state = self.lock();
+            for (channel, groups) in &state.memberships {
+                for group in groups {
+                    if consistent_hash(group, self.shards()) == shard {
+                        by_group
+                            .entry(group.clone())
+                            .or_default()
+                            .push(channel.clone());
+                    }
+                }
+            }
+        }
+        if by_group.is_empty() {
+            return Ok(());
+        }
+        let now = score_arg(now_secs());
+        let mut pipe = redis::pipe();
+        for (group, channels) in &by_group {
+            let key = group_key(&self.config.prefix, group);
+            for channel in channels {
+                pipe.cmd("ZADD").arg(&key).arg(&now).arg(channel).ignore();
+            }
+            pipe.cmd("EXPIRE")
+                .arg(&key)
+                .arg(self.config.group_expiry_secs())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        tracing::info!(
+            groups = by_group.len(),
+            "restored the group memberships of live channels"
+        );
+        Ok(())
+    }
+
+    /// Remembers which keys are over capacity, and warns once per episode.
+    fn report_over_capacity(&self, group: &str, full: &[(&str, &[String], usize)], fine: &[&str]) {
+        let mut state = self.lock();
+        for key in fine {
+            state.over_capacity.remove(*key);
+        }
+        if state.over_capacity.len() > MAX_REPORTED {
+            state.over_capacity.clear();
+        }
+        for (key, names, capacity) in full {
+            if state.over_capacity.insert((*key).to_owned()) {
+                tracing::warn!(
+                    group,
+                    channels = names.join(","),
+                    capacity,
+                    "group_send skipped member channels that are at capacity \
+                     (reported once until they take a group message again)"
+                );
+            }
+        }
+    }
+}
+
+/// One popper: pops `key` on host `shard` while a receiver is hungry, for
+/// as long as the key has local channels.
+async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
+    let link = Arc::clone(&inner.links[shard]);
+    let block_secs = inner.config.block_secs();
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut delay = BACKOFF_MIN;
+    let mut outage = false;
+    loop {
+        let Some(demand) = inner.wait_for_demand(&key, epoch).await else {
+            return;
+        };
+        let Some(active) = conn.as_mut() else {
+            match open_popper(&inner, &link, &key, block_secs).await {
+                Ok(opened) => {
+                    if outage {
+                        tracing::info!(key, host = link.host(), "popper resumed");
+                    }
+                    outage = false;
+                    delay = BACKOFF_MIN;
+                    conn = Some(opened);
+                }
+                Err(err) => {
+                    if !outage {
+                        outage = true;
+                        tracing::warn!(
+                            key,
+                            host = link.host(),
+                            %err,
+                            "popper cannot reach Redis; retrying with backoff"
+                        );
+                        link.suspect();
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(BACKOFF_MAX);
+                }
+            }
+            continue;
+        };
+        match pop(active, &key, demand.hungry, block_secs).await {
+            Ok(popped) => {
+                for (member, score) in popped {
+                    inner
+                        .deliver(&key, demand.plain, shard, member, score, active)
+                        .await;
+                }
+            }
+            Err(err) => {
+                conn = None;
+                outage = true;
+                tracing::warn!(
+                    key,
+                    host = link.host(),
+                    %err,
+                    "popper lost Redis; retrying with backoff"
+                );
+                link.suspect();
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Pops for `hungry` waiting receivers: as many members as there are
+/// receivers if the key has them (one round trip for a backlog), else one
+/// blocking pop that waits up to the block timeout.
+async fn pop(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    hungry: usize,
+    block_secs: u64,
+) -> Result<Popped, RedisError> {
+    if hungry > 1 {
+        let batch: Popped = redis::cmd("ZPOPMIN")
+            .arg(key)
+            .arg(hungry)
+            .query_async(conn)
+            .await?;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+    }
+    // A blocking pop whose timeout is expected: nothing popped is no error.
+    let one: Option<(Vec<u8>, Vec<u8>, f64)> = redis::cmd("BZPOPMIN")
+        .arg(key)
+        .arg(block_secs)
+        .query_async(conn)
+        .await?;
+    Ok(one
+        .map(|(_, member, score)| vec![(member, score)])
+        .unwrap_or_default())
+}
+
+/// A popper's own connection: no response timeout at or below the block
+/// (the Python layer's fault with redis-py 8), and the in-flight backups a
+/// crashed Python receiver left in the key restored first.
+async fn open_popper(
+    inner: &Inner,
+    link: &Link,
+    key: &str,
+    block_secs: u64,
+) -> Result<MultiplexedConnection, RedisError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(
+            Duration::from_secs(block_secs) + inner.config.command_timeout,
+        ));
+    let mut conn = link
+        .client()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    inner
+        .cleanup
+        .prepare_invoke()
+        .arg(key)
+        .arg(inflight_key(key))
+        .invoke_async::<()>(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// Counts a receiver as waiting for as long as it lives, also when its
+/// future is dropped half-way.
+struct Waiting<'a> {
+    inner: &'a Inner,
+    channel: &'a str,
+    key: &'a str,
+    armed: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.inner.lock().update(self.channel, self.key, |inbox| {
+                inbox.waiting = inbox.waiting.saturating_sub(1);
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl ChannelLayer for RedisLayer {
+    async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
+        let name = queue_channel_name(prefix, &self.inner.client_prefix);
+        validate_channel_name(&name)?;
+        self.inner.register(&name, &self.inner.key_of(&name));
+        Ok(name)
+    }
+
+    async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        let specific = channel.contains('!');
+        let route = if specific {
+            Route::One(channel)
+        } else {
+            Route::None
+        };
+        let payload = codec::encode(&message, route, true, inner.config.max_message_size)?;
+        let key = inner.key_of(channel);
+        let shard = if specific {
+            // Where the receiver reads (Python hashes the full name here,
+            // which loses the message when there are several hosts).
+            consistent_hash(non_local_name(channel), inner.shards())
+        } else {
+            inner.round_robin.fetch_add(1, Ordering::Relaxed) % inner.shards()
+        };
+        let capacity = inner.config.capacity_of(channel);
+        let expiry = inner.config.expiry_secs();
+        let added = bounded("send", inner.config.command_timeout, async {
+            inner.links[shard]
+                .run(|mut conn| async move {
+                    let now = now_secs();
+                    let (count,): (usize,) = redis::pipe()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(purge_below(now, expiry))
+                        .ignore()
+                        .cmd("ZCOUNT")
+                        .arg(&key)
+                        .arg("-inf")
+                        .arg("+inf")
+                        .query_async(&mut conn)
+                        .await?;
+                    if count >= capacity {
+                        return Ok(false);
+                    }
+                    redis::pipe()
+                        .cmd("ZADD")
+                        .arg(&key)
+                        .arg(score_arg(now))
+                        .arg(payload)
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&key)
+                        .arg(expiry)
+                        .ignore()
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                    Ok(true)
+                })
+                .await
+        })
+        .await?;
+        if added {
+            Ok(())
+        } else {
+            Err(LayerError::ChannelFull {
+                channel: channel.to_owned(),
+            })
+        }
+    }
+
+    async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        if channel.contains('!')
+            && !non_local_name(channel).ends_with(&format!("{}!", inner.client_prefix))
+        {
+            return Err(LayerError::Backend(format!(
+                "cannot receive on {channel:?}: it is a process-specific channel of another \
+                 layer instance (receive on names this layer's new_channel made)"
+            )));
+        }
+        let key = inner.key_of(channel);
+        inner.register(channel, &key);
+        let arrived = {
+            let mut state = inner.lock();
+            state.update(channel, &key, |inbox| {
+                inbox.waiting += 1;
+                Arc::clone(&inbox.arrived)
+            })
+        };
+        let Some(arrived) = arrived else {
+            // Only a concurrent close_channel between the two locks gets
+            // here; the caller can simply receive again.
+            return Err(LayerError::Backend(format!("{channel:?} was closed")));
+        };
+        let mut waiting = Waiting {
+            inner,
+            channel,
+            key: &key,
+            armed: true,
+        };
+        let expiry = inner.config.expiry_secs();
+        loop {
+            // Registered before looking, so an arrival in between wakes us.
+            let notified = arrived.notified();
+            {
+                let mut state = inner.lock();
+                let taken = state.update(channel, &key, |inbox| {
+                    let entry = inbox.take(now_secs(), Some(expiry));
+                    if entry.is_some() {
+                        inbox.waiting = inbox.waiting.saturating_sub(1);
+                    }
+                    entry
+                });
+                if let Some(Some(entry)) = taken {
+                    waiting.armed = false;
+                    return Ok(entry.message);
+                }
+            }
+            notified.await;
+        }
+    }
+
+    async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        let key = group_key(&inner.config.prefix, group);
+        let shard = consistent_hash(group, inner.shards());
+        let group_expiry = inner.config.group_expiry_secs();
+        bounded("group_add", inner.config.command_timeout, async {
+            inner.links[shard]
+                .run(|mut conn| async move {
+                    redis::pipe()
+                        .cmd("ZADD")
+                        .arg(&key)
+                        .arg(score_arg(now_secs()))
+                        .arg(channel)
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&key)
+                        .arg(group_expiry)
+                        .ignore()
+                        .query_async::<()>(&mut conn)
+                        .await
+                })
+                .await
+        })
+        .await?;
+        let mut state = inner.lock();
+        if state.inboxes.contains_key(channel) {
+            state
+                .memberships
+                .entry(channel.to_owned())
+                .or_default()
+                .insert(group.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        {
+            let mut state = inner.lock();
+            if let Some(groups) = state.memberships.get_mut(channel) {
+                groups.remove(group);
+                if groups.is_empty() {
+                    state.memberships.remove(channel);
+                }
+            }
+        }
+        let key = group_key(&inner.config.prefix, group);
+        let shard = consistent_hash(group, inner.shards());
+        bounded("group_discard", inner.config.command_timeout, async {
+            inner.links[shard]
+                .run(|mut conn| async move {
+                    redis::cmd("ZREM")
+                        .arg(&key)
+                        .arg(channel)
+                        .query_async::<()>(&mut conn)
+                        .await
+                })
+                .await
+        })
+        .await
+    }
+
+    async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        let inner = &self.inner;
+        // Refuse a bad message before touching Redis.
+        codec::encode(&message, Route::None, true, inner.config.max_message_size)?;
+        bounded("group_send", inner.config.command_timeout, async {
+            let gkey = group_key(&inner.config.prefix, group);
+            let gshard = consistent_hash(group, inner.shards());
+            let group_expiry = inner.config.group_expiry_secs();
+            let members: Vec<Vec<u8>> = inner.links[gshard]
+                .run(|mut conn| async move {
+                    let (members,): (Vec<Vec<u8>>,) = redis::pipe()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&gkey)
+                        .arg(0)
+                        .arg(purge_below(now_secs(), group_expiry))
+                        .ignore()
+                        .cmd("ZRANGE")
+                        .arg(&gkey)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok(members)
+                })
+                .await?;
+
+            // One message per channel key, routed to all its members, in
+            // the order Redis listed them (as Python does).
+            let mut buckets: Vec<(String, Vec<String>)> = Vec::new();
+            let mut index: HashMap<String, usize> = HashMap::new();
+            for member in members {
+                let Ok(name) = String::from_utf8(member) else {
+                    tracing::warn!(group, "skipped a group member whose name is not UTF-8");
+                    continue;
+                };
+                let key = inner.key_of(&name);
+                match index.get(&key) {
+                    Some(&i) => buckets[i].1.push(name),
+                    None => {
+                        index.insert(key.clone(), buckets.len());
+                        buckets.push((key, vec![name]));
+                    }
+                }
+            }
+            let mut per_shard: Vec<Vec<(String, Vec<u8>, usize, Vec<String>)>> =
+                vec![Vec::new(); inner.shards()];
+            for (key, names) in buckets {
+                let payload = codec::encode(
+                    &message,
+                    Route::Many(&names),
+                    true,
+                    inner.config.max_message_size,
+                )?;
+                let capacity = inner.config.capacity_of(&names[0]);
+                let shard = consistent_hash(non_local_name(&names[0]), inner.shards());
+                per_shard[shard].push((key, payload, capacity, names));
+            }
+            let sends = per_shard
+                .into_iter()
+                .enumerate()
+                .filter(|(_, batch)| !batch.is_empty())
+                .map(|(shard, batch)| inner.group_send_on(shard, group, batch));
+            for outcome in futures_util::future::join_all(sends).await {
+                outcome?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), LayerError> {
+        let inner = &self.inner;
+        bounded("flush", inner.config.command_timeout, async {
+            let flushes = inner.links.iter().map(|link| {
+                let prefix = inner.config.prefix.clone();
+                link.run(|conn| flush_shard(conn, prefix))
+            });
+            for outcome in futures_util::future::join_all(flushes).await {
+                outcome?;
+            }
+            Ok(())
+        })
+        .await?;
+        let mut state = inner.lock();
+        let names: Vec<String> = state.inboxes.keys().cloned().collect();
+        for name in names {
+            let key = inner.key_of(&name);
+            state.update(&name, &key, |inbox| inbox.queue.clear());
+        }
+        state.memberships.clear();
+        state.over_capacity.clear();
+        Ok(())
+    }
+
+    async fn close_channel(&self, channel: &str) -> Result<(), LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        let key = inner.key_of(channel);
+        let (left, groups) = {
+            let mut state = inner.lock();
+            let Some(left) = state.unregister(channel, &key) else {
+                return Ok(()); // unknown, or someone still receives on it
+            };
+            (left, state.memberships.remove(channel).unwrap_or_default())
+        };
+        let raws: Vec<Raw> = left.into_iter().filter_map(|entry| entry.raw).collect();
+        bounded("close_channel", inner.config.command_timeout, async {
+            // What a plain channel popped but nobody took goes back to
+            // Redis for another receiver.
+            let mut by_shard: HashMap<usize, Vec<Raw>> = HashMap::new();
+            for raw in raws {
+                by_shard.entry(raw.shard).or_default().push(raw);
+            }
+            for (shard, raws) in by_shard {
+                let key = &key;
+                inner.links[shard]
+                    .run(|mut conn| async move { inner.give_back(&mut conn, key, &raws).await })
+                    .await?;
+            }
+            // Left in a group, the channel would keep getting group
+            // messages nobody reads until its membership expires.
+            for group in groups {
+                let gkey = group_key(&inner.config.prefix, &group);
+                let shard = consistent_hash(&group, inner.shards());
+                inner.links[shard]
+                    .run(|mut conn| async move {
+                        redis::cmd("ZREM")
+                            .arg(&gkey)
+                            .arg(channel)
+                            .query_async::<()>(&mut conn)
+                            .await
+                    })
+                    .await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    fn group_expiry(&self) -> Option<Duration> {
+        Some(self.inner.config.group_expiry)
+    }
+}
+
+impl Inner {
+    /// The per-host half of `group_send`: purge, then the Lua script, then
+    /// (only if something was over capacity) find out which keys were.
+    async fn group_send_on(
+        &self,
+        shard: usize,
+        group: &str,
+        batch: Vec<(String, Vec<u8>, usize, Vec<String>)>,
+    ) -> Result<(), LayerError> {
+        let expiry = self.config.expiry_secs();
+        let script = &self.group_send;
+        let batch = &batch;
+        let counts: Option<Vec<usize>> = self.links[shard]
+            .run(|mut conn| async move {
+                let now = now_secs();
+                let mut purge = redis::pipe();
+                purge.atomic();
+                for (key, ..) in batch {
+                    purge
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(key)
+                        .arg(0)
+                        .arg(purge_below(now, expiry))
+                        .ignore();
+                }
+                purge.query_async::<()>(&mut conn).await?;
+                let mut invocation = script.prepare_invoke();
+                for (key, ..) in batch {
+                    invocation.key(key);
+                }
+                for (_, payload, ..) in batch {
+                    invocation.arg(payload);
+                }
+                for (_, _, capacity, _) in batch {
+                    invocation.arg(*capacity);
+                }
+                invocation.arg(score_arg(now)).arg(expiry);
+                let over: usize = invocation.invoke_async(&mut conn).await?;
+                if over == 0 {
+                    return Ok(None);
+                }
+                let mut count = redis::pipe();
+                for (key, ..) in batch {
+                    count.cmd("ZCOUNT").arg(key).arg("-inf").arg("+inf");
+                }
+                Ok(Some(count.query_async(&mut conn).await?))
+            })
+            .await?;
+        let mut full = Vec::new();
+        let mut fine = Vec::new();
+        for (i, (key, _, capacity, names)) in batch.iter().enumerate() {
+            let at_capacity = counts
+                .as_ref()
+                .and_then(|counts| counts.get(i))
+                .is_some_and(|count| count >= capacity);
+            if at_capacity {
+                full.push((key.as_str(), names.as_slice(), *capacity));
+            } else {
+                fine.push(key.as_str());
+            }
+        }
+        self.report_over_capacity(group, &full, &fine);
+        Ok(())
+    }
+}
+
+/// `flush` on one host: `SCAN` (never `KEYS`, which blocks Redis and is
+/// often denied by ACLs) for `{prefix}*`, keep the keys that are
+/// structurally ours, `UNLINK` them in batches.
+async fn flush_shard(mut conn: MultiplexedConnection, prefix: String) -> Result<(), RedisError> {
+    let pattern = format!("{}*", escape_glob(&prefix));
+    let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        found.extend(keys);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let longer: Vec<String> = found
+        .iter()
+        .filter_map(|key| longer_prefix_of(key, &prefix))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let doomed: Vec<&Vec<u8>> = found
+        .iter()
+        .filter(|key| flushable(key, &prefix, &longer))
+        .collect();
+    for batch in doomed.chunks(UNLINK_BATCH) {
+        redis::cmd("UNLINK")
+            .arg(batch)
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    tracing::debug!(
+        prefix,
+        deleted = doomed.len(),
+        kept = found.len() - doomed.len(),
+        "flushed one host"
+    );
+    Ok(())
+}

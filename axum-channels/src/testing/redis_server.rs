@@ -1,0 +1,240 @@
+//! [`RedisServer`]: a throwaway `redis-server` for tests (features `testing`
+//! and `redis`).
+//!
+//! Each test starts its own server on a free port of 127.0.0.1 (never 6379,
+//! never a fixed port), with no persistence and a temporary directory of its
+//! own, so tests run in parallel without seeing each other's keys. The
+//! server is killed when the value is dropped, also when the test panics.
+//!
+//! Without `redis-server` on `PATH`, [`RedisServer::start`] says loudly that
+//! the test is skipped and returns `None`, so `cargo test` works on any
+//! machine; under `CI=true` it panics instead, since CI installs Redis.
+//!
+//! ```no_run
+//! use axum_channels::testing::RedisServer;
+//!
+//! # async fn demo() {
+//! let Some(mut redis) = RedisServer::start() else {
+//!     return; // skipped, and said so on stderr
+//! };
+//! let url = redis.url(); // redis://127.0.0.1:PORT
+//! redis.kill(); // as if it crashed
+//! redis.restart(); // the same port again, empty
+//! # let _ = url;
+//! # }
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a starting server may take to answer `PING`.
+const STARTUP: Duration = Duration::from_secs(10);
+
+/// A `redis-server` process of this test's own, killed on drop.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts `redis-server` on a free port and waits until it answers
+    /// `PING`. Returns `None`, after a notice on stderr, when `redis-server`
+    /// is not installed; panics instead when `CI` is set (other than to
+    /// `false` or `0`), and when an installed server cannot be started.
+    pub fn start() -> Option<RedisServer> {
+        if !installed() {
+            let hint = "install it with `apt-get install redis-server`";
+            if in_ci() {
+                panic!("redis-server is required in CI: {hint}");
+            }
+            // Straight to stderr: the test harness captures `eprintln!` of
+            // passing tests, and a skip must not pass unnoticed.
+            let note = format!(
+                "Redis test skipped: redis-server is not installed ({hint}); \
+                 with CI=true this is a failure\n"
+            );
+            let _ = std::io::stderr().write_all(note.as_bytes());
+            return None;
+        }
+        let dir = temp_dir();
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
+        let mut server = RedisServer {
+            port: 0,
+            dir,
+            child: None,
+        };
+        // Another test may take the free port between our probe and the
+        // server's bind: then try another.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            server.port = free_port();
+            match server.spawn() {
+                Ok(()) => return Some(server),
+                Err(err) => last_error = err,
+            }
+        }
+        panic!("could not start redis-server: {last_error}");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Kills the server at once (`SIGKILL`), as a crash would: clients see
+    /// their connections reset. The port stays this server's, for
+    /// [`restart`](Self::restart).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server politely (`SHUTDOWN NOSAVE`), or kills it if it
+    /// does not stop within 5 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = command(self.port, "SHUTDOWN NOSAVE");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Starts the server again on the same port, empty (it persists
+    /// nothing), after stopping it if it still runs. Waits until it answers
+    /// `PING`; panics if it cannot start within 10 s.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                // The old socket may take a moment to be released.
+                Err(err) if Instant::now() >= deadline => {
+                    panic!(
+                        "could not restart redis-server on port {}: {err}",
+                        self.port
+                    )
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// True while the server process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// Starts the process on `self.port` and waits for `PING`.
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = self.dir.join("redis.log");
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|err| format!("cannot run redis-server: {err}"))?;
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(3).collect();
+                return Err(format!(
+                    "redis-server exited with {status} on port {}: {}",
+                    self.port,
+                    tail.join(" | ")
+                ));
+            }
+            if command(self.port, "PING").is_ok_and(|reply| reply.starts_with("+PONG")) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "no answer to PING on port {} within {STARTUP:?}",
+                    self.port
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn installed() -> bool {
+    Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "0" | "false"))
+}
+
+/// A port that was free a moment ago (the OS picks it for port 0).
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("bind a free port on 127.0.0.1")
+}
+
+fn temp_dir() -> PathBuf {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("axum-channels-redis-{}-{n}", std::process::id()))
+}
+
+/// Sends one inline command and reads the first line of the reply.
+fn command(port: u16, line: &str) -> std::io::Result<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
+    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+    stream.write_all(format!("{line}\r\n").as_bytes())?;
+    let mut reply = [0u8; 64];
+    let n = stream.read(&mut reply)?;
+    Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
+}
