@@ -36,8 +36,11 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt;
 
+mod process;
 #[cfg(feature = "redis")]
 mod redis_server;
+
+pub use process::ServerProcess;
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
 
@@ -101,26 +104,7 @@ impl TestServer {
         path: &str,
         transcript: &Transcript,
     ) -> Result<TestClient, StatusCode> {
-        let prefix = if name.is_empty() {
-            String::new()
-        } else {
-            format!("{name} ")
-        };
-        transcript.push(format!("{prefix}connect {path}"));
-        match tokio_tungstenite::connect_async(self.ws_url(path)).await {
-            Ok((ws, _response)) => Ok(TestClient {
-                ws,
-                prefix,
-                transcript: transcript.clone(),
-                timeout: DEFAULT_TIMEOUT,
-            }),
-            Err(tungstenite::Error::Http(response)) => {
-                let status = response.status();
-                transcript.push(format!("{prefix}refused: HTTP {status}"));
-                Err(status)
-            }
-            Err(err) => panic!("{path}: cannot connect: {err}"),
-        }
+        TestClient::connect_url(&self.ws_url(path), name, path, transcript).await
     }
 
     /// Sends `GET path` to the app (no network needed for plain HTTP).
@@ -238,6 +222,37 @@ pub struct TestClient {
 }
 
 impl TestClient {
+    /// Connects a client called `name` to `url` (whose path, for the
+    /// transcript, is `path`); the HTTP status if the handshake is refused,
+    /// recorded too.
+    pub async fn connect_url(
+        url: &str,
+        name: &str,
+        path: &str,
+        transcript: &Transcript,
+    ) -> Result<TestClient, StatusCode> {
+        let prefix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("{name} ")
+        };
+        transcript.push(format!("{prefix}connect {path}"));
+        match tokio_tungstenite::connect_async(url).await {
+            Ok((ws, _response)) => Ok(TestClient {
+                ws,
+                prefix,
+                transcript: transcript.clone(),
+                timeout: DEFAULT_TIMEOUT,
+            }),
+            Err(tungstenite::Error::Http(response)) => {
+                let status = response.status();
+                transcript.push(format!("{prefix}refused: HTTP {status}"));
+                Err(status)
+            }
+            Err(err) => panic!("{path}: cannot connect: {err}"),
+        }
+    }
+
     /// This client's transcript.
     pub fn transcript(&self) -> &Transcript {
         &self.transcript
