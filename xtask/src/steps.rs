@@ -240,11 +240,15 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
     let mut children = Children::default();
     let redis_port = free_port()?;
     let log = std::env::temp_dir().join(format!("redis-{redis_port}.log"));
-    let redis = Command::new("redis-server")
+    let mut redis = Command::new("redis-server");
+    redis
         .args(redis_args(redis_port, &log))
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    out_of_reach_of_ctrl_c(&mut redis);
+    let redis = redis
         .spawn()
         .map_err(|e| fail(format!("cannot start redis-server: {e}")))?;
+    let redis_pid = redis.id();
     children.add("redis-server", redis);
     wait_for_redis(redis_port, &log, &mut children)?;
     let url = format!("redis://127.0.0.1:{redis_port}");
@@ -270,6 +274,13 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
             .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
         children.add(name, child);
     }
+    let others: Vec<u32> = children.0[1..]
+        .iter()
+        .map(|(_, child)| child.id())
+        .collect();
+    if let Some(stopper) = stop_redis_last(redis_pid, &others) {
+        children.add("stopper", stopper);
+    }
     println!("Press Ctrl+C to stop them all.");
 
     let (name, status) = children.wait_any();
@@ -281,6 +292,43 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
             "the {name} stopped ({status}); the others were stopped too"
         )))
     }
+}
+
+/// Waits, out of reach of Ctrl+C, until xtask and then the processes
+/// `others` are gone, and only then stops Redis (process `redis`).
+///
+/// Ctrl+C goes to every process of the terminal's foreground group. xtask,
+/// being std-only, cannot catch it, so it dies at once, while the server and
+/// the worker stop gracefully; the worker still talks to Redis as it stops
+/// (it hands back the jobs it took but did not start). So Redis runs in a
+/// process group of its own, where Ctrl+C does not reach it, and this small
+/// shell script, in another, stops it last. `None` where there is no `sh`:
+/// then Redis simply gets Ctrl+C too.
+fn stop_redis_last(redis: u32, others: &[u32]) -> Option<Child> {
+    const SCRIPT: &str = r#"xtask=$1; redis=$2; shift 2
+while kill -0 "$xtask" 2>/dev/null; do sleep 0.2; done
+for pid in "$@"; do while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done; done
+kill "$redis""#;
+    let mut stopper = Command::new("sh");
+    stopper
+        .args(["-c", SCRIPT, "stop-redis-last"])
+        .arg(std::process::id().to_string())
+        .arg(redis.to_string())
+        .args(others.iter().map(u32::to_string))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    out_of_reach_of_ctrl_c(&mut stopper);
+    stopper.spawn().ok()
+}
+
+/// Puts the process `cmd` starts in a process group of its own, so that
+/// Ctrl+C in the terminal does not reach it.
+fn out_of_reach_of_ctrl_c(cmd: &mut Command) {
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(cmd, 0);
+    #[cfg(not(unix))]
+    let _ = cmd;
 }
 
 fn redis_installed() -> bool {
@@ -381,7 +429,8 @@ impl Children {
         }
     }
 
-    /// Kills the children still running, the last started first.
+    /// Kills the children still running, the last started first (the
+    /// stopper of Redis, if there is one, before anything else).
     fn stop_all(&mut self) {
         for (_, child) in self.0.iter_mut().rev() {
             let _ = child.kill();
