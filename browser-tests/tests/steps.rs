@@ -1,8 +1,11 @@
 //! Each step's page in a real browser: what a reader sees after
 //! `cargo xtask step NN`.
 
+use std::time::Duration;
+
 use axum_channels::testing::TestServer;
 use browser_tests::Browser;
+use step_03_background_jobs::{Backends, app_with};
 
 #[tokio::test]
 async fn step_00_panels_say_which_step_adds_their_endpoint() {
@@ -158,5 +161,100 @@ async fn step_02_shows_why_a_room_name_is_refused() {
         status.contains("Room names are 1 to 64 characters"),
         "{status}"
     );
+    browser.close().await;
+}
+
+/// Queues a job from the job panel, as a reader would.
+async fn queue_job(browser: &Browser, kind: &str, content: &str) {
+    let select = format!("(document.querySelector('#job-type').value = '{kind}', true)");
+    browser.eval(&select).await;
+    browser.fill("#job-input", content).await;
+    browser.click("#job-send").await;
+}
+
+#[tokio::test]
+async fn step_03_runs_each_kind_of_job() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    // The original's jobs, without the original's seconds of waiting.
+    let backends = Backends::in_memory(Some(Duration::from_millis(50)));
+    let server = TestServer::start(app_with(backends)).await;
+    browser.open(&format!("http://{}/", server.addr())).await;
+    browser.wait_for_state("job", "open").await;
+    assert_eq!(
+        browser.text("#job-status").await,
+        "🔄 Background Job Processor: Connected!"
+    );
+
+    let jobs = [
+        ("default", "hello", "✅ Processed: HELLO"),
+        ("translate", "hello", "🌍 Translated: 'hello' → 'hola'"),
+        (
+            "analyze",
+            "Hello world",
+            "📊 Analysis of 'Hello world':\n• Characters: 11\n• Words: 2\n• Vowels: 3\n• Consonants: 7",
+        ),
+        (
+            "generate",
+            "what about the weather",
+            "🤖 AI Response to 'what about the weather':\nThe weather is looking great today! Perfect for a walk outside.",
+        ),
+    ];
+    for (kind, content, result) in jobs {
+        queue_job(&browser, kind, content).await;
+        wait_for_entry(&browser, "#job-log", result).await;
+    }
+    let log = browser.log("#job-log").await;
+    assert_eq!(log[0], "🔄 Background Job Processor: Connected!");
+    assert_eq!(log[1], "⏳ Queuing default job: hello");
+    assert!(log[2].starts_with("📋 Job "), "{log:?}");
+    assert_eq!(log[3], "✅ Processed: HELLO");
+    assert_eq!(log.len(), 1 + 3 * jobs.len(), "{log:?}");
+
+    // Each result wears the badge of its job, the same as its "queued" line.
+    let badges = browser
+        .eval(
+            "[...document.querySelectorAll('#job-log li.log-result')].map(li => \
+             [li.dataset.job, getComputedStyle(li, '::before').content, \
+              [...document.querySelectorAll('#job-log li')].some(other => \
+                other !== li && other.dataset.jobId === li.dataset.jobId)])",
+        )
+        .await;
+    let badges = badges.as_array().expect("a list");
+    assert_eq!(badges.len(), jobs.len());
+    for badge in badges {
+        let job = badge[0].as_str().expect("a data-job attribute");
+        assert!(job.starts_with('…') && job.chars().count() == 7, "{badge}");
+        assert_eq!(badge[1], format!("\"job {job}\""), "{badge}");
+        assert_eq!(badge[2], true, "no queued line for {badge}");
+    }
+
+    // Bad input gets a clear error, and the panel keeps working.
+    queue_job(&browser, "default", &"x".repeat(1001)).await;
+    wait_for_entry(
+        &browser,
+        "#job-log",
+        "❌ The content is 1001 characters long; the limit is 1000. Send a shorter text",
+    )
+    .await;
+    queue_job(&browser, "default", "still here").await;
+    wait_for_entry(&browser, "#job-log", "✅ Processed: STILL HERE").await;
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn step_03_keeps_the_earlier_panels() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let server = TestServer::start(step_03_background_jobs::app()).await;
+    browser.open(&format!("http://{}/", server.addr())).await;
+    browser.wait_for_state("system", "open").await;
+    browser.type_and_enter("#system-input", "hello").await;
+    wait_for_entry(&browser, "#system-log", "🔧 System Echo: hello").await;
+    browser.wait_for_state("room", "idle").await;
+    join_room(&browser, "general").await;
+    wait_for_entry(&browser, "#room-log", "🚪 Someone joined room 'general'").await;
     browser.close().await;
 }

@@ -421,6 +421,12 @@ function setupRoom() {
   return channel;
 }
 
+// The end of a job id is enough to tell jobs apart (a ULID ends in random
+// characters) and short enough for a badge on a phone.
+function shortJobId(id) {
+  return typeof id === 'string' && id !== '' ? `…${id.slice(-6)}` : undefined;
+}
+
 function setupJobs() {
   const typeSelect = $('job-type');
   const input = $('job-input');
@@ -440,7 +446,9 @@ function setupJobs() {
         return;
       }
       const message = asText(frame.message);
-      const data = { jobId: frame.job_id, status: frame.status };
+      // `job` is shown as a badge on the "queued" line and on the result,
+      // so a reader can tell which result answers which job.
+      const data = { jobId: frame.job_id, job: shortJobId(frame.job_id), status: frame.status };
       if (frame.type === 'job_result') {
         api.log(message, 'result', data);
       } else if (frame.status === 'error') {
