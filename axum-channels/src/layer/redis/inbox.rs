@@ -73,6 +73,7 @@ impl Inbox {
         if self.queue.len() >= self.capacity {
             self.queue.pop_front();
             self.dropped += 1;
+            metrics::counter!("axum_channels_layer_buffer_dropped_total").increment(1);
             if !self.overflow_reported {
                 self.overflow_reported = true;
                 tracing::warn!(

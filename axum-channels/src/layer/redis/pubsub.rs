@@ -113,6 +113,7 @@ impl Shared {
         let name = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
         if payload.len() > self.config.max_message_size {
+            metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
             tracing::warn!(
                 channel = name,
                 size = payload.len(),
@@ -124,6 +125,7 @@ impl Shared {
         let message = match codec::decode(payload, false) {
             Ok(decoded) => decoded.message,
             Err(why) => {
+                metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
                 tracing::warn!(channel = name, %why, "dropped a message this layer cannot read");
                 return;
             }

@@ -367,6 +367,7 @@ impl Inner {
         conn: &mut MultiplexedConnection,
     ) {
         if member.len() > self.config.max_message_size {
+            metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
             tracing::warn!(
                 key,
                 size = member.len(),
@@ -378,6 +379,7 @@ impl Inner {
         let decoded = match codec::decode(&member, true) {
             Ok(decoded) => decoded,
             Err(why) => {
+                metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
                 tracing::warn!(key, %why, "dropped a message this layer cannot read");
                 return;
             }
@@ -519,6 +521,7 @@ impl Inner {
             state.over_capacity.clear();
         }
         for (key, names, capacity) in full {
+            metrics::counter!("axum_channels_layer_channel_full_total").increment(1);
             if state.over_capacity.insert((*key).to_owned()) {
                 tracing::warn!(
                     group,
@@ -740,6 +743,7 @@ impl ChannelLayer for RedisLayer {
         if added {
             Ok(())
         } else {
+            metrics::counter!("axum_channels_layer_channel_full_total").increment(1);
             Err(LayerError::ChannelFull {
                 channel: channel.to_owned(),
             })
