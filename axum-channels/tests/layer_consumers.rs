@@ -317,9 +317,9 @@ async fn invalid_json_gets_an_error_frame_and_the_connection_stays_open() {
 }
 
 /// A consumer's memberships are renewed while its connection lives, so it
-/// keeps hearing its group long after `group_expiry` (the Redis layers'
-/// default is one day; here it is 150 ms). A channel added to the same group
-/// by hand, and never renewed, lapses: that shows the expiry is real.
+/// keeps hearing its group long after `group_expiry` (the default is one
+/// day; here it is 150 ms). A channel added to the same group by hand, and
+/// never renewed, lapses: that shows the expiry is real.
 #[tokio::test]
 async fn live_connections_keep_their_groups_past_the_group_expiry() {
     let group_expiry = Duration::from_millis(150);
@@ -327,14 +327,21 @@ async fn live_connections_keep_their_groups_past_the_group_expiry() {
         group_expiry,
         ..Default::default()
     }));
+    keeps_its_groups_past_the_group_expiry(layer, group_expiry * 4).await;
+}
+
+/// The check behind the test above, for any layer whose memberships lapse:
+/// a live connection still hears its group after `wait` (several expiry
+/// periods: a configured delay, not a timing check); a membership nobody
+/// renews does not.
+async fn keeps_its_groups_past_the_group_expiry(layer: Arc<dyn ChannelLayer>, wait: Duration) {
     let layers = Layers::new().with_shared("lobby", layer.clone());
     let server = TestServer::start(Router::new().route("/lobby", layers.route::<Lobby>())).await;
     let mut member = server.connect("/lobby").await;
     assert_eq!(member.recv_text().await, "lobby: joined");
     layer.group_add("lobby", "unrenewed").await.unwrap();
 
-    // Several expiry periods pass (a configured delay, not a timing check).
-    tokio::time::sleep(group_expiry * 4).await;
+    tokio::time::sleep(wait).await;
 
     layer
         .group_send(
@@ -353,6 +360,151 @@ async fn live_connections_keep_their_groups_past_the_group_expiry() {
         first["text"], "x",
         "the unrenewed member's lapsed membership got no group message"
     );
+}
+
+/// The same consumers on the Redis layers: memberships renewed in Redis,
+/// and a Redis that goes away and comes back while clients are connected.
+#[cfg(feature = "redis")]
+mod on_redis {
+    use axum_channels::NoEvents;
+    use axum_channels::layer::LayerError;
+    use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
+    use axum_channels::testing::RedisServer;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn config(server: &RedisServer) -> RedisConfig {
+        RedisConfig {
+            block_timeout: Duration::from_secs(1),
+            ..RedisConfig::new(server.url())
+        }
+    }
+
+    /// On the queue layer, with a group expiry of 2 s: on the wire that is
+    /// whole seconds, so a membership lasts 2 to 3 s, and the runner renews
+    /// it every second. After 5 s the live member still hears the room.
+    #[tokio::test]
+    async fn the_queue_layer_keeps_live_memberships_past_the_group_expiry() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let layer = RedisLayer::connect(RedisConfig {
+            group_expiry: Duration::from_secs(2),
+            ..config(&server)
+        })
+        .await
+        .unwrap();
+        keeps_its_groups_past_the_group_expiry(Arc::new(layer), Duration::from_secs(5)).await;
+    }
+
+    /// Step 01's echo: no channel layer.
+    struct Echo;
+
+    impl Consumer for Echo {
+        type Event = NoEvents;
+
+        fn new(_scope: &Scope) -> Self {
+            Echo
+        }
+
+        async fn connect(&mut self, socket: &mut Socket) -> Result<()> {
+            socket.accept().await
+        }
+
+        async fn receive(&mut self, socket: &mut Socket, frame: Frame) -> Result<()> {
+            match frame {
+                Frame::Text(text) => socket.send_text(text).await,
+                Frame::Binary(_) => Ok(()),
+            }
+        }
+    }
+
+    /// Kills redis-server under an app with a lobby member and an echo
+    /// client, then starts it again on the same port.
+    async fn survives_a_redis_restart(server: &mut RedisServer, layer: Arc<dyn ChannelLayer>) {
+        let layers = Layers::new().with_shared("lobby", layer.clone());
+        let app = Router::new()
+            .route("/lobby", layers.route::<Lobby>())
+            .route("/echo", route::<Echo>());
+        let http = TestServer::start(app).await;
+        let mut member = http.connect("/lobby").await;
+        assert_eq!(member.recv_text().await, "lobby: joined");
+        let mut echo = http.connect("/echo").await;
+
+        server.kill();
+        echo.send_text("still there?").await;
+        assert_eq!(
+            echo.recv_text().await,
+            "still there?",
+            "the echo does not need Redis"
+        );
+        let started = Instant::now();
+        let failed = layer
+            .group_send("lobby", message(json!({"type": "say", "text": "lost"})))
+            .await;
+        assert!(matches!(failed, Err(LayerError::Backend(_))), "{failed:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "a layer call failed only after {:?}",
+            started.elapsed()
+        );
+        let refused = http.try_connect_as("", "/lobby", &Default::default()).await;
+        assert_eq!(
+            refused.err().map(|status| status.as_u16()),
+            Some(500),
+            "a new lobby member cannot join while Redis is away"
+        );
+        echo.send_text("and now?").await;
+        assert_eq!(echo.recv_text().await, "and now?");
+
+        server.restart();
+        let restarted = Instant::now();
+        let mut n = 0;
+        loop {
+            assert!(
+                restarted.elapsed() < Duration::from_secs(5),
+                "the lobby heard nothing within 5 s of Redis coming back\n{}",
+                member.transcript()
+            );
+            // Until the layer has reconnected (and resubscribed, or written
+            // the membership Redis lost again), sends fail or are lost.
+            let text = format!("back {n}");
+            let _ = layer
+                .group_send("lobby", message(json!({"type": "say", "text": text})))
+                .await;
+            n += 1;
+            if let Some(received) = member.try_recv(Duration::from_millis(100)).await {
+                let Received::Text(text) = received else {
+                    panic!("the member got {received}");
+                };
+                assert!(text.starts_with("lobby: back "), "{text}");
+                break;
+            }
+        }
+        let mut newcomer = http.connect("/lobby").await;
+        assert_eq!(newcomer.recv_text().await, "lobby: joined");
+        echo.send_text("bye").await;
+        assert_eq!(echo.recv_text().await, "bye");
+    }
+
+    #[tokio::test]
+    async fn the_queue_layer_survives_a_redis_restart_under_live_clients() {
+        let Some(mut server) = RedisServer::start() else {
+            return;
+        };
+        let layer = RedisLayer::connect(config(&server)).await.unwrap();
+        survives_a_redis_restart(&mut server, Arc::new(layer)).await;
+    }
+
+    #[tokio::test]
+    async fn the_pubsub_layer_survives_a_redis_restart_under_live_clients() {
+        let Some(mut server) = RedisServer::start() else {
+            return;
+        };
+        let layer = RedisPubSubLayer::connect(config(&server)).await.unwrap();
+        survives_a_redis_restart(&mut server, Arc::new(layer)).await;
+    }
 }
 
 /// A type marked `LayerEvent` that is not tagged by `"type"` is refused at
