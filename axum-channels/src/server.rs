@@ -59,8 +59,9 @@ pub async fn serve(listener: TcpListener, app: Router) -> io::Result<()> {
 
 /// Resolves on Ctrl+C or, on Unix, SIGTERM (what `kill` and container
 /// runtimes send). If no handler can be installed, it never resolves, and
-/// the server runs until it is killed.
-async fn shutdown_signal() {
+/// the server runs until it is killed. Public for processes that stop the
+/// same way without serving, such as a job worker.
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;

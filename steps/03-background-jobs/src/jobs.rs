@@ -37,6 +37,7 @@ use ulid::Ulid;
 
 use axum_channels::LayerEvent;
 use axum_channels::layer::{ChannelLayer, Layers, to_layer_message};
+use axum_channels::server::shutdown_signal;
 
 use crate::config::Config;
 use crate::layers;
@@ -265,7 +266,7 @@ impl Backends {
     pub async fn from_config(config: &Config) -> Result<Backends, String> {
         match &config.redis_url {
             None => Ok(Backends::in_memory(config.job_delay)),
-            Some(url) => Backends::redis(url).await,
+            Some(url) => Backends::redis(url, config.worker_heartbeat).await,
         }
     }
 
@@ -292,12 +293,12 @@ impl Backends {
 
     /// Jobs wait in Redis for `worker` processes; results come back through
     /// Redis pub/sub.
-    async fn redis(url: &str) -> Result<Backends, String> {
+    async fn redis(url: &str, heartbeat: Duration) -> Result<Backends, String> {
         let layers = layers::setup_redis(url).await?;
         let connection = apalis_redis::connect(url)
             .await
             .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-        let storage = RedisStorage::new(connection).with_config(queue_config(Duration::ZERO));
+        let storage = RedisStorage::new(connection).with_config(queue_config(heartbeat));
         Ok(Backends {
             layers,
             queue: JobQueue::Redis(Box::new(storage)),
@@ -306,6 +307,7 @@ impl Backends {
 }
 // ANCHOR_END: backends
 
+// ANCHOR: memory_queue
 /// The in-process queue: a channel whose sending half the consumers share,
 /// and whose receiving half apalis's `MemoryStorage` reads for the workers.
 /// (`MemoryStorage::new` keeps its sending half to itself, and the workers
@@ -319,20 +321,21 @@ fn memory_queue() -> (UnboundedSender<Task<Job>>, MemoryStorage<Job>) {
         MemoryStorage::new_with(storage_sink, receiver.boxed()),
     )
 }
+// ANCHOR_END: memory_queue
 
+// ANCHOR: queue_config
 /// The Redis queue's settings, the same for the server and every worker.
 fn queue_config(heartbeat: Duration) -> apalis_redis::Config {
-    let config = apalis_redis::Config::default()
+    apalis_redis::Config::default()
         .queue(QUEUE)
         // Take one job per free slot, so that several workers share the work.
         .batch_size(1)
-        .missed_heartbeats(MISSED_HEARTBEATS);
-    if heartbeat.is_zero() {
-        config
-    } else {
-        config.heartbeat_interval(heartbeat)
-    }
+        // A worker silent for 3 heartbeats is taken for dead, and the jobs
+        // it held go back to the queue for the others.
+        .heartbeat_interval(heartbeat)
+        .missed_heartbeats(MISSED_HEARTBEATS)
 }
+// ANCHOR_END: queue_config
 
 // ANCHOR: run_worker
 /// Runs a worker on the Redis queue until Ctrl+C: the `worker` binary.
@@ -359,10 +362,14 @@ pub async fn run_worker(config: &Config) -> Result<(), String> {
         .concurrency(CONCURRENCY)
         .parallelize(tokio::spawn)
         .build(run_job);
-    // On Ctrl+C the worker takes no new job, finishes the ones it runs, and
-    // puts back the ones it had taken but not started.
+    // On Ctrl+C or SIGTERM the worker takes no new job, finishes the ones
+    // it runs, and puts back the ones it had taken but not started.
+    let stop = async {
+        shutdown_signal().await;
+        Ok::<(), std::io::Error>(())
+    };
     worker
-        .run_until(tokio::signal::ctrl_c())
+        .run_until(stop)
         .await
         .map_err(|e| format!("the worker stopped: {e}"))?;
     tracing::info!(name, "stopped");
@@ -370,6 +377,7 @@ pub async fn run_worker(config: &Config) -> Result<(), String> {
 }
 // ANCHOR_END: run_worker
 
+// ANCHOR: worker_storage
 /// The queue as a worker reads it: besides the storage, a subscription to
 /// the queue's "job available" notices, so an idle worker wakes the moment
 /// a job is queued instead of asking Redis again and again. (Notices come
@@ -391,6 +399,7 @@ async fn redis_worker_storage(
     BackendFactory::<Job>::create_with_config(&mut factory, queue_config(heartbeat))
         .map_err(unreachable)
 }
+// ANCHOR_END: worker_storage
 
 #[cfg(test)]
 mod tests {

@@ -156,6 +156,41 @@ async fn a_job_whose_worker_is_killed_runs_again() {
     assert_snapshot!("a_job_whose_worker_is_killed_runs_again", jobs.transcript());
 }
 
+#[cfg(unix)]
+#[tokio::test]
+async fn a_worker_told_to_stop_finishes_its_job_first() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let jobs = start_server(&redis).await;
+    let mut worker = Worker::start(&redis, Duration::from_secs(1));
+    worker.wait_for("waiting for jobs").await;
+    let mut alice = jobs.connect("alice").await;
+    let id = alice.queue("default", "last one").await;
+    worker.wait_for("job started").await;
+
+    // SIGTERM, as `kill`, systemd or Docker would send.
+    let sent = Command::new("kill")
+        .args(["-TERM", &worker.child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+    alice.expect_result(&id).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = worker.child.try_wait().expect("poll the worker") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            worker.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status}:\n{}", worker.output());
+}
+
 #[tokio::test]
 async fn several_workers_share_the_queue() {
     let Some(redis) = RedisServer::start() else {
