@@ -51,10 +51,10 @@ impl ServerProcess {
         let log = Arc::clone(&output);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = listening_address(&line) {
-                    if let Some(ready) = ready.take() {
-                        let _ = ready.send(addr);
-                    }
+                if let Some(addr) = listening_address(&line)
+                    && let Some(ready) = ready.take()
+                {
+                    let _ = ready.send(addr);
                 }
                 log.lock().unwrap().push_str(&(line + "\n"));
             }
