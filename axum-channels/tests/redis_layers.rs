@@ -1153,3 +1153,45 @@ mod redis_goes_away {
         survives_a_restart(&mut server, layer, &logs).await;
     }
 }
+
+mod harness {
+    //! `RedisServer` itself, which other tests (the Python interop ones
+    //! too) rely on.
+
+    use std::net::TcpStream;
+
+    use super::*;
+
+    #[test]
+    fn a_redis_server_stops_and_restarts_on_its_own_port() {
+        let Some(mut server) = RedisServer::start() else {
+            return;
+        };
+        let port = server.port();
+        assert_ne!(port, 6379, "never the machine's default port");
+        assert_eq!(server.url(), format!("redis://127.0.0.1:{port}"));
+        assert!(server.is_running());
+
+        server.stop();
+        assert!(!server.is_running());
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "nothing listens after stop()"
+        );
+        server.restart();
+        assert!(server.is_running());
+        assert_eq!(server.port(), port, "restart() keeps the port");
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
+
+        server.kill();
+        assert!(!server.is_running());
+        server.restart();
+        let other = RedisServer::start().expect("a second server");
+        assert_ne!(other.port(), port, "two servers, two ports");
+        drop(server);
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "dropping the server kills it"
+        );
+    }
+}

@@ -341,6 +341,20 @@ impl Inner {
     }
 }
 
+/// Forgets a channel `new_channel` could not finish making.
+struct Unmade<'a> {
+    shared: &'a Shared,
+    channel: Option<&'a str>,
+}
+
+impl Drop for Unmade<'_> {
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel {
+            self.shared.lock().channels.remove(channel);
+        }
+    }
+}
+
 /// Counts a receiver as waiting for as long as it lives.
 struct Waiting<'a> {
     shared: &'a Shared,
@@ -374,16 +388,20 @@ impl ChannelLayer for RedisPubSubLayer {
         }
         let local = inner.shared().local(&name);
         inner.shared().lock().channels.insert(name.clone(), local);
-        let subscribed = bounded(
+        // Removes the channel again unless the subscription succeeds, also
+        // when this future is dropped half-way.
+        let mut unmade = Unmade {
+            shared: inner.shared(),
+            channel: Some(&name),
+        };
+        bounded(
             "new_channel",
             inner.timeout(),
             inner.subscribe_channel(&name),
         )
-        .await;
-        if let Err(err) = subscribed {
-            inner.shared().lock().channels.remove(&name);
-            return Err(err);
-        }
+        .await?;
+        unmade.channel = None;
+        drop(unmade);
         Ok(name)
     }
 

@@ -313,16 +313,28 @@ impl Inner {
         }
     }
 
-    /// Makes `channel` local (a buffer, and poppers for its key).
-    fn register(self: &Arc<Self>, channel: &str, key: &str) {
+    /// Makes `channel` local (a buffer, and poppers for its key), and with
+    /// `waiting`, counts a receiver as waiting on it, in the same step (so
+    /// no `close_channel` can come in between). Returns the buffer's bell.
+    fn register(self: &Arc<Self>, channel: &str, key: &str, waiting: bool) -> Arc<Notify> {
         let plain = !channel.contains('!');
         let capacity = self.config.capacity_of(channel);
-        let epoch = self
-            .lock()
-            .register(channel, key, plain, capacity, &self.next_epoch);
+        let (epoch, arrived) = {
+            let mut state = self.lock();
+            let epoch = state.register(channel, key, plain, capacity, &self.next_epoch);
+            let arrived = state.update(channel, key, |inbox| {
+                if waiting {
+                    inbox.waiting += 1;
+                }
+                Arc::clone(&inbox.arrived)
+            });
+            // `register` has just made sure the buffer exists.
+            (epoch, arrived.unwrap_or_default())
+        };
         if let Some(epoch) = epoch {
             self.spawn_poppers(key, epoch);
         }
+        arrived
     }
 
     /// Waits until receivers of `key` are hungry, or returns `None` when the
@@ -680,7 +692,7 @@ impl ChannelLayer for RedisLayer {
     async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
         let name = queue_channel_name(prefix, &self.inner.client_prefix);
         validate_channel_name(&name)?;
-        self.inner.register(&name, &self.inner.key_of(&name));
+        self.inner.register(&name, &self.inner.key_of(&name), false);
         Ok(name)
     }
 
@@ -762,19 +774,7 @@ impl ChannelLayer for RedisLayer {
             )));
         }
         let key = inner.key_of(channel);
-        inner.register(channel, &key);
-        let arrived = {
-            let mut state = inner.lock();
-            state.update(channel, &key, |inbox| {
-                inbox.waiting += 1;
-                Arc::clone(&inbox.arrived)
-            })
-        };
-        let Some(arrived) = arrived else {
-            // Only a concurrent close_channel between the two locks gets
-            // here; the caller can simply receive again.
-            return Err(LayerError::Backend(format!("{channel:?} was closed")));
-        };
+        let arrived = inner.register(channel, &key, true);
         let mut waiting = Waiting {
             inner,
             channel,
