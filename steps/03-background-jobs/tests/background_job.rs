@@ -215,6 +215,7 @@ async fn a_client_that_leaves_before_its_result_costs_nothing() {
     // The result is dropped with one debug line...
     let dropped = "dropped a message for a channel that is closed";
     logs.wait_for(dropped).await;
+    jobs.note("alice's job ends after she left: the layer drops its result");
     // ...and everyone else carries on.
     let mut bob = jobs.connect("bob").await;
     bob.run("default", "hello").await;
