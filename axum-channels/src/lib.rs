@@ -19,9 +19,11 @@
 //! uses only those above it):
 //!
 //! - [`layer`]: channel layers, which let consumers talk to each other: the
-//!   [`ChannelLayer`](layer::ChannelLayer) trait, the in-memory backend,
-//!   [`Layers`](layer::Layers) (the app's layers by alias), and
-//!   [`LayerError`](layer::LayerError), the layers' own error type.
+//!   [`ChannelLayer`](layer::ChannelLayer) trait, the in-memory backend, the
+//!   Redis backends (`layer::redis`, feature `redis`, wire-compatible with
+//!   the Python layers), [`Layers`](layer::Layers) (the app's layers by
+//!   alias), and [`LayerError`](layer::LayerError), the layers' own error
+//!   type.
 //! - [`error`]: [`Error`], what a consumer's methods return, and why it has
 //!   so few variants.
 //! - [`socket`]: the [`Socket`] handle a consumer uses to accept, send and
@@ -40,7 +42,7 @@
 //! - [`close_code`]: the WebSocket close codes this crate uses, by name.
 //! - `testing` (feature `testing`): a small client that serves a `Router` on a
 //!   free port and records a readable transcript of what was said, for
-//!   snapshot tests.
+//!   snapshot tests; with `redis` too, a throwaway `redis-server` per test.
 //!
 //! # Example
 //!
