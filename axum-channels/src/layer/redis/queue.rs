@@ -14,10 +14,13 @@
 //!   buffer of the channel named in `__asgi_channel__`. A popper is never
 //!   cancelled in the middle of a pop, and `receive` only waits on its
 //!   buffer, so a cancelled `receive` loses nothing.
-//! - **Demand.** A popper only pops while a receiver of its key is waiting
-//!   with an empty buffer. Messages nobody is waiting for stay in Redis,
-//!   where `capacity` and `expiry` apply, so a busy consumer pushes back on
-//!   its senders with `ChannelFull` instead of filling this process's memory.
+//! - **Demand.** A popper only starts a pop while a receiver of its key is
+//!   waiting with an empty buffer, and pops at most one message per such
+//!   receiver. Messages nobody is waiting for stay in Redis, where
+//!   `capacity` and `expiry` apply, so a busy consumer pushes back on its
+//!   senders with `ChannelFull` instead of filling this process's memory.
+//!   (A pop that was already waiting when its receiver gave up still brings
+//!   in its message, at most one per host: it is never cancelled.)
 //! - **Bounded buffers.** A local buffer holds at most the channel's
 //!   capacity (dropping its oldest, with one warning per episode), and
 //!   `close_channel` frees it and leaves the groups the channel joined here.
