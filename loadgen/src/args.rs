@@ -1,4 +1,4 @@
-//! `--name value` arguments, shared by the two binaries of this package.
+//! `--name value` arguments, shared by the binaries of this package.
 
 use std::str::FromStr;
 
