@@ -7,16 +7,21 @@
 //!   waits for the reply that contains it, compared with a bare
 //!   tokio-tungstenite echo server;
 //! - `idle`: the server's memory per idle connection, and how much of it
-//!   comes back once they close (see [`idle`]).
+//!   comes back once they close (see [`idle`]);
+//! - `fanout`: one sender and 100 receivers in one room, in deliveries per
+//!   second, through the in-memory, Redis pub/sub and Redis queue channel
+//!   layers, compared with a bare tokio broadcast server (see [`fanout`]).
+//!   It measures the layers with a room server of its own, so it takes no
+//!   step and no endpoint.
 //!
 //! Which step and which endpoint are options (default: the newest step,
 //! `/ws/system`), so adding a step needs no change here; adding a scenario is
 //! a new [`Scenario`] variant.
 //!
-//! Each round starts each server in turn (the baseline, then the step,
-//! alternating the order every round so neither always runs on a warmer
-//! machine), drives it with the `loadgen` binary, and compares the round trips
-//! per second. Server and load generator are pinned to different CPUs with
+//! In the echo scenario, each round starts each server in turn (the
+//! baseline, then the step, alternating the order every round so neither
+//! always runs on a warmer machine), drives it with the `loadgen` binary, and
+//! compares the round trips per second. Server and load generator are pinned to different CPUs with
 //! `taskset` when available, so they don't compete for one core. The result is
 //! the median ratio over the rounds, which is less sensitive to one noisy
 //! round than the mean.
@@ -30,6 +35,7 @@ use std::time::{Duration, Instant};
 use crate::steps::{self, Step};
 use crate::{Args, Error, Result, Workspace, fail};
 
+mod fanout;
 mod idle;
 
 /// How long a server may take to start accepting connections.
@@ -47,23 +53,28 @@ enum Scenario {
     Echo,
     /// Resident memory per idle connection, and what comes back.
     Idle,
+    /// One sender, many receivers in one room, through each channel layer.
+    Fanout,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 2] = [Scenario::Echo, Scenario::Idle];
+    const ALL: [Scenario; 3] = [Scenario::Echo, Scenario::Idle, Scenario::Fanout];
 
     fn name(self) -> &'static str {
         match self {
             Scenario::Echo => "echo",
             Scenario::Idle => "idle",
+            Scenario::Fanout => "fanout",
         }
     }
 
-    /// How many clients when `--clients` is not given.
+    /// How many clients when `--clients` is not given (for fanout: the
+    /// receivers, `--receivers`).
     fn default_clients(self) -> u32 {
         match self {
             Scenario::Echo => 32,
             Scenario::Idle => 10_000,
+            Scenario::Fanout => 100,
         }
     }
 
@@ -87,6 +98,9 @@ impl Scenario {
                 format!("{MESSAGE_SIZE}-byte messages, each client waits for its reply")
             }
             Scenario::Idle => "connections that say nothing after the handshake".to_owned(),
+            Scenario::Fanout => {
+                format!("{MESSAGE_SIZE}-byte messages, at most 16 that someone has not heard yet")
+            }
         }
     }
 
@@ -94,13 +108,14 @@ impl Scenario {
     fn baseline(self) -> (&'static str, &'static str) {
         match self {
             Scenario::Echo | Scenario::Idle => ("bare-echo", "bare echo"),
+            Scenario::Fanout => ("bare-broadcast", "bare broadcast"),
         }
     }
 
     /// The load generator's arguments beyond the URL, clients and duration.
     fn loadgen_args(self) -> Vec<&'static str> {
         match self {
-            Scenario::Echo | Scenario::Idle => vec!["--size", MESSAGE_SIZE],
+            Scenario::Echo | Scenario::Idle | Scenario::Fanout => vec!["--size", MESSAGE_SIZE],
         }
     }
 }
@@ -113,6 +128,8 @@ struct Options {
     path: String,
     seconds: u32,
     rounds: u32,
+    /// The connections the load generator opens: `--clients`, or for
+    /// fanout the receivers, `--receivers` (plus one sender).
     clients: u32,
 }
 
@@ -125,11 +142,10 @@ fn parse_options(mut args: Args) -> Result<Options> {
     let seconds = positive("--seconds", args.value("--seconds")?, 5)?;
     let rounds = positive("--rounds", args.value("--rounds")?, 3)?;
     let clients = args.value("--clients")?;
-    let step = args.value("--step")?;
-    let path: String = args
-        .value("--path")?
-        .unwrap_or_else(|| DEFAULT_PATH.to_string());
-    if !path.starts_with('/') {
+    let receivers = args.value("--receivers")?;
+    let step: Option<String> = args.value("--step")?;
+    let path: Option<String> = args.value("--path")?;
+    if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
         return Err(Error::Usage(format!(
             "--path must start with '/', like {DEFAULT_PATH}"
         )));
@@ -138,7 +154,31 @@ fn parse_options(mut args: Args) -> Result<Options> {
         Some(name) => Scenario::from_name(name)?,
         None => Scenario::Echo,
     };
-    let clients = positive("--clients", clients, scenario.default_clients())?;
+    // Options that mean nothing to the scenario are refused rather than
+    // ignored, so that nobody believes they measured what they asked for.
+    let clients = if scenario == Scenario::Fanout {
+        let stray = [
+            ("--clients", clients.is_some()),
+            ("--step", step.is_some()),
+            ("--path", path.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(Error::Usage(format!(
+                "{name} does not apply to fanout, which runs a room server of its own \
+                 (--receivers sets the room's size)"
+            )));
+        }
+        positive("--receivers", receivers, scenario.default_clients())?
+    } else {
+        if receivers.is_some() {
+            return Err(Error::Usage(format!(
+                "--receivers is for fanout; {} takes --clients",
+                scenario.name()
+            )));
+        }
+        positive("--clients", clients, scenario.default_clients())?
+    };
+    let path = path.unwrap_or_else(|| DEFAULT_PATH.to_string());
     Ok(Options {
         scenario,
         step,
@@ -228,6 +268,15 @@ fn can_pin() -> bool {
                 .status()
                 .is_ok_and(|s| s.success())
         })
+}
+
+/// Whether to pin, saying so when we cannot.
+fn pinning() -> bool {
+    let pin = can_pin();
+    if !pin {
+        println!("note: taskset unavailable or CPUs 0/1 not allowed; running unpinned (noisier)");
+    }
+    pin
 }
 
 /// `program` pinned to `cpu` when pinning is possible.
@@ -403,9 +452,26 @@ fn release_dir(root: &Path) -> PathBuf {
     target.join("release")
 }
 
-/// `cargo xtask bench [SCENARIO] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]`
+/// `cargo xtask bench [SCENARIO] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]`,
+/// or `cargo xtask bench fanout [--seconds S] [--rounds R] [--receivers N]`
 pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let options = parse_options(args)?;
+    if options.scenario == Scenario::Fanout {
+        // Its servers and its client are all binaries of loadgen.
+        let status = ws
+            .cargo()
+            .args(["build", "--release", "--package", "loadgen"])
+            .status()
+            .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+        crate::propagate(status)?;
+        return fanout::run(
+            &release_dir(&ws.root),
+            options.clients,
+            options.seconds,
+            options.rounds,
+            pinning(),
+        );
+    }
     let all_steps = steps::discover(&ws.root)?;
     let step = match &options.step {
         Some(query) => steps::resolve_arg(&all_steps, query)?,
@@ -422,10 +488,7 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
         .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
     crate::propagate(status)?;
 
-    let pin = can_pin();
-    if !pin {
-        println!("note: taskset unavailable or CPUs 0/1 not allowed; running unpinned (noisier)");
-    }
+    let pin = pinning();
     if options.scenario == Scenario::Idle {
         println!(
             "idle: {} ({}) at {}, {} {}",
@@ -548,15 +611,37 @@ mod tests {
                 clients: 8
             }
         );
+        assert_eq!(
+            parse_options(args(&["fanout"])).unwrap(),
+            Options {
+                scenario: Scenario::Fanout,
+                step: None,
+                path: "/ws/system".into(),
+                seconds: 5,
+                rounds: 3,
+                clients: 100
+            }
+        );
+        assert_eq!(
+            parse_options(args(&["fanout", "--receivers=10", "--rounds", "1"]))
+                .unwrap()
+                .clients,
+            10
+        );
         for bad in [
             &["--rounds", "0"][..],
             &["--seconds", "x"],
             &["--clients"],
             &["--step"],
             &["--path", "ws/system"],
-            &["fanout"],
+            &["fanfare"],
             &["idle", "--clients", "0"],
             &["echo", "extra"],
+            &["--receivers", "10"],
+            &["fanout", "--receivers", "0"],
+            &["fanout", "--clients", "10"],
+            &["fanout", "--step", "02"],
+            &["fanout", "--path", "/ws/room/x"],
         ] {
             assert!(
                 matches!(parse_options(args(bad)), Err(Error::Usage(_))),
@@ -577,8 +662,14 @@ mod tests {
             .collect();
         for option in words.iter().filter(|w| w.starts_with("--")) {
             let value = if *option == "--path" { "/ws/x" } else { "1" };
+            // The one option of one scenario only.
+            let scenario = if *option == "--receivers" {
+                "fanout"
+            } else {
+                "echo"
+            };
             assert!(
-                parse_options(args(&[option, value])).is_ok(),
+                parse_options(args(&[scenario, option, value])).is_ok(),
                 "{option} is in the usage but not accepted"
             );
         }

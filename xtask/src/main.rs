@@ -39,10 +39,13 @@ const TASKS: &[(&str, &str)] = &[
         "Build everything; check the book's includes and their captions, that chapters name the files they change, and the snapshots",
     ),
     (
-        "bench [echo|idle] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]",
+        "bench [echo|idle|fanout] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N]",
         "Compare a step's endpoint with a bare tokio-tungstenite server; echo: round trips \
          (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients); idle: memory per \
-         idle connection and how much returns (10,000 clients)",
+         idle connection and how much returns (10,000 clients); fanout: deliveries/s from one \
+         sender to N receivers in one room (default 100) through the in-memory, Redis pub/sub \
+         and Redis queue layers, against a bare tokio broadcast server (no --step, --path, \
+         --clients; a throwaway redis-server of its own)",
     ),
     ("help", "Show this help"),
 ];

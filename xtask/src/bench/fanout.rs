@@ -1,0 +1,649 @@
+//! The `fanout` scenario: one sender and `--receivers` receivers (default
+//! 100) in one room, in deliveries per second (messages heard by the
+//! receivers), through each channel layer of axum-channels, against a bare
+//! broadcast server, all in one run:
+//!
+//! - **bare broadcast** (the baseline): loadgen's `bare-broadcast`, plain
+//!   tokio-tungstenite and `tokio::sync::broadcast`;
+//! - **memory**, **redis pub/sub**, **redis queue**: loadgen's
+//!   `room-server`, one room consumer written against axum-channels, on the
+//!   in-memory layer, `RedisPubSubLayer` and `RedisLayer`.
+//!
+//! The load is loadgen's `fanout` client (see its documentation): a closed
+//! loop with a small window, so a slower server shows as fewer deliveries,
+//! and a message a layer drops as `missing`, never as a hang.
+//!
+//! Each round runs every server once, in the opposite order to the round
+//! before, so that none always runs on the warmest or the busiest machine.
+//! The figures are the medians over the rounds, and each ratio is the
+//! median of the ratios within a round, as in the echo scenario.
+//!
+//! **CPUs.** The server is pinned to CPU 0 and the load generator to CPU 1,
+//! as in the echo scenario. redis-server is pinned to CPU 0 too, with the
+//! server: every configuration then gets the same one core for its whole
+//! server side, so the ratios compare like with like, and Redis never
+//! takes time from the load generator (which would lower the Redis figures
+//! for a reason that has nothing to do with the layers). It is the
+//! pessimistic view: a production Redis has a core or a machine of its own.
+//!
+//! **Redis.** Each Redis run starts a throwaway `redis-server` of its own on
+//! a free port (never 6379), without persistence, and stops it afterwards.
+//! Without `redis-server` on PATH, the in-memory and baseline runs still
+//! happen and the report says loudly that the Redis runs were skipped.
+//!
+//! A later variant (a room split across two servers on one Redis) needs
+//! only another [`Target`] that starts a second `room-server` on the same
+//! Redis: loadgen's `fanout` already takes several URLs and spreads its
+//! receivers over them.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::{
+    STARTUP_TIMEOUT, Scenario, Server, command, exe, free_port, json_number, median, on_path,
+    wait_for_port,
+};
+use crate::{Result, fail};
+
+/// How to get redis-server, for the note when it is missing.
+const INSTALL_REDIS: &str =
+    "install redis-server (Debian/Ubuntu: `sudo apt-get install redis-server`)";
+
+/// The ratio of Redis pub/sub to in-memory fan-out that issue 7 aims for.
+const PUBSUB_GOAL: f64 = 0.7;
+
+/// Which server a measurement runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Target {
+    Baseline,
+    Memory,
+    PubSub,
+    Queue,
+}
+
+impl Target {
+    const ALL: [Target; 4] = [
+        Target::Baseline,
+        Target::Memory,
+        Target::PubSub,
+        Target::Queue,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Target::Baseline => Scenario::Fanout.baseline().1,
+            Target::Memory => "memory",
+            Target::PubSub => "redis pub/sub",
+            Target::Queue => "redis queue",
+        }
+    }
+
+    /// `room-server --layer` for this target; `None` for the baseline.
+    fn layer(self) -> Option<&'static str> {
+        match self {
+            Target::Baseline => None,
+            Target::Memory => Some("memory"),
+            Target::PubSub => Some("pubsub"),
+            Target::Queue => Some("queue"),
+        }
+    }
+
+    fn needs_redis(self) -> bool {
+        matches!(self, Target::PubSub | Target::Queue)
+    }
+}
+
+/// The targets of round `round` (from 0), in the order they run: as given
+/// on even rounds, reversed on odd ones.
+fn order(round: u32, targets: &[Target]) -> Vec<Target> {
+    let mut order = targets.to_vec();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// What loadgen's `fanout` reports (its one line of JSON).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Report {
+    deliveries_per_s: f64,
+    sent: f64,
+    missing: f64,
+    own_missing: f64,
+    closed: f64,
+    stalled: bool,
+    p50_us: f64,
+    p99_us: f64,
+    /// How busy the load generator's core was during the run (1.0: fully).
+    client_busy: Option<f64>,
+    /// How busy the server side (the server, and Redis if any) was while
+    /// the client ran, in cores; measured here, not by the client.
+    server_busy: Option<f64>,
+}
+
+impl Report {
+    /// What went wrong in this run, if anything, in words.
+    fn trouble(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.missing > 0.0 {
+            parts.push(format!("{} deliveries never arrived", self.missing));
+        }
+        if self.own_missing > 0.0 {
+            parts.push(format!(
+                "the sender missed {} of its own messages",
+                self.own_missing
+            ));
+        }
+        if self.closed > 0.0 {
+            parts.push(format!("{} connection(s) closed early", self.closed));
+        }
+        if self.stalled {
+            parts.push("the run stalled and stopped early".to_owned());
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+fn parse_report(stdout: &str) -> Result<Report, String> {
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| format!("no JSON line in the fanout client's output: {stdout:?}"))?;
+    let field = |key| json_number(line, key).ok_or_else(|| format!("no \"{key}\" in {line}"));
+    Ok(Report {
+        deliveries_per_s: field("deliveries_per_s")?,
+        sent: field("sent")?,
+        missing: field("missing")?,
+        own_missing: field("own_missing")?,
+        closed: field("closed")?,
+        stalled: field("stalled")? != 0.0,
+        p50_us: field("p50_us")?,
+        p99_us: field("p99_us")?,
+        // Negative: the client could not read its CPU time.
+        client_busy: Some(field("cpu_busy")?).filter(|busy| *busy >= 0.0),
+        server_busy: None,
+    })
+}
+
+/// CPU time a process has used, in clock ticks (USER_HZ, 100 per second
+/// on Linux), from `/proc/PID/stat`: utime + stime, counted after the `)`
+/// that ends the command name (which may hold spaces). `None` off Linux.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    ticks_of(&stat)
+}
+
+fn ticks_of(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The CPU ticks of every process of a server side, if all can be read.
+fn side_ticks(pids: &[u32]) -> Option<u64> {
+    pids.iter().map(|&pid| cpu_ticks(pid)).sum()
+}
+
+/// A share of one core as a percentage, `-` if unknown.
+fn percent(busy: Option<f64>) -> String {
+    busy.map_or("-".to_owned(), |b| format!("{:.0}%", b * 100.0))
+}
+
+/// Sends `PING` to a Redis on `port` and reads the answer: a raw RESP
+/// exchange, so that xtask needs no Redis client.
+fn redis_pings(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && reply.starts_with(b"+PONG")
+}
+
+/// A throwaway redis-server, killed (and its log removed) when dropped.
+struct Redis {
+    port: u16,
+    log: PathBuf,
+    _server: Server,
+}
+
+impl Redis {
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server on a free port (pinned with the server) and
+    /// waits until it answers `PING`. Another process may take the free
+    /// port first: then it tries another.
+    fn start(pin: bool) -> Result<Redis> {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Redis::start_on(free_port()?, pin) {
+                Ok(redis) => return Ok(redis),
+                Err(why) => last_error = why,
+            }
+        }
+        Err(fail(format!("cannot start redis-server: {last_error}")))
+    }
+
+    fn start_on(port: u16, pin: bool) -> Result<Redis, String> {
+        let log = std::env::temp_dir().join(format!(
+            "xtask-bench-redis-{}-{port}.log",
+            std::process::id()
+        ));
+        let child = command(Path::new("redis-server"), "0", pin)
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            // A benchmark's data is worth nothing: no snapshots, no log of
+            // writes, nothing written next to the user's files.
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--daemonize", "no"])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server: {e}"))?;
+        let mut redis = Redis {
+            port,
+            log,
+            _server: Server { child },
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if redis_pings(port) {
+                return Ok(redis);
+            }
+            if let Ok(Some(status)) = redis._server.child.try_wait() {
+                let log = std::fs::read_to_string(&redis.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(2).collect();
+                return Err(format!(
+                    "redis-server exited ({status}) on port {port}: {}",
+                    tail.join(" | ")
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "redis-server did not answer PING on port {port} within {} s",
+                    STARTUP_TIMEOUT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        // `_server` is killed right after this, when the fields drop; the
+        // log only holds its start-up lines.
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// What every measurement shares.
+struct Fanout<'a> {
+    release: &'a Path,
+    receivers: u32,
+    seconds: u32,
+    pin: bool,
+}
+
+impl Fanout<'_> {
+    /// Starts the target's server (and its Redis), runs the fan-out client
+    /// against it, stops them.
+    fn measure(&self, target: Target) -> Result<Report> {
+        let label = target.label();
+        let redis = if target.needs_redis() {
+            Some(Redis::start(self.pin)?)
+        } else {
+            None
+        };
+        let port = free_port()?;
+        let mut cmd = match target.layer() {
+            None => command(
+                &self.release.join(exe(Scenario::Fanout.baseline().0)),
+                "0",
+                self.pin,
+            ),
+            Some(layer) => {
+                let mut cmd = command(&self.release.join(exe("room-server")), "0", self.pin);
+                cmd.args(["--layer", layer]).env("RUST_LOG", "warn");
+                if let Some(redis) = &redis {
+                    cmd.args(["--redis", &redis.url()]);
+                }
+                cmd
+            }
+        };
+        cmd.args(["--port", &port.to_string()])
+            .stdout(Stdio::null());
+        let child = cmd
+            .spawn()
+            .map_err(|e| fail(format!("cannot start {label}: {e}")))?;
+        let mut server = Server { child };
+        wait_for_port(&mut server, port, label)?;
+
+        // Several servers would be listed here, comma-separated.
+        let urls = format!("ws://127.0.0.1:{port}/ws/bench");
+        let mut side = vec![server.child.id()];
+        side.extend(redis.as_ref().map(|r| r._server.child.id()));
+        let (ticks_before, started) = (side_ticks(&side), Instant::now());
+        let output = command(&self.release.join(exe("fanout")), "1", self.pin)
+            .args(["--url", &urls])
+            .args(["--receivers", &self.receivers.to_string()])
+            .args(["--seconds", &self.seconds.to_string()])
+            .args(Scenario::Fanout.loadgen_args())
+            .stderr(Stdio::inherit())
+            .output()
+            .map_err(|e| fail(format!("cannot run the fanout client: {e}")))?;
+        let server_busy = match (ticks_before, side_ticks(&side)) {
+            (Some(before), Some(after)) => {
+                Some((after - before) as f64 / 100.0 / started.elapsed().as_secs_f64())
+            }
+            _ => None,
+        };
+        drop(server);
+        drop(redis);
+        if !output.status.success() {
+            return Err(fail(format!(
+                "the fanout client against {label} failed ({}); its error is above",
+                output.status
+            )));
+        }
+        let report = parse_report(&String::from_utf8_lossy(&output.stdout))
+            .map_err(|e| fail(format!("against {label}: {e}")))?;
+        Ok(Report {
+            server_busy,
+            ..report
+        })
+    }
+}
+
+/// The figures of one round, by target, in [`Target::ALL`] order.
+type Round = Vec<(Target, Report)>;
+
+fn figure(round: &Round, target: Target) -> Option<f64> {
+    round
+        .iter()
+        .find(|(t, _)| *t == target)
+        .map(|(_, r)| r.deliveries_per_s)
+}
+
+/// `a / b` within each round that has both, for the median.
+fn ratios(rounds: &[Round], a: Target, b: Target) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter_map(|round| Some(figure(round, a)? / figure(round, b)?))
+        .collect()
+}
+
+fn print_round(round: &Round) {
+    println!(
+        "  {:<16} {:>13} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "server",
+        "deliveries/s",
+        "sent",
+        "missing",
+        "p50 µs",
+        "p99 µs",
+        "cpu srv",
+        "cpu cli",
+        "vs bare"
+    );
+    let baseline = figure(round, Target::Baseline);
+    for (target, r) in round {
+        let ratio = baseline.map_or(String::new(), |b| format!("{:.2}", r.deliveries_per_s / b));
+        println!(
+            "  {:<16} {:>13.0} {:>8.0} {:>8.0} {:>9.0} {:>9.0} {:>8} {:>8} {ratio:>8}",
+            target.label(),
+            r.deliveries_per_s,
+            r.sent,
+            r.missing,
+            r.p50_us,
+            r.p99_us,
+            percent(r.server_busy),
+            percent(r.client_busy),
+        );
+    }
+    for (target, r) in round {
+        if let Some(trouble) = r.trouble() {
+            println!("  warning: {}: {trouble}", target.label());
+        }
+    }
+    if let (Some(pubsub), Some(memory)) =
+        (figure(round, Target::PubSub), figure(round, Target::Memory))
+    {
+        println!(
+            "  {} / {}: {:.2}",
+            Target::PubSub.label(),
+            Target::Memory.label(),
+            pubsub / memory
+        );
+    }
+}
+
+fn print_summary(rounds: &[Round], targets: &[Target]) {
+    let n = rounds.len();
+    let plural = if n == 1 { "" } else { "s" };
+    println!("\nmedian of {n} round{plural}");
+    println!(
+        "  {:<16} {:>13} {:>18}",
+        "server",
+        "deliveries/s",
+        format!("vs {}", Target::Baseline.label())
+    );
+    for &target in targets {
+        let figures: Vec<f64> = rounds.iter().filter_map(|r| figure(r, target)).collect();
+        let ratio = median(&ratios(rounds, target, Target::Baseline));
+        println!(
+            "  {:<16} {:>13.0} {ratio:>18.2}",
+            target.label(),
+            median(&figures)
+        );
+    }
+    let pubsub = ratios(rounds, Target::PubSub, Target::Memory);
+    if !pubsub.is_empty() {
+        let ratio = median(&pubsub);
+        let verdict = if ratio >= PUBSUB_GOAL {
+            "met"
+        } else {
+            "NOT met"
+        };
+        println!(
+            "\n{} / {}: {ratio:.2} (median of {n} round{plural}; goal of issue 7: at least \
+             {PUBSUB_GOAL:.2}, {verdict})",
+            Target::PubSub.label(),
+            Target::Memory.label(),
+        );
+    }
+}
+
+/// `cargo xtask bench fanout [--receivers N] [--seconds S] [--rounds R]`,
+/// after the release build.
+pub(super) fn run(
+    release: &Path,
+    receivers: u32,
+    seconds: u32,
+    rounds: u32,
+    pin: bool,
+) -> Result<()> {
+    let redis = on_path("redis-server");
+    let targets: Vec<Target> = Target::ALL
+        .into_iter()
+        .filter(|t| redis || !t.needs_redis())
+        .collect();
+    let skipped_note = format!(
+        "note: the Redis runs (redis pub/sub, redis queue) were SKIPPED: redis-server is not \
+         on PATH; {INSTALL_REDIS} and run again"
+    );
+    println!(
+        "fanout: one sender and {receivers} receivers in one room, {} s per run, {rounds} \
+         round(s), {}",
+        seconds,
+        Scenario::Fanout.describe()
+    );
+    let names: Vec<&str> = targets.iter().map(|t| t.label()).collect();
+    println!("servers: {}", names.join(", "));
+    println!(
+        "cpu srv / cpu cli: how busy the server's core (with Redis) and the load generator's \
+         were; near 100% on the client, the figure is the load generator's limit"
+    );
+    if redis {
+        println!("each Redis run starts its own redis-server, pinned with the server to CPU 0");
+    } else {
+        println!("{skipped_note}");
+    }
+
+    let bench = Fanout {
+        release,
+        receivers,
+        seconds,
+        pin,
+    };
+    let mut results: Vec<Round> = Vec::new();
+    for round in 0..rounds {
+        let mut measured = Vec::new();
+        for target in order(round, &targets) {
+            measured.push((target, bench.measure(target)?));
+        }
+        // Printed in one order whatever the order of the runs.
+        measured.sort_by_key(|(t, _)| Target::ALL.iter().position(|a| a == t));
+        println!("\nround {}/{rounds}", round + 1);
+        print_round(&measured);
+        results.push(measured);
+    }
+    print_summary(&results, &targets);
+    if !redis {
+        println!("\n{skipped_note}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(deliveries_per_s: f64) -> Report {
+        Report {
+            deliveries_per_s,
+            sent: 100.0,
+            missing: 0.0,
+            own_missing: 0.0,
+            closed: 0.0,
+            stalled: false,
+            p50_us: 1.0,
+            p99_us: 2.0,
+            client_busy: None,
+            server_busy: None,
+        }
+    }
+
+    #[test]
+    fn reads_the_fanout_json() {
+        let out = "{\"receivers\":100,\"seconds\":5.0,\"window\":16,\"sent\":8000,\
+                   \"deliveries\":799000,\"deliveries_per_s\":159800.0,\"missing\":1000,\
+                   \"own_missing\":0,\"closed\":0,\"stalled\":1,\"cpu_busy\":0.97,\
+                   \"p50_us\":6000,\"p99_us\":12000}\n";
+        let r = parse_report(out).unwrap();
+        assert_eq!(
+            r,
+            Report {
+                deliveries_per_s: 159_800.0,
+                sent: 8000.0,
+                missing: 1000.0,
+                own_missing: 0.0,
+                closed: 0.0,
+                stalled: true,
+                p50_us: 6000.0,
+                p99_us: 12000.0,
+                client_busy: Some(0.97),
+                server_busy: None,
+            }
+        );
+        let unknown = out.replace("0.97", "-1.00");
+        assert_eq!(parse_report(&unknown).unwrap().client_busy, None);
+        assert_eq!(
+            r.trouble().unwrap(),
+            "1000 deliveries never arrived, the run stalled and stopped early"
+        );
+        assert_eq!(report(1.0).trouble(), None);
+        // The echo client's line is not a fan-out report.
+        assert!(parse_report("{\"rps\":1,\"round_trips\":5}").is_err());
+        assert!(parse_report("fanout: cannot connect").is_err());
+    }
+
+    #[test]
+    fn rounds_alternate_their_order() {
+        let all = Target::ALL;
+        assert_eq!(order(0, &all), all);
+        assert_eq!(
+            order(1, &all),
+            [
+                Target::Queue,
+                Target::PubSub,
+                Target::Memory,
+                Target::Baseline
+            ]
+        );
+        assert_eq!(order(2, &all), all);
+    }
+
+    #[test]
+    fn ratios_are_taken_within_each_round() {
+        let rounds = vec![
+            vec![
+                (Target::Memory, report(100.0)),
+                (Target::PubSub, report(80.0)),
+            ],
+            vec![
+                (Target::Memory, report(200.0)),
+                (Target::PubSub, report(100.0)),
+            ],
+            // A round without pub/sub (Redis skipped) has no ratio.
+            vec![(Target::Memory, report(150.0))],
+        ];
+        assert_eq!(ratios(&rounds, Target::PubSub, Target::Memory), [0.8, 0.5]);
+        assert!(ratios(&rounds, Target::Queue, Target::Memory).is_empty());
+    }
+
+    #[test]
+    fn only_redis_targets_need_redis() {
+        let needing: Vec<Target> = Target::ALL
+            .into_iter()
+            .filter(|t| t.needs_redis())
+            .collect();
+        assert_eq!(needing, [Target::PubSub, Target::Queue]);
+        assert_eq!(Target::Baseline.layer(), None);
+        assert_eq!(Target::Memory.layer(), Some("memory"));
+    }
+
+    #[test]
+    fn reads_cpu_ticks_after_the_command_name() {
+        let stat = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 37 0 0 20 0";
+        assert_eq!(ticks_of(stat), Some(287));
+        assert_eq!(ticks_of("42 (x) S 1"), None);
+        if cfg!(target_os = "linux") {
+            assert!(side_ticks(&[std::process::id()]).is_some());
+        }
+        assert_eq!(percent(Some(0.974)), "97%");
+        assert_eq!(percent(None), "-");
+    }
+
+    #[test]
+    fn a_closed_port_does_not_ping() {
+        let port = free_port().unwrap();
+        assert!(!redis_pings(port));
+    }
+}
