@@ -111,10 +111,13 @@ fn main() -> ExitCode {
     let kind: String = args::arg("layer", "memory".to_owned());
     let redis: String = args::arg("redis", String::new());
     let port: u16 = args::arg("port", 9003);
-    // Warnings only: a layer that drops messages or loses Redis says so on
-    // stderr, which the bench shows.
+    // Warnings only, on stderr (the bench discards stdout, and shows
+    // stderr): a layer that drops messages or loses Redis says so.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
     // The runtime a step's `#[tokio::main]` builds: one worker per CPU this
     // process may use (one, when the bench pins it).
