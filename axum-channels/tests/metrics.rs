@@ -1,5 +1,5 @@
-//! `/metrics` scraped after real traffic: the counters the library records
-//! reach Prometheus' text format.
+//! `/metrics` scraped after real traffic (and a real Redis restart): the
+//! counters the library records reach Prometheus' text format.
 //!
 //! One test in its own binary, because a process has one metrics recorder.
 #![cfg(feature = "metrics")]
@@ -7,9 +7,10 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum_channels::layer::redis::{RedisConfig, RedisPubSubLayer};
 use axum_channels::layer::{InMemoryLayer, Layers};
 use axum_channels::server::metrics_route;
-use axum_channels::testing::TestServer;
+use axum_channels::testing::{RedisServer, TestServer};
 use axum_channels::{Consumer, Frame, LayerEvent, Result, Scope, Socket};
 use serde::{Deserialize, Serialize};
 
@@ -88,4 +89,26 @@ async fn metrics_count_connections_handshakes_frames_and_layer_sends() {
     assert!(metric("axum_channels_frames_in_total", "") >= 1.0);
     assert!(metric("axum_channels_frames_out_total", "") >= 1.0);
     assert!(metric("axum_channels_layer_sends_total", "to=\"group\"") >= 1.0);
+
+    // A Redis restart under a live layer is counted too.
+    let Some(mut redis) = RedisServer::start() else {
+        return; // skipped loudly by RedisServer (a failure under CI=true)
+    };
+    let _layer = RedisPubSubLayer::connect(RedisConfig::new(&redis.url()))
+        .await
+        .expect("connect to redis-server");
+    redis.kill();
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let scrape = server.get("/metrics").await.text();
+        if value(&scrape, "axum_channels_redis_reconnects_total", "").is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconnect counted within 5 s:\n{scrape}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

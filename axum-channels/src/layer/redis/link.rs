@@ -298,6 +298,7 @@ impl Link {
                                 state.conn = Some((id, conn.clone()));
                             }
                             tracing::info!(host = link.host, attempts, "reconnected to Redis");
+                            metrics::counter!("axum_channels_redis_reconnects_total").increment(1);
                             if let Err(err) = on_connect(conn).await {
                                 tracing::warn!(
                                     host = link.host,
