@@ -94,7 +94,7 @@ async fn metrics_count_connections_handshakes_frames_and_layer_sends() {
     let Some(mut redis) = RedisServer::start() else {
         return; // skipped loudly by RedisServer (a failure under CI=true)
     };
-    let _layer = RedisPubSubLayer::connect(RedisConfig::new(&redis.url()))
+    let _layer = RedisPubSubLayer::connect(RedisConfig::new(redis.url()))
         .await
         .expect("connect to redis-server");
     redis.kill();
