@@ -197,9 +197,11 @@ async fn several_workers_share_the_queue() {
         return;
     };
     let jobs = start_server(&redis).await;
+    // Eight two-second jobs: one worker runs four at a time, so the other
+    // one must take the rest (it looks at least once a heartbeat).
     let mut workers = [
-        Worker::start(&redis, Duration::from_millis(300)),
-        Worker::start(&redis, Duration::from_millis(300)),
+        Worker::start(&redis, Duration::from_secs(2)),
+        Worker::start(&redis, Duration::from_secs(2)),
     ];
     for worker in &mut workers {
         worker.wait_for("waiting for jobs").await;
