@@ -213,7 +213,7 @@ fn redis_pings(port: u16) -> bool {
 struct Redis {
     port: u16,
     log: PathBuf,
-    _server: Server,
+    server: Server,
 }
 
 impl Redis {
@@ -259,14 +259,14 @@ impl Redis {
         let mut redis = Redis {
             port,
             log,
-            _server: Server { child },
+            server: Server { child },
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if redis_pings(port) {
                 return Ok(redis);
             }
-            if let Ok(Some(status)) = redis._server.child.try_wait() {
+            if let Ok(Some(status)) = redis.server.child.try_wait() {
                 let log = std::fs::read_to_string(&redis.log).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(2).collect();
                 return Err(format!(
@@ -287,7 +287,7 @@ impl Redis {
 
 impl Drop for Redis {
     fn drop(&mut self) {
-        // `_server` is killed right after this, when the fields drop; the
+        // `server` is killed right after this, when the fields drop; the
         // log only holds its start-up lines.
         let _ = std::fs::remove_file(&self.log);
     }
@@ -338,7 +338,7 @@ impl Fanout<'_> {
         // Several servers would be listed here, comma-separated.
         let urls = format!("ws://127.0.0.1:{port}/ws/bench");
         let mut side = vec![server.child.id()];
-        side.extend(redis.as_ref().map(|r| r._server.child.id()));
+        side.extend(redis.as_ref().map(|r| r.server.child.id()));
         let (ticks_before, started) = (side_ticks(&side), Instant::now());
         let output = command(&self.release.join(exe("fanout")), "1", self.pin)
             .args(["--url", &urls])
