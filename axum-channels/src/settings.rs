@@ -22,6 +22,7 @@
 //! own with [`route_with`](crate::runner::route_with), which is also how tests
 //! use short intervals without touching the environment.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -286,6 +287,23 @@ impl Settings {
         self.connections.0.shutdown.cancel();
     }
 
+    /// Runs `task` beside the server, and makes a graceful shutdown wait for
+    /// it, as it waits for the connections: e.g. a pool of workers in the
+    /// server's process that should finish the jobs it runs rather than be
+    /// cut off. The task should end once
+    /// [`shutdown_started`](Settings::shutdown_started) resolves; the
+    /// shutdown waits at most [`shutdown_timeout`](Settings::shutdown_timeout)
+    /// for it and the connections together.
+    pub fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
+        tokio::spawn(self.track(task));
+    }
+
+    /// Resolves when a graceful shutdown begins (see
+    /// [`shut_down`](Settings::shut_down)).
+    pub fn shutdown_started(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.connections.0.shutdown.clone().cancelled_owned()
+    }
+
     /// How many WebSocket connections are open right now.
     pub fn open_connections(&self) -> usize {
         self.connections.0.open.load(Ordering::Relaxed)
@@ -317,9 +335,9 @@ impl Settings {
 
     /// Runs `connection` as a task that [`shut_down`](Settings::shut_down)
     /// waits for.
-    pub(crate) fn track<F>(&self, connection: F) -> impl std::future::Future<Output = ()> + use<F>
+    pub(crate) fn track<F>(&self, connection: F) -> impl Future<Output = ()> + use<F>
     where
-        F: std::future::Future<Output = ()>,
+        F: Future<Output = ()>,
     {
         self.connections.0.tasks.track_future(connection)
     }
@@ -455,6 +473,27 @@ mod tests {
         assert!(!same.allows(Some("null"), host));
         assert!(!same.allows(Some("http://127.0.0.1:8080"), None));
         assert!(AllowedOrigins::Any.allows(Some("http://evil.example"), host));
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_waits_for_background_work() {
+        let settings = Settings {
+            shutdown_timeout: Duration::from_secs(5),
+            ..Settings::default()
+        };
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let shutdown = settings.shutdown_started();
+        settings.spawn_background(async move {
+            shutdown.await;
+            // The work in hand takes a while longer to finish.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = finished.send(());
+        });
+        assert_eq!(settings.shut_down().await, 0, "nothing left running");
+        assert!(
+            done.await.is_ok(),
+            "the task finished before shut_down returned"
+        );
     }
 
     #[test]

@@ -35,9 +35,9 @@ use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use ulid::Ulid;
 
-use axum_channels::LayerEvent;
 use axum_channels::layer::{ChannelLayer, Layers, to_layer_message};
 use axum_channels::server::shutdown_signal;
+use axum_channels::{LayerEvent, Settings};
 
 use crate::config::Config;
 use crate::layers;
@@ -247,6 +247,7 @@ async fn run_job(job: Job, id: TaskId, tools: Data<Tools>) -> Result<(), BoxDynE
         .results
         .send(&job.reply_to, to_layer_message(&result)?)
         .await?;
+    tracing::debug!(%id, "job done");
     Ok(())
 }
 // ANCHOR_END: run_job
@@ -284,7 +285,20 @@ impl Backends {
             .concurrency(CONCURRENCY)
             .parallelize(tokio::spawn)
             .build(run_job);
-        tokio::spawn(worker.run());
+        // When the server shuts down, the workers take no new job and
+        // finish the ones they run; the shutdown waits for them.
+        Settings::process().spawn_background(async move {
+            let stopped = worker.run_with_ctx(|worker| {
+                let shutdown = Settings::process().shutdown_started();
+                async move {
+                    shutdown.await;
+                    worker.stop()
+                }
+            });
+            if let Err(err) = stopped.await {
+                tracing::warn!(%err, "the in-process workers stopped");
+            }
+        });
         Backends {
             layers,
             queue: JobQueue::Memory(queue),
