@@ -136,6 +136,18 @@ impl Logs {
         (logs, tracing::subscriber::set_default(subscriber))
     }
 
+    /// Like [`capture`](Logs::capture), debug lines included.
+    fn capture_debug() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
     fn count(&self, needle: &str) -> usize {
         String::from_utf8_lossy(&self.0.lock().unwrap())
             .lines()
@@ -1041,6 +1053,22 @@ mod bad_input {
             4,
             "one line per unreadable payload"
         );
+    }
+
+    /// Pub/sub keeps nothing for a channel nobody listens on (a job's
+    /// result for a client that has left): the send succeeds, and the loss
+    /// is one debug line.
+    #[tokio::test]
+    async fn a_pubsub_send_nobody_hears_is_one_debug_line() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let (logs, _guard) = Logs::capture_debug();
+        let layer = pubsub(&[server.url()]).await;
+        let gone = layer.new_channel("specific").await.unwrap();
+        layer.close_channel(&gone).await.unwrap();
+        layer.send(&gone, numbered(1)).await.unwrap();
+        assert_eq!(logs.count("nobody listens on this channel"), 1);
     }
 
     #[tokio::test]

@@ -415,18 +415,27 @@ impl ChannelLayer for RedisPubSubLayer {
             inner.shared().config.max_message_size,
         )?;
         let shard = inner.shared().shard(channel);
-        bounded("send", inner.timeout(), async {
+        let receivers = bounded("send", inner.timeout(), async {
             inner.links[shard]
                 .run(|mut conn| async move {
                     redis::cmd("PUBLISH")
                         .arg(channel)
                         .arg(payload)
-                        .query_async::<()>(&mut conn)
+                        .query_async::<u64>(&mut conn)
                         .await
                 })
                 .await
         })
-        .await
+        .await?;
+        if receivers == 0 {
+            // Pub/sub keeps nothing: e.g. a job's result for a client that
+            // left before it was done. Worth a line when debugging.
+            tracing::debug!(
+                channel,
+                "nobody listens on this channel; the message is gone"
+            );
+        }
+        Ok(())
     }
 
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
