@@ -13,9 +13,9 @@
 //! the receivers take turns.
 //!
 //! 1. **Join.** The receivers connect first, then the sender, which sends
-//!    `#probe;` every 50 ms until every receiver has heard one, so the run
-//!    starts only once the whole room is in place (a layer may still be
-//!    subscribing after the handshake).
+//!    `#probe;` every 50 ms until every connection (its own too) has heard
+//!    one, so the run starts only once the whole room is in place (a layer
+//!    may still be subscribing after the handshake).
 //! 2. **Run.** For `--seconds`, the sender sends `#SEQ@MICROS;` padded to
 //!    `--size` bytes, keeping at most `--window` (default 16) messages that
 //!    someone in the room (the sender included) has not heard yet: a closed
@@ -32,7 +32,8 @@
 //! own core was during the run (`cpu_busy`, 1.0 = all of it: then the
 //! figure says more about the load generator than the server), and the
 //! delivery latency (send to receipt by a receiver) p50/p99 in
-//! microseconds. A message a layer drops shows up as `missing` and as
+//! microseconds, which with a full window is mostly the time a message
+//! waits behind the others in flight. A message a layer drops shows up as `missing` and as
 //! fewer deliveries, never as a hang: every wait has a deadline, and a
 //! window that does not open within 2 s stops the run (`stalled: 1`).
 
