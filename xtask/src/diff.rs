@@ -69,9 +69,11 @@ fn load(path: &Path, renames: &[(String, String)]) -> Result<Content> {
 
 /// What to rename in `old`'s files before comparing them with `new`'s: each
 /// step's package and crate carry the step's own name (`step-00-skeleton`,
-/// `step_00_skeleton`), and files that name their own path do so through the
+/// `step_00_skeleton`), files that name their own path do so through the
 /// step's directory (`steps/00-skeleton`, as in a snapshot's `source:`
-/// header). None of those changing is part of any lesson.
+/// header), and a message that says how to run the step names its number
+/// (`cargo xtask step 03 --redis`). None of those changing is part of any
+/// lesson.
 pub fn step_renames(old: &Step, new: &Step) -> Vec<(String, String)> {
     let (old_package, new_package) = (old.package(), new.package());
     vec![
@@ -80,6 +82,10 @@ pub fn step_renames(old: &Step, new: &Step) -> Vec<(String, String)> {
         (
             format!("steps/{}", old.dir_name()),
             format!("steps/{}", new.dir_name()),
+        ),
+        (
+            format!("cargo xtask step {}", old.id),
+            format!("cargo xtask step {}", new.id),
         ),
     ]
 }
@@ -387,11 +393,14 @@ mod tests {
         };
         let (old, new) = (step("00", "skeleton"), step("01", "system-chat"));
         // A snapshot header names the step's directory, a test its crate,
-        // Cargo.toml its package: all three are the step's own name.
+        // Cargo.toml its package, a message its run command: all are the
+        // step's own name.
         let copy = |dir: &str| {
             format!(
-                "source: steps/{dir}/tests/page.rs\nuse step_{}::app;\nname = \"step-{dir}\"\n",
-                dir.replace('-', "_")
+                "source: steps/{dir}/tests/page.rs\nuse step_{}::app;\nname = \"step-{dir}\"\n\
+                 // `cargo xtask step {} --redis` starts one\n",
+                dir.replace('-', "_"),
+                &dir[..2]
             )
         };
         root.write("steps/00-skeleton/tests/x.snap", &copy("00-skeleton"));
