@@ -28,7 +28,8 @@ const TASKS: &[(&str, &str)] = &[
     (
         "step <N> [--port P] [--redis]",
         "Run step N's app (N: 1, 01, 01-system-chat or system-chat); --redis: on a throwaway \
-         redis-server, with the step's worker if it has one",
+         redis-server, with the step's worker if it has one, and the command of its external \
+         sender if it has one",
     ),
     (
         "diff [A] B",

@@ -4,8 +4,10 @@
 //! A step is a directory `steps/NN-name/` holding the package
 //! `step-NN-name`; its chapter is `docs/src/chNN-*.md`, titled by its first
 //! `# ` heading. A step that has `src/bin/worker.rs` has a worker, which
-//! `step NN --redis` runs next to its server. Everything here is derived
-//! from those names so that adding a step needs no change to xtask.
+//! `step NN --redis` runs next to its server; one that has
+//! `src/bin/external_sender.rs` has an external sender, whose command
+//! `step NN --redis` prints. Everything here is derived from those names so
+//! that adding a step needs no change to xtask.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -210,6 +212,21 @@ pub fn has_worker(step: &Step) -> bool {
     step.dir.join("src/bin/worker.rs").is_file()
 }
 
+/// Whether a step has a program that sends to its clients from outside the
+/// server: a step declares one by having `src/bin/external_sender.rs`.
+pub fn has_external_sender(step: &Step) -> bool {
+    step.dir.join("src/bin/external_sender.rs").is_file()
+}
+
+/// The command that runs `step`'s external sender against the Redis at
+/// `url`, for the reader to paste into another terminal.
+fn external_sender_command(step: &Step, url: &str) -> String {
+    format!(
+        "REDIS_URL={url} cargo run --package {} --bin external_sender",
+        step.package()
+    )
+}
+
 /// How long a fresh redis-server may take to answer `PING`.
 const REDIS_STARTUP: Duration = Duration::from_secs(10);
 
@@ -282,6 +299,12 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
         children.add("stopper", stopper);
     }
     println!("Press Ctrl+C to stop them all.");
+    if has_external_sender(step) {
+        println!(
+            "To send to the page from outside the server, run in another terminal:\n    {}",
+            external_sender_command(step, &url)
+        );
+    }
 
     let (name, status) = children.wait_any();
     children.stop_all();
@@ -509,6 +532,20 @@ mod tests {
         let steps = discover(tmp.path()).unwrap();
         let workers: Vec<bool> = steps.iter().map(has_worker).collect();
         assert_eq!(workers, [false, true]);
+    }
+
+    #[test]
+    fn a_step_with_src_bin_external_sender_gets_its_command() {
+        let tmp = TempDir::new("sender");
+        tmp.write("steps/03-background-jobs/src/bin/worker.rs", "");
+        tmp.write("steps/04-showcase/src/bin/external_sender.rs", "");
+        let steps = discover(tmp.path()).unwrap();
+        let senders: Vec<bool> = steps.iter().map(has_external_sender).collect();
+        assert_eq!(senders, [false, true]);
+        assert_eq!(
+            external_sender_command(&steps[1], "redis://127.0.0.1:6400"),
+            "REDIS_URL=redis://127.0.0.1:6400 cargo run --package step-04-showcase --bin external_sender"
+        );
     }
 
     #[test]
