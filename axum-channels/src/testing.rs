@@ -16,7 +16,8 @@
 //! deterministic even when several clients talk at once.
 //!
 //! With the `redis` feature too, [`RedisServer`] starts a throwaway
-//! `redis-server` for a test.
+//! `redis-server` for a test, and [`python`] runs the real Python channel
+//! layers (fast-channels, channels_redis) against it.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt;
 
 mod process;
+#[cfg(feature = "redis")]
+pub mod python;
 #[cfg(feature = "redis")]
 mod redis_server;
 

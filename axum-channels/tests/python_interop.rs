@@ -22,11 +22,9 @@
 //!
 //! Without python3 or redis-server each test says so on stderr and passes;
 //! with `CI=true` it fails instead. The virtualenv is built on the first
-//! run (see `tests/support/python.rs`).
+//! run (see `axum_channels::testing::python`).
 
 #![cfg(feature = "redis")]
-
-mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,11 +33,11 @@ use std::time::Duration;
 use axum::Router;
 use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer, consistent_hash};
 use axum_channels::layer::{ChannelLayer, LayerEvent, LayerMessage, Layers};
+use axum_channels::testing::python::{Impl, Kind, PyLayer, Python, python};
 use axum_channels::testing::{RedisServer, TestServer};
 use axum_channels::{Consumer, Frame, Result, Scope, Socket};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use support::python::{Impl, Kind, PyLayer, Python, python};
 
 /// How long a Rust receive may wait for a message from Python. Python peers
 /// answer in milliseconds; this only bounds a broken run.

@@ -1,7 +1,7 @@
 """A real Python channel-layer peer for the Rust interop tests.
 
 tests/python_interop.rs runs this script with the virtualenv that
-tests/support/python.rs builds from requirements.txt, so the layers below are
+src/testing/python.rs builds from requirements.txt, so the layers below are
 the genuine PyPI packages, never a re-implementation:
 
 - ``--impl fast``: ``fast_channels.layers.redis.RedisChannelLayer`` (queue) or

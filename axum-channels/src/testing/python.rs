@@ -1,20 +1,33 @@
-//! Real Python channel layers for the interop tests: one shared virtualenv,
-//! and [`Peer`], a running `tests/interop/peer.py`.
+//! Real Python channel layers for tests (features `testing` and `redis`):
+//! one shared virtualenv, [`Peer`], a running `tests/interop/peer.py`, and
+//! [`Python::script`] for the other scripts beside it.
 //!
 //! The virtualenv holds the pinned PyPI packages of
-//! `tests/interop/requirements.txt` (fast-channels, channels_redis and their
-//! dependencies). It lives in `CARGO_TARGET_TMPDIR/interop-venv` and is built
-//! once, then reused by every test and every later run for as long as a
-//! marker file in it matches the requirements and the interpreter. Building
-//! takes a lock directory, so tests running in parallel, in one process or in
-//! several (e.g. under nextest), build it once between them.
+//! `axum-channels/tests/interop/requirements.txt` (fast-channels,
+//! channels_redis and their dependencies). It lives in the target directory,
+//! in `tmp/interop-venv`, and is built once, then reused by every test of
+//! every package and every later run for as long as a marker file in it
+//! matches the requirements and the interpreter. Building takes a lock
+//! directory, so tests running in parallel, in one process or in several
+//! (e.g. under nextest), build it once between them.
 //!
 //! Without `python3`, without its `venv` module, or when pip cannot install
 //! the requirements, [`python`] says so on stderr and returns `None`, so the
 //! test passes as skipped; with `CI=true` (any value but empty, `0` or
 //! `false`), where `.ci/run` installs all of it, that is a failure instead.
-
-#![allow(dead_code)] // each test crate that includes this module uses a part of it
+//!
+//! ```no_run
+//! use axum_channels::testing::python::python;
+//!
+//! let Some(python) = python("my_test") else {
+//!     return; // skipped, and said so on stderr
+//! };
+//! let output = python
+//!     .script("external_sender.py")
+//!     .env("REDIS_URL", "redis://127.0.0.1:6400")
+//!     .output();
+//! # let _ = output;
+//! ```
 
 use std::fmt::Write as _;
 use std::fs;
@@ -76,8 +89,20 @@ fn interop_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
 }
 
+/// `<target>/tmp/interop-venv`, where Cargo's `CARGO_TARGET_TMPDIR` points
+/// for integration tests. That variable exists only when a test crate is
+/// compiled, not this library, so the target directory is found from the
+/// running test's own path, `<target>/<profile>/deps/<test>`.
 fn venv_dir() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("interop-venv")
+    let exe = std::env::current_exe().ok();
+    let target = exe
+        .as_deref()
+        .and_then(|exe| exe.ancestors().find(|dir| dir.ends_with("deps")))
+        .and_then(|deps| deps.parent()?.parent());
+    match target {
+        Some(target) => target.join("tmp/interop-venv"),
+        None => std::env::temp_dir().join("axum-channels-interop-venv"),
+    }
 }
 
 /// Builds the virtualenv unless a matching one is already there.
@@ -398,6 +423,19 @@ impl PyLayer {
 }
 
 impl Python {
+    /// A command that runs the script `name` of `axum-channels/tests/interop`
+    /// with the virtualenv's interpreter, isolated from the environment's
+    /// Python settings (`-I`) and in UTF-8 whatever the locale. Add its
+    /// arguments and environment, then run it as any `Command`.
+    pub fn script(&self, name: &str) -> Command {
+        let mut command = Command::new(&self.interpreter);
+        command
+            .args(["-I", "-X", "utf8"])
+            .arg(interop_dir().join(name))
+            .stdin(Stdio::null());
+        command
+    }
+
     /// The package's own `consistent_hash(name, n)` for every name and ring
     /// size: `(name, n, index)` triples, names outermost.
     pub async fn consistent_hash(
