@@ -258,3 +258,97 @@ async fn step_03_keeps_the_earlier_panels() {
     wait_for_entry(&browser, "#room-log", "🚪 Someone joined room 'general'").await;
     browser.close().await;
 }
+
+#[tokio::test]
+async fn step_04_showcase_panels_talk_and_hear_an_outside_sender() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    // The test keeps the app's layers, to send as an outside program would.
+    let backends = step_04_showcase::Backends::in_memory(None);
+    let layers = backends.layers.clone();
+    let server = TestServer::start(step_04_showcase::app_with(backends)).await;
+    browser.open(&format!("http://{}/", server.addr())).await;
+    browser.wait_for_state("showcase", "open").await;
+    assert_eq!(browser.text("#showcase-status").await, "4 of 4 connected");
+    wait_for_entry(&browser, "#chat-log", "📢 Someone joined the chat").await;
+    wait_for_entry(
+        &browser,
+        "#reliable-log",
+        "🔒 Reliable chat connection established!",
+    )
+    .await;
+    wait_for_entry(
+        &browser,
+        "#notifications-log",
+        "🔔 Connected to notifications!",
+    )
+    .await;
+
+    browser.type_and_enter("#chat-input", "hello").await;
+    wait_for_entry(&browser, "#chat-log", "💬 hello").await;
+    browser.type_and_enter("#reliable-input", "hello").await;
+    wait_for_entry(&browser, "#reliable-log", "📨 hello").await;
+    browser
+        .type_and_enter("#notifications-input", "deploy done")
+        .await;
+    wait_for_entry(
+        &browser,
+        "#notifications-log",
+        "🔔 Notification: deploy done",
+    )
+    .await;
+
+    // The button in the page's header sends an event to /ws/analytics, whose
+    // group echoes it to every watcher, this page included.
+    browser.click("#analytics-send").await;
+    browser
+        .wait_until(
+            "[...document.querySelectorAll('#analytics-log li')].some(li => \
+             li.textContent.startsWith('📊 Analytics: button_click:send-analytics@'))",
+            "the analytics event in its log",
+        )
+        .await;
+
+    // A notification from outside the connection, shown with its type.
+    let notification = serde_json::json!({
+        "type": "notification_message",
+        "data": {"type": "broadcast", "message": "🔔 From outside"},
+    });
+    let layer = layers
+        .get("notifications")
+        .expect("the notifications layer");
+    layer
+        .group_send(
+            "notifications",
+            notification.as_object().expect("an object").clone(),
+        )
+        .await
+        .expect("send to the group");
+    wait_for_entry(&browser, "#notifications-log", "🔔 From outside").await;
+    let types = browser
+        .eval("[...document.querySelectorAll('#notifications-log li')].map(li => li.dataset.type)")
+        .await;
+    assert_eq!(types, serde_json::json!(["system", "user", "broadcast"]));
+    browser.close().await;
+}
+
+#[tokio::test]
+async fn step_04_keeps_the_earlier_panels() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let backends = step_04_showcase::Backends::in_memory(Some(Duration::ZERO));
+    let server = TestServer::start(step_04_showcase::app_with(backends)).await;
+    browser.open(&format!("http://{}/", server.addr())).await;
+    browser.wait_for_state("system", "open").await;
+    browser.type_and_enter("#system-input", "hello").await;
+    wait_for_entry(&browser, "#system-log", "🔧 System Echo: hello").await;
+    browser.wait_for_state("room", "idle").await;
+    join_room(&browser, "general").await;
+    wait_for_entry(&browser, "#room-log", "🚪 Someone joined room 'general'").await;
+    browser.wait_for_state("job", "open").await;
+    queue_job(&browser, "default", "hello").await;
+    wait_for_entry(&browser, "#job-log", "✅ Processed: HELLO").await;
+    browser.close().await;
+}
