@@ -10,7 +10,8 @@
 //!   comes back once they close (see [`idle`]);
 //! - `fanout`: one sender and 100 receivers in one room, in deliveries per
 //!   second, through the in-memory, Redis pub/sub and Redis queue channel
-//!   layers, compared with a bare tokio broadcast server (see [`fanout`]).
+//!   layers, and with the room split across two servers on one Redis,
+//!   compared with a bare tokio broadcast server (see [`fanout`]).
 //!   It measures the layers with a room server of its own, so it takes no
 //!   step and no endpoint.
 //!

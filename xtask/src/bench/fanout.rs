@@ -7,7 +7,11 @@
 //!   tokio-tungstenite and `tokio::sync::broadcast`;
 //! - **memory**, **redis pub/sub**, **redis queue**: loadgen's
 //!   `room-server`, one room consumer written against axum-channels, on the
-//!   in-memory layer, `RedisPubSubLayer` and `RedisLayer`.
+//!   in-memory layer, `RedisPubSubLayer` and `RedisLayer`;
+//! - **2 servers pubsub**: the room split across two `room-server`
+//!   processes on one Redis, through `RedisPubSubLayer`, the receivers
+//!   taking turns between them (what step 05 runs); the report gives its
+//!   ratio to the single server in memory.
 //!
 //! The load is loadgen's `fanout` client (see its documentation): a closed
 //! loop with a small window, so a slower server shows as fewer deliveries,
@@ -31,10 +35,11 @@
 //! Without `redis-server` on PATH, the in-memory and baseline runs still
 //! happen and the report says loudly that the Redis runs were skipped.
 //!
-//! A later variant (a room split across two servers on one Redis) needs
-//! only another [`Target`] that starts a second `room-server` on the same
-//! Redis: loadgen's `fanout` already takes several URLs and spreads its
-//! receivers over them.
+//! The split room is the one [`Target`] with two servers: it starts a
+//! second `room-server` on the same Redis, and loadgen's `fanout` spreads
+//! its receivers over their URLs. Both servers are pinned to CPU 0 with
+//! Redis, like every other server side, so the comparison is of the same
+//! one core doing the work of two processes and the Redis between them.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -62,14 +67,17 @@ enum Target {
     Memory,
     PubSub,
     Queue,
+    /// The pub/sub room split across two servers on one Redis.
+    Cluster,
 }
 
 impl Target {
-    const ALL: [Target; 4] = [
+    const ALL: [Target; 5] = [
         Target::Baseline,
         Target::Memory,
         Target::PubSub,
         Target::Queue,
+        Target::Cluster,
     ];
 
     fn label(self) -> &'static str {
@@ -78,6 +86,15 @@ impl Target {
             Target::Memory => "memory",
             Target::PubSub => "redis pub/sub",
             Target::Queue => "redis queue",
+            Target::Cluster => "2 servers pubsub",
+        }
+    }
+
+    /// How many server processes share the room.
+    fn servers(self) -> usize {
+        match self {
+            Target::Cluster => 2,
+            _ => 1,
         }
     }
 
@@ -86,13 +103,13 @@ impl Target {
         match self {
             Target::Baseline => None,
             Target::Memory => Some("memory"),
-            Target::PubSub => Some("pubsub"),
+            Target::PubSub | Target::Cluster => Some("pubsub"),
             Target::Queue => Some("queue"),
         }
     }
 
     fn needs_redis(self) -> bool {
-        matches!(self, Target::PubSub | Target::Queue)
+        matches!(self, Target::PubSub | Target::Queue | Target::Cluster)
     }
 }
 
@@ -302,15 +319,10 @@ struct Fanout<'a> {
 }
 
 impl Fanout<'_> {
-    /// Starts the target's server (and its Redis), runs the fan-out client
-    /// against it, stops them.
-    fn measure(&self, target: Target) -> Result<Report> {
+    /// Starts one server of `target` on a free port (on `redis`, if it
+    /// has one) and waits until it listens; returns it and its room's URL.
+    fn start_server(&self, target: Target, redis: Option<&Redis>) -> Result<(Server, String)> {
         let label = target.label();
-        let redis = if target.needs_redis() {
-            Some(Redis::start(self.pin)?)
-        } else {
-            None
-        };
         let port = free_port()?;
         let mut cmd = match target.layer() {
             None => command(
@@ -321,7 +333,7 @@ impl Fanout<'_> {
             Some(layer) => {
                 let mut cmd = command(&self.release.join(exe("room-server")), "0", self.pin);
                 cmd.args(["--layer", layer]).env("RUST_LOG", "warn");
-                if let Some(redis) = &redis {
+                if let Some(redis) = redis {
                     cmd.args(["--redis", &redis.url()]);
                 }
                 cmd
@@ -334,10 +346,29 @@ impl Fanout<'_> {
             .map_err(|e| fail(format!("cannot start {label}: {e}")))?;
         let mut server = Server { child };
         wait_for_port(&mut server, port, label)?;
+        Ok((server, format!("ws://127.0.0.1:{port}/ws/bench")))
+    }
 
-        // Several servers would be listed here, comma-separated.
-        let urls = format!("ws://127.0.0.1:{port}/ws/bench");
-        let mut side = vec![server.child.id()];
+    /// Starts the target's servers (and their Redis), runs the fan-out
+    /// client against them, stops them.
+    fn measure(&self, target: Target) -> Result<Report> {
+        let label = target.label();
+        let redis = if target.needs_redis() {
+            Some(Redis::start(self.pin)?)
+        } else {
+            None
+        };
+        let mut servers = Vec::new();
+        let mut urls = Vec::new();
+        for _ in 0..target.servers() {
+            let (server, url) = self.start_server(target, redis.as_ref())?;
+            servers.push(server);
+            urls.push(url);
+        }
+        // The fanout client's sender uses the first, and its receivers
+        // take turns.
+        let urls = urls.join(",");
+        let mut side: Vec<u32> = servers.iter().map(|s| s.child.id()).collect();
         side.extend(redis.as_ref().map(|r| r.server.child.id()));
         let (ticks_before, started) = (side_ticks(&side), Instant::now());
         let output = command(&self.release.join(exe("fanout")), "1", self.pin)
@@ -354,7 +385,7 @@ impl Fanout<'_> {
             }
             _ => None,
         };
-        drop(server);
+        drop(servers);
         drop(redis);
         if !output.status.success() {
             return Err(fail(format!(
@@ -432,6 +463,16 @@ fn print_round(round: &Round) {
             pubsub / memory
         );
     }
+    if let (Some(cluster), Some(memory)) =
+        (figure(round, Target::Cluster), figure(round, Target::Memory))
+    {
+        println!(
+            "  {} / {}: {:.2}",
+            Target::Cluster.label(),
+            Target::Memory.label(),
+            cluster / memory
+        );
+    }
 }
 
 fn print_summary(rounds: &[Round], targets: &[Target]) {
@@ -468,6 +509,16 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
             Target::Memory.label(),
         );
     }
+    let cluster = ratios(rounds, Target::Cluster, Target::Memory);
+    if !cluster.is_empty() {
+        println!(
+            "{} / {} (one room on two servers through Redis, against one server in memory): \
+             {:.2} (median of {n} round{plural})",
+            Target::Cluster.label(),
+            Target::Memory.label(),
+            median(&cluster),
+        );
+    }
 }
 
 /// `cargo xtask bench fanout [--receivers N] [--seconds S] [--rounds R]`,
@@ -485,7 +536,7 @@ pub(super) fn run(
         .filter(|t| redis || !t.needs_redis())
         .collect();
     let skipped_note = format!(
-        "note: the Redis runs (redis pub/sub, redis queue) were SKIPPED: redis-server is not \
+        "note: the Redis runs (redis pub/sub, redis queue, 2 servers pubsub) were SKIPPED: redis-server is not \
          on PATH; {INSTALL_REDIS} and run again"
     );
     println!(
@@ -591,6 +642,7 @@ mod tests {
         assert_eq!(
             order(1, &all),
             [
+                Target::Cluster,
                 Target::Queue,
                 Target::PubSub,
                 Target::Memory,
@@ -624,7 +676,10 @@ mod tests {
             .into_iter()
             .filter(|t| t.needs_redis())
             .collect();
-        assert_eq!(needing, [Target::PubSub, Target::Queue]);
+        assert_eq!(needing, [Target::PubSub, Target::Queue, Target::Cluster]);
+        assert_eq!(Target::Cluster.layer(), Some("pubsub"));
+        assert_eq!(Target::Cluster.servers(), 2);
+        assert_eq!(Target::PubSub.servers(), 1);
         assert_eq!(Target::Baseline.layer(), None);
         assert_eq!(Target::Memory.layer(), Some("memory"));
     }
