@@ -10,6 +10,7 @@
 
 mod bench;
 mod check;
+mod cluster;
 mod diff;
 mod snapshots;
 mod steps;
@@ -32,6 +33,13 @@ const TASKS: &[(&str, &str)] = &[
          sender if it has one",
     ),
     (
+        "cluster [--servers N] [--shards S] [--step N] [--port P]",
+        "Run a step as a cluster on this machine: S throwaway redis-servers (default 1), N \
+         servers on consecutive ports (default 2), two workers, and nginx in front of them when \
+         it is installed; free ports unless --port P (proxy on P, servers above it); default: \
+         the newest step",
+    ),
+    (
         "diff [A] B",
         "Show what changed from step A to step B (A defaults to the step before B)",
     ),
@@ -45,7 +53,8 @@ const TASKS: &[(&str, &str)] = &[
          (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients); idle: memory per \
          idle connection and how much returns (10,000 clients); fanout: deliveries/s from one \
          sender to N receivers in one room (default 100) through the in-memory, Redis pub/sub \
-         and Redis queue layers, against a bare tokio broadcast server (no --step, --path, \
+         and Redis queue layers, and split across two servers on one Redis, against a bare \
+         tokio broadcast server (no --step, --path, \
          --clients; a throwaway redis-server of its own)",
     ),
     ("help", "Show this help"),
@@ -85,6 +94,7 @@ fn main() -> ExitCode {
         }
         Some("list") => steps::run_list(&ws, args),
         Some("step") => steps::run_step(&ws, args),
+        Some("cluster") => cluster::run(&ws, args),
         Some("diff") => diff::run(&ws, args),
         Some("check") => check::run(&ws, args),
         Some("bench") => bench::run(&ws, args),
@@ -315,7 +325,7 @@ mod tests {
     #[test]
     fn usage_lists_every_task() {
         let text = usage();
-        for task in ["list", "step", "diff", "check", "bench", "help"] {
+        for task in ["list", "step", "cluster", "diff", "check", "bench", "help"] {
             assert!(
                 text.lines()
                     .any(|l| l.trim_start().starts_with(&format!("{task} ")) || l.trim() == task),

@@ -255,24 +255,7 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
     crate::propagate(built)?;
 
     let mut children = Children::default();
-    let redis_port = free_port()?;
-    let log = std::env::temp_dir().join(format!("redis-{redis_port}.log"));
-    let mut redis = Command::new("redis-server");
-    redis
-        .args(redis_args(redis_port, &log))
-        .stdin(Stdio::null());
-    out_of_reach_of_ctrl_c(&mut redis);
-    let redis = redis
-        .spawn()
-        .map_err(|e| fail(format!("cannot start redis-server: {e}")))?;
-    let redis_pid = redis.id();
-    children.add("redis-server", redis);
-    wait_for_redis(redis_port, &log, &mut children)?;
-    let url = format!("redis://127.0.0.1:{redis_port}");
-    println!(
-        "Redis: a throwaway redis-server at {url}; it saves nothing, and logs to {}",
-        log.display()
-    );
+    let (url, redis_pid) = start_redis(&mut children)?;
 
     let mut bins = vec![("server", package.clone())];
     if has_worker(step) {
@@ -317,6 +300,31 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
     }
 }
 
+/// Starts a throwaway redis-server on a free port, out of reach of Ctrl+C
+/// (see [`stop_redis_last`]), adds it to `children`, waits until it answers,
+/// and says where it is. Returns its URL and process id.
+pub(crate) fn start_redis(children: &mut Children) -> Result<(String, u32)> {
+    let redis_port = free_port()?;
+    let log = std::env::temp_dir().join(format!("redis-{redis_port}.log"));
+    let mut redis = Command::new("redis-server");
+    redis
+        .args(redis_args(redis_port, &log))
+        .stdin(Stdio::null());
+    out_of_reach_of_ctrl_c(&mut redis);
+    let redis = redis
+        .spawn()
+        .map_err(|e| fail(format!("cannot start redis-server: {e}")))?;
+    let redis_pid = redis.id();
+    children.add("redis-server", redis);
+    wait_for_redis(redis_port, &log, children)?;
+    let url = format!("redis://127.0.0.1:{redis_port}");
+    println!(
+        "Redis: a throwaway redis-server at {url}; it saves nothing, and logs to {}",
+        log.display()
+    );
+    Ok((url, redis_pid))
+}
+
 /// Waits, out of reach of Ctrl+C, until xtask and then the processes
 /// `others` are gone, and only then stops Redis (process `redis`).
 ///
@@ -327,7 +335,7 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
 /// process group of its own, where Ctrl+C does not reach it, and this small
 /// shell script, in another, stops it last. `None` where there is no `sh`:
 /// then Redis simply gets Ctrl+C too.
-fn stop_redis_last(redis: u32, others: &[u32]) -> Option<Child> {
+pub(crate) fn stop_redis_last(redis: u32, others: &[u32]) -> Option<Child> {
     const SCRIPT: &str = r#"xtask=$1; redis=$2; shift 2
 while kill -0 "$xtask" 2>/dev/null; do sleep 0.2; done
 for pid in "$@"; do while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done; done
@@ -354,7 +362,7 @@ fn out_of_reach_of_ctrl_c(cmd: &mut Command) {
     let _ = cmd;
 }
 
-fn redis_installed() -> bool {
+pub(crate) fn redis_installed() -> bool {
     Command::new("redis-server")
         .arg("--version")
         .stdout(Stdio::null())
@@ -382,7 +390,7 @@ fn redis_args(port: u16, log: &Path) -> Vec<String> {
 }
 
 /// A port that was free a moment ago (the OS picks it for port 0).
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|addr| addr.port())
@@ -427,15 +435,15 @@ fn ping(port: u16) -> bool {
 /// The processes `step --redis` started, stopped when dropped, so that an
 /// error on the way never leaves a redis-server behind.
 #[derive(Default)]
-struct Children(Vec<(&'static str, Child)>);
+pub(crate) struct Children(Vec<(&'static str, Child)>);
 
 impl Children {
-    fn add(&mut self, name: &'static str, child: Child) {
+    pub(crate) fn add(&mut self, name: &'static str, child: Child) {
         self.0.push((name, child));
     }
 
     /// The first child found to have exited, if any has.
-    fn exited(&mut self) -> Option<(&'static str, ExitStatus)> {
+    pub(crate) fn exited(&mut self) -> Option<(&'static str, ExitStatus)> {
         self.0.iter_mut().find_map(|(name, child)| {
             let status = child.try_wait().ok().flatten()?;
             Some((*name, status))
@@ -443,7 +451,7 @@ impl Children {
     }
 
     /// Waits until one of the children exits.
-    fn wait_any(&mut self) -> (&'static str, ExitStatus) {
+    pub(crate) fn wait_any(&mut self) -> (&'static str, ExitStatus) {
         loop {
             if let Some(exited) = self.exited() {
                 return exited;
@@ -454,7 +462,7 @@ impl Children {
 
     /// Kills the children still running, the last started first (the
     /// stopper of Redis, if there is one, before anything else).
-    fn stop_all(&mut self) {
+    pub(crate) fn stop_all(&mut self) {
         for (_, child) in self.0.iter_mut().rev() {
             let _ = child.kill();
             let _ = child.wait();

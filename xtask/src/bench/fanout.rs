@@ -463,9 +463,10 @@ fn print_round(round: &Round) {
             pubsub / memory
         );
     }
-    if let (Some(cluster), Some(memory)) =
-        (figure(round, Target::Cluster), figure(round, Target::Memory))
-    {
+    if let (Some(cluster), Some(memory)) = (
+        figure(round, Target::Cluster),
+        figure(round, Target::Memory),
+    ) {
         println!(
             "  {} / {}: {:.2}",
             Target::Cluster.label(),

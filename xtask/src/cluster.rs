@@ -1,0 +1,433 @@
+//! The `cluster` task: one step run as several processes on one machine,
+//! the way it runs in production on several.
+//!
+//! `cargo xtask cluster [--servers N] [--shards S] [--step NN] [--port P]`
+//! starts, in this order:
+//!
+//! 1. S throwaway redis-servers (default 1) on free ports, reusing
+//!    [`steps::start_redis`]; the step reads them all from one
+//!    `REDIS_URL=url1,url2` and spreads its channel layers over them;
+//! 2. N servers of the step (default 2) on consecutive ports, each with
+//!    `METRICS=1` when the step has the `metrics` feature, so `/metrics`
+//!    shows what each one carries;
+//! 3. two workers, which take jobs from the first Redis;
+//! 4. nginx in front of the servers, when it is installed, with the step's
+//!    `deploy/nginx.conf` filled in (see [`proxy_config`]), from a temporary
+//!    directory of its own.
+//!
+//! Then it prints every URL and waits. Ctrl+C reaches every process of the
+//! terminal, so each stops in its own way; the redis-servers, out of reach
+//! of Ctrl+C, are stopped last by the script of [`steps::stop_redis_last`],
+//! once the servers and workers that still talk to them have gone. If one
+//! process stops on its own, the others are stopped too.
+//!
+//! Ports are free ones the system picks, unless `--port P` asks for the
+//! proxy on P and the servers on P+1, P+2, ...
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::steps::{self, Children, Step};
+use crate::{Args, Error, Result, Workspace, fail};
+
+/// The most servers, or shards, one machine is asked to run: more shows
+/// nothing new, and each costs a process.
+const MAX_PROCESSES: u16 = 16;
+
+/// How many workers run beside the servers: two, so that which one runs a
+/// job is visibly not what decides where its result goes.
+const WORKERS: usize = 2;
+
+/// How long the servers may take to start listening (a first `cargo run`
+/// after the build is quick, but two cores start several at once).
+const SERVER_STARTUP: Duration = Duration::from_secs(60);
+
+/// Where a step keeps the reverse proxy's configuration.
+const PROXY_CONFIG: &str = "deploy/nginx.conf";
+
+#[derive(Debug, PartialEq)]
+struct Options {
+    servers: u16,
+    shards: u16,
+    step: Option<String>,
+    port: Option<u16>,
+}
+
+fn parse_options(mut args: Args) -> Result<Options> {
+    let within = |name: &str, value: Option<u16>, default: u16| match value {
+        None => Ok(default),
+        Some(n) if (1..=MAX_PROCESSES).contains(&n) => Ok(n),
+        Some(n) => Err(Error::Usage(format!(
+            "{name} must be from 1 to {MAX_PROCESSES}, not {n}"
+        ))),
+    };
+    let servers = within("--servers", args.value("--servers")?, 2)?;
+    let shards = within("--shards", args.value("--shards")?, 1)?;
+    let step = args.value("--step")?;
+    let port: Option<u16> = args.value("--port")?;
+    if port.is_some_and(|p| p == 0 || u32::from(p) + u32::from(servers) > 65_535) {
+        return Err(Error::Usage(format!(
+            "--port leaves no room for {servers} server(s) above it"
+        )));
+    }
+    args.positionals(0, 0)?;
+    Ok(Options {
+        servers,
+        shards,
+        step,
+        port,
+    })
+}
+
+/// Whether a step serves `/metrics` when asked: it turns on axum-channels'
+/// `metrics` feature in its `Cargo.toml`. Asking one that does not stops it
+/// at start, so the cluster asks only those that do.
+fn has_metrics(step: &Step) -> bool {
+    std::fs::read_to_string(step.dir.join("Cargo.toml"))
+        .is_ok_and(|manifest| manifest.contains("\"metrics\""))
+}
+
+/// `count` consecutive ports that were free a moment ago. The system picks
+/// the first; the ones above it are checked, and another start is tried
+/// when one is taken.
+fn consecutive_free_ports(count: u16) -> Result<u16> {
+    for _ in 0..50 {
+        let first = steps::free_port()?;
+        if u32::from(first) + u32::from(count) > 65_535 {
+            continue;
+        }
+        let free = (first..first + count)
+            .all(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok());
+        if free {
+            return Ok(first);
+        }
+    }
+    Err(fail(format!("found no {count} consecutive free ports")))
+}
+
+/// The step's proxy configuration, `template`, for a proxy that listens on
+/// `listen` and spreads connections over `servers`: `@LISTEN@` becomes the
+/// address, and the line holding `@SERVERS@` one `server` line per server.
+fn proxy_config(template: &str, listen: u16, servers: &[u16]) -> String {
+    let mut out = String::new();
+    for line in template.lines() {
+        // Comments may name the placeholders; they are left as they are.
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            out.push('\n');
+        } else if line.trim() == "@SERVERS@" {
+            let indent = &line[..line.len() - line.trim_start().len()];
+            for port in servers {
+                out.push_str(&format!("{indent}server 127.0.0.1:{port};\n"));
+            }
+        } else {
+            out.push_str(&line.replace("@LISTEN@", &format!("127.0.0.1:{listen}")));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The main file nginx reads: where it keeps its pid and temporary files
+/// (all in `dir`, so it needs no root and touches nothing of the system's),
+/// and the step's configuration, filled in, as `cluster.conf`.
+fn nginx_main_config(dir: &Path) -> String {
+    let dir = dir.display();
+    format!(
+        "# Written by `cargo xtask cluster`; removed when it stops.\n\
+         pid {dir}/nginx.pid;\n\
+         error_log stderr warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n\
+         \x20   access_log off;\n\
+         \x20   client_body_temp_path {dir}/body;\n\
+         \x20   proxy_temp_path {dir}/proxy;\n\
+         \x20   fastcgi_temp_path {dir}/fastcgi;\n\
+         \x20   uwsgi_temp_path {dir}/uwsgi;\n\
+         \x20   scgi_temp_path {dir}/scgi;\n\
+         \x20   include {dir}/cluster.conf;\n\
+         }}\n"
+    )
+}
+
+/// nginx, if installed: on `PATH`, or in `/usr/sbin`, which is not on a
+/// normal user's `PATH` on Debian.
+pub(crate) fn find_nginx() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|dir| dir.join("nginx"))
+        .find(|candidate| candidate.is_file())
+}
+
+/// A temporary directory for nginx, removed when dropped.
+struct ProxyDir(PathBuf);
+
+impl Drop for ProxyDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes nginx's configuration into a fresh temporary directory and starts
+/// it in the foreground, so Ctrl+C stops it too.
+fn start_nginx(
+    nginx: &Path,
+    template: &str,
+    listen: u16,
+    servers: &[u16],
+    children: &mut Children,
+) -> Result<ProxyDir> {
+    let dir = ProxyDir(std::env::temp_dir().join(format!("xtask-cluster-nginx-{listen}")));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let write = |name: &str, text: String| {
+        std::fs::write(dir.0.join(name), text)
+            .map_err(|e| fail(format!("cannot write nginx's {name}: {e}")))
+    };
+    std::fs::create_dir_all(&dir.0)
+        .map_err(|e| fail(format!("cannot create {}: {e}", dir.0.display())))?;
+    write("cluster.conf", proxy_config(template, listen, servers))?;
+    write("nginx.conf", nginx_main_config(&dir.0))?;
+    let child = Command::new(nginx)
+        .arg("-p")
+        .arg(&dir.0)
+        .arg("-c")
+        .arg(dir.0.join("nginx.conf"))
+        // Its start-up errors go to the terminal, not to /var/log.
+        .args(["-e", "stderr", "-g", "daemon off;"])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start {}: {e}", nginx.display())))?;
+    children.add("nginx", child);
+    Ok(dir)
+}
+
+/// Waits until something accepts connections on each of `ports`, or one
+/// of `children` stops.
+fn wait_for_ports(ports: &[u16], children: &mut Children) -> Result<()> {
+    let started = Instant::now();
+    for &port in ports {
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            if let Some((name, status)) = children.exited() {
+                return Err(fail(format!("the {name} stopped at start ({status})")));
+            }
+            if started.elapsed() > SERVER_STARTUP {
+                return Err(fail(format!(
+                    "nothing listens on port {port} after {} s",
+                    SERVER_STARTUP.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+/// `cargo xtask cluster`.
+pub fn run(ws: &Workspace, args: Args) -> Result<()> {
+    let options = parse_options(args)?;
+    let all = steps::discover(&ws.root)?;
+    let step: &Step = match &options.step {
+        Some(query) => steps::resolve_arg(&all, query)?,
+        None => all.last().expect("discover finds at least one step"),
+    };
+    if !steps::has_worker(step) {
+        return Err(Error::Usage(format!(
+            "steps/{} has no worker: a cluster needs a step that shares its work through \
+             Redis (step 03 on)",
+            step.dir_name()
+        )));
+    }
+    if !steps::redis_installed() {
+        return Err(fail(
+            "redis-server is not installed: install it with `sudo apt-get install redis-server` \
+             (Debian, Ubuntu) or `brew install redis` (macOS)",
+        ));
+    }
+    let template = std::fs::read_to_string(step.dir.join(PROXY_CONFIG)).ok();
+    let nginx = find_nginx();
+    let package = step.package();
+    let built = ws
+        .cargo()
+        .args(["build", "--package", &package, "--bins"])
+        .status()
+        .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+    crate::propagate(built)?;
+
+    // The proxy's port first, then the servers'.
+    let servers = options.servers;
+    let first = match options.port {
+        Some(port) => port,
+        None => consecutive_free_ports(servers + 1)?,
+    };
+    let proxy_port = first;
+    let server_ports: Vec<u16> = (1..=servers).map(|i| first + i).collect();
+
+    let mut children = Children::default();
+    let mut redis_pids = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..options.shards {
+        let (url, pid) = steps::start_redis(&mut children)?;
+        urls.push(url);
+        redis_pids.push(pid);
+    }
+    // Every process lists the same hosts in the same order, as the layers'
+    // consistent hash requires.
+    let redis_url = urls.join(",");
+    let mut others = Vec::new();
+    let mut run = |name: &'static str, bin: &str, envs: &[(&str, String)]| -> Result<()> {
+        let child = ws
+            .cargo()
+            .args(["run", "--quiet", "--package", &package, "--bin", bin])
+            .env("REDIS_URL", &redis_url)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+        others.push(child.id());
+        children.add(name, child);
+        Ok(())
+    };
+    let metrics = has_metrics(step);
+    for &port in &server_ports {
+        // The page's own origin, and the proxy's, may open WebSockets.
+        let mut envs = vec![
+            ("PORT", port.to_string()),
+            ("ALLOWED_ORIGINS", format!("http://127.0.0.1:{proxy_port}")),
+        ];
+        if metrics {
+            envs.push(("METRICS", "1".to_owned()));
+        }
+        run("server", &package, &envs)?;
+    }
+    for _ in 0..WORKERS {
+        run("worker", "worker", &[])?;
+    }
+    for pid in &redis_pids {
+        if let Some(stopper) = steps::stop_redis_last(*pid, &others) {
+            children.add("stopper", stopper);
+        }
+    }
+    wait_for_ports(&server_ports, &mut children)?;
+
+    let proxy_dir = match (&nginx, &template) {
+        (Some(nginx), Some(template)) => Some(start_nginx(
+            nginx,
+            template,
+            proxy_port,
+            &server_ports,
+            &mut children,
+        )?),
+        _ => None,
+    };
+    if proxy_dir.is_some() {
+        wait_for_ports(&[proxy_port], &mut children)?;
+    }
+
+    println!(
+        "\nThe cluster of step {}: {} server(s), {WORKERS} workers, {} Redis shard(s)",
+        step.id,
+        server_ports.len(),
+        urls.len()
+    );
+    println!("  Redis:     REDIS_URL={redis_url}");
+    for (i, port) in server_ports.iter().enumerate() {
+        let metrics = if metrics {
+            format!("   (metrics: http://127.0.0.1:{port}/metrics)")
+        } else {
+            String::new()
+        };
+        println!("  server {}:  http://127.0.0.1:{port}{metrics}", i + 1);
+    }
+    match (&nginx, &template, &proxy_dir) {
+        (_, _, Some(_)) => println!(
+            "  nginx:     http://127.0.0.1:{proxy_port}   (spreads connections over the servers; \
+             config from steps/{}/{PROXY_CONFIG})",
+            step.dir_name()
+        ),
+        (None, _, _) => println!(
+            "  no reverse proxy: nginx is not installed (`sudo apt-get install nginx-light`)"
+        ),
+        (_, _, None) => println!(
+            "  no reverse proxy: steps/{} has no {PROXY_CONFIG}",
+            step.dir_name()
+        ),
+    }
+    println!(
+        "Open a page of each server (or the proxy's twice): rooms, chat and notifications span \
+         them all.\nPress Ctrl+C to stop them all."
+    );
+
+    let (name, status) = children.wait_any();
+    children.stop_all();
+    if status.success() {
+        Ok(())
+    } else {
+        Err(fail(format!(
+            "the {name} stopped ({status}); the others were stopped too"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::args;
+
+    #[test]
+    fn options_have_defaults_and_bounds() {
+        assert_eq!(
+            parse_options(args(&[])).unwrap(),
+            Options {
+                servers: 2,
+                shards: 1,
+                step: None,
+                port: None
+            }
+        );
+        let options =
+            parse_options(args(&["--servers", "3", "--shards=2", "--step", "05"])).unwrap();
+        assert_eq!((options.servers, options.shards), (3, 2));
+        assert_eq!(options.step.as_deref(), Some("05"));
+        for bad in [
+            &["--servers", "0"][..],
+            &["--shards", "17"],
+            &["--port", "65535"],
+            &["--port", "0"],
+            &["extra"],
+            &["--servers", "two"],
+        ] {
+            assert!(parse_options(args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn fills_in_the_proxy_template() {
+        let template = "# fills @SERVERS@\nupstream s {\n    @SERVERS@\n}\n\
+                        server {\n    listen @LISTEN@;\n}\n";
+        assert_eq!(
+            proxy_config(template, 9000, &[9001, 9002]),
+            "# fills @SERVERS@\nupstream s {\n    server 127.0.0.1:9001;\n    \
+             server 127.0.0.1:9002;\n}\nserver {\n    listen 127.0.0.1:9000;\n}\n"
+        );
+    }
+
+    #[test]
+    fn finds_consecutive_free_ports() {
+        let first = consecutive_free_ports(3).unwrap();
+        assert!(first < 65_533);
+    }
+
+    #[test]
+    fn nginx_keeps_its_files_in_its_directory() {
+        let config = nginx_main_config(Path::new("/tmp/x"));
+        assert!(config.contains("pid /tmp/x/nginx.pid;"));
+        assert!(config.contains("include /tmp/x/cluster.conf;"));
+        assert!(!config.contains("/var/"));
+    }
+}
