@@ -17,7 +17,9 @@
 //!
 //! With the `redis` feature too, [`RedisServer`] starts a throwaway
 //! `redis-server` for a test, and [`python`] runs the real Python channel
-//! layers (fast-channels, channels_redis) against it.
+//! layers (fast-channels, channels_redis) against it. [`ServerProcess`] runs
+//! a server binary as a real process, and [`ReverseProxy`] puts nginx in
+//! front of several.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -37,12 +39,14 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt;
 
+mod nginx;
 mod process;
 #[cfg(feature = "redis")]
 pub mod python;
 #[cfg(feature = "redis")]
 mod redis_server;
 
+pub use nginx::ReverseProxy;
 pub use process::ServerProcess;
 #[cfg(feature = "redis")]
 pub use redis_server::RedisServer;
