@@ -423,17 +423,24 @@ impl PyLayer {
 }
 
 impl Python {
+    /// A command that runs the Python script at `path` (an app's own, say)
+    /// with the virtualenv's interpreter, isolated and in UTF-8 as
+    /// [`script`](Self::script) runs those of `tests/interop`.
+    pub fn script_at(&self, path: &Path) -> Command {
+        let mut command = Command::new(&self.interpreter);
+        command
+            .args(["-I", "-X", "utf8"])
+            .arg(path)
+            .stdin(Stdio::null());
+        command
+    }
+
     /// A command that runs the script `name` of `axum-channels/tests/interop`
     /// with the virtualenv's interpreter, isolated from the environment's
     /// Python settings (`-I`) and in UTF-8 whatever the locale. Add its
     /// arguments and environment, then run it as any `Command`.
     pub fn script(&self, name: &str) -> Command {
-        let mut command = Command::new(&self.interpreter);
-        command
-            .args(["-I", "-X", "utf8"])
-            .arg(interop_dir().join(name))
-            .stdin(Stdio::null());
-        command
+        self.script_at(&interop_dir().join(name))
     }
 
     /// The package's own `consistent_hash(name, n)` for every name and ring
