@@ -305,8 +305,9 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
         }
         run("server", &package, &envs)?;
     }
+    let worker = steps::bin_name(step, "worker");
     for _ in 0..WORKERS {
-        run("worker", "worker", &[])?;
+        run("worker", &worker, &[])?;
     }
     for pid in &redis_pids {
         if let Some(stopper) = steps::stop_redis_last(*pid, &others) {

@@ -218,12 +218,43 @@ pub fn has_external_sender(step: &Step) -> bool {
     step.dir.join("src/bin/external_sender.rs").is_file()
 }
 
+/// The name of the binary built from `src/bin/{stem}.rs`: the `name` of the
+/// `[[bin]]` section of the step's `Cargo.toml` whose `path` is that file,
+/// or, without one, `stem` (Cargo's own default). From step 04 on, steps
+/// name their binaries after themselves (`step-04-showcase-worker`), since
+/// every step builds into one target directory, where two binaries of one
+/// name would overwrite each other.
+pub fn bin_name(step: &Step, stem: &str) -> String {
+    let manifest = std::fs::read_to_string(step.dir.join("Cargo.toml")).unwrap_or_default();
+    bin_name_in(&manifest, stem)
+}
+
+fn bin_name_in(manifest: &str, stem: &str) -> String {
+    let path = format!("src/bin/{stem}.rs");
+    // Each `[[bin]]` section up to the next section, as (key, value) pairs.
+    for section in manifest.split("\n[").filter(|s| s.starts_with("[bin]]")) {
+        let value = |key: &str| {
+            section.lines().find_map(|line| {
+                let (k, v) = line.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+            })
+        };
+        if value("path").as_deref() == Some(path.as_str())
+            && let Some(name) = value("name")
+        {
+            return name;
+        }
+    }
+    stem.to_owned()
+}
+
 /// The command that runs `step`'s external sender against the Redis at
 /// `url`, for the reader to paste into another terminal.
 fn external_sender_command(step: &Step, url: &str) -> String {
     format!(
-        "REDIS_URL={url} cargo run --package {} --bin external_sender",
-        step.package()
+        "REDIS_URL={url} cargo run --package {} --bin {}",
+        step.package(),
+        bin_name(step, "external_sender")
     )
 }
 
@@ -259,7 +290,7 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
 
     let mut bins = vec![("server", package.clone())];
     if has_worker(step) {
-        bins.push(("worker", "worker".to_owned()));
+        bins.push(("worker", bin_name(step, "worker")));
     }
     for (name, bin) in bins {
         let mut cmd = ws.cargo();
@@ -554,6 +585,19 @@ mod tests {
             external_sender_command(&steps[1], "redis://127.0.0.1:6400"),
             "REDIS_URL=redis://127.0.0.1:6400 cargo run --package step-04-showcase --bin external_sender"
         );
+    }
+
+    #[test]
+    fn a_bin_section_names_its_binary() {
+        let manifest = "[package]\nname = \"step-04-showcase\"\n\n\
+                        [[bin]]\nname = \"step-04-showcase-worker\"\npath = \"src/bin/worker.rs\"\n\n\
+                        [[bin]]\npath = \"src/bin/external_sender.rs\"\nname = \"sender\"\n\n\
+                        [dependencies]\nname = \"not a bin\"\n";
+        assert_eq!(bin_name_in(manifest, "worker"), "step-04-showcase-worker");
+        assert_eq!(bin_name_in(manifest, "external_sender"), "sender");
+        // No section for it: Cargo's default, the file's name.
+        assert_eq!(bin_name_in(manifest, "other"), "other");
+        assert_eq!(bin_name_in("[package]\n", "worker"), "worker");
     }
 
     #[test]
