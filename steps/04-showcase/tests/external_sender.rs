@@ -53,7 +53,7 @@ const ORIGINAL_OUTPUT: &str = "\
 /// runtime (the clients' connections live there).
 async fn run_sender(envs: Vec<(&'static str, String)>) -> Output {
     tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_external_sender"))
+        Command::new(env!("CARGO_BIN_EXE_step-04-showcase-external-sender"))
             .env_remove("REDIS_URL")
             .env_remove("SENDER_PAUSE_MS")
             .envs(envs)
@@ -263,7 +263,7 @@ async fn the_sender_keeps_the_originals_pauses_by_default() {
 
 #[test]
 fn without_redis_url_the_sender_says_what_to_do_in_one_line() {
-    let output = Command::new(env!("CARGO_BIN_EXE_external_sender"))
+    let output = Command::new(env!("CARGO_BIN_EXE_step-04-showcase-external-sender"))
         .env_remove("REDIS_URL")
         .output()
         .expect("run the external_sender binary");
@@ -283,7 +283,7 @@ fn with_redis_unreachable_the_sender_says_what_to_do_in_one_line() {
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
         .port();
-    let output = Command::new(env!("CARGO_BIN_EXE_external_sender"))
+    let output = Command::new(env!("CARGO_BIN_EXE_step-04-showcase-external-sender"))
         .env("REDIS_URL", format!("redis://127.0.0.1:{port}"))
         .output()
         .expect("run the external_sender binary");

@@ -109,7 +109,7 @@ async fn wait_for_log(server: &ServerProcess, needle: &str, times: usize) {
 /// Runs the external sender with quick pauses; its exit status and output.
 async fn run_sender(url: String) -> (bool, String) {
     let output = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_external_sender"))
+        Command::new(env!("CARGO_BIN_EXE_step-04-showcase-external-sender"))
             .env("REDIS_URL", url)
             .env("SENDER_PAUSE_MS", "0")
             .output()

@@ -49,7 +49,7 @@ struct Worker {
 impl Worker {
     /// Starts the worker binary on `redis`, its jobs taking `delay`.
     fn start(redis: &RedisServer, delay: Duration) -> Worker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_worker"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_step-04-showcase-worker"))
             .env("REDIS_URL", redis.url())
             .env("JOB_DELAY_MS", delay.as_millis().to_string())
             .env("WORKER_HEARTBEAT_SECS", "1")
@@ -226,7 +226,7 @@ async fn several_workers_share_the_queue() {
 
 #[test]
 fn the_worker_says_in_one_line_that_it_needs_redis_url() {
-    let output = Command::new(env!("CARGO_BIN_EXE_worker"))
+    let output = Command::new(env!("CARGO_BIN_EXE_step-04-showcase-worker"))
         .env_remove("REDIS_URL")
         .output()
         .expect("run the worker binary");

@@ -6,7 +6,7 @@
 //! another terminal, with the server's `REDIS_URL`:
 //!
 //! ```console
-//! $ REDIS_URL=redis://127.0.0.1:6379 cargo run -p step-04-showcase --bin external_sender
+//! $ REDIS_URL=redis://127.0.0.1:6379 cargo run -p step-04-showcase --bin step-04-showcase-external-sender
 //! ```
 //!
 //! `cargo xtask step 04 --redis` prints this command with the right URL.

@@ -5,7 +5,7 @@
 //! Start as many as you like, each in its own terminal, after the server:
 //!
 //! ```console
-//! $ REDIS_URL=redis://127.0.0.1:6379 cargo run -p step-04-showcase --bin worker
+//! $ REDIS_URL=redis://127.0.0.1:6379 cargo run -p step-04-showcase --bin step-04-showcase-worker
 //! ```
 //!
 //! `cargo xtask step 04 --redis` starts Redis, the server and one worker for
