@@ -28,6 +28,7 @@ from fast_channels.layers.redis import RedisChannelLayer, RedisPubSubChannelLaye
 from fast_channels.layers.registry import register_channel_layer
 
 
+# ANCHOR: setup_layers
 def setup_layers(redis_url):
     """The sandbox's layers, as sandbox/layers.py registers them."""
     hosts = [redis_url]
@@ -42,6 +43,7 @@ def setup_layers(redis_url):
         "analytics",
         RedisChannelLayer(hosts=hosts, prefix="analytics", expiry=3600, capacity=5000),
     )
+# ANCHOR_END: setup_layers
 
 
 class Sender:
