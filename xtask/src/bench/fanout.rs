@@ -162,7 +162,23 @@ impl Report {
         }
         (!parts.is_empty()).then(|| parts.join(", "))
     }
+
+    /// Whether neither side had its core to itself. In a run that was not
+    /// held back, the server's core or the load generator's is nearly
+    /// full; when both are well below, other processes had the CPUs, and
+    /// then a server side of two processes (a server and Redis) gets a
+    /// bigger share than one, so the ratios lean towards Redis.
+    fn held_back(&self) -> bool {
+        let busy = |side: Option<f64>| side.is_some_and(|b| b >= BUSY);
+        self.server_busy.is_some()
+            && self.client_busy.is_some()
+            && !busy(self.server_busy)
+            && !busy(self.client_busy)
+    }
 }
+
+/// How busy a core must be for a run to count as not held back.
+const BUSY: f64 = 0.9;
 
 fn parse_report(stdout: &str) -> Result<Report, String> {
     let line = stdout
@@ -449,6 +465,15 @@ fn print_round(round: &Round) {
         );
     }
     for (target, r) in round {
+        if r.held_back() {
+            println!(
+                "  note: {}: neither core was busy (server {}, client {}): other processes \
+                 had the CPUs, so this figure is not comparable",
+                target.label(),
+                percent(r.server_busy),
+                percent(r.client_busy)
+            );
+        }
         if let Some(trouble) = r.trouble() {
             println!("  warning: {}: {trouble}", target.label());
         }
@@ -694,6 +719,15 @@ mod tests {
             assert!(side_ticks(&[std::process::id()]).is_some());
         }
         assert_eq!(percent(Some(0.974)), "97%");
+        let run = |server, client| Report {
+            server_busy: server,
+            client_busy: client,
+            ..report(1.0)
+        };
+        assert!(run(Some(0.56), Some(0.32)).held_back());
+        assert!(!run(Some(0.99), Some(0.32)).held_back(), "server-bound");
+        assert!(!run(Some(0.60), Some(0.95)).held_back(), "client-bound");
+        assert!(!run(None, Some(0.3)).held_back(), "unknown");
         assert_eq!(percent(None), "-");
     }
 
