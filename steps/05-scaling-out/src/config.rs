@@ -1,0 +1,243 @@
+//! Settings, read once from the environment when the server starts.
+//!
+//! | variable   | default     | meaning                        |
+//! |------------|-------------|--------------------------------|
+//! | `HOST`     | `127.0.0.1` | address to listen on           |
+//! | `PORT`     | `8080`      | port to listen on (0: any free) |
+//! | `RUST_LOG` | `info`      | what to log (`tracing` filter) |
+//! | `REDIS_URL` | unset | the Redis that holds the job queue and carries the results, e.g. `redis://127.0.0.1:6379`; unset keeps both in this process. Several, comma-separated (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`), are shards: the channel layers spread their groups and channels over them, and the job queue stays on the first. Every process lists them in the same order |
+//! | `JOB_DELAY_MS` | unset | how long every job pretends to work, in milliseconds; unset: the original's 1 to 4 s, by job type |
+//! | `WORKER_HEARTBEAT_SECS` | `5` | how often a `worker` tells Redis it is alive; one silent for 3 heartbeats is taken for dead, and its jobs run again |
+//! | `GROUP_EXPIRY_SECS` | `300` | how long a membership of the `"queue"` and `"analytics"` layers lasts in Redis unless its server renews it (every half of it); a server that died is a member for at most this long |
+//! | `SENDER_PAUSE_MS` | unset | how long `external_sender` pauses wherever it pauses, in milliseconds; unset: the original's 0.1 to 1 s |
+//!
+//! A bad value stops the server at start with one line that says what is
+//! wrong, rather than surprising you later. The library's own production
+//! settings (`ALLOWED_ORIGINS`, `MAX_CONNECTIONS`, `METRICS`, ...) are read
+//! by `axum_channels::Settings`, in `main`.
+
+use std::time::Duration;
+
+/// What the server and its workers are told by the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Host name or IP address, e.g. `127.0.0.1` or `0.0.0.0`.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    // ANCHOR: job_settings
+    /// The Redis that holds the job queue and carries the results, or `None`
+    /// to keep both in this process.
+    pub redis_url: Option<String>,
+    /// How long every job pretends to work, or `None` for the original's
+    /// delays (1 to 4 s, by job type). Tests set it to zero.
+    pub job_delay: Option<Duration>,
+    /// How often a worker tells Redis it is alive.
+    pub worker_heartbeat: Duration,
+    // ANCHOR_END: job_settings
+    // ANCHOR: group_expiry
+    /// How long a membership of a queue layer lasts unless renewed: after
+    /// a server dies, its connections stay in their groups this long.
+    pub group_expiry: Duration,
+    // ANCHOR_END: group_expiry
+    // ANCHOR: sender_settings
+    /// How long the external sender pauses wherever it pauses, or `None`
+    /// for the original's pauses (0.1 to 1 s). Tests set it to a few
+    /// milliseconds.
+    pub sender_pause: Option<Duration>,
+    // ANCHOR_END: sender_settings
+}
+
+impl Default for Config {
+    /// The defaults: what an empty environment gives.
+    fn default() -> Self {
+        Config::from_lookup(|_| None).expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// Reads every variable of the table above.
+    pub fn from_env() -> Result<Config, String> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
+        let host = lookup("HOST").unwrap_or_else(|| "127.0.0.1".to_owned());
+        if host.trim().is_empty() {
+            return Err("HOST is empty: set it to an address such as 127.0.0.1".to_owned());
+        }
+        let port = match lookup("PORT") {
+            None => 8080,
+            Some(port) => port
+                .parse()
+                .map_err(|_| format!("PORT must be a number from 0 to 65535, not {port:?}"))?,
+        };
+        // ANCHOR: redis_urls
+        let redis_url = match lookup("REDIS_URL") {
+            None => None,
+            // One URL, or several separated by commas: each must be one.
+            Some(url) if redis_hosts(&url).iter().all(|host| host.contains("://")) => Some(url),
+            Some(url) => {
+                return Err(format!(
+                    "REDIS_URL must look like redis://127.0.0.1:6379, or list several \
+                     separated by commas, not {url:?}"
+                ));
+            }
+        };
+        // ANCHOR_END: redis_urls
+        let job_delay = match lookup("JOB_DELAY_MS") {
+            None => None,
+            Some(ms) => Some(Duration::from_millis(ms.parse().map_err(|_| {
+                format!("JOB_DELAY_MS must be a number of milliseconds, not {ms:?}")
+            })?)),
+        };
+        let worker_heartbeat = match lookup("WORKER_HEARTBEAT_SECS") {
+            None => Duration::from_secs(5),
+            Some(secs) => match secs.parse() {
+                Ok(secs) if secs > 0 => Duration::from_secs(secs),
+                _ => {
+                    return Err(format!(
+                        "WORKER_HEARTBEAT_SECS must be a whole number of seconds, 1 or more, not {secs:?}"
+                    ));
+                }
+            },
+        };
+        let group_expiry = match lookup("GROUP_EXPIRY_SECS") {
+            None => Duration::from_secs(300),
+            Some(secs) => match secs.parse() {
+                Ok(secs) if secs > 0 => Duration::from_secs(secs),
+                _ => {
+                    return Err(format!(
+                        "GROUP_EXPIRY_SECS must be a whole number of seconds, 1 or more, not {secs:?}"
+                    ));
+                }
+            },
+        };
+        let sender_pause = match lookup("SENDER_PAUSE_MS") {
+            None => None,
+            Some(ms) => Some(Duration::from_millis(ms.parse().map_err(|_| {
+                format!("SENDER_PAUSE_MS must be a number of milliseconds, not {ms:?}")
+            })?)),
+        };
+        Ok(Config {
+            host,
+            port,
+            redis_url,
+            job_delay,
+            worker_heartbeat,
+            group_expiry,
+            sender_pause,
+        })
+    }
+}
+
+// ANCHOR: redis_hosts
+/// The Redis URLs of a `REDIS_URL`, in order: one per shard. An empty part
+/// (`a,,b`) is no URL, and is kept so that the check above refuses it.
+pub fn redis_hosts(url: &str) -> Vec<String> {
+    url.split(',').map(|host| host.trim().to_owned()).collect()
+}
+// ANCHOR_END: redis_hosts
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, String> {
+        Config::from_lookup(|name| {
+            vars.iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_string())
+        })
+    }
+
+    #[test]
+    fn defaults_to_localhost_8080() {
+        let expected = Config {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            redis_url: None,
+            job_delay: None,
+            worker_heartbeat: Duration::from_secs(5),
+            group_expiry: Duration::from_secs(300),
+            sender_pause: None,
+        };
+        assert_eq!(config(&[]), Ok(expected));
+    }
+
+    #[test]
+    fn reads_host_and_port() {
+        let expected = Config {
+            host: "0.0.0.0".into(),
+            port: 3000,
+            ..Config::default()
+        };
+        assert_eq!(
+            config(&[("HOST", "0.0.0.0"), ("PORT", "3000")]),
+            Ok(expected)
+        );
+    }
+
+    #[test]
+    fn reads_the_job_settings() {
+        let config = config(&[
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("JOB_DELAY_MS", "0"),
+            ("WORKER_HEARTBEAT_SECS", "1"),
+        ])
+        .unwrap();
+        assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
+        assert_eq!(config.job_delay, Some(Duration::ZERO));
+        assert_eq!(config.worker_heartbeat, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_bad_port_is_one_clear_error() {
+        assert_eq!(
+            config(&[("PORT", "80a")]),
+            Err(r#"PORT must be a number from 0 to 65535, not "80a""#.to_owned())
+        );
+        assert!(config(&[("PORT", "70000")]).is_err());
+        assert!(config(&[("HOST", " ")]).is_err());
+    }
+
+    #[test]
+    fn bad_job_settings_are_one_clear_error_each() {
+        assert_eq!(
+            config(&[("REDIS_URL", "localhost:6379")]),
+            Err(r#"REDIS_URL must look like redis://127.0.0.1:6379, or list several separated by commas, not "localhost:6379""#.into())
+        );
+        assert!(config(&[("REDIS_URL", "redis://a:6379,,redis://b:6379")]).is_err());
+        assert!(config(&[("REDIS_URL", "redis://a:6379,b:6379")]).is_err());
+        assert!(config(&[("GROUP_EXPIRY_SECS", "0")]).is_err());
+        assert!(config(&[("GROUP_EXPIRY_SECS", "1m")]).is_err());
+        assert!(config(&[("JOB_DELAY_MS", "1s")]).is_err());
+        assert!(config(&[("WORKER_HEARTBEAT_SECS", "0")]).is_err());
+    }
+
+    #[test]
+    fn several_redis_urls_are_shards_in_order() {
+        let url = "redis://10.0.0.1:6379, redis://10.0.0.2:6379";
+        let config = config(&[("REDIS_URL", url), ("GROUP_EXPIRY_SECS", "60")]).unwrap();
+        assert_eq!(config.redis_url.as_deref(), Some(url));
+        assert_eq!(
+            redis_hosts(url),
+            ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]
+        );
+        assert_eq!(redis_hosts("redis://a"), ["redis://a"]);
+        assert_eq!(config.group_expiry, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn reads_the_senders_pause() {
+        let config = |ms| config(&[("SENDER_PAUSE_MS", ms)]);
+        assert_eq!(
+            config("20").unwrap().sender_pause,
+            Some(Duration::from_millis(20))
+        );
+        assert_eq!(
+            config("0.5"),
+            Err(r#"SENDER_PAUSE_MS must be a number of milliseconds, not "0.5""#.into())
+        );
+    }
+}
