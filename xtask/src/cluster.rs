@@ -18,8 +18,10 @@
 //! Then it prints every URL and waits. Ctrl+C reaches every process of the
 //! terminal, so each stops in its own way; the redis-servers, out of reach
 //! of Ctrl+C, are stopped last by the script of [`steps::stop_redis_last`],
-//! once the servers and workers that still talk to them have gone. If one
-//! process stops on its own, the others are stopped too.
+//! once the servers and workers that still talk to them have gone. A server
+//! that stops on its own (say, `kill`ed to see what its rooms hear) leaves
+//! the others running; any other process stopping, or the last server,
+//! stops them all.
 //!
 //! Ports are free ones the system picks, unless `--port P` asks for the
 //! proxy on P and the servers on P+1, P+2, ...
@@ -364,7 +366,23 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
          them all.\nPress Ctrl+C to stop them all."
     );
 
-    let (name, status) = children.wait_any();
+    // A server that stops (or is killed) is what a cluster is for: the
+    // others keep serving, and the proxy sends its clients to them. Anything
+    // else stopping, or the last server, stops them all.
+    let (name, status) = loop {
+        let Some((name, status)) = children.take_exited() else {
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
+        if name == "server" && children.count("server") > 0 {
+            println!(
+                "A server stopped ({status}); the others keep serving ({} left).",
+                children.count("server")
+            );
+            continue;
+        }
+        break (name, status);
+    };
     children.stop_all();
     if status.success() {
         Ok(())

@@ -481,6 +481,22 @@ impl Children {
         })
     }
 
+    /// Takes the first child found to have exited out of the list, so that
+    /// the others can go on being waited for.
+    pub(crate) fn take_exited(&mut self) -> Option<(&'static str, ExitStatus)> {
+        let index = self
+            .0
+            .iter_mut()
+            .position(|(_, child)| matches!(child.try_wait(), Ok(Some(_))))?;
+        let (name, mut child) = self.0.remove(index);
+        Some((name, child.wait().ok()?))
+    }
+
+    /// How many children called `name` are in the list.
+    pub(crate) fn count(&self, name: &str) -> usize {
+        self.0.iter().filter(|(n, _)| *n == name).count()
+    }
+
     /// Waits until one of the children exits.
     pub(crate) fn wait_any(&mut self) -> (&'static str, ExitStatus) {
         loop {
