@@ -437,12 +437,6 @@ mod tests {
     }
 
     #[test]
-    fn finds_consecutive_free_ports() {
-        let first = consecutive_free_ports(3).unwrap();
-        assert!(first < 65_533);
-    }
-
-    #[test]
     fn nginx_keeps_its_files_in_its_directory() {
         let config = nginx_main_config(Path::new("/tmp/x"));
         assert!(config.contains("pid /tmp/x/nginx.pid;"));
