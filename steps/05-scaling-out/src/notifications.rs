@@ -10,6 +10,7 @@
 
 use axum_channels::{InvalidMessage, JsonConsumer, LayerEvent, Result, Scope, Socket};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 /// What a notification looks like, for the error messages.
 const EXAMPLE: &str = r#"{"message": "hi"}"#;
@@ -53,10 +54,27 @@ impl LayerEvent for NotificationEvent {}
 /// What the client sends: a JSON object whose `"message"`, if it has one,
 /// is text. Other fields are ignored; without a message, the notification
 /// says "No message", as in the original.
+///
+/// Decoded from a JSON object (`Map`) first: a derived struct alone would
+/// also accept an array of its fields, so that `["hi"]` or `[]` would pass
+/// for a notification.
 #[derive(Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Map<String, Value>")]
 pub struct NotificationRequest {
-    #[serde(default)]
     pub message: Option<String>,
+}
+
+impl TryFrom<Map<String, Value>> for NotificationRequest {
+    type Error = String;
+
+    fn try_from(mut fields: Map<String, Value>) -> Result<NotificationRequest, String> {
+        let message = match fields.remove("message") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) => Some(text),
+            Some(_) => return Err("\"message\" must be text".to_owned()),
+        };
+        Ok(NotificationRequest { message })
+    }
 }
 // ANCHOR_END: request
 
@@ -167,6 +185,9 @@ mod tests {
         assert_eq!(parse(r#"{"foo": 1}"#).unwrap().message, None);
         assert_eq!(parse(r#"{"message": null}"#).unwrap().message, None);
         assert!(parse(r#"{"message": 5}"#).is_err());
-        assert!(parse("[1, 2]").is_err());
+        // Only objects: serde would read a derived struct from an array too.
+        for not_an_object in ["[1, 2]", "[]", r#"["hi"]"#, r#""hi""#, "5"] {
+            assert!(parse(not_an_object).is_err(), "{not_an_object}");
+        }
     }
 }

@@ -188,7 +188,7 @@ async fn a_room_spans_two_servers() {
     bob.close(1000).await;
     assert_eq!(text(&mut alice).await, LEFT);
     alice.expect_silence(QUIET).await;
-    assert_snapshot!(transcript.to_string());
+    assert_snapshot!("a_room_spans_two_servers", transcript);
 }
 // ANCHOR_END: room_spans_servers
 
@@ -391,7 +391,7 @@ async fn when_server_b_is_killed_a_keeps_serving() {
     assert_eq!(text(&mut reliable_a).await, "📨 ping");
     assert_eq!(members(&url, "queue", "reliable_chat").await.len(), 1);
     transcript.push("# B's membership of reliable_chat has lapsed: one member left");
-    assert_snapshot!(transcript.to_string());
+    assert_snapshot!("when_server_b_is_killed_a_keeps_serving", transcript);
 }
 // ANCHOR_END: server_killed
 
@@ -556,6 +556,6 @@ async fn a_python_process_says_something_in_a_rust_room() {
     for client in [&mut alice, &mut bob] {
         assert_eq!(text(client).await, "🐍 hello from Python");
     }
-    assert_snapshot!(transcript.to_string());
+    assert_snapshot!("a_python_process_says_something_in_a_rust_room", transcript);
 }
 // ANCHOR_END: python_bridge

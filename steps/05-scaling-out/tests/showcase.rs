@@ -193,6 +193,7 @@ async fn bad_notifications_get_an_error_and_the_connection_stays_open() {
         "not json",
         "",
         "[1, 2]",
+        r#"["an array"]"#,
         r#""just a string""#,
         r#"{"message": 5}"#,
     ] {
