@@ -116,8 +116,11 @@ struct Channel {
     /// Receivers waiting right now; a channel with one is never swept away,
     /// or its receiver would wait on a `Notify` nobody can reach.
     waiting: usize,
-    /// Set once a full channel has been reported, so a stuck receiver costs
-    /// one log line rather than one per dropped message.
+    /// Set once a full channel has been reported, so a receiver that falls
+    /// behind costs one log line rather than one per dropped message. It is
+    /// cleared only once the receiver has caught up (its channel is empty
+    /// again): a receiver that stays just behind, taking one message while
+    /// the room sends ten, is still one episode.
     full_reported: bool,
 }
 
@@ -174,7 +177,9 @@ impl InMemoryLayer {
                 channel: channel.to_owned(),
             });
         }
-        entry.full_reported = false;
+        if entry.queue.is_empty() {
+            entry.full_reported = false;
+        }
         entry.queue.push_back((now + self.config.expiry, message));
         entry.arrived.notify_one();
         Ok(())
@@ -438,7 +443,18 @@ mod tests {
         }
         assert_eq!(captured.lines(), 1, "three drops, one report");
 
-        layer.receive("slow").await.unwrap(); // it catches up a little...
+        // It takes one message while the room keeps talking: still behind,
+        // still the same episode, however many messages it misses.
+        for _ in 0..10 {
+            layer.receive("slow").await.unwrap();
+            layer.group_send("room", message.clone()).await.unwrap();
+            layer.group_send("room", message.clone()).await.unwrap();
+        }
+        assert_eq!(captured.lines(), 1, "staying behind is one episode");
+
+        // It catches up: it takes the two messages its channel holds...
+        layer.receive("slow").await.unwrap();
+        layer.receive("slow").await.unwrap();
         for _ in 0..3 {
             layer.group_send("room", message.clone()).await.unwrap();
         }
