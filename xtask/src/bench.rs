@@ -28,12 +28,12 @@
 //! round than the mean.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::steps::{self, Step};
+use crate::steps::{self, Step, free_port};
 use crate::{Args, Error, Result, Workspace, fail};
 
 mod fanout;
@@ -236,19 +236,6 @@ fn median(values: &[f64]) -> f64 {
     } else {
         v[mid]
     }
-}
-
-/// A port nobody listens on right now. There is a small race (another
-/// process could take it before the server binds), acceptable for a
-/// benchmark run by hand.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| fail(format!("cannot find a free port: {e}")))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| fail(format!("cannot find a free port: {e}")))?
-        .port();
-    Ok(port)
 }
 
 /// Whether `program` is an executable file on PATH.
@@ -574,6 +561,8 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::net::TcpListener;
+
     use super::*;
     use crate::testutil::args;
 

@@ -404,7 +404,7 @@ pub(crate) fn redis_installed() -> bool {
 
 /// A Redis that keeps nothing on disk and writes its log to `log`, not to
 /// the terminal the server and the worker speak in.
-fn redis_args(port: u16, log: &Path) -> Vec<String> {
+pub(crate) fn redis_args(port: u16, log: &Path) -> Vec<String> {
     let args = [
         "--port",
         &port.to_string(),
@@ -451,7 +451,7 @@ fn wait_for_redis(port: u16, log: &Path, children: &mut Children) -> Result<()> 
 }
 
 /// True if something on `port` answers `PING` with `+PONG`.
-fn ping(port: u16) -> bool {
+pub(crate) fn ping(port: u16) -> bool {
     let answer = || -> std::io::Result<bool> {
         let mut stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_read_timeout(Some(Duration::from_millis(500)))?;

@@ -41,8 +41,6 @@
 //! Redis, like every other server side, so the comparison is of the same
 //! one core doing the work of two processes and the Redis between them.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -51,6 +49,7 @@ use super::{
     STARTUP_TIMEOUT, Scenario, Server, command, exe, free_port, json_number, median, on_path,
     wait_for_port,
 };
+use crate::steps;
 use crate::{Result, fail};
 
 /// How to get redis-server, for the note when it is missing.
@@ -228,20 +227,6 @@ fn percent(busy: Option<f64>) -> String {
     busy.map_or("-".to_owned(), |b| format!("{:.0}%", b * 100.0))
 }
 
-/// Sends `PING` to a Redis on `port` and reads the answer: a raw RESP
-/// exchange, so that xtask needs no Redis client.
-fn redis_pings(port: u16) -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && reply.starts_with(b"+PONG")
-}
-
 /// A throwaway redis-server, killed (and its log removed) when dropped.
 struct Redis {
     port: u16,
@@ -273,18 +258,13 @@ impl Redis {
             "xtask-bench-redis-{}-{port}.log",
             std::process::id()
         ));
+        // The same throwaway settings as `cargo xtask step --redis`: no
+        // snapshots, no log of writes, the log in a file of its own.
         let child = command(Path::new("redis-server"), "0", pin)
-            .args(["--port", &port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            // A benchmark's data is worth nothing: no snapshots, no log of
-            // writes, nothing written next to the user's files.
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
+            .args(steps::redis_args(port, &log))
             .args(["--daemonize", "no"])
             .arg("--dir")
             .arg(std::env::temp_dir())
-            .arg("--logfile")
-            .arg(&log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
@@ -296,7 +276,7 @@ impl Redis {
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            if redis_pings(port) {
+            if steps::ping(port) {
                 return Ok(redis);
             }
             if let Ok(Some(status)) = redis.server.child.try_wait() {
@@ -734,6 +714,6 @@ mod tests {
     #[test]
     fn a_closed_port_does_not_ping() {
         let port = free_port().unwrap();
-        assert!(!redis_pings(port));
+        assert!(!steps::ping(port));
     }
 }
