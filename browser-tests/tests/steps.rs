@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use axum_channels::testing::TestServer;
+use axum_channels::testing::{RedisServer, TestServer};
 use browser_tests::Browser;
 use step_03_background_jobs::{Backends, app_with};
 
@@ -351,4 +351,51 @@ async fn step_04_keeps_the_earlier_panels() {
     queue_job(&browser, "default", "hello").await;
     wait_for_entry(&browser, "#job-log", "✅ Processed: HELLO").await;
     browser.close().await;
+}
+
+/// Step 05: two servers on one Redis, a tab on each, one room: what
+/// `cargo xtask cluster` shows.
+#[tokio::test]
+async fn step_05_tabs_on_two_servers_share_a_room() {
+    let Some(alice) = Browser::launch().await else {
+        return;
+    };
+    let Some(bob) = Browser::launch().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let config = step_05_scaling_out::Config {
+        redis_url: Some(redis.url()),
+        ..step_05_scaling_out::Config::default()
+    };
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let backends = step_05_scaling_out::Backends::from_config(&config)
+            .await
+            .expect("connect to the test's Redis");
+        servers.push(TestServer::start(step_05_scaling_out::app_with(backends)).await);
+    }
+    for (tab, server) in [(&alice, &servers[0]), (&bob, &servers[1])] {
+        tab.open(&format!("http://{}/", server.addr())).await;
+        tab.wait_for_state("room", "idle").await;
+    }
+    join_room(&alice, "lobby").await;
+    wait_for_entry(&alice, "#room-log", "🚪 Someone joined room 'lobby'").await;
+    join_room(&bob, "lobby").await;
+    wait_for_entry(&bob, "#room-log", "🚪 Someone joined room 'lobby'").await;
+    bob.type_and_enter("#room-input", "hello from server B")
+        .await;
+    wait_for_entry(&alice, "#room-log", "💬 hello from server B").await;
+    assert_eq!(
+        alice.log("#room-log").await,
+        [
+            "🚪 Someone joined room 'lobby'",
+            "🚪 Someone joined room 'lobby'",
+            "💬 hello from server B",
+        ]
+    );
+    alice.close().await;
+    bob.close().await;
 }
