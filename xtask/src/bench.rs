@@ -678,8 +678,16 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(&stream);
             let mut request = String::new();
-            BufReader::new(&stream).read_line(&mut request).unwrap();
+            reader.read_line(&mut request).unwrap();
+            // Read the rest of the request before answering: closing a
+            // socket with unread bytes sends a reset, which can reach the
+            // client before the answer does.
+            let mut header = String::new();
+            while reader.read_line(&mut header).unwrap() > 0 && header != "\r\n" {
+                header.clear();
+            }
             stream
                 .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
                 .unwrap();
