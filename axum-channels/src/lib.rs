@@ -42,7 +42,12 @@
 //! - [`close_code`]: the WebSocket close codes this crate uses, by name.
 //! - `testing` (feature `testing`): a small client that serves a `Router` on a
 //!   free port and records a readable transcript of what was said, for
-//!   snapshot tests; with `redis` too, a throwaway `redis-server` per test.
+//!   snapshot tests; `ServerProcess`, which runs a real server binary (to
+//!   stop it with SIGTERM, or kill it); `ReverseProxy`, nginx in front of a
+//!   test's servers; and with `redis` too, a throwaway `redis-server` per
+//!   test (`RedisServer`) and real Python peers in a pinned virtualenv
+//!   (`python`). Whatever a test needs and the machine lacks, it skips
+//!   loudly; with `CI=true` it fails instead.
 //!
 //! # Example
 //!
