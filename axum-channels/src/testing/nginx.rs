@@ -14,12 +14,12 @@
 //! since CI installs it (`.ci/run`), as [`RedisServer`](super::RedisServer)
 //! does for Redis.
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::{free_port, skip_or_fail, temp_dir};
 
 /// How long nginx may take to listen.
 const STARTUP: Duration = Duration::from_secs(10);
@@ -38,20 +38,13 @@ impl ReverseProxy {
     /// when an installed nginx cannot start.
     pub fn start(template: &str, servers: &[SocketAddr]) -> Option<ReverseProxy> {
         let Some(nginx) = find_nginx() else {
-            let hint = "install it with `apt-get install nginx-light`";
-            if in_ci() {
-                panic!("nginx is required in CI: {hint}");
-            }
-            // Straight to stderr: the harness captures `eprintln!` of
-            // passing tests, and a skip must not pass unnoticed.
-            let note = format!(
-                "reverse proxy test skipped: nginx is not installed ({hint}); \
-                 with CI=true this is a failure\n"
+            skip_or_fail(
+                "reverse proxy test",
+                "nginx is not installed (install it with `apt-get install nginx-light`)",
             );
-            let _ = std::io::stderr().write_all(note.as_bytes());
             return None;
         };
-        let dir = temp_dir();
+        let dir = temp_dir("nginx");
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
         // Another process may take the free port before nginx binds it:
@@ -178,23 +171,6 @@ fn find_nginx() -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/sbin")])
         .map(|dir| dir.join("nginx"))
         .find(|candidate| candidate.is_file())
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "0" | "false"))
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind a free port on 127.0.0.1")
-}
-
-fn temp_dir() -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("axum-channels-nginx-{}-{n}", std::process::id()))
 }
 
 #[cfg(test)]

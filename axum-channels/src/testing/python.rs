@@ -41,6 +41,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use super::skip_or_fail;
+
 /// How long a test waits for one line from a peer before it fails. Generous,
 /// because two cores may be busy compiling or running other tests; a peer
 /// that works answers in well under a second.
@@ -68,21 +70,11 @@ pub fn python(test: &str) -> Option<&'static Python> {
     static VENV: OnceLock<Result<Python, String>> = OnceLock::new();
     match VENV.get_or_init(build) {
         Ok(python) => Some(python),
-        Err(reason) if in_ci() => panic!("Python interop tests need Python in CI: {reason}"),
         Err(reason) => {
-            // Straight to stderr: the test harness captures `eprintln!` of
-            // passing tests, and a skip must not pass unnoticed.
-            let note = format!("python interop test {test} skipped: {reason}\n");
-            let _ = std::io::stderr().write_all(note.as_bytes());
+            skip_or_fail(&format!("python interop test {test}"), reason);
             None
         }
     }
-}
-
-/// `CI` set, as `.ci/run` does (`CI=true`); the same rule as
-/// `axum_channels::testing::RedisServer`, so both skip or fail together.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "0" | "false"))
 }
 
 fn interop_dir() -> PathBuf {

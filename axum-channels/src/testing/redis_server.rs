@@ -25,11 +25,12 @@
 //! ```
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::{free_port, skip_or_fail, temp_dir};
 
 /// How long a starting server may take to answer `PING`.
 const STARTUP: Duration = Duration::from_secs(10);
@@ -48,20 +49,13 @@ impl RedisServer {
     /// `false` or `0`), and when an installed server cannot be started.
     pub fn start() -> Option<RedisServer> {
         if !installed() {
-            let hint = "install it with `apt-get install redis-server`";
-            if in_ci() {
-                panic!("redis-server is required in CI: {hint}");
-            }
-            // Straight to stderr: the test harness captures `eprintln!` of
-            // passing tests, and a skip must not pass unnoticed.
-            let note = format!(
-                "Redis test skipped: redis-server is not installed ({hint}); \
-                 with CI=true this is a failure\n"
+            skip_or_fail(
+                "Redis test",
+                "redis-server is not installed (install it with `apt-get install redis-server`)",
             );
-            let _ = std::io::stderr().write_all(note.as_bytes());
             return None;
         }
-        let dir = temp_dir();
+        let dir = temp_dir("redis");
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|err| panic!("create {}: {err}", dir.display()));
         let mut server = RedisServer {
@@ -208,24 +202,6 @@ fn installed() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|status| status.success())
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "0" | "false"))
-}
-
-/// A port that was free a moment ago (the OS picks it for port 0).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind a free port on 127.0.0.1")
-}
-
-fn temp_dir() -> PathBuf {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    std::env::temp_dir().join(format!("axum-channels-redis-{}-{n}", std::process::id()))
 }
 
 /// Sends one inline command and reads the first line of the reply.
