@@ -254,12 +254,7 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let template = std::fs::read_to_string(step.dir.join(PROXY_CONFIG)).ok();
     let nginx = find_nginx();
     let package = step.package();
-    let built = ws
-        .cargo()
-        .args(["build", "--package", &package, "--bins"])
-        .status()
-        .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
-    crate::propagate(built)?;
+    crate::steps::build_bins(ws, step)?;
 
     // The proxy's port first, then the servers'.
     let servers = options.servers;

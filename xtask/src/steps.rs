@@ -276,14 +276,7 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
         ));
     }
     let package = step.package();
-    // Build once, with cargo's progress showing, so that the server and the
-    // worker then start at once.
-    let built = ws
-        .cargo()
-        .args(["build", "--package", &package, "--bins"])
-        .status()
-        .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
-    crate::propagate(built)?;
+    build_bins(ws, step)?;
 
     let mut children = Children::default();
     let (url, redis_pid) = start_redis(&mut children)?;
@@ -522,6 +515,17 @@ impl Drop for Children {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// Builds every binary of `step` once, with cargo's progress showing, so
+/// that the server and its workers then start at once.
+pub(crate) fn build_bins(ws: &Workspace, step: &Step) -> Result<()> {
+    let built = ws
+        .cargo()
+        .args(["build", "--package", &step.package(), "--bins"])
+        .status()
+        .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+    crate::propagate(built)
 }
 
 #[cfg(test)]
