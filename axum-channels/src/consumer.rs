@@ -31,6 +31,8 @@ use crate::error::Result;
 use crate::layer::LayerEvent;
 use crate::socket::{Frame, Socket};
 
+pub use crate::budget::TooFast;
+
 /// The largest message a consumer accepts unless it says otherwise: 64 KiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
 
@@ -53,6 +55,14 @@ pub trait Consumer: Sized + Send + 'static {
     /// a channel of its own, and [`event`](Consumer::event) receives what
     /// arrives on it.
     const LAYER: Option<&'static str> = None;
+
+    /// Whether a failed layer call during a layer outage (Redis away) ends
+    /// the connection. By default it does not: a `group_send(..)?` that
+    /// fails while Redis restarts is logged by the layer (once per outage)
+    /// and the client stays connected, so a short blip does not turn into
+    /// every client reconnecting at once. Say `true` for a consumer that is
+    /// of no use without its layer.
+    const CLOSE_ON_LAYER_OUTAGE: bool = false;
 
     /// Builds the consumer for one connection from its request.
     fn new(scope: &Scope) -> Self;
@@ -89,6 +99,25 @@ pub trait Consumer: Sized + Send + 'static {
     fn disconnect(&mut self, socket: &mut Socket, code: u16) -> impl Future<Output = ()> + Send {
         let _ = (socket, code);
         async {}
+    }
+
+    /// The client sent more than its
+    /// [`InboundBudget`](crate::settings::InboundBudget) allows; the frame
+    /// that went over is dropped. By default the connection is closed with
+    /// 1008 and a reason that says the limit. A consumer that would rather
+    /// warn can send an error frame instead and return without closing:
+    /// the runner then stops reading from this client until its budget has
+    /// refilled (`too_fast.wait`), while the layer's messages still flow.
+    fn too_fast(
+        &mut self,
+        socket: &mut Socket,
+        too_fast: TooFast,
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            socket
+                .close(crate::close_code::POLICY_VIOLATION, &too_fast.to_string())
+                .await
+        }
     }
 
     /// A message arrived from the channel layer, decoded by its `"type"`.

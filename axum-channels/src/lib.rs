@@ -32,13 +32,19 @@
 //! - [`consumer`]: the [`Consumer`] trait you implement. Start here.
 //! - [`json`]: [`JsonConsumer`], a consumer whose client sends JSON of one
 //!   shape, decoded for you, with a clear error frame for anything else.
+//! - [`origin`]: the origin check against cross-site WebSocket hijacking.
 //! - [`settings`]: [`Settings`], what a server on the internet needs (small
-//!   buffers, pings, timeouts, an origin check, a connection limit), with
-//!   safe defaults.
+//!   buffers, pings, timeouts, an origin check, an inbound budget,
+//!   connection limits), with safe defaults, checked when they are read.
+//! - [`runtime`]: [`Runtime`], what every connection of one process shares
+//!   (the connection limit, the shutdown, the tasks to wait for), handed to
+//!   the routes explicitly.
 //! - [`runner`]: [`route()`], which turns a consumer type into an axum
-//!   route, and the machinery that drives one consumer per connection.
-//! - [`server`]: [`serve()`], which serves an app until Ctrl+C or SIGTERM
-//!   and then closes every WebSocket politely.
+//!   route, and the machinery that drives one consumer per connection,
+//!   with a drop guard that owns what each connection holds in its layer.
+//! - [`server`]: [`serve()`], which serves an app until Ctrl+C or SIGTERM,
+//!   with a header timeout and a cap on open sockets, and then closes every
+//!   WebSocket politely, within one deadline.
 //! - [`close_code`]: the WebSocket close codes this crate uses, by name.
 //! - `testing` (feature `testing`): a small client that serves a `Router` on a
 //!   free port and records a readable transcript of what was said, for
@@ -79,24 +85,29 @@
 //! let app: Router = Router::new().route("/ws/shout", route::<Shout>());
 //! ```
 
+mod budget;
 pub mod consumer;
 pub mod error;
 pub mod json;
 pub mod layer;
+mod membership;
+pub mod origin;
 pub mod runner;
+pub mod runtime;
 pub mod server;
 pub mod settings;
 pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, NoEvents, Scope};
+pub use consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, NoEvents, Scope, TooFast};
 pub use error::{Error, Result};
 pub use json::{InvalidMessage, JsonConsumer};
 pub use layer::LayerEvent;
 pub use runner::{route, route_with};
+pub use runtime::Runtime;
 pub use server::serve;
-pub use settings::Settings;
+pub use settings::{ConnectionSettings, InboundBudget, Settings};
 pub use socket::{Frame, Socket};
 
 /// WebSocket close codes used by this crate, named so that logs and tests

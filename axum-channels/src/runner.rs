@@ -21,15 +21,26 @@
 //!    when the client vanished without a close frame (code 1006), then
 //!    leaves the groups and frees the channel.
 //!
+//! Two things make that hold whatever the client does. What the connection
+//! holds in its layer (its channel and every group it joined) is owned by a
+//! drop guard, [`Membership`](crate::membership), so no path out of a
+//! handshake, cancelled, refused or failed, leaves a member behind. And
+//! steps 1 and 2 run in a task of their own: a client that resets the
+//! connection while `connect` runs cannot cut `connect` off halfway, and a
+//! connection whose `connect` accepted always gets its `disconnect`, even
+//! when the client is gone before the upgrade.
+//!
 //! Bad input ends only the connection that sent it, and always with a close
 //! frame that says why: a message over [`Consumer::MAX_MESSAGE_SIZE`] gets
-//! 1009, a text frame that is not UTF-8 gets 1007, and an error returned by
-//! the consumer (or a panic in it) gets 1011 and one log line.
+//! 1009, a text frame that is not UTF-8 gets 1007, a client over its
+//! inbound budget gets 1008, and an error returned by the consumer (or a
+//! panic in it) gets 1011 and one log line.
 //!
-//! Each route applies [`Settings`]: before anything else, a handshake from
-//! another site's page gets HTTP 403, and one past the connection limit (or
-//! during shutdown) gets 503. A peer that stops answering pings, or stops
-//! reading, is dropped after a deadline.
+//! Each route applies [`ConnectionSettings`] and the process's [`Runtime`]:
+//! before anything else, a handshake from another site's page gets HTTP
+//! 403, and one past the connection limit (or during shutdown) gets 503. A
+//! peer that stops answering pings, stops reading, or does not answer our
+//! close frame is dropped at a deadline.
 
 use std::any::type_name;
 use std::future::Future;
@@ -45,14 +56,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use futures_util::FutureExt;
 use serde_json::Value;
+use tokio::sync::oneshot;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_tungstenite::tungstenite;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::budget::Budget;
 use crate::close_code;
 use crate::consumer::{Consumer, Scope};
 use crate::error::{Error, Result};
 use crate::layer::{ChannelLayer, LayerError, LayerMessage, Layers};
-use crate::settings::{ConnectionPermit, Settings};
+use crate::runtime::{ConnectionPermit, Runtime, after};
+use crate::settings::ConnectionSettings;
 use crate::socket::{Frame, Handshake, Inbox, Socket};
 
 /// A route that runs consumer `C` for every WebSocket connection on it, as in
@@ -60,23 +75,36 @@ use crate::socket::{Frame, Handshake, Inbox, Socket};
 /// documentation has a complete example).
 ///
 /// The route is for a `Router` without state; a router with state can mount
-/// it with `Router::route_service`.
-///
-/// Connections follow the process's [`Settings`] (from the environment).
+/// it with `Router::route_service`. Connections follow the
+/// [`ConnectionSettings`] of the [`Runtime`] that serves the app.
 ///
 /// # Panics
 ///
 /// If `C` uses a channel layer: route it with [`Layers::route`] instead,
 /// which knows the app's layers.
 pub fn route<C: Consumer>() -> MethodRouter {
-    route_with_layer::<C>(no_layer::<C>(), RouteSettings::Process)
+    route_with_layer::<C>(no_layer::<C>(), None)
 }
 
-/// [`route`] with settings of its own for this route's connections, e.g. a
-/// longer write timeout for a consumer that streams large messages, or short
-/// intervals in a test.
-pub fn route_with<C: Consumer>(settings: Settings) -> MethodRouter {
-    route_with_layer::<C>(no_layer::<C>(), RouteSettings::Own(settings))
+/// [`route`] with connection settings of its own, e.g. a longer write
+/// timeout for a consumer that streams large messages, or short intervals
+/// in a test. The connection limit and the shutdown are still the
+/// process's: they belong to the [`Runtime`].
+///
+/// # Panics
+///
+/// When building the router, if a setting is out of range (see
+/// [`ConnectionSettings::validate`]): a mistake in the app's code, reported
+/// at start.
+pub fn route_with<C: Consumer>(settings: ConnectionSettings) -> MethodRouter {
+    route_with_layer::<C>(no_layer::<C>(), Some(checked(settings)))
+}
+
+fn checked(settings: ConnectionSettings) -> Arc<ConnectionSettings> {
+    if let Err(err) = settings.validate() {
+        panic!("route_with: {err}");
+    }
+    Arc::new(settings)
 }
 
 fn no_layer<C: Consumer>() -> Option<Arc<dyn ChannelLayer>> {
@@ -100,12 +128,13 @@ impl Layers {
     /// registered: a mistake in the app's code, reported at start with the
     /// aliases that are registered, rather than at the first message.
     pub fn route<C: Consumer>(&self) -> MethodRouter {
-        route_with_layer::<C>(self.layer_of::<C>(), RouteSettings::Process)
+        route_with_layer::<C>(self.layer_of::<C>(), None)
     }
 
-    /// [`Layers::route`] with settings of its own (see [`route_with`]).
-    pub fn route_with<C: Consumer>(&self, settings: Settings) -> MethodRouter {
-        route_with_layer::<C>(self.layer_of::<C>(), RouteSettings::Own(settings))
+    /// [`Layers::route`] with connection settings of its own (see
+    /// [`route_with`]).
+    pub fn route_with<C: Consumer>(&self, settings: ConnectionSettings) -> MethodRouter {
+        route_with_layer::<C>(self.layer_of::<C>(), Some(checked(settings)))
     }
 
     fn layer_of<C: Consumer>(&self) -> Option<Arc<dyn ChannelLayer>> {
@@ -117,27 +146,11 @@ impl Layers {
     }
 }
 
-/// Where a route's settings come from. The process's are looked up at each
-/// handshake, not when the route is built, so that [`serve`](crate::serve)
-/// can install them after the router exists.
-#[derive(Clone)]
-enum RouteSettings {
-    Process,
-    Own(Settings),
-}
-
-impl RouteSettings {
-    fn get(&self) -> &Settings {
-        match self {
-            RouteSettings::Process => Settings::process(),
-            RouteSettings::Own(settings) => settings,
-        }
-    }
-}
-
+/// What a route knows when it is built: the consumer's layer and, if the
+/// route has its own, its connection settings (otherwise the runtime's).
 fn route_with_layer<C: Consumer>(
     layer: Option<Arc<dyn ChannelLayer>>,
-    settings: RouteSettings,
+    own_settings: Option<Arc<ConnectionSettings>>,
 ) -> MethodRouter {
     get(
         move |upgrade: WebSocketUpgrade,
@@ -145,16 +158,13 @@ fn route_with_layer<C: Consumer>(
               uri: Uri,
               headers: HeaderMap,
               extensions: Extensions| {
-            let settings = settings.get().clone();
-            handshake::<C>(
-                upgrade,
+            let request = Request {
                 params,
                 uri,
                 headers,
                 extensions,
-                layer.clone(),
-                settings,
-            )
+            };
+            handshake::<C>(upgrade, request, layer.clone(), own_settings.clone())
         },
     )
 }
@@ -164,12 +174,21 @@ fn short_type_name<C>() -> &'static str {
     name.rsplit("::").next().unwrap_or(name)
 }
 
-/// Why the settings refuse a handshake before any consumer code runs.
+/// The parts of a handshake request the runner reads.
+struct Request {
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    extensions: Extensions,
+}
+
+/// Why a handshake is refused before any consumer code runs.
 #[derive(Debug, Clone, Copy)]
 enum Refusal {
     ShuttingDown,
     Origin,
     ConnectionLimit,
+    NoRuntime,
 }
 
 impl Refusal {
@@ -190,6 +209,11 @@ impl Refusal {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many connections; try again shortly",
             ),
+            Refusal::NoRuntime => (
+                "runtime",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "this server is not set up for WebSockets",
+            ),
         };
         metrics::counter!("axum_channels_handshakes_refused_total", "reason" => label).increment(1);
         if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -204,91 +228,154 @@ impl Refusal {
 /// Refuses the handshakes the settings forbid, before any consumer code
 /// runs; otherwise takes a place among the open connections.
 fn admit(
-    settings: &Settings,
-    headers: &HeaderMap,
-    path: &str,
+    runtime: &Runtime,
+    settings: &ConnectionSettings,
+    request: &Request,
 ) -> Result<ConnectionPermit, Refusal> {
-    if settings.is_shutting_down() {
+    let path = request.uri.path();
+    if runtime.is_shutting_down() {
         return Err(Refusal::ShuttingDown);
     }
-    let text = |name| headers.get(name).and_then(|value| value.to_str().ok());
-    let (origin, host) = (text(header::ORIGIN), text(header::HOST));
+    let headers = &request.headers;
+    let (origin, host) = (headers.get(header::ORIGIN), headers.get(header::HOST));
     if !settings.allowed_origins.allows(origin, host) {
         tracing::warn!(
             path,
-            origin,
-            host,
+            ?origin,
+            ?host,
             "refused a WebSocket from a page of another origin (ALLOWED_ORIGINS lets more in)"
         );
         return Err(Refusal::Origin);
     }
-    settings.admit().ok_or_else(|| {
+    runtime.admit().ok_or_else(|| {
         tracing::warn!(
             path,
-            max = settings.max_connections,
+            max = runtime.settings().max_connections,
             "connection limit reached; refusing with 503 (MAX_CONNECTIONS raises it)"
         );
         Refusal::ConnectionLimit
     })
 }
 
-async fn handshake<C: Consumer>(
-    upgrade: WebSocketUpgrade,
-    params: Result<RawPathParams, RawPathParamsRejection>,
-    uri: Uri,
-    headers: HeaderMap,
-    extensions: Extensions,
-    layer: Option<Arc<dyn ChannelLayer>>,
-    settings: Settings,
-) -> Response {
-    let permit = match admit(&settings, &headers, uri.path()) {
-        Ok(permit) => permit,
-        Err(refusal) => return refusal.into_response(),
-    };
+/// The request's path, query, parameters and extensions, for `C::new`.
+fn scope_of(request: Request) -> Result<Scope, Response> {
     // The extensions carry what the app shares with its consumers through
     // axum's `Extension` (see `Scope::extension`).
-    let mut scope = Scope::new(uri.path())
-        .with_query(uri.query().map(str::to_owned))
-        .with_extensions(extensions);
-    match params {
+    let mut scope = Scope::new(request.uri.path())
+        .with_query(request.uri.query().map(str::to_owned))
+        .with_extensions(request.extensions);
+    match request.params {
         Ok(params) => {
             for (key, value) in params.iter() {
                 scope = scope.with_param(key, value);
             }
         }
         Err(RawPathParamsRejection::MissingPathParams(_)) => {}
-        Err(rejection) => return rejection.into_response(),
+        Err(rejection) => return Err(rejection.into_response()),
     }
+    Ok(scope)
+}
 
+/// Answers one handshake: admits it, lets the consumer's `connect` decide in
+/// a task of its own, and upgrades the connection if it accepted.
+async fn handshake<C: Consumer>(
+    upgrade: WebSocketUpgrade,
+    request: Request,
+    layer: Option<Arc<dyn ChannelLayer>>,
+    own_settings: Option<Arc<ConnectionSettings>>,
+) -> Response {
+    let Some(runtime) = request.extensions.get::<Runtime>().cloned() else {
+        tracing::error!(
+            path = request.uri.path(),
+            "no axum_channels::Runtime in this request: serve the app with \
+             axum_channels::serve or Runtime::serve (or Runtime::attach)"
+        );
+        return Refusal::NoRuntime.into_response();
+    };
+    let settings = own_settings.unwrap_or_else(|| runtime.connection_settings());
+    let permit = match admit(&runtime, &settings, &request) {
+        Ok(permit) => permit,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let scope = match scope_of(request) {
+        Ok(scope) => scope,
+        Err(response) => return response,
+    };
+    // If the client leaves now, hyper drops this future; the task goes on,
+    // so `connect` is never cut off halfway.
+    let (reply, decision) = oneshot::channel();
+    let opening = Opening {
+        runtime: runtime.clone(),
+        settings: settings.clone(),
+        permit,
+        layer,
+    };
+    runtime.spawn(open::<C>(scope, opening, reply));
+    let connection = match decision.await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(refused)) => return refused,
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    metrics::counter!("axum_channels_handshakes_accepted_total").increment(1);
+    upgrade
+        .read_buffer_size(settings.read_buffer_size)
+        .write_buffer_size(settings.write_buffer_size)
+        .max_message_size(C::MAX_MESSAGE_SIZE)
+        .max_frame_size(C::MAX_MESSAGE_SIZE)
+        .on_failed_upgrade(|err| {
+            // The connection's drop still runs `disconnect` and leaves.
+            tracing::info!(%err, "a WebSocket upgrade failed after the handshake");
+        })
+        .on_upgrade(move |ws| connection.run(ws))
+}
+
+/// What `open` needs besides the scope.
+struct Opening {
+    runtime: Runtime,
+    settings: Arc<ConnectionSettings>,
+    permit: ConnectionPermit,
+    layer: Option<Arc<dyn ChannelLayer>>,
+}
+
+/// The consumer's decision, sent back to the handshake.
+type Decision<C> = std::result::Result<Connection<C>, Response>;
+
+/// Builds the consumer, joins its layer and runs `connect`; sends back the
+/// accepted connection, or the response that refuses it.
+async fn open<C: Consumer>(scope: Scope, opening: Opening, reply: oneshot::Sender<Decision<C>>) {
+    let decision = decide::<C>(scope, opening).await;
+    if let Err(Ok(connection)) = reply.send(decision) {
+        // The client left while `connect` ran. It was accepted, so its
+        // consumer hears that it is gone, as for any other connection.
+        connection.end(close_code::ABNORMAL).await;
+    }
+}
+
+async fn decide<C: Consumer>(scope: Scope, opening: Opening) -> Decision<C> {
     let mut consumer = C::new(&scope);
-    let mut socket = Socket::connecting(settings.write_timeout);
-    let groups = consumer.groups();
-    if let Some(layer) = layer {
+    let mut socket = Socket::connecting(&opening.settings);
+    if let Some(layer) = opening.layer {
         // Subscribed before `connect`, so nothing sent to the groups from
         // now on (such as our own "joined" announcement) is missed.
-        if let Err(err) = socket.attach(layer, &groups).await {
+        let groups = consumer.groups();
+        if let Err(err) = socket.attach(layer, &groups, opening.runtime.clone()).await {
             tracing::warn!(path = scope.path(), %err, "cannot join the channel layer; refusing");
-            socket.detach(&groups).await;
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            socket.leave_layer().await;
+            return Err(StatusCode::INTERNAL_SERVER_ERROR.into_response());
         }
     }
     let connected = contained(consumer.connect(&mut socket)).await;
-    let refusal = match (connected, socket.handshake()) {
+    let refused = match (connected, socket.handshake()) {
         (Ok(()), Handshake::Accepted) => {
-            metrics::counter!("axum_channels_handshakes_accepted_total").increment(1);
-            let upgrade = upgrade
-                .read_buffer_size(settings.read_buffer_size)
-                .write_buffer_size(settings.write_buffer_size)
-                .max_message_size(C::MAX_MESSAGE_SIZE)
-                .max_frame_size(C::MAX_MESSAGE_SIZE);
-            return upgrade.on_upgrade(move |ws| {
-                let tasks = settings.clone();
-                let connection = Connection {
-                    groups,
-                    _permit: permit,
-                };
-                // A graceful shutdown waits for this task to finish.
-                tasks.track(run(consumer, socket, ws, settings, connection))
+            return Ok(Connection {
+                task: opening.runtime.task_token(),
+                parts: Some(Parts {
+                    consumer,
+                    socket,
+                    settings: opening.settings,
+                    _permit: opening.permit,
+                }),
+                runtime: opening.runtime,
             });
         }
         (Err(err), _) => {
@@ -308,35 +395,77 @@ async fn handshake<C: Consumer>(
             StatusCode::FORBIDDEN.into_response()
         }
     };
-    socket.detach(&groups).await;
-    refusal
+    socket.leave_layer().await;
+    Err(refused)
 }
 
-/// What an accepted connection holds on to until it ends.
-struct Connection {
-    groups: Vec<String>,
+/// An accepted connection, from `connect` to `disconnect`. If it is dropped
+/// before it ends (the upgrade failed, the handshake was abandoned), its
+/// drop still runs `disconnect` and leaves the layer, in a task.
+struct Connection<C: Consumer> {
+    parts: Option<Parts<C>>,
+    runtime: Runtime,
+    /// Makes a shutdown wait for this connection from its acceptance on.
+    task: TaskTrackerToken,
+}
+
+struct Parts<C> {
+    consumer: C,
+    socket: Socket,
+    settings: Arc<ConnectionSettings>,
     /// Its place among the open connections, given back when it ends.
     _permit: ConnectionPermit,
 }
 
-/// Drives one accepted connection from the handshake to `disconnect`.
-async fn run<C: Consumer>(
-    mut consumer: C,
-    mut socket: Socket,
-    ws: WebSocket,
-    settings: Settings,
-    connection: Connection,
-) {
-    socket.open(ws).await;
-    let code = serve(&mut consumer, &mut socket, &connection.groups, &settings).await;
+impl<C: Consumer> Connection<C> {
+    /// Completes the handshake and serves the connection until it ends.
+    async fn run(mut self, ws: WebSocket) {
+        let Some(mut parts) = self.parts.take() else {
+            return;
+        };
+        let runtime = self.runtime.clone();
+        parts.socket.open(ws).await;
+        let code = serve(
+            &mut parts.consumer,
+            &mut parts.socket,
+            &parts.settings,
+            &runtime,
+        )
+        .await;
+        finish(parts, code).await;
+    }
+
+    /// Ends a connection that never ran.
+    async fn end(mut self, code: u16) {
+        if let Some(parts) = self.parts.take() {
+            finish(parts, code).await;
+        }
+    }
+}
+
+impl<C: Consumer> Drop for Connection<C> {
+    fn drop(&mut self) {
+        if let Some(parts) = self.parts.take() {
+            let task = self.task.clone();
+            self.runtime.spawn(async move {
+                finish(parts, close_code::ABNORMAL).await;
+                drop(task);
+            });
+        }
+    }
+}
+
+/// Calls `disconnect`, then leaves the groups and frees the channel.
+async fn finish<C: Consumer>(mut parts: Parts<C>, code: u16) {
+    let socket = &mut parts.socket;
     let disconnected = async {
-        consumer.disconnect(&mut socket, code).await;
+        parts.consumer.disconnect(socket, code).await;
         Ok(())
     };
     if let Err(err) = contained(disconnected).await {
         tracing::warn!(%err, "disconnect failed");
     }
-    socket.detach(&connection.groups).await;
+    parts.socket.leave_layer().await;
 }
 
 // ANCHOR: input
@@ -360,18 +489,27 @@ struct Waits<'a> {
     inbox: Option<&'a Inbox>,
     renewal: Option<&'a mut Interval>,
     keepalive: Option<Instant>,
-    settings: &'a Settings,
+    /// The client is not read from before this (it went over its budget).
+    paused_until: Option<Instant>,
+    runtime: &'a Runtime,
 }
 
 /// Waits for the client, the layer (if the consumer has a channel) and the
 /// timers at once: whichever is ready first is handled first. Nothing polls.
 async fn next_input(socket: &mut Socket, waits: Waits<'_>) -> Input {
-    if socket.is_closing() {
+    if let Some(deadline) = socket.close_deadline() {
         // We said goodbye: only the client's answer matters now, and a client
-        // that does not answer in time is treated as gone.
-        let reply = tokio::time::timeout(waits.settings.close_timeout, socket.recv()).await;
+        // that has not answered by the deadline is treated as gone, however
+        // much else it sends meanwhile.
+        let reply = tokio::time::timeout_at(deadline, socket.recv()).await;
         return Input::Client(reply.ok().flatten());
     }
+    let client = async {
+        if let Some(until) = waits.paused_until {
+            tokio::time::sleep_until(until).await;
+        }
+        socket.recv().await
+    };
     // A branch with nothing to wait for waits forever, so it never wins.
     let layer = async {
         match waits.inbox {
@@ -393,24 +531,22 @@ async fn next_input(socket: &mut Socket, waits: Waits<'_>) -> Input {
     };
     // ANCHOR: select
     tokio::select! {
-        next = socket.recv() => Input::Client(next),
+        next = client => Input::Client(next),
         message = layer => Input::Layer(message),
         _ = renew => Input::Renew,
         _ = keepalive => Input::Keepalive,
-        _ = waits.settings.shutting_down() => Input::Shutdown,
+        _ = waits.runtime.shutdown_token().cancelled() => Input::Shutdown,
     }
     // ANCHOR_END: select
 }
 
 /// A timer that fires at half the layer's group expiry, so a membership is
-/// renewed long before it could lapse; `None` when there is nothing to renew.
-fn renewal_timer(inbox: Option<&Inbox>, groups: &[String]) -> Option<Interval> {
+/// renewed long before it could lapse; `None` without a layer, or with one
+/// whose memberships never lapse.
+fn renewal_timer(inbox: Option<&Inbox>) -> Option<Interval> {
     let expiry = inbox?.layer.group_expiry()?;
-    if groups.is_empty() {
-        return None;
-    }
     let period = (expiry / 2).max(Duration::from_millis(10));
-    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+    let mut interval = tokio::time::interval_at(after(Instant::now(), period), period);
     // After a stall, renew once, not once per missed tick.
     interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
     Some(interval)
@@ -428,7 +564,7 @@ struct Keepalive {
 }
 
 impl Keepalive {
-    fn new(settings: &Settings) -> Option<Keepalive> {
+    fn new(settings: &ConnectionSettings) -> Option<Keepalive> {
         Some(Keepalive {
             interval: settings.ping_interval?,
             timeout: settings.pong_timeout,
@@ -439,8 +575,8 @@ impl Keepalive {
 
     fn deadline(&self) -> Instant {
         match self.pinged {
-            Some(pinged) => pinged + self.timeout,
-            None => self.last_heard + self.interval,
+            Some(pinged) => after(pinged, self.timeout),
+            None => after(self.last_heard, self.interval),
         }
     }
 
@@ -454,19 +590,22 @@ impl Keepalive {
 async fn serve<C: Consumer>(
     consumer: &mut C,
     socket: &mut Socket,
-    groups: &[String],
-    settings: &Settings,
+    settings: &ConnectionSettings,
+    runtime: &Runtime,
 ) -> u16 {
     let mut peer_code = None;
     let mut inbox = socket.inbox();
-    let mut renewal = renewal_timer(inbox.as_ref(), groups);
+    let mut renewal = renewal_timer(inbox.as_ref());
     let mut keepalive = Keepalive::new(settings);
+    let mut budget = Budget::new(settings.inbound, C::MAX_MESSAGE_SIZE);
+    let mut paused_until = None;
     loop {
         let waits = Waits {
             inbox: inbox.as_ref(),
             renewal: renewal.as_mut(),
             keepalive: keepalive.as_ref().map(Keepalive::deadline),
-            settings,
+            paused_until,
+            runtime,
         };
         let next = match next_input(socket, waits).await {
             Input::Client(next) => next,
@@ -482,7 +621,7 @@ async fn serve<C: Consumer>(
                         Ok(())
                     }
                 };
-                handle_outcome(socket, outcome).await;
+                handle_outcome::<C>(socket, outcome).await;
                 continue;
             }
             Input::Layer(Err(err)) => {
@@ -493,9 +632,7 @@ async fn serve<C: Consumer>(
                 continue;
             }
             Input::Renew => {
-                if let Some(inbox) = &inbox {
-                    renew_memberships(inbox, groups).await;
-                }
+                socket.renew_memberships().await;
                 continue;
             }
             Input::Keepalive => {
@@ -550,26 +687,27 @@ async fn serve<C: Consumer>(
         if socket.is_closing() {
             continue; // the client had not seen our close frame yet
         }
-        let outcome = contained(consumer.receive(socket, frame)).await;
-        handle_outcome(socket, outcome).await;
-    }
-}
-
-/// Joins the groups again, which pushes their expiry back. A failure is
-/// logged and retried at the next tick: the membership has half its life
-/// left.
-async fn renew_memberships(inbox: &Inbox, groups: &[String]) {
-    for group in groups {
-        if let Err(err) = inbox.layer.group_add(group, &inbox.channel).await {
-            tracing::warn!(group, %err, "could not renew a group membership");
+        let size = match &frame {
+            Frame::Text(text) => text.len(),
+            Frame::Binary(bytes) => bytes.len(),
+        };
+        if let Err(too_fast) = budget.spend(size) {
+            metrics::counter!("axum_channels_frames_over_budget_total").increment(1);
+            tracing::info!(%too_fast, "a client went over its inbound budget");
+            let outcome = contained(consumer.too_fast(socket, too_fast)).await;
+            handle_outcome::<C>(socket, outcome).await;
+            paused_until = Some(after(Instant::now(), too_fast.wait));
+            continue;
         }
+        let outcome = contained(consumer.receive(socket, frame)).await;
+        handle_outcome::<C>(socket, outcome).await;
     }
 }
 
 /// Runs one call into the consumer, turning a panic into an error: a bug in
 /// a consumer then ends its connection like any other error (a 1011 close
 /// frame, the groups left, `disconnect` called) instead of dropping it
-/// without a word and leaving its group memberships behind.
+/// without a word.
 async fn contained(call: impl Future<Output = Result<()>>) -> Result<()> {
     match AssertUnwindSafe(call).catch_unwind().await {
         Ok(outcome) => outcome,
@@ -585,10 +723,17 @@ async fn contained(call: impl Future<Output = Result<()>>) -> Result<()> {
 }
 
 /// A consumer's error ends its connection with 1011 and one log line; a
-/// closed socket needs nothing more.
-async fn handle_outcome(socket: &mut Socket, outcome: Result<()>) {
+/// closed socket needs nothing more. A layer outage (Redis away) is not the
+/// consumer's fault and passes: the layer reports it once, and closing
+/// every client that spoke during a short blip would only have them all
+/// reconnect at once. A consumer that cannot work without its layer says
+/// so with [`Consumer::CLOSE_ON_LAYER_OUTAGE`].
+async fn handle_outcome<C: Consumer>(socket: &mut Socket, outcome: Result<()>) {
     match outcome {
         Ok(()) | Err(Error::Closed) => {}
+        Err(Error::Layer(err @ LayerError::Backend(..))) if !C::CLOSE_ON_LAYER_OUTAGE => {
+            tracing::debug!(%err, "a layer call failed during an outage; the client stays");
+        }
         Err(err) => {
             tracing::warn!(%err, "consumer failed; closing the connection with 1011");
             let _ = socket

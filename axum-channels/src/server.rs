@@ -9,35 +9,52 @@
 //! what a careful server does instead: on the signal it refuses new
 //! handshakes, sends every open WebSocket a close frame 1001 ("server
 //! shutting down"), lets each consumer run `disconnect` and leave its
-//! groups, and waits for that at most [`Settings::shutdown_timeout`], so a
-//! client that never answers cannot keep the process alive.
+//! groups, and waits for all of that, HTTP requests included, at most
+//! [`Settings::shutdown_timeout`] from the signal, so a client that never
+//! answers cannot keep the process alive.
 
+use std::future::Future;
 use std::io;
 
 use axum::Router;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
+use crate::runtime::Runtime;
+#[cfg(doc)]
 use crate::settings::Settings;
 
-/// Serves `app` on `listener` with the process's [`Settings`] (read from the
-/// environment), until Ctrl+C or SIGTERM; then shuts down gracefully, as
-/// the module documentation describes. With `METRICS=1` it also serves
-/// `/metrics` (needs the crate's `metrics` feature).
+/// Serves `app` on `listener` with the [`Settings`] read from the
+/// environment, until Ctrl+C or SIGTERM; then shuts down gracefully, as the
+/// module documentation describes. With `METRICS=1` it also serves
+/// `/metrics` (needs the crate's `metrics` feature). The same as
+/// `Runtime::from_env()?.serve(listener, app)`.
 ///
 /// # Errors
 ///
 /// A bad setting in the environment, with the variable named, before
 /// anything is served; or the error that stopped the server.
 pub async fn serve(listener: TcpListener, app: Router) -> io::Result<()> {
-    let settings =
-        Settings::from_env().map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-    let settings = settings.install();
+    let runtime =
+        Runtime::from_env().map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    runtime.serve(listener, app).await
+}
+
+/// Serves `app` with `runtime` until `signal` resolves, then shuts down
+/// within the runtime's `shutdown_timeout`, counted from the signal.
+pub(crate) async fn serve_with(
+    runtime: Runtime,
+    listener: TcpListener,
+    app: Router,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let settings = runtime.settings();
     let app = if settings.metrics {
         app.merge(metrics_route()?)
     } else {
         app
     };
+    let app = runtime.attach(app);
     // Without TCP_NODELAY, a small frame can wait for the client's delayed
     // ACK of the previous one (Nagle's algorithm): tens of milliseconds
     // added to a room's broadcasts.
@@ -46,14 +63,24 @@ pub async fn serve(listener: TcpListener, app: Router) -> io::Result<()> {
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: closing every WebSocket with 1001");
-            settings.begin_shutdown();
-        })
-        .await?;
-    settings.shut_down().await;
+    let stopping = runtime.clone();
+    let signalled = async move {
+        signal.await;
+        tracing::info!("shutting down: closing every WebSocket with 1001");
+        stopping.begin_shutdown();
+    };
+    let shutdown = runtime.clone();
+    let http = axum::serve(listener, app).with_graceful_shutdown(signalled);
+    let deadline = async move {
+        shutdown.shutdown_started().await;
+        let deadline = shutdown.begin_shutdown();
+        tokio::time::sleep_until(deadline).await;
+    };
+    tokio::select! {
+        served = http => served?,
+        () = deadline => tracing::warn!("HTTP requests still running at the shutdown deadline"),
+    }
+    runtime.shut_down().await;
     Ok(())
 }
 

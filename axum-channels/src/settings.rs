@@ -1,45 +1,62 @@
 //! [`Settings`]: what a WebSocket server on the internet needs, with safe
-//! defaults.
+//! defaults, read once when the process starts.
 //!
-//! Every route the [runner](crate::runner) builds applies these settings to
-//! each connection, so the steps get them without a line of their own code:
+//! The settings come in two parts. [`ConnectionSettings`] are the options of
+//! one connection (buffers, pings, timeouts, the origin check, the inbound
+//! budget): every route applies the process's, and a route can have its own
+//! with [`route_with`](crate::runner::route_with). The rest belong to the
+//! process as a whole and are kept by its [`Runtime`](crate::Runtime): the
+//! connection limits, the header timeout and the shutdown.
 //!
 //! | setting | default | environment variable | what it protects against |
 //! |---|---|---|---|
-//! | [`read_buffer_size`](Settings::read_buffer_size) | 2 KiB | | idle connections costing 130 kB each |
+//! | [`read_buffer_size`](ConnectionSettings::read_buffer_size) | 2 KiB | | idle connections costing 130 kB each |
+//! | [`ping_interval`](ConnectionSettings::ping_interval) | 20 s | `PING_INTERVAL` (seconds, `0` = off) | half-open connections nobody notices |
+//! | [`pong_timeout`](ConnectionSettings::pong_timeout) | 20 s | | a peer that stopped answering |
+//! | [`write_timeout`](ConnectionSettings::write_timeout) | 10 s | `WRITE_TIMEOUT` (seconds) | a client that stops reading holding its consumer forever |
+//! | [`close_timeout`](ConnectionSettings::close_timeout) | 5 s | `CLOSE_TIMEOUT` (seconds) | a client that never answers a close frame |
+//! | [`allowed_origins`](ConnectionSettings::allowed_origins) | the page's own origin | `ALLOWED_ORIGINS` (comma-separated, or `*`) | cross-site WebSocket hijacking |
+//! | [`inbound`](ConnectionSettings::inbound) | 200 frames/s and 1 MiB/s | `MAX_FRAMES_PER_SECOND`, `MAX_BYTES_PER_SECOND` (`0` = off) | one client flooding the others |
+//! | [`max_connections`](Settings::max_connections) | 10,000 | `MAX_CONNECTIONS` | running out of memory |
+//! | [`max_sockets`](Settings::max_sockets) | the file limit, less a reserve | `MAX_SOCKETS` | one client holding every file the process may open |
+//! | [`header_read_timeout`](Settings::header_read_timeout) | 10 s | `HEADER_READ_TIMEOUT` (seconds) | requests that never finish arriving |
+//! | [`shutdown_timeout`](Settings::shutdown_timeout) | 10 s | `SHUTDOWN_TIMEOUT` (seconds) | a shutdown that waits forever on a silent client |
 //! | [`release_memory`](Settings::release_memory) | on | | a server that keeps its peak memory forever |
-//! | [`ping_interval`](Settings::ping_interval) | 20 s | `PING_INTERVAL` (seconds, `0` = off) | half-open connections nobody notices |
-//! | [`pong_timeout`](Settings::pong_timeout) | 20 s | | a peer that stopped answering |
-//! | [`write_timeout`](Settings::write_timeout) | 10 s | `WRITE_TIMEOUT` (seconds) | a client that stops reading holding its consumer forever |
-//! | [`allowed_origins`](Settings::allowed_origins) | the page's own origin | `ALLOWED_ORIGINS` (comma-separated, or `*`) | cross-site WebSocket hijacking |
-//! | [`max_connections`](Settings::max_connections) | 10,000 | `MAX_CONNECTIONS` | running out of memory or file descriptors |
-//! | [`close_timeout`](Settings::close_timeout) | 5 s | `CLOSE_TIMEOUT` (seconds) | a client that never answers a close frame |
-//! | [`shutdown_timeout`](Settings::shutdown_timeout) | 10 s | | a shutdown that waits forever on a silent client |
 //! | [`metrics`](Settings::metrics) | off | `METRICS=1` | (serves `/metrics` for Prometheus) |
 //!
-//! The process-wide settings are read from the environment once, by
-//! [`serve`](crate::serve) or at the first connection. A route can have its
-//! own with [`route_with`](crate::runner::route_with), which is also how tests
-//! use short intervals without touching the environment.
+//! Every value is checked when it is read, and again by
+//! [`Runtime::new`](crate::Runtime::new) for settings written in code: a
+//! value out of its range is an error that names it, before anything is
+//! served.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::num::NonZeroU32;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+pub use crate::origin::AllowedOrigins;
 
-/// Settings applied to every connection of a route. Cheap to clone: clones
-/// share the connection count and the shutdown signal.
+/// The settings of a server process: the options every connection gets by
+/// default, and the limits of the process as a whole.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Settings {
-    /// Bytes read from the socket at a time, per connection (default 2 KiB).
-    /// The WebSocket library's default, 128 KiB, is what makes an idle
-    /// connection cost about 130 kB; with 2 KiB one costs about 6.5 kB in
-    /// all. A message larger than the buffer is still read whole, in
-    /// several reads.
-    pub read_buffer_size: usize,
+    /// The options of each connection, unless its route has its own.
+    pub connection: ConnectionSettings,
+    /// The most WebSocket connections open at once (default 10,000, `None`
+    /// for no limit). Past it, a handshake gets HTTP 503 with `Retry-After`.
+    pub max_connections: Option<usize>,
+    /// The most TCP connections open at once, WebSockets and plain HTTP
+    /// together (`None`, the default: the process's open-file limit less a
+    /// reserve for its other files). At the limit the connections that have
+    /// not finished sending a request are closed first, so that one client
+    /// holding many sockets cannot lock everyone else out.
+    pub max_sockets: Option<usize>,
+    /// How long a client may take to send a request's headers (default
+    /// 10 s); past it the connection is closed.
+    pub header_read_timeout: Duration,
+    /// How long a graceful shutdown may take, from the signal to the exit:
+    /// HTTP requests, WebSockets and background tasks together (default
+    /// 10 s).
+    pub shutdown_timeout: Duration,
     /// Whether to hand freed memory back to the operating system after a
     /// wave of connections has closed (default on). glibc's allocator keeps
     /// what a program frees for later, so without this a server that once
@@ -48,6 +65,21 @@ pub struct Settings {
     /// their peak, the library calls `malloc_trim` on a blocking thread;
     /// elsewhere this does nothing.
     pub release_memory: bool,
+    /// Whether [`serve`](crate::serve) adds a `/metrics` endpoint (default
+    /// off).
+    pub metrics: bool,
+}
+
+/// The options of one WebSocket connection.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectionSettings {
+    /// Bytes read from the socket at a time, per connection (default 2 KiB).
+    /// The WebSocket library's default, 128 KiB, is what makes an idle
+    /// connection cost about 130 kB; with 2 KiB one costs about 6.5 kB in
+    /// all. A message larger than the buffer is still read whole, in
+    /// several reads.
+    pub read_buffer_size: usize,
     /// Bytes of outgoing frames gathered before writing (default 0: each
     /// frame is written at once, and no buffer is kept per connection).
     pub write_buffer_size: usize,
@@ -61,173 +93,231 @@ pub struct Settings {
     /// stops reading fills the socket's buffers, and then a send waits; past
     /// this timeout the connection is closed instead, with code 1008.
     pub write_timeout: Duration,
+    /// How long the server waits, from the moment it sends its close frame,
+    /// for the client to answer it (default 5 s). A client that keeps
+    /// talking instead is dropped at the same moment.
+    pub close_timeout: Duration,
     /// Which pages may open WebSockets to this server.
     pub allowed_origins: AllowedOrigins,
-    /// The most WebSocket connections open at once (default 10,000, `None`
-    /// for no limit). Past it, a handshake gets HTTP 503 with `Retry-After`.
-    pub max_connections: Option<usize>,
-    /// How long the server waits for the client to answer its close frame
-    /// before it drops the connection anyway (default 5 s).
-    pub close_timeout: Duration,
-    /// How long a graceful shutdown waits for connections to close (default
-    /// 10 s).
-    pub shutdown_timeout: Duration,
-    /// Whether [`serve`](crate::serve) adds a `/metrics` endpoint (default
-    /// off).
-    pub metrics: bool,
-    /// The connections that use these settings: how many are open, and the
-    /// signal that closes them. Each `Settings::default()` starts a fresh
-    /// set; clones of one `Settings` share it.
-    pub connections: Connections,
+    /// How much one client may send.
+    pub inbound: InboundBudget,
 }
 
-/// Which origins may open a WebSocket.
+/// How much one client may send, as a token bucket: a steady rate, and a
+/// burst of twice that (so a client may send 400 frames at once, then 200 a
+/// second). `None` in a field means no limit on it.
 ///
-/// Browsers send the page's origin in the `Origin` header of a WebSocket
-/// handshake, and unlike `fetch`, WebSockets are not bound by the same-origin
-/// policy: without a check, any site a user visits could open a WebSocket to
-/// this server with the user's cookies. Clients that are not browsers send
-/// no `Origin`, and are let in.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AllowedOrigins {
-    /// Any origin (`ALLOWED_ORIGINS=*`).
-    Any,
-    /// The server's own origin (the `Origin` names the same host and port as
-    /// the request's `Host` header), plus these, e.g.
-    /// `https://app.example.com`.
-    SameHostAnd(Vec<String>),
+/// Every frame a client sends costs work elsewhere (a job queued, a message
+/// to every member of a room), so without a budget one client can keep the
+/// server busy for everyone. A client over its budget is closed with 1008
+/// and a reason that says the limit, unless its consumer chooses otherwise
+/// (see [`Consumer::too_fast`](crate::Consumer::too_fast)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundBudget {
+    /// Frames per second (default 200).
+    pub frames_per_second: Option<NonZeroU32>,
+    /// Bytes per second (default 1 MiB). The burst is at least one message
+    /// of the consumer's largest size, so one allowed message always fits.
+    pub bytes_per_second: Option<NonZeroU32>,
 }
 
-/// The connections of every route that shares one [`Settings`]: how many
-/// are open, the signal to close them, and the tasks to wait for. Cheap to
-/// clone: clones share them.
-#[derive(Debug, Clone, Default)]
-pub struct Connections(Arc<ConnectionState>);
-
-#[derive(Debug, Default)]
-struct ConnectionState {
-    open: AtomicUsize,
-    /// The most connections open at once since memory was last released.
-    peak: AtomicUsize,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+impl InboundBudget {
+    /// No limit at all.
+    pub const UNLIMITED: InboundBudget = InboundBudget {
+        frames_per_second: None,
+        bytes_per_second: None,
+    };
 }
 
-/// A place among [`Settings::max_connections`], given back when dropped.
-#[derive(Debug)]
-pub(crate) struct ConnectionPermit {
-    connections: Connections,
-    release_memory: bool,
-}
-
-/// Below this many connections at the peak, there is too little memory at
-/// stake to be worth a `malloc_trim`.
-const RELEASE_FROM_PEAK: usize = 256;
-
-impl Drop for ConnectionPermit {
-    fn drop(&mut self) {
-        let state = &self.connections.0;
-        let open = state.open.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!("axum_channels_connections_open").decrement(1.0);
-        let peak = state.peak.load(Ordering::Relaxed);
-        if self.release_memory
-            && peak >= RELEASE_FROM_PEAK
-            && open <= peak / 2
-            // Only the connection that wins this swap releases.
-            && state
-                .peak
-                .compare_exchange(peak, open, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            release_memory();
+impl Default for InboundBudget {
+    fn default() -> Self {
+        InboundBudget {
+            frames_per_second: NonZeroU32::new(200),
+            bytes_per_second: NonZeroU32::new(1024 * 1024),
         }
     }
 }
 
-/// Asks the allocator to give its free pages back to the operating system.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_memory() {
-    // It walks every arena, which takes milliseconds with a large heap: not
-    // something to do on a thread that serves connections.
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn_blocking(|| {
-            // SAFETY: malloc_trim has no preconditions; it only returns
-            // whole free pages of glibc's own heaps to the kernel.
-            unsafe { libc::malloc_trim(0) };
-        });
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_memory() {}
-
 // ANCHOR: defaults
-impl Default for Settings {
+impl Default for ConnectionSettings {
     fn default() -> Self {
-        Settings {
+        ConnectionSettings {
             read_buffer_size: 2 * 1024,
-            release_memory: true,
             write_buffer_size: 0,
             ping_interval: Some(Duration::from_secs(20)),
             pong_timeout: Duration::from_secs(20),
             write_timeout: Duration::from_secs(10),
-            allowed_origins: AllowedOrigins::SameHostAnd(Vec::new()),
-            max_connections: Some(10_000),
             close_timeout: Duration::from_secs(5),
+            allowed_origins: AllowedOrigins::SameHostAnd(Vec::new()),
+            inbound: InboundBudget::default(),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connection: ConnectionSettings::default(),
+            max_connections: Some(10_000),
+            max_sockets: None,
+            header_read_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(10),
+            release_memory: true,
             metrics: false,
-            connections: Connections::default(),
         }
     }
 }
 // ANCHOR_END: defaults
 
-static PROCESS: OnceLock<Settings> = OnceLock::new();
+/// The longest timeout or interval a setting may have: anything longer is
+/// surely a typo (milliseconds written as seconds), and would mean "never".
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The largest buffer a setting may ask for, per connection.
+const MAX_BUFFER: usize = 64 * 1024 * 1024;
+
+/// Checks that `value` is at most [`MAX_DURATION`] (and at least `min`).
+fn check_duration(name: &str, value: Duration, min: Duration) -> Result<(), String> {
+    if value < min || value > MAX_DURATION {
+        return Err(format!(
+            "{name} must be between {min:?} and {} s, not {value:?}",
+            MAX_DURATION.as_secs()
+        ));
+    }
+    Ok(())
+}
+
+impl ConnectionSettings {
+    /// Checks every value against its range.
+    ///
+    /// # Errors
+    ///
+    /// The first value out of range, named.
+    pub fn validate(&self) -> Result<(), String> {
+        let some = Duration::from_millis(1);
+        if let Some(interval) = self.ping_interval {
+            check_duration("ping_interval (PING_INTERVAL)", interval, some)?;
+        }
+        check_duration("pong_timeout", self.pong_timeout, some)?;
+        check_duration("write_timeout (WRITE_TIMEOUT)", self.write_timeout, some)?;
+        check_duration(
+            "close_timeout (CLOSE_TIMEOUT)",
+            self.close_timeout,
+            Duration::ZERO,
+        )?;
+        for (name, size) in [
+            ("read_buffer_size", self.read_buffer_size),
+            ("write_buffer_size", self.write_buffer_size),
+        ] {
+            if size > MAX_BUFFER {
+                return Err(format!(
+                    "{name} must be at most {MAX_BUFFER} bytes, not {size}"
+                ));
+            }
+        }
+        if self.read_buffer_size == 0 {
+            return Err("read_buffer_size must be at least 1 byte".to_owned());
+        }
+        Ok(())
+    }
+}
 
 impl Settings {
+    /// Checks every value against its range.
+    ///
+    /// # Errors
+    ///
+    /// The first value out of range, named.
+    pub fn validate(&self) -> Result<(), String> {
+        self.connection.validate()?;
+        check_duration(
+            "header_read_timeout (HEADER_READ_TIMEOUT)",
+            self.header_read_timeout,
+            Duration::from_millis(1),
+        )?;
+        check_duration(
+            "shutdown_timeout (SHUTDOWN_TIMEOUT)",
+            self.shutdown_timeout,
+            Duration::ZERO,
+        )?;
+        if self.max_sockets == Some(0) {
+            return Err("max_sockets (MAX_SOCKETS) must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
     /// The defaults, changed by whichever of `PING_INTERVAL`,
-    /// `WRITE_TIMEOUT`, `CLOSE_TIMEOUT`, `ALLOWED_ORIGINS`, `MAX_CONNECTIONS`
-    /// and `METRICS` are set. A bad value is an error that names the variable.
+    /// `WRITE_TIMEOUT`, `CLOSE_TIMEOUT`, `ALLOWED_ORIGINS`,
+    /// `MAX_FRAMES_PER_SECOND`, `MAX_BYTES_PER_SECOND`, `MAX_CONNECTIONS`,
+    /// `MAX_SOCKETS`, `HEADER_READ_TIMEOUT`, `SHUTDOWN_TIMEOUT` and `METRICS`
+    /// are set.
+    ///
+    /// # Errors
+    ///
+    /// A bad value, with the variable named.
     pub fn from_env() -> Result<Settings, String> {
         Settings::from_lookup(|name| std::env::var(name).ok())
     }
 
     fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Settings, String> {
         let mut settings = Settings::default();
-        let seconds = |name: &str, value: String| {
-            value
-                .trim()
-                .parse::<u64>()
-                .map_err(|_| format!("{name} must be a whole number of seconds, not {value:?}"))
+        let connection = &mut settings.connection;
+        let number = |name: &str, value: &str, max: u64| -> Result<u64, String> {
+            match value.trim().parse::<u64>() {
+                Ok(number) if number <= max => Ok(number),
+                _ => Err(format!(
+                    "{name} must be a whole number from 0 to {max}, not {value:?}"
+                )),
+            }
         };
+        let max_secs = MAX_DURATION.as_secs();
+        let seconds = |name: &str, value: &str| number(name, value, max_secs);
         if let Some(value) = lookup("PING_INTERVAL") {
-            settings.ping_interval = match seconds("PING_INTERVAL", value)? {
+            connection.ping_interval = match seconds("PING_INTERVAL", &value)? {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
             };
         }
         if let Some(value) = lookup("WRITE_TIMEOUT") {
-            match seconds("WRITE_TIMEOUT", value)? {
+            match seconds("WRITE_TIMEOUT", &value)? {
                 0 => return Err("WRITE_TIMEOUT must be at least 1 second".to_owned()),
-                secs => settings.write_timeout = Duration::from_secs(secs),
+                secs => connection.write_timeout = Duration::from_secs(secs),
             }
         }
         if let Some(value) = lookup("CLOSE_TIMEOUT") {
-            settings.close_timeout = Duration::from_secs(seconds("CLOSE_TIMEOUT", value)?);
+            connection.close_timeout = Duration::from_secs(seconds("CLOSE_TIMEOUT", &value)?);
         }
         if let Some(value) = lookup("ALLOWED_ORIGINS") {
-            settings.allowed_origins = AllowedOrigins::parse(&value)?;
+            connection.allowed_origins = AllowedOrigins::parse(&value)?;
         }
+        let rate = |name: &str, value: &str| -> Result<Option<NonZeroU32>, String> {
+            let rate = number(name, value, u64::from(u32::MAX))?;
+            Ok(NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX)))
+        };
+        if let Some(value) = lookup("MAX_FRAMES_PER_SECOND") {
+            connection.inbound.frames_per_second = rate("MAX_FRAMES_PER_SECOND", &value)?;
+        }
+        if let Some(value) = lookup("MAX_BYTES_PER_SECOND") {
+            connection.inbound.bytes_per_second = rate("MAX_BYTES_PER_SECOND", &value)?;
+        }
+        let count = |name: &str, value: &str| -> Result<Option<usize>, String> {
+            let count = number(name, value, 100_000_000)?;
+            Ok(usize::try_from(count).ok().filter(|&count| count > 0))
+        };
         if let Some(value) = lookup("MAX_CONNECTIONS") {
-            settings.max_connections = match value.trim().parse::<usize>() {
-                Ok(0) => None,
-                Ok(max) => Some(max),
-                Err(_) => {
-                    return Err(format!(
-                        "MAX_CONNECTIONS must be a number (0 for no limit), not {value:?}"
-                    ));
-                }
-            };
+            settings.max_connections = count("MAX_CONNECTIONS", &value)?;
+        }
+        if let Some(value) = lookup("MAX_SOCKETS") {
+            settings.max_sockets = count("MAX_SOCKETS", &value)?;
+        }
+        if let Some(value) = lookup("HEADER_READ_TIMEOUT") {
+            match seconds("HEADER_READ_TIMEOUT", &value)? {
+                0 => return Err("HEADER_READ_TIMEOUT must be at least 1 second".to_owned()),
+                secs => settings.header_read_timeout = Duration::from_secs(secs),
+            }
+        }
+        if let Some(value) = lookup("SHUTDOWN_TIMEOUT") {
+            settings.shutdown_timeout = Duration::from_secs(seconds("SHUTDOWN_TIMEOUT", &value)?);
         }
         if let Some(value) = lookup("METRICS") {
             settings.metrics = match value.trim() {
@@ -236,164 +326,15 @@ impl Settings {
                 _ => return Err(format!("METRICS must be 1 or 0, not {value:?}")),
             };
         }
+        settings.validate()?;
         Ok(settings)
-    }
-
-    /// The process's settings: those given to [`Settings::install`], or else
-    /// read from the environment at first use (a bad value is logged once,
-    /// and the defaults are used).
-    pub fn process() -> &'static Settings {
-        PROCESS.get_or_init(|| {
-            Settings::from_env().unwrap_or_else(|err| {
-                tracing::error!("{err}; using the default settings");
-                Settings::default()
-            })
-        })
-    }
-
-    /// Makes `self` the process's settings, unless a connection has already
-    /// used them; returns the settings in force.
-    pub fn install(self) -> &'static Settings {
-        PROCESS.get_or_init(|| self)
-    }
-
-    /// Asks every connection that uses these settings to close (code 1001,
-    /// "server shutting down"), refuses new ones with 503, and waits until
-    /// they have all run `disconnect` and left their groups, or
-    /// [`shutdown_timeout`](Settings::shutdown_timeout) has passed. Returns
-    /// how many connections were still open when it gave up.
-    pub async fn shut_down(&self) -> usize {
-        let connections = &self.connections.0;
-        self.begin_shutdown();
-        connections.tasks.close();
-        let open = connections.open.load(Ordering::Relaxed);
-        if open > 0 {
-            tracing::info!(open, "closing the open connections");
-        }
-        if tokio::time::timeout(self.shutdown_timeout, connections.tasks.wait())
-            .await
-            .is_err()
-        {
-            let left = connections.tasks.len();
-            tracing::warn!(left, "connections still open after the shutdown timeout");
-            return left;
-        }
-        0
-    }
-
-    /// Refuses new handshakes and tells every open connection to close,
-    /// without waiting for them.
-    pub(crate) fn begin_shutdown(&self) {
-        self.connections.0.shutdown.cancel();
-    }
-
-    /// Runs `task` beside the server, and makes a graceful shutdown wait for
-    /// it, as it waits for the connections: e.g. a pool of workers in the
-    /// server's process that should finish the jobs it runs rather than be
-    /// cut off. The task should end once
-    /// [`shutdown_started`](Settings::shutdown_started) resolves; the
-    /// shutdown waits at most [`shutdown_timeout`](Settings::shutdown_timeout)
-    /// for it and the connections together.
-    pub fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
-        tokio::spawn(self.track(task));
-    }
-
-    /// Resolves when a graceful shutdown begins (see
-    /// [`shut_down`](Settings::shut_down)).
-    pub fn shutdown_started(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.connections.0.shutdown.clone().cancelled_owned()
-    }
-
-    /// How many WebSocket connections are open right now.
-    pub fn open_connections(&self) -> usize {
-        self.connections.0.open.load(Ordering::Relaxed)
-    }
-
-    /// Resolves once [`shut_down`](Settings::shut_down) has been called.
-    pub(crate) async fn shutting_down(&self) {
-        self.connections.0.shutdown.cancelled().await;
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.connections.0.shutdown.is_cancelled()
-    }
-
-    /// Takes a place among the open connections, or `None` at the limit.
-    pub(crate) fn admit(&self) -> Option<ConnectionPermit> {
-        let open = self.connections.0.open.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.max_connections.is_some_and(|max| open > max) {
-            self.connections.0.open.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        self.connections.0.peak.fetch_max(open, Ordering::Relaxed);
-        metrics::gauge!("axum_channels_connections_open").increment(1.0);
-        Some(ConnectionPermit {
-            connections: self.connections.clone(),
-            release_memory: self.release_memory,
-        })
-    }
-
-    /// Runs `connection` as a task that [`shut_down`](Settings::shut_down)
-    /// waits for.
-    pub(crate) fn track<F>(&self, connection: F) -> impl Future<Output = ()> + use<F>
-    where
-        F: Future<Output = ()>,
-    {
-        self.connections.0.tasks.track_future(connection)
-    }
-}
-
-impl AllowedOrigins {
-    /// Reads `*`, or a comma-separated list of origins such as
-    /// `https://app.example.com, http://localhost:3000`.
-    pub fn parse(value: &str) -> Result<AllowedOrigins, String> {
-        if value.trim() == "*" {
-            return Ok(AllowedOrigins::Any);
-        }
-        let mut origins = Vec::new();
-        for origin in value.split(',').map(str::trim).filter(|o| !o.is_empty()) {
-            let valid = origin.split_once("://").is_some_and(|(scheme, rest)| {
-                matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/')
-            });
-            if !valid {
-                return Err(format!(
-                    "ALLOWED_ORIGINS: {origin:?} is not an origin: write it as \
-                     scheme://host[:port], e.g. https://app.example.com, or use *"
-                ));
-            }
-            origins.push(origin.to_ascii_lowercase());
-        }
-        Ok(AllowedOrigins::SameHostAnd(origins))
-    }
-
-    /// Whether a handshake with this `Origin` header, sent to this `Host`,
-    /// may proceed.
-    pub fn allows(&self, origin: Option<&str>, host: Option<&str>) -> bool {
-        let Some(origin) = origin else {
-            return true; // not a browser: no page to protect
-        };
-        let AllowedOrigins::SameHostAnd(extra) = self else {
-            return true;
-        };
-        let origin = origin.trim().to_ascii_lowercase();
-        if extra.contains(&origin) {
-            return true;
-        }
-        // `http://127.0.0.1:8080` is the page's own origin when the request
-        // was sent to `Host: 127.0.0.1:8080`.
-        let authority = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"));
-        match (authority, host) {
-            (Some(authority), Some(host)) => authority == host.trim().to_ascii_lowercase(),
-            _ => false,
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn settings(vars: &[(&str, &str)]) -> Result<Settings, String> {
         Settings::from_lookup(|name| {
@@ -406,14 +347,20 @@ mod tests {
     #[test]
     fn defaults_are_safe_for_the_internet() {
         let defaults = settings(&[]).unwrap();
-        assert_eq!(defaults.read_buffer_size, 2048);
-        assert_eq!(defaults.ping_interval, Some(Duration::from_secs(20)));
-        assert_eq!(defaults.max_connections, Some(10_000));
+        assert_eq!(defaults.connection.read_buffer_size, 2048);
         assert_eq!(
-            defaults.allowed_origins,
+            defaults.connection.ping_interval,
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(defaults.max_connections, Some(10_000));
+        assert_eq!(defaults.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(
+            defaults.connection.allowed_origins,
             AllowedOrigins::SameHostAnd(vec![])
         );
+        assert_eq!(defaults.connection.inbound, InboundBudget::default());
         assert!(!defaults.metrics);
+        defaults.validate().unwrap();
     }
 
     #[test]
@@ -427,86 +374,79 @@ mod tests {
                 "https://App.example.com, http://localhost:3000",
             ),
             ("MAX_CONNECTIONS", "0"),
+            ("MAX_SOCKETS", "500"),
+            ("MAX_FRAMES_PER_SECOND", "0"),
+            ("MAX_BYTES_PER_SECOND", "4096"),
+            ("HEADER_READ_TIMEOUT", "3"),
+            ("SHUTDOWN_TIMEOUT", "0"),
             ("METRICS", "1"),
         ])
         .unwrap();
-        assert_eq!(read.ping_interval, None);
-        assert_eq!(read.write_timeout, Duration::from_secs(3));
-        assert_eq!(read.close_timeout, Duration::from_secs(1));
+        let connection = &read.connection;
+        assert_eq!(connection.ping_interval, None);
+        assert_eq!(connection.write_timeout, Duration::from_secs(3));
+        assert_eq!(connection.close_timeout, Duration::from_secs(1));
+        assert_eq!(connection.inbound.frames_per_second, None);
+        assert_eq!(connection.inbound.bytes_per_second, NonZeroU32::new(4096));
         assert_eq!(read.max_connections, None);
+        assert_eq!(read.max_sockets, Some(500));
+        assert_eq!(read.header_read_timeout, Duration::from_secs(3));
+        assert_eq!(read.shutdown_timeout, Duration::ZERO);
         assert!(read.metrics);
         assert_eq!(
-            read.allowed_origins,
-            AllowedOrigins::SameHostAnd(vec![
-                "https://app.example.com".into(),
-                "http://localhost:3000".into()
-            ])
+            connection.allowed_origins,
+            AllowedOrigins::parse("https://app.example.com,http://localhost:3000").unwrap()
         );
         for (name, value) in [
             ("PING_INTERVAL", "soon"),
+            ("PING_INTERVAL", "18446744073709551615"),
             ("WRITE_TIMEOUT", "0"),
+            ("CLOSE_TIMEOUT", "86401"),
             ("MAX_CONNECTIONS", "-1"),
+            ("MAX_SOCKETS", "1e9"),
+            ("MAX_FRAMES_PER_SECOND", "4294967296"),
+            ("HEADER_READ_TIMEOUT", "0"),
+            ("SHUTDOWN_TIMEOUT", "forever"),
             ("METRICS", "maybe"),
             ("ALLOWED_ORIGINS", "example.com"),
         ] {
             let err = settings(&[(name, value)]).unwrap_err();
-            assert!(err.contains(name), "{err}");
+            assert!(err.contains(name), "{name}={value}: {err}");
         }
-        assert_eq!(
-            settings(&[("ALLOWED_ORIGINS", "*")])
-                .unwrap()
-                .allowed_origins,
-            AllowedOrigins::Any
-        );
     }
 
     #[test]
-    fn the_pages_own_origin_is_allowed_and_others_are_not() {
-        let same = AllowedOrigins::SameHostAnd(vec!["https://app.example.com".into()]);
-        let host = Some("127.0.0.1:8080");
-        assert!(same.allows(None, host), "no Origin: not a browser");
-        assert!(same.allows(Some("http://127.0.0.1:8080"), host));
-        assert!(same.allows(Some("HTTP://127.0.0.1:8080"), host));
-        assert!(same.allows(Some("https://app.example.com"), host));
-        assert!(!same.allows(Some("http://evil.example"), host));
-        assert!(!same.allows(Some("http://127.0.0.1:9999"), host));
-        assert!(!same.allows(Some("null"), host));
-        assert!(!same.allows(Some("http://127.0.0.1:8080"), None));
-        assert!(AllowedOrigins::Any.allows(Some("http://evil.example"), host));
+    fn settings_written_in_code_are_checked_too() {
+        let mut far = Settings::default();
+        far.connection.close_timeout = Duration::MAX;
+        assert!(far.validate().unwrap_err().contains("close_timeout"));
+        let mut never = Settings::default();
+        never.connection.ping_interval = Some(Duration::from_secs(u64::MAX));
+        assert!(never.validate().unwrap_err().contains("ping_interval"));
+        let mut none = Settings::default();
+        none.max_sockets = Some(0);
+        assert!(none.validate().unwrap_err().contains("max_sockets"));
     }
 
-    #[tokio::test]
-    async fn a_shutdown_waits_for_background_work() {
-        let settings = Settings {
-            shutdown_timeout: Duration::from_secs(5),
-            ..Settings::default()
-        };
-        let (finished, done) = tokio::sync::oneshot::channel();
-        let shutdown = settings.shutdown_started();
-        settings.spawn_background(async move {
-            shutdown.await;
-            // The work in hand takes a while longer to finish.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            let _ = finished.send(());
-        });
-        assert_eq!(settings.shut_down().await, 0, "nothing left running");
-        assert!(
-            done.await.is_ok(),
-            "the task finished before shut_down returned"
-        );
-    }
-
-    #[test]
-    fn the_connection_limit_gives_places_back() {
-        let settings = Settings {
-            max_connections: Some(2),
-            ..Settings::default()
-        };
-        let first = settings.admit().expect("room for one");
-        let _second = settings.admit().expect("room for two");
-        assert!(settings.admit().is_none(), "the third is refused");
-        assert_eq!(settings.open_connections(), 2);
-        drop(first);
-        assert!(settings.admit().is_some(), "a place came free");
+    proptest! {
+        /// Whatever the environment says, reading it returns settings or an
+        /// error; it never panics, and what it returns is in range.
+        #[test]
+        fn no_value_in_the_environment_panics(
+            name in prop::sample::select(vec![
+                "PING_INTERVAL", "WRITE_TIMEOUT", "CLOSE_TIMEOUT", "ALLOWED_ORIGINS",
+                "MAX_FRAMES_PER_SECOND", "MAX_BYTES_PER_SECOND", "MAX_CONNECTIONS",
+                "MAX_SOCKETS", "HEADER_READ_TIMEOUT", "SHUTDOWN_TIMEOUT", "METRICS",
+            ]),
+            value in prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                any::<i64>().prop_map(|n| n.to_string()),
+                "\\PC{0,40}",
+            ],
+        ) {
+            if let Ok(read) = settings(&[(name, &value)]) {
+                prop_assert!(read.validate().is_ok());
+            }
+        }
     }
 }

@@ -16,10 +16,14 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use serde::Serialize;
+use tokio::time::Instant;
 
 use crate::close_code;
 use crate::error::{Error, Result};
 use crate::layer::{ChannelLayer, LayerEvent, to_layer_message};
+use crate::membership::Membership;
+use crate::runtime::{Runtime, after};
+use crate::settings::ConnectionSettings;
 
 /// A message from the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,10 +45,14 @@ pub struct Socket {
     outbox: Vec<Message>,
     /// The code of the close frame we sent, once we sent one.
     closing: Option<u16>,
-    /// This connection's channel, when its consumer uses a layer.
-    inbox: Option<Inbox>,
+    /// When a client that has not answered our close frame is dropped.
+    close_deadline: Option<Instant>,
+    /// This connection's channel and groups, when its consumer uses a layer.
+    membership: Option<Membership>,
     /// How long one send may take before the client counts as not reading.
     write_timeout: Duration,
+    /// How long the client has to answer our close frame.
+    close_timeout: Duration,
 }
 
 // ANCHOR: inbox
@@ -86,13 +94,15 @@ pub(crate) enum Handshake {
 }
 
 impl Socket {
-    pub(crate) fn connecting(write_timeout: Duration) -> Self {
+    pub(crate) fn connecting(settings: &ConnectionSettings) -> Self {
         Socket {
             phase: Phase::Connecting { accepted: false },
             outbox: Vec::new(),
             closing: None,
-            inbox: None,
-            write_timeout,
+            close_deadline: None,
+            membership: None,
+            write_timeout: settings.write_timeout,
+            close_timeout: settings.close_timeout,
         }
     }
 
@@ -154,7 +164,22 @@ impl Socket {
         };
         let sent = self.send(Message::Close(Some(frame))).await;
         self.closing = Some(code);
+        if matches!(self.phase, Phase::Open(_)) {
+            self.start_close_deadline();
+        }
         sent
+    }
+
+    /// From now on the client has `close_timeout` to answer our close frame,
+    /// however many frames it sends meanwhile.
+    fn start_close_deadline(&mut self) {
+        self.close_deadline
+            .get_or_insert_with(|| after(Instant::now(), self.close_timeout));
+    }
+
+    /// When a client that has not answered our close frame is dropped.
+    pub(crate) fn close_deadline(&self) -> Option<Instant> {
+        self.close_deadline
     }
 
     /// This connection's channel name on its layer, if its consumer uses one.
@@ -162,7 +187,7 @@ impl Socket {
     ///
     /// [`send_to`]: Socket::send_to
     pub fn channel_name(&self) -> Option<&str> {
-        self.inbox.as_ref().map(|inbox| inbox.channel.as_str())
+        self.membership.as_ref().map(Membership::channel)
     }
 
     /// Sends `event` to every channel in `group`, this one included if it is
@@ -201,62 +226,65 @@ impl Socket {
         Ok(())
     }
 
-    /// Adds this connection's channel to `group`. (Groups declared in
-    /// `Consumer::groups` are joined and left for you.)
+    /// Adds this connection's channel to `group`. The runner renews the
+    /// membership while the connection lives and leaves the group when it
+    /// ends, as it does for the groups of `Consumer::groups`.
     pub async fn group_add(&mut self, group: &str) -> Result<()> {
-        let inbox = self.attached()?;
-        inbox.layer.group_add(group, &inbox.channel).await?;
+        self.membership_mut()?.add(group).await?;
         Ok(())
     }
 
     /// Removes this connection's channel from `group`.
     pub async fn group_discard(&mut self, group: &str) -> Result<()> {
-        let inbox = self.attached()?;
-        inbox.layer.group_discard(group, &inbox.channel).await?;
+        self.membership_mut()?.discard(group).await?;
         Ok(())
     }
 
     /// This connection's channel, or `NoLayer` for a consumer without one.
-    fn attached(&self) -> Result<&Inbox> {
-        self.inbox.as_ref().ok_or(Error::NoLayer)
+    fn membership_mut(&mut self) -> Result<&mut Membership> {
+        self.membership.as_mut().ok_or(Error::NoLayer)
     }
 
     fn layer(&self) -> Result<&Arc<dyn ChannelLayer>> {
-        self.attached().map(|inbox| &inbox.layer)
+        self.membership
+            .as_ref()
+            .map(Membership::layer)
+            .ok_or(Error::NoLayer)
     }
 
-    /// Gives the connection a channel on `layer` and joins `groups`.
+    /// Gives the connection a channel on `layer` and joins `groups`. What
+    /// it takes is given back when the socket drops, or by
+    /// [`leave_layer`](Socket::leave_layer).
     pub(crate) async fn attach(
         &mut self,
         layer: Arc<dyn ChannelLayer>,
         groups: &[String],
+        runtime: Runtime,
     ) -> Result<()> {
-        let channel = layer.new_channel("specific").await?;
-        self.inbox = Some(Inbox { layer, channel });
-        for group in groups {
-            self.group_add(group).await?;
-        }
+        self.membership = Some(Membership::join(layer, groups, runtime).await?);
         Ok(())
     }
 
-    /// Leaves `groups` and frees the channel; failures are only logged,
-    /// since the connection is over either way.
-    pub(crate) async fn detach(&mut self, groups: &[String]) {
-        let Some(inbox) = self.inbox.take() else {
-            return;
-        };
-        for group in groups {
-            if let Err(err) = inbox.layer.group_discard(group, &inbox.channel).await {
-                tracing::warn!(group, %err, "could not leave a group");
-            }
-        }
-        if let Err(err) = inbox.layer.close_channel(&inbox.channel).await {
-            tracing::warn!(channel = inbox.channel, %err, "could not close a channel");
+    /// Leaves every group and frees the channel, now.
+    pub(crate) async fn leave_layer(&mut self) {
+        if let Some(membership) = self.membership.take() {
+            membership.leave().await;
         }
     }
 
+    /// Renews every group membership, declared or joined at run time.
+    pub(crate) async fn renew_memberships(&mut self) {
+        if let Some(membership) = &self.membership {
+            membership.renew().await;
+        }
+    }
+
+    /// The layer and channel to receive from, if the consumer has a layer.
     pub(crate) fn inbox(&self) -> Option<Inbox> {
-        self.inbox.clone()
+        self.membership.as_ref().map(|membership| Inbox {
+            layer: membership.layer().clone(),
+            channel: membership.channel().to_owned(),
+        })
     }
 
     /// True once this side has sent its close frame, or the connection ended.
@@ -323,6 +351,10 @@ impl Socket {
             }
         }
         self.closing = closing;
+        if self.closing.is_some() {
+            // The close frame `connect` sent went out just now.
+            self.start_close_deadline();
+        }
     }
 
     /// Pings the client; its pong (or any frame) shows it is still there.
@@ -382,14 +414,14 @@ mod tests {
 
     #[tokio::test]
     async fn sending_before_accept_is_an_error() {
-        let mut socket = Socket::connecting(Duration::from_secs(10));
+        let mut socket = Socket::connecting(&ConnectionSettings::default());
         let err = socket.send_text("too early").await.unwrap_err();
         assert!(matches!(err, Error::NotAccepted));
     }
 
     #[tokio::test]
     async fn closing_before_accept_refuses_the_handshake() {
-        let mut socket = Socket::connecting(Duration::from_secs(10));
+        let mut socket = Socket::connecting(&ConnectionSettings::default());
         socket.close(4000, "go away").await.unwrap();
         assert!(matches!(socket.handshake(), Handshake::Refused(reason) if reason == "go away"));
         assert!(matches!(socket.accept().await, Err(Error::Closed)));
@@ -397,7 +429,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_sent_during_connect_wait_for_the_handshake() {
-        let mut socket = Socket::connecting(Duration::from_secs(10));
+        let mut socket = Socket::connecting(&ConnectionSettings::default());
         socket.accept().await.unwrap();
         socket.send_text("welcome").await.unwrap();
         socket.close(4001, "bye").await.unwrap();

@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::runtime::Runtime;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::http::{Request, StatusCode, header};
@@ -94,24 +95,49 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 const LONG_TEXT: usize = 120;
 
 /// An app served on `127.0.0.1` at a free port, stopped when dropped.
+///
+/// It is served as [`serve`](crate::serve) would serve it, by a
+/// [`Runtime`] of its own, so tests in one process do not share a
+/// connection limit or a shutdown.
 pub struct TestServer {
     app: Router,
     addr: SocketAddr,
+    runtime: Runtime,
     task: JoinHandle<()>,
 }
 
 impl TestServer {
-    /// Serves `app` on a free port of `127.0.0.1`.
+    /// Serves `app` on a free port of `127.0.0.1`, with the default
+    /// [`Settings`](crate::Settings).
     pub async fn start(app: Router) -> TestServer {
+        TestServer::start_with(Runtime::default(), app).await
+    }
+
+    /// Serves `app` with `runtime` (its settings, its shutdown).
+    pub async fn start_with(runtime: Runtime, app: Router) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a free port on 127.0.0.1");
         let addr = listener.local_addr().expect("read the bound address");
-        let service = app.clone();
+        let serving = runtime.clone();
+        let served = app.clone();
+        let stop = runtime.shutdown_started();
         let task = tokio::spawn(async move {
-            axum::serve(listener, service).await.expect("serve the app");
+            crate::server::serve_with(serving, listener, served, stop)
+                .await
+                .expect("serve the app");
         });
-        TestServer { app, addr, task }
+        TestServer {
+            app: runtime.attach(app),
+            addr,
+            runtime,
+            task,
+        }
+    }
+
+    /// The runtime that serves the app: shut it down to test a shutdown.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
     /// The address the app listens on.

@@ -8,7 +8,9 @@ use std::time::Duration;
 use axum::Router;
 use axum_channels::layer::{ChannelLayer, InMemoryLayer, LayerEvent, LayerMessage, Layers};
 use axum_channels::testing::{Received, TestServer};
-use axum_channels::{Consumer, Frame, JsonConsumer, Result, Scope, Socket, route};
+use axum_channels::{
+    Consumer, Frame, InboundBudget, JsonConsumer, Result, Runtime, Scope, Settings, Socket, route,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -86,12 +88,17 @@ impl Consumer for Lobby {
 
 /// The server, and the layer behind it for the test to look into.
 async fn lobby() -> (TestServer, Arc<InMemoryLayer>) {
+    lobby_with(Settings::default()).await
+}
+
+async fn lobby_with(settings: Settings) -> (TestServer, Arc<InMemoryLayer>) {
     let layer = Arc::new(InMemoryLayer::default());
     let layers = Layers::new().with_shared("lobby", layer.clone());
     let app = Router::new()
         .route("/lobby", layers.route::<Lobby>())
         .route("/lobby/refuse", layers.route::<Lobby>());
-    (TestServer::start(app).await, layer)
+    let runtime = Runtime::new(settings).expect("valid settings");
+    (TestServer::start_with(runtime, app).await, layer)
 }
 
 /// Waits (boundedly) for the runners of closed connections to finish their
@@ -214,7 +221,11 @@ async fn a_panicking_consumer_still_leaves_its_groups() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_does_not_hold_up_the_others() {
-    let (server, layer) = lobby().await;
+    // The talker sends 12 MB as fast as it can: over the default inbound
+    // budget, which is not what this test is about.
+    let mut settings = Settings::default();
+    settings.connection.inbound = InboundBudget::UNLIMITED;
+    let (server, layer) = lobby_with(settings).await;
     let mut sleeper = server.connect("/lobby").await;
     assert_eq!(sleeper.recv_text().await, "lobby: joined");
     sleeper.send_text("whoami").await;

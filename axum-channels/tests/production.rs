@@ -1,9 +1,9 @@
 //! The production settings, each tried with real clients: dead peers, slow
 //! readers, the origin check, the connection limit and graceful shutdown.
 //!
-//! Every test builds its route with [`route_with`]-style settings of its own
-//! (short intervals, small limits), so the tests run in parallel without
-//! touching the process's settings, and no test waits for a default.
+//! Every test serves its app with a [`Runtime`] of its own (short
+//! intervals, small limits), so the tests run in parallel without sharing
+//! a connection limit or a shutdown, and no test waits for a default.
 //!
 //! A `Member` joins the group `room` and reports its `disconnect` to the
 //! group; the test watches the group through a channel of its own on the
@@ -16,8 +16,11 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::HeaderValue;
 use axum_channels::layer::{ChannelLayer, InMemoryLayer, LayerMessage, Layers};
+use axum_channels::settings::AllowedOrigins;
 use axum_channels::testing::TestServer;
-use axum_channels::{Consumer, Frame, LayerEvent, Result, Scope, Settings, Socket};
+use axum_channels::{
+    Consumer, Frame, InboundBudget, LayerEvent, Result, Runtime, Scope, Settings, Socket,
+};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
@@ -84,7 +87,6 @@ struct Room {
     server: TestServer,
     layer: Arc<InMemoryLayer>,
     watcher: String,
-    settings: Settings,
 }
 
 impl Room {
@@ -92,15 +94,18 @@ impl Room {
         let layer = Arc::new(InMemoryLayer::default());
         let layers = Layers::new().with_shared("room", layer.clone());
         // ANCHOR: route_with
-        let app = Router::new().route("/room", layers.route_with::<Member>(settings.clone()));
+        let app = Router::new().route(
+            "/room",
+            layers.route_with::<Member>(settings.connection.clone()),
+        );
         // ANCHOR_END: route_with
         let watcher = layer.new_channel("watcher").await.unwrap();
         layer.group_add("room", &watcher).await.unwrap();
+        let runtime = Runtime::new(settings).expect("valid settings");
         Room {
-            server: TestServer::start(app).await,
+            server: TestServer::start_with(runtime, app).await,
             layer,
             watcher,
-            settings,
         }
     }
 
@@ -157,19 +162,19 @@ async fn next_text(client: &mut Client) -> String {
     }
 }
 
-fn quick(settings: Settings) -> Settings {
-    Settings {
-        close_timeout: Duration::from_millis(200),
-        ..settings
-    }
+/// The default settings, changed by `change`, with a short close timeout.
+fn quick(change: impl FnOnce(&mut Settings)) -> Settings {
+    let mut settings = Settings::default();
+    settings.connection.close_timeout = Duration::from_millis(200);
+    change(&mut settings);
+    settings
 }
 
 #[tokio::test]
 async fn a_peer_that_stops_answering_pings_is_dropped_and_leaves_its_groups() {
-    let room = Room::start(quick(Settings {
-        ping_interval: Some(Duration::from_millis(100)),
-        pong_timeout: Duration::from_millis(100),
-        ..Settings::default()
+    let room = Room::start(quick(|settings| {
+        settings.connection.ping_interval = Some(Duration::from_millis(100));
+        settings.connection.pong_timeout = Duration::from_millis(100);
     }))
     .await;
 
@@ -202,16 +207,21 @@ async fn a_peer_that_stops_answering_pings_is_dropped_and_leaves_its_groups() {
         .await
         .unwrap();
     let lively = timeout(GUARD, reader).await.unwrap().unwrap();
-    assert_eq!(room.settings.open_connections(), 1, "only the lively one");
+    assert_eq!(
+        room.server.runtime().open_connections(),
+        1,
+        "only the lively one"
+    );
     drop((silent, lively));
 }
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_and_slows_nobody_down() {
-    let room = Room::start(quick(Settings {
-        write_timeout: Duration::from_millis(300),
-        ping_interval: None,
-        ..Settings::default()
+    let room = Room::start(quick(|settings| {
+        settings.connection.write_timeout = Duration::from_millis(300);
+        settings.connection.ping_interval = None;
+        // The talker floods on purpose.
+        settings.connection.inbound = InboundBudget::UNLIMITED;
     }))
     .await;
     let _sleeper = room.join().await; // never reads again
@@ -267,11 +277,9 @@ async fn only_the_pages_own_origin_may_connect_unless_allowed() {
         Some(403)
     );
 
-    let open = Room::start(Settings {
-        allowed_origins: axum_channels::settings::AllowedOrigins::parse("http://evil.example")
-            .unwrap(),
-        ..Settings::default()
-    })
+    let open = Room::start(quick(|settings| {
+        settings.connection.allowed_origins = AllowedOrigins::parse("http://evil.example").unwrap();
+    }))
     .await;
     assert!(open.connect(Some("http://evil.example")).await.is_ok());
     assert_eq!(
@@ -282,11 +290,7 @@ async fn only_the_pages_own_origin_may_connect_unless_allowed() {
 
 #[tokio::test]
 async fn past_the_connection_limit_a_handshake_gets_503_and_the_others_carry_on() {
-    let room = Room::start(Settings {
-        max_connections: Some(2),
-        ..Settings::default()
-    })
-    .await;
+    let room = Room::start(quick(|settings| settings.max_connections = Some(2))).await;
     let mut first = room.join().await;
     let _second = room.join().await;
 
@@ -304,7 +308,7 @@ async fn past_the_connection_limit_a_handshake_gets_503_and_the_others_carry_on(
 
     // A place came free.
     timeout(GUARD, async {
-        while room.settings.open_connections() > 1 {
+        while room.server.runtime().open_connections() > 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -333,17 +337,16 @@ async fn reqwest_like_get(room: &Room) -> String {
 
 #[tokio::test]
 async fn shutting_down_closes_every_connection_with_1001_and_waits_for_disconnect() {
-    let room = Room::start(quick(Settings {
-        shutdown_timeout: Duration::from_secs(3),
-        ..Settings::default()
+    let room = Room::start(quick(|settings| {
+        settings.shutdown_timeout = Duration::from_secs(3);
     }))
     .await;
     let mut polite = room.join().await;
     let silent = room.join().await; // never answers the close frame
 
     let shutdown = tokio::spawn({
-        let settings = room.settings.clone();
-        async move { settings.shut_down().await }
+        let runtime = room.server.runtime().clone();
+        async move { runtime.shut_down().await }
     });
 
     match timeout(GUARD, polite.next()).await.unwrap() {
@@ -363,9 +366,10 @@ async fn shutting_down_closes_every_connection_with_1001_and_waits_for_disconnec
     );
     assert_eq!(room.departure().await, 1001);
     assert_eq!(room.departure().await, 1001);
-    assert_eq!(room.settings.open_connections(), 0);
+    assert_eq!(room.server.runtime().open_connections(), 0);
 
-    // Nothing new gets in.
-    assert_eq!(room.connect(None).await.err(), Some(503));
+    // Nothing new gets in: the server has stopped listening (a handshake
+    // that came in between the signal and that would have had a 503).
+    assert!(TcpStream::connect(room.server.addr()).await.is_err());
     drop(silent);
 }

@@ -1,6 +1,7 @@
 //! Each step's page in a real browser: what a reader sees after
 //! `cargo xtask step NN`.
 
+use axum_channels::Runtime;
 use std::time::Duration;
 
 use axum_channels::testing::{RedisServer, TestServer};
@@ -178,7 +179,7 @@ async fn step_03_runs_each_kind_of_job() {
         return;
     };
     // The original's jobs, without the original's seconds of waiting.
-    let backends = Backends::in_memory(Some(Duration::from_millis(50)));
+    let backends = Backends::in_memory(Some(Duration::from_millis(50)), &Runtime::default());
     let server = TestServer::start(app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
     browser.wait_for_state("job", "open").await;
@@ -265,7 +266,7 @@ async fn step_04_showcase_panels_talk_and_hear_an_outside_sender() {
         return;
     };
     // The test keeps the app's layers, to send as an outside program would.
-    let backends = step_04_showcase::Backends::in_memory(None);
+    let backends = step_04_showcase::Backends::in_memory(None, &Runtime::default());
     let layers = backends.layers.clone();
     let server = TestServer::start(step_04_showcase::app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
@@ -338,7 +339,7 @@ async fn step_04_keeps_the_earlier_panels() {
     let Some(browser) = Browser::launch().await else {
         return;
     };
-    let backends = step_04_showcase::Backends::in_memory(Some(Duration::ZERO));
+    let backends = step_04_showcase::Backends::in_memory(Some(Duration::ZERO), &Runtime::default());
     let server = TestServer::start(step_04_showcase::app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
     browser.wait_for_state("system", "open").await;
@@ -372,7 +373,7 @@ async fn step_05_tabs_on_two_servers_share_a_room() {
     };
     let mut servers = Vec::new();
     for _ in 0..2 {
-        let backends = step_05_scaling_out::Backends::from_config(&config)
+        let backends = step_05_scaling_out::Backends::from_config(&config, &Runtime::default())
             .await
             .expect("connect to the test's Redis");
         servers.push(TestServer::start(step_05_scaling_out::app_with(backends)).await);

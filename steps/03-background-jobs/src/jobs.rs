@@ -37,7 +37,7 @@ use ulid::Ulid;
 
 use axum_channels::layer::{ChannelLayer, Layers, to_layer_message};
 use axum_channels::server::shutdown_signal;
-use axum_channels::{LayerEvent, Settings};
+use axum_channels::{LayerEvent, Runtime};
 
 use crate::config::Config;
 use crate::layers;
@@ -264,16 +264,16 @@ pub struct Backends {
 impl Backends {
     /// The one place that decides where jobs and results go: Redis if
     /// `REDIS_URL` is set, this process otherwise.
-    pub async fn from_config(config: &Config) -> Result<Backends, String> {
+    pub async fn from_config(config: &Config, runtime: &Runtime) -> Result<Backends, String> {
         match &config.redis_url {
-            None => Ok(Backends::in_memory(config.job_delay)),
+            None => Ok(Backends::in_memory(config.job_delay, runtime)),
             Some(url) => Backends::redis(url, config.worker_heartbeat).await,
         }
     }
 
     /// Everything in this process: the in-memory layer, an in-memory queue,
     /// and a pool of workers on this server's runtime.
-    pub fn in_memory(delay: Option<Duration>) -> Backends {
+    pub fn in_memory(delay: Option<Duration>, runtime: &Runtime) -> Backends {
         let layers = layers::setup();
         let results = layers
             .get("chat")
@@ -287,9 +287,10 @@ impl Backends {
             .build(run_job);
         // When the server shuts down, the workers take no new job and
         // finish the ones they run; the shutdown waits for them.
-        Settings::process().spawn_background(async move {
-            let stopped = worker.run_with_ctx(|worker| {
-                let shutdown = Settings::process().shutdown_started();
+        let stopping = runtime.clone();
+        runtime.spawn_background(async move {
+            let stopped = worker.run_with_ctx(move |worker| {
+                let shutdown = stopping.shutdown_started();
                 async move {
                     shutdown.await;
                     worker.stop()

@@ -27,7 +27,7 @@ mod system_chat;
 
 use axum::routing::get;
 use axum::{Extension, Router};
-use axum_channels::route;
+use axum_channels::{Runtime, route};
 
 pub use analytics::{Analytics, AnalyticsEvent};
 pub use background_job::{BackgroundJob, JobRequest, MAX_CONTENT};
@@ -44,7 +44,7 @@ pub use system_chat::SystemChat;
 /// Builds the app: every route this step serves, with the job queue, its
 /// workers and the channel layers in this process, and the original's delays.
 pub fn app() -> Router {
-    app_with(Backends::in_memory(None))
+    app_with(Backends::in_memory(None, &Runtime::default()))
 }
 
 /// Builds the app on the given layers and job queue (see

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use axum_channels::Runtime;
 use step_04_showcase::{Backends, Config, app_with};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -20,8 +21,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The library's production settings (MAX_CONNECTIONS, ...), read now
+    // so that a bad value stops the server here. The runtime they make is
+    // shared by every connection and by the in-process workers.
+    let runtime = match Runtime::from_env() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     // In this process, or in Redis if REDIS_URL says so.
-    let backends = match Backends::from_config(&config).await {
+    let backends = match Backends::from_config(&config, &runtime).await {
         Ok(backends) => backends,
         Err(err) => {
             eprintln!("error: {err}");
@@ -45,7 +56,7 @@ async fn main() -> ExitCode {
 
     // Unlike `axum::serve`, this also closes each WebSocket with a close
     // frame on the way out, and lets its consumer's `disconnect` run.
-    if let Err(err) = axum_channels::serve(listener, app_with(backends)).await {
+    if let Err(err) = runtime.serve(listener, app_with(backends)).await {
         eprintln!("error: {err}");
         return ExitCode::FAILURE;
     }

@@ -5,6 +5,7 @@
 
 mod support;
 
+use axum_channels::Runtime;
 use std::time::{Duration, Instant};
 
 use insta::assert_snapshot;
@@ -12,7 +13,11 @@ use step_04_showcase::{Backends, MAX_CONTENT, app_with};
 use support::{Jobs, QUIET};
 
 async fn jobs() -> Jobs {
-    Jobs::start(app_with(Backends::in_memory(Some(Duration::ZERO)))).await
+    Jobs::start(app_with(Backends::in_memory(
+        Some(Duration::ZERO),
+        &Runtime::default(),
+    )))
+    .await
 }
 
 #[tokio::test]
@@ -174,7 +179,11 @@ async fn several_jobs_run_at_once() {
     // Real delays this time, but short: four one-second jobs that ran one
     // after the other would take four seconds.
     let delay = Duration::from_secs(1);
-    let jobs = Jobs::start(app_with(Backends::in_memory(Some(delay)))).await;
+    let jobs = Jobs::start(app_with(Backends::in_memory(
+        Some(delay),
+        &Runtime::default(),
+    )))
+    .await;
     let mut alice = jobs.connect("alice").await;
     let started = Instant::now();
     let mut ids = Vec::new();
@@ -203,7 +212,11 @@ async fn a_client_that_leaves_before_its_result_costs_nothing() {
     let logs = support::capture_logs();
     // Long enough for alice to be gone when her job ends.
     let delay = Duration::from_millis(300);
-    let jobs = Jobs::start(app_with(Backends::in_memory(Some(delay)))).await;
+    let jobs = Jobs::start(app_with(Backends::in_memory(
+        Some(delay),
+        &Runtime::default(),
+    )))
+    .await;
     let mut alice = jobs.connect("alice").await;
     alice
         .send_text(r#"{"type":"default","content":"bye"}"#)

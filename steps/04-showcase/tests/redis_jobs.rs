@@ -8,6 +8,7 @@
 
 mod support;
 
+use axum_channels::Runtime;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -34,7 +35,7 @@ fn config(redis: &RedisServer) -> Config {
 }
 
 async fn start_server(redis: &RedisServer) -> Jobs {
-    let backends = Backends::from_config(&config(redis))
+    let backends = Backends::from_config(&config(redis), &Runtime::default())
         .await
         .expect("connect to the test's Redis");
     Jobs::start(app_with(backends)).await

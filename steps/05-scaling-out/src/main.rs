@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use axum_channels::Settings;
+use axum_channels::Runtime;
 use step_05_scaling_out::{Backends, Config, app_with};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -26,24 +26,25 @@ async fn main() -> ExitCode {
     // The library's production settings (ALLOWED_ORIGINS, MAX_CONNECTIONS,
     // METRICS, ...): read now, so that a bad value stops the server here,
     // and logged, so that each server of a cluster says what it runs with.
-    let settings = match Settings::from_env() {
-        Ok(settings) => settings.install(),
+    let runtime = match Runtime::from_env() {
+        Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::FAILURE;
         }
     };
+    let settings = runtime.settings();
     tracing::info!(
         max_connections = ?settings.max_connections,
-        allowed_origins = ?settings.allowed_origins,
-        ping_interval = ?settings.ping_interval,
-        write_timeout = ?settings.write_timeout,
+        allowed_origins = ?settings.connection.allowed_origins,
+        ping_interval = ?settings.connection.ping_interval,
+        write_timeout = ?settings.connection.write_timeout,
         metrics = settings.metrics,
         "production settings"
     );
     // ANCHOR_END: settings
     // In this process, or in Redis if REDIS_URL says so.
-    let backends = match Backends::from_config(&config).await {
+    let backends = match Backends::from_config(&config, &runtime).await {
         Ok(backends) => backends,
         Err(err) => {
             eprintln!("error: {err}");
@@ -68,7 +69,7 @@ async fn main() -> ExitCode {
 
     // Unlike `axum::serve`, this also closes each WebSocket with a close
     // frame on the way out, and lets its consumer's `disconnect` run.
-    if let Err(err) = axum_channels::serve(listener, app_with(backends)).await {
+    if let Err(err) = runtime.serve(listener, app_with(backends)).await {
         eprintln!("error: {err}");
         return ExitCode::FAILURE;
     }

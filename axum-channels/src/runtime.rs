@@ -1,0 +1,355 @@
+//! [`Runtime`]: what every connection of one process shares, passed to the
+//! routes explicitly.
+//!
+//! A server process has one connection limit, one shutdown and one set of
+//! tasks to wait for, whatever its routes look like. They live here, in one
+//! value that [`Runtime::serve`] hands to every request of the app (as an
+//! axum [`Extension`](axum::Extension)), in the way tokio's mini-redis hands
+//! its `Shutdown` to every connection handler:
+//!
+//! - the WebSocket limit is a [`Semaphore`]: a connection holds a permit from
+//!   its handshake to its end, so no two handshakes can both take the last
+//!   place, and a place is given back even if the connection's task is
+//!   dropped;
+//! - the shutdown is a [`CancellationToken`] that every connection watches;
+//! - the connections, and whatever the app runs beside them
+//!   ([`spawn_background`](Runtime::spawn_background)), are counted by a
+//!   [`TaskTracker`], so a shutdown knows what to wait for.
+//!
+//! Routes keep only per-connection options ([`ConnectionSettings`]); they
+//! find the runtime in the request. A route served without one (plain
+//! `axum::serve`) refuses its handshakes with one clear log line instead of
+//! running without a limit or a shutdown.
+//!
+//! [`ConnectionSettings`]: crate::settings::ConnectionSettings
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::{Extension, Router};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::settings::{ConnectionSettings, Settings};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+/// The connection limit, the shutdown and the tasks of one server process.
+/// Cheap to clone: clones share all three.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    settings: Settings,
+    /// The connection settings of routes that have none of their own.
+    connection: Arc<ConnectionSettings>,
+    /// One permit per open WebSocket; `None` without a limit.
+    websockets: Option<Arc<Semaphore>>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    /// When a shutdown that has begun must be over.
+    deadline: Mutex<Option<Instant>>,
+    open: AtomicUsize,
+    /// The most connections open at once since memory was last released.
+    peak: AtomicUsize,
+}
+
+impl Default for Runtime {
+    /// A runtime with the default [`Settings`].
+    fn default() -> Self {
+        Runtime::build(Settings::default())
+    }
+}
+
+impl Runtime {
+    /// A runtime for `settings`, after checking them.
+    ///
+    /// # Errors
+    ///
+    /// A setting out of its range, named (see [`Settings::validate`]).
+    pub fn new(settings: Settings) -> Result<Runtime, String> {
+        settings.validate()?;
+        Ok(Runtime::build(settings))
+    }
+
+    /// A runtime with the settings read from the environment (see
+    /// [`Settings::from_env`]).
+    ///
+    /// # Errors
+    ///
+    /// A bad variable, named.
+    pub fn from_env() -> Result<Runtime, String> {
+        Runtime::new(Settings::from_env()?)
+    }
+
+    fn build(settings: Settings) -> Runtime {
+        let websockets = settings
+            .max_connections
+            .map(|max| Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))));
+        Runtime {
+            shared: Arc::new(Shared {
+                connection: Arc::new(settings.connection.clone()),
+                settings,
+                websockets,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                deadline: Mutex::new(None),
+                open: AtomicUsize::new(0),
+                peak: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The settings this runtime was built with.
+    pub fn settings(&self) -> &Settings {
+        &self.shared.settings
+    }
+
+    /// Gives `app`'s routes this runtime. [`serve`](Runtime::serve) does it;
+    /// call it yourself only to serve the app some other way.
+    pub fn attach(&self, app: Router) -> Router {
+        app.layer(Extension(self.clone()))
+    }
+
+    /// Serves `app` on `listener` until Ctrl+C or SIGTERM, then shuts down
+    /// gracefully: see [`serve`](crate::serve).
+    ///
+    /// # Errors
+    ///
+    /// The error that stopped the server.
+    pub async fn serve(self, listener: TcpListener, app: Router) -> io::Result<()> {
+        crate::server::serve_with(self, listener, app, crate::server::shutdown_signal()).await
+    }
+
+    /// Asks every connection to close (code 1001, "server shutting down"),
+    /// refuses new ones with 503, and waits until they have all run
+    /// `disconnect` and left their groups, and the background tasks have
+    /// ended. Waits at most until [`Settings::shutdown_timeout`] after the
+    /// shutdown began. Returns how many tasks were still running when it
+    /// gave up.
+    pub async fn shut_down(&self) -> usize {
+        let deadline = self.begin_shutdown();
+        let tasks = &self.shared.tasks;
+        tasks.close();
+        let open = self.open_connections();
+        if open > 0 {
+            tracing::info!(open, "closing the open connections");
+        }
+        if tokio::time::timeout_at(deadline, tasks.wait())
+            .await
+            .is_err()
+        {
+            let left = tasks.len();
+            tracing::warn!(left, "tasks still running after the shutdown timeout");
+            return left;
+        }
+        0
+    }
+
+    /// Starts the shutdown (once) and returns when it must be over.
+    pub(crate) fn begin_shutdown(&self) -> Instant {
+        let mut deadline = self
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let deadline = *deadline
+            .get_or_insert_with(|| after(Instant::now(), self.settings().shutdown_timeout));
+        self.shared.shutdown.cancel();
+        deadline
+    }
+
+    /// Runs `task` beside the server, and makes a graceful shutdown wait for
+    /// it, as it waits for the connections: e.g. a pool of workers in the
+    /// server's process that should finish the jobs it runs rather than be
+    /// cut off. The task should end once
+    /// [`shutdown_started`](Runtime::shutdown_started) resolves.
+    pub fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.spawn(task);
+    }
+
+    /// Resolves when a graceful shutdown begins.
+    pub fn shutdown_started(&self) -> impl Future<Output = ()> + Send + use<> {
+        self.shared.shutdown.clone().cancelled_owned()
+    }
+
+    /// Whether a shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
+    }
+
+    /// How many WebSocket connections are open right now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn connection_settings(&self) -> Arc<ConnectionSettings> {
+        self.shared.connection.clone()
+    }
+
+    /// Makes a shutdown wait for as long as the token lives.
+    pub(crate) fn task_token(&self) -> TaskTrackerToken {
+        self.shared.tasks.token()
+    }
+
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+        &self.shared.shutdown
+    }
+
+    /// Spawns a task that a shutdown waits for. Works from a `Drop` too, as
+    /// long as a tokio runtime is current; without one the task is dropped.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let task = self.shared.tasks.track_future(task);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(task);
+            }
+            Err(_) => tracing::debug!("no tokio runtime: a cleanup task was dropped"),
+        }
+    }
+
+    /// Takes a place among the open WebSockets, or `None` at the limit.
+    pub(crate) fn admit(&self) -> Option<ConnectionPermit> {
+        let place = match &self.shared.websockets {
+            Some(semaphore) => Some(semaphore.clone().try_acquire_owned().ok()?),
+            None => None,
+        };
+        let open = self.shared.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.shared.peak.fetch_max(open, Ordering::Relaxed);
+        metrics::gauge!("axum_channels_connections_open").increment(1.0);
+        Some(ConnectionPermit {
+            runtime: self.clone(),
+            _place: place,
+        })
+    }
+}
+
+/// A place among [`Settings::max_connections`], given back when dropped.
+#[derive(Debug)]
+pub(crate) struct ConnectionPermit {
+    runtime: Runtime,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+/// Below this many connections at the peak, there is too little memory at
+/// stake to be worth a `malloc_trim`.
+const RELEASE_FROM_PEAK: usize = 256;
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        let shared = &self.runtime.shared;
+        let open = shared.open.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!("axum_channels_connections_open").decrement(1.0);
+        let peak = shared.peak.load(Ordering::Relaxed);
+        if shared.settings.release_memory
+            && peak >= RELEASE_FROM_PEAK
+            && open <= peak / 2
+            // Only the connection that wins this swap releases.
+            && shared
+                .peak
+                .compare_exchange(peak, open, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            release_memory();
+        }
+    }
+}
+
+/// `now + duration`, or a time too far away to matter when that does not
+/// fit in an `Instant`: a configured hour-long timeout and a `Duration::MAX`
+/// both mean "not soon", and neither may panic.
+pub(crate) fn after(now: Instant, duration: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    now.checked_add(duration.min(FAR))
+        .unwrap_or_else(|| now + Duration::from_secs(24 * 60 * 60))
+}
+
+/// Asks the allocator to give its free pages back to the operating system.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_memory() {
+    // It walks every arena, which takes milliseconds with a large heap: not
+    // something to do on a thread that serves connections.
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn_blocking(|| {
+            // SAFETY: malloc_trim has no preconditions; it only returns
+            // whole free pages of glibc's own heaps to the kernel.
+            unsafe { libc::malloc_trim(0) };
+        });
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_memory() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shutdown_waits_for_background_work() {
+        let runtime = Runtime::new(Settings {
+            shutdown_timeout: Duration::from_secs(5),
+            ..Settings::default()
+        })
+        .unwrap();
+        let (finished, done) = tokio::sync::oneshot::channel();
+        let shutdown = runtime.shutdown_started();
+        runtime.spawn_background(async move {
+            shutdown.await;
+            // The work in hand takes a while longer to finish.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = finished.send(());
+        });
+        assert_eq!(runtime.shut_down().await, 0, "nothing left running");
+        assert!(
+            done.await.is_ok(),
+            "the task finished before shut_down returned"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_gives_up_at_its_deadline() {
+        let runtime = Runtime::new(Settings {
+            shutdown_timeout: Duration::from_secs(3),
+            ..Settings::default()
+        })
+        .unwrap();
+        runtime.spawn_background(std::future::pending());
+        let started = Instant::now();
+        assert_eq!(runtime.shut_down().await, 1, "the stuck task is left");
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn the_connection_limit_gives_places_back() {
+        let runtime = Runtime::new(Settings {
+            max_connections: Some(2),
+            ..Settings::default()
+        })
+        .unwrap();
+        let first = runtime.admit().expect("room for one");
+        let _second = runtime.admit().expect("room for two");
+        assert!(runtime.admit().is_none(), "the third is refused");
+        assert_eq!(runtime.open_connections(), 2);
+        drop(first);
+        assert!(runtime.admit().is_some(), "a place came free");
+    }
+
+    #[test]
+    fn times_too_far_away_do_not_panic() {
+        let now = Instant::now();
+        assert!(after(now, Duration::MAX) > now);
+        assert_eq!(
+            after(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+    }
+}
