@@ -83,6 +83,7 @@ pub mod consumer;
 pub mod error;
 pub mod json;
 pub mod layer;
+pub mod origin;
 pub mod runner;
 pub mod server;
 pub mod settings;
