@@ -51,7 +51,7 @@ use std::time::Duration;
 use axum::extract::RawPathParams;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::http::{Extensions, HeaderMap, StatusCode, Uri, header};
+use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get};
 use futures_util::FutureExt;
@@ -237,8 +237,24 @@ fn admit(
         return Err(Refusal::ShuttingDown);
     }
     let headers = &request.headers;
-    let (origin, host) = (headers.get(header::ORIGIN), headers.get(header::HOST));
-    if !settings.allowed_origins.allows(origin, host) {
+    let origin = headers.get(header::ORIGIN);
+    // HTTP/2 requests carry the host in the URI, not in a `Host` header.
+    let authority = request
+        .uri
+        .authority()
+        .and_then(|authority| HeaderValue::from_str(authority.as_str()).ok());
+    let host = headers.get(header::HOST).or(authority.as_ref());
+    // Several `Origin` headers are no browser's doing: refused.
+    let single = headers.get_all(header::ORIGIN).iter().count() <= 1;
+    // The server itself never terminates TLS: behind a proxy that does, the
+    // page is `https://` while the request here is plain HTTP.
+    let tls = false;
+    if !single
+        || !settings
+            .allowed_origins
+            .check(origin, host, tls)
+            .is_allowed()
+    {
         tracing::warn!(
             path,
             ?origin,
