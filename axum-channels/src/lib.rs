@@ -81,6 +81,7 @@
 
 pub mod consumer;
 pub mod error;
+pub(crate) mod http;
 pub mod json;
 pub mod layer;
 pub mod runner;
