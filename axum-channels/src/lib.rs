@@ -88,6 +88,7 @@
 mod budget;
 pub mod consumer;
 pub mod error;
+pub(crate) mod http;
 pub mod json;
 pub mod layer;
 mod membership;
