@@ -27,10 +27,6 @@
 //! HTTP/1 only, as `axum::serve` was here: the workspace builds axum
 //! without `http2`.
 
-// Until server.rs serves through this module; `expect` rather than `allow`
-// so that the compiler says when this line can go.
-#![cfg_attr(not(test), expect(dead_code))]
-
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;

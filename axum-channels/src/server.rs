@@ -17,9 +17,9 @@ use std::future::Future;
 use std::io;
 
 use axum::Router;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
+use crate::http::{HttpLimits, default_max_sockets, serve_http};
 use crate::runtime::Runtime;
 #[cfg(doc)]
 use crate::settings::Settings;
@@ -55,33 +55,59 @@ pub(crate) async fn serve_with(
         app
     };
     let app = runtime.attach(app);
-    // Without TCP_NODELAY, a small frame can wait for the client's delayed
-    // ACK of the previous one (Nagle's algorithm): tens of milliseconds
-    // added to a room's broadcasts.
-    let listener = listener.tap_io(|stream| {
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%err, "cannot set TCP_NODELAY");
-        }
-    });
-    let stopping = runtime.clone();
-    let signalled = async move {
+    let limits = HttpLimits {
+        header_read_timeout: settings.header_read_timeout,
+        max_sockets: socket_cap(settings.max_sockets, settings.max_connections),
+    };
+    let signalled = async {
         signal.await;
         tracing::info!("shutting down: closing every WebSocket with 1001");
-        stopping.begin_shutdown();
+        runtime.begin_shutdown();
+        // The accept loop sees the shutdown and returns by the deadline.
+        std::future::pending::<()>().await
     };
-    let shutdown = runtime.clone();
-    let http = axum::serve(listener, app).with_graceful_shutdown(signalled);
-    let deadline = async move {
-        shutdown.shutdown_started().await;
-        let deadline = shutdown.begin_shutdown();
-        tokio::time::sleep_until(deadline).await;
+    let deadline = {
+        let runtime = runtime.clone();
+        move || runtime.begin_shutdown()
     };
+    let token = runtime.shutdown_token().clone();
     tokio::select! {
-        served = http => served?,
-        () = deadline => tracing::warn!("HTTP requests still running at the shutdown deadline"),
+        served = serve_http(listener, app, limits, token, deadline) => served?,
+        () = signalled => {}
     }
+    // The WebSockets and background tasks, within the same deadline.
     runtime.shut_down().await;
     Ok(())
+}
+
+/// The most sockets to hold open: `MAX_SOCKETS` if set, never more than
+/// the open-file limit allows; with a warning when the WebSocket limit
+/// could not be reached under it.
+fn socket_cap(configured: Option<usize>, max_connections: Option<usize>) -> usize {
+    let budget = default_max_sockets();
+    let cap = match configured {
+        Some(max) if max > budget.max_sockets => {
+            tracing::warn!(
+                max_sockets = max,
+                allowed = budget.max_sockets,
+                file_limit = budget.file_limit,
+                "MAX_SOCKETS is above what the open-file limit allows; using the lower figure"
+            );
+            budget.max_sockets
+        }
+        Some(max) => max,
+        None => budget.max_sockets,
+    };
+    if let Some(websockets) = max_connections.filter(|&websockets| websockets > cap) {
+        tracing::warn!(
+            max_connections = websockets,
+            max_sockets = cap,
+            file_limit = budget.file_limit,
+            "MAX_CONNECTIONS is above the socket limit, which the open-file limit sets: \
+             at most {cap} connections can be open"
+        );
+    }
+    cap
 }
 
 /// Resolves on Ctrl+C or, on Unix, SIGTERM (what `kill` and container

@@ -24,8 +24,9 @@ enum LobbyEvent {
 
 impl LayerEvent for LobbyEvent {}
 
-/// Joins the `lobby` group; `say X` goes to the lobby, `whoami` answers with
-/// the connection's channel name, and `refuse` in the path refuses.
+/// Joins the `lobby` group; `say X` goes to the lobby, `join G` joins group
+/// `G` too, `whoami` answers with the connection's channel name, and
+/// `refuse` in the path refuses.
 struct Lobby {
     refuse: bool,
 }
@@ -69,6 +70,9 @@ impl Consumer for Lobby {
         if text == "whoami" {
             let name = socket.channel_name().unwrap_or("none").to_owned();
             return socket.send_text(name).await;
+        }
+        if let Some(group) = text.strip_prefix("join ") {
+            return socket.group_add(group).await;
         }
         if let Some(said) = text.strip_prefix("say ") {
             let event = LobbyEvent::Say {
@@ -328,9 +332,10 @@ async fn invalid_json_gets_an_error_frame_and_the_connection_stays_open() {
 }
 
 /// A consumer's memberships are renewed while its connection lives, so it
-/// keeps hearing its group long after `group_expiry` (the default is one
-/// day; here it is 150 ms). A channel added to the same group by hand, and
-/// never renewed, lapses: that shows the expiry is real.
+/// keeps hearing its groups long after `group_expiry` (the default is one
+/// day; here it is 150 ms): the one it declares and one it joined at run
+/// time. A channel added to the same group by hand, and never renewed,
+/// lapses: that shows the expiry is real.
 #[tokio::test]
 async fn live_connections_keep_their_groups_past_the_group_expiry() {
     let group_expiry = Duration::from_millis(150);
@@ -350,9 +355,26 @@ async fn keeps_its_groups_past_the_group_expiry(layer: Arc<dyn ChannelLayer>, wa
     let server = TestServer::start(Router::new().route("/lobby", layers.route::<Lobby>())).await;
     let mut member = server.connect("/lobby").await;
     assert_eq!(member.recv_text().await, "lobby: joined");
+    member.send_text("join later").await;
+    // Frames are handled in order: once this is answered, the join is done.
+    member.send_text("whoami").await;
+    member.recv_text().await;
     layer.group_add("lobby", "unrenewed").await.unwrap();
 
     tokio::time::sleep(wait).await;
+
+    layer
+        .group_send(
+            "later",
+            message(json!({"type": "say", "text": "joined at run time"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        member.recv_text().await,
+        "lobby: joined at run time",
+        "a group joined with socket.group_add is renewed too"
+    );
 
     layer
         .group_send(
@@ -468,6 +490,16 @@ mod on_redis {
         );
         echo.send_text("and now?").await;
         assert_eq!(echo.recv_text().await, "and now?");
+        // The member's own `group_send(..)?` fails too; that is an outage,
+        // not a bug in the consumer, and the client stays connected
+        // rather than being closed with 1011.
+        member.send_text("say into the void").await;
+        member.send_text("whoami").await;
+        let answer = member.recv().await;
+        assert!(
+            matches!(&answer, Received::Text(name) if name.starts_with("specific.")),
+            "the member was answered after its failed send, not closed: {answer}"
+        );
 
         server.restart();
         let restarted = Instant::now();
@@ -479,11 +511,9 @@ mod on_redis {
                 member.transcript()
             );
             // Until the layer has reconnected (and resubscribed, or written
-            // the membership Redis lost again), sends fail or are lost.
-            let text = format!("back {n}");
-            let _ = layer
-                .group_send("lobby", message(json!({"type": "say", "text": text})))
-                .await;
+            // the membership Redis lost again), sends fail or are lost. The
+            // member that lived through the outage talks again.
+            member.send_text(&format!("say back {n}")).await;
             n += 1;
             if let Some(received) = member.try_recv(Duration::from_millis(100)).await {
                 let Received::Text(text) = received else {
