@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::layer::LayerError;
+use crate::layer::{BackendError, LayerError};
 
 /// Settings of [`RedisLayer`](super::RedisLayer) and
 /// [`RedisPubSubLayer`](super::RedisPubSubLayer).
@@ -118,7 +118,8 @@ impl RedisConfig {
 
     /// Refuses settings that cannot work, with one line that says which.
     pub(crate) fn validate(&self) -> Result<(), LayerError> {
-        let invalid = |why: String| Err(LayerError::Backend(format!("invalid RedisConfig: {why}")));
+        let invalid =
+            |why: String| Err(BackendError::new(format!("invalid RedisConfig: {why}")).into());
         if self.hosts.is_empty() {
             return invalid("`hosts` is empty: give at least one redis:// URL".into());
         }

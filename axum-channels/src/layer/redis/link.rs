@@ -33,7 +33,7 @@ use redis::{
 use tokio::sync::Notify;
 
 use super::wire::{Version, check_server_version};
-use crate::layer::LayerError;
+use crate::layer::{BackendError, LayerError};
 
 /// First and longest wait between reconnection attempts.
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -85,38 +85,47 @@ impl Link {
         command_timeout: Duration,
         push: Option<PushHandler>,
     ) -> Result<Arc<Link>, LayerError> {
-        let info = url
-            .into_connection_info()
-            .map_err(|err| LayerError::Backend(format!("invalid Redis URL {url:?}: {err}")))?;
+        let info = url.into_connection_info().map_err(|err| {
+            LayerError::invalid_config("hosts", format!("has an invalid Redis URL {url:?}: {err}"))
+        })?;
         let host = info.addr().to_string();
-        let unreachable = |err: &dyn std::fmt::Display| {
-            LayerError::Backend(format!("cannot connect to Redis at {}: {err}", info.addr()))
+        let unreachable = |err: RedisError| {
+            LayerError::Backend(BackendError::with_source(
+                format!("cannot connect to Redis at {}", info.addr()),
+                err,
+            ))
         };
-        let probe_client = Client::open(info.clone()).map_err(|err| unreachable(&err))?;
+        let probe_client = Client::open(info.clone()).map_err(unreachable)?;
         let probe_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(command_timeout));
         let connected = tokio::time::timeout(
-            command_timeout + CONNECT_TIMEOUT,
+            command_timeout.saturating_add(CONNECT_TIMEOUT),
             probe_client.get_multiplexed_async_connection_with_config(&probe_config),
         )
         .await
-        .map_err(|_| unreachable(&"no answer"))?;
-        let mut probe = connected.map_err(|err| unreachable(&err))?;
+        .map_err(|elapsed| {
+            BackendError::with_source(
+                format!("cannot connect to Redis at {host}: no answer"),
+                elapsed,
+            )
+        })?;
+        let mut probe = connected.map_err(unreachable)?;
         let server_info: String = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut probe)
             .await
-            .map_err(|err| unreachable(&err))?;
+            .map_err(unreachable)?;
         let version = check_server_version(&server_info, &host, needed, because)
-            .map_err(LayerError::Backend)?;
+            .map_err(BackendError::new)?;
         let resp3 = version.is_none_or(|version| version >= Version(6, 0));
         if require_resp3 && !resp3 {
             // Only reached for a server that reports 5.x.
-            return Err(LayerError::Backend(format!(
+            return Err(BackendError::new(format!(
                 "Redis at {host} is older than 6.0, but the pub/sub layer needs Redis 6.0 or newer \
                  (it receives over RESP3); upgrade Redis or use the queue layer"
-            )));
+            ))
+            .into());
         }
         drop(probe);
 
@@ -126,8 +135,8 @@ impl Link {
             ProtocolVersion::RESP2
         };
         let settings = info.redis_settings().clone().set_protocol(protocol);
-        let client = Client::open(info.clone().set_redis_settings(settings))
-            .map_err(|err| unreachable(&err))?;
+        let client =
+            Client::open(info.clone().set_redis_settings(settings)).map_err(unreachable)?;
         let link = Arc::new(Link {
             host,
             client,
@@ -138,7 +147,7 @@ impl Link {
             lost: Notify::new(),
             next_id: AtomicU64::new(1),
         });
-        let (id, conn) = link.open().await.map_err(|err| unreachable(&err))?;
+        let (id, conn) = link.open().await.map_err(unreachable)?;
         link.lock().conn = Some((id, conn));
         Ok(link)
     }
@@ -194,11 +203,12 @@ impl Link {
         let state = self.lock();
         match &state.conn {
             Some((id, conn)) => Ok((*id, conn.clone())),
-            None if state.closed => Err(LayerError::Backend("the layer was dropped".into())),
-            None => Err(LayerError::Backend(format!(
+            None if state.closed => Err(BackendError::new("the layer was dropped").into()),
+            None => Err(BackendError::new(format!(
                 "Redis at {} is unreachable (reconnecting)",
                 self.host
-            ))),
+            ))
+            .into()),
         }
     }
 
@@ -220,7 +230,7 @@ impl Link {
             if is_connection_error(&err) {
                 self.lost(id, &err.to_string());
             }
-            LayerError::Backend(format!("Redis at {}: {err}", self.host))
+            BackendError::with_source(format!("Redis at {}", self.host), err).into()
         })
     }
 

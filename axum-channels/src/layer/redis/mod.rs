@@ -93,7 +93,7 @@ pub use pubsub::RedisPubSubLayer;
 pub use queue::RedisLayer;
 pub use wire::{consistent_hash, non_local_name};
 
-use crate::layer::LayerError;
+use crate::layer::{BackendError, LayerError};
 
 /// Runs one layer call within `timeout`, so that no call hangs on a Redis
 /// that does not answer, and logs a backend failure once, here (callers
@@ -105,12 +105,14 @@ async fn bounded<T>(
 ) -> Result<T, LayerError> {
     let result = match tokio::time::timeout(timeout, work).await {
         Ok(result) => result,
-        Err(_) => Err(LayerError::Backend(format!(
-            "Redis did not answer within {timeout:?}"
-        ))),
+        Err(elapsed) => Err(BackendError::with_source(
+            format!("Redis did not answer within {timeout:?}"),
+            elapsed,
+        )
+        .into()),
     };
-    if let Err(LayerError::Backend(why)) = &result {
-        tracing::warn!(call, why, "channel layer call failed");
+    if let Err(LayerError::Backend(err)) = &result {
+        tracing::warn!(call, %err, "channel layer call failed");
     }
     result
 }

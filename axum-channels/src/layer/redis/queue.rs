@@ -60,7 +60,8 @@ use super::wire::{
     queue_channel_name, score_arg, uuid4_hex,
 };
 use crate::layer::{
-    ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
+    BackendError, ChannelLayer, LayerError, LayerMessage, validate_channel_name,
+    validate_group_name,
 };
 
 /// How many keys one `UNLINK` of `flush` deletes.
@@ -655,7 +656,7 @@ async fn open_popper(
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(
-            Duration::from_secs(block_secs) + inner.config.command_timeout,
+            Duration::from_secs(block_secs).saturating_add(inner.config.command_timeout),
         ));
     let mut conn = link
         .client()
@@ -771,10 +772,11 @@ impl ChannelLayer for RedisLayer {
         if channel.contains('!')
             && !non_local_name(channel).ends_with(&format!("{}!", inner.client_prefix))
         {
-            return Err(LayerError::Backend(format!(
+            return Err(BackendError::new(format!(
                 "cannot receive on {channel:?}: it is a process-specific channel of another \
                  layer instance (receive on names this layer's new_channel made)"
-            )));
+            ))
+            .into());
         }
         let key = inner.key_of(channel);
         let arrived = inner.register(channel, &key, true);
