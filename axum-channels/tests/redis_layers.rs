@@ -824,7 +824,7 @@ mod better_than_python {
         .await
         .err()
         .unwrap();
-        assert!(err.to_string().contains("`hosts` is empty"), "{err}");
+        assert!(err.to_string().contains("hosts is empty"), "{err}");
     }
 
     /// Plain channels are work queues: each message goes to one receiver,

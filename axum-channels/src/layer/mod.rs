@@ -47,6 +47,11 @@ pub use memory::{InMemoryLayer, MemoryConfig};
 pub use names::{MAX_NAME_LENGTH, group_name_for, validate_channel_name, validate_group_name};
 pub use registry::Layers;
 
+/// The longest `expiry` or `group_expiry` any layer accepts: 10 years (of
+/// 365 days). Far beyond any real use, and far inside what clocks and
+/// Redis's `EXPIRE` can count, so no deadline computed from it overflows.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
 /// What travels through a layer: a JSON object with a string `"type"`
 /// field, e.g. `{"type": "room_message", "message": "hi"}`. (Not to be
 /// confused with a WebSocket message, which only ever goes to one client.)

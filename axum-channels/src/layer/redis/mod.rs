@@ -88,7 +88,7 @@ mod wire;
 use std::future::Future;
 use std::time::Duration;
 
-pub use config::{DEFAULT_MAX_MESSAGE_SIZE, RedisConfig};
+pub use config::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, MAX_TIMEOUT, RedisConfig};
 pub use pubsub::RedisPubSubLayer;
 pub use queue::RedisLayer;
 pub use wire::{consistent_hash, non_local_name};
