@@ -1,18 +1,20 @@
 //! The Redis layers under faults: a configuration at the edge of what
-//! time arithmetic can hold.
+//! time arithmetic can hold, and a Redis that goes away and comes back.
 //!
 //! Each test starts its own redis-server (see
 //! `axum_channels::testing::RedisServer`; without one installed it says so
 //! and passes). Waits are polls with a deadline, never fixed sleeps.
 #![cfg(feature = "redis")]
 
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum_channels::layer::redis::{RedisConfig, RedisLayer};
+use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
 use axum_channels::layer::{ChannelLayer, LayerMessage};
 use axum_channels::testing::RedisServer;
 use serde_json::json;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout};
 
 /// How long something that should happen may take.
 const GUARD: Duration = Duration::from_secs(5);
@@ -29,6 +31,68 @@ fn config(url: &str) -> RedisConfig {
     RedisConfig {
         block_timeout: Duration::from_secs(1),
         ..RedisConfig::new(url)
+    }
+}
+
+/// Collects what `tracing` writes (debug lines included), to count lines.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures this thread's log lines: the tests' runtimes are
+    /// single-threaded, so the layers' tasks log here too.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Lines of `level` (`"WARN"`, `"INFO"`, ...) that contain `needle`.
+    fn count(&self, level: &str, needle: &str) -> usize {
+        let level = format!(" {level} ");
+        self.lines()
+            .iter()
+            .filter(|line| line.contains(&level) && line.contains(needle))
+            .count()
+    }
+
+    fn dump(&self) -> String {
+        self.lines().join("\n")
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds, failing after [`GUARD`].
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + GUARD;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "{what}: not within {GUARD:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -93,4 +157,96 @@ async fn a_huge_expiry_never_purges_the_queue_on_send() {
             assert_eq!(got.unwrap().unwrap(), numbered(n));
         }
     }
+}
+
+/// A Redis that goes away costs one warning when the outage starts and one
+/// line when it ends, whatever happens in between: 50 failing calls, a
+/// receiver's popper or subscription retrying, a membership to restore.
+async fn an_outage_is_one_warning_and_one_info(
+    layer: Arc<dyn ChannelLayer>,
+    server: &mut RedisServer,
+) {
+    let (logs, _guard) = Logs::capture();
+    let member = layer.new_channel("specific").await.unwrap();
+    layer.group_add("room", &member).await.unwrap();
+    // A consumer waits on its channel all through the outage.
+    let waiting = {
+        let layer = Arc::clone(&layer);
+        let member = member.clone();
+        tokio::spawn(async move { layer.receive(&member).await })
+    };
+    tokio::task::yield_now().await;
+
+    server.kill();
+    eventually("a call fails once Redis is gone", || {
+        let layer = Arc::clone(&layer);
+        async move { layer.send("jobs", numbered(0)).await.is_err() }
+    })
+    .await;
+    for n in 0..50 {
+        let failed = layer.group_send("room", numbered(n)).await;
+        let err = failed.expect_err("a call while Redis is down");
+        assert!(err.is_outage(), "{err}");
+    }
+
+    server.restart();
+    let mut n = 100;
+    eventually("a call succeeds once Redis is back", || {
+        n += 1;
+        let layer = Arc::clone(&layer);
+        async move { layer.group_send("room", numbered(n)).await.is_ok() }
+    })
+    .await;
+    // The membership and the subscriptions were restored: group messages
+    // reach the waiting consumer again.
+    let got = loop {
+        n += 1;
+        let _ = layer.group_send("room", numbered(n)).await;
+        if waiting.is_finished() {
+            break waiting.await.unwrap().unwrap();
+        }
+        assert!(n < 300, "no group message reached the consumer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(got["n"].as_u64().unwrap() > 100, "{got:?}");
+
+    let host = format!("127.0.0.1:{}", server.port());
+    let logs_text = logs.dump();
+    assert_eq!(logs.count("WARN", ""), 1, "one warning:\n{logs_text}");
+    assert_eq!(
+        logs.count("WARN", &format!("Redis at {host} is unreachable")),
+        1,
+        "{logs_text}"
+    );
+    assert_eq!(logs.count("INFO", ""), 1, "one info line:\n{logs_text}");
+    assert_eq!(
+        logs.count("INFO", &format!("Redis at {host} is back after")),
+        1,
+        "{logs_text}"
+    );
+    assert_eq!(logs.count("ERROR", ""), 0, "{logs_text}");
+    assert!(
+        logs.count("DEBUG", "") >= 50,
+        "each failed call is still a debug line:\n{logs_text}"
+    );
+}
+
+#[tokio::test]
+async fn a_queue_layer_outage_is_one_warning_and_one_info() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let layer = RedisLayer::connect(config(&server.url())).await.unwrap();
+    an_outage_is_one_warning_and_one_info(Arc::new(layer), &mut server).await;
+}
+
+#[tokio::test]
+async fn a_pubsub_layer_outage_is_one_warning_and_one_info() {
+    let Some(mut server) = RedisServer::start() else {
+        return;
+    };
+    let layer = RedisPubSubLayer::connect(config(&server.url()))
+        .await
+        .unwrap();
+    an_outage_is_one_warning_and_one_info(Arc::new(layer), &mut server).await;
 }

@@ -46,6 +46,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::episode::Episode;
 use super::{
     ChannelLayer, LayerError, LayerMessage, MAX_EXPIRY, validate_channel_name, validate_group_name,
 };
@@ -184,12 +185,12 @@ struct Channel {
     /// Receivers waiting right now; a channel with one is never swept away,
     /// or its receiver would wait on a `Notify` nobody can reach.
     waiting: usize,
-    /// Set once a full channel has been reported, so a receiver that falls
-    /// behind costs one log line rather than one per dropped message. It is
-    /// cleared only once the receiver has caught up (its channel is empty
+    /// Going on while the channel drops group messages, so a receiver that
+    /// falls behind costs one log line rather than one per dropped message.
+    /// It ends only once the receiver has caught up (its channel is empty
     /// again): a receiver that stays just behind, taking one message while
     /// the room sends ten, is still one episode.
-    full_reported: bool,
+    full: Episode,
 }
 
 impl Channel {
@@ -267,7 +268,7 @@ impl InMemoryLayer {
             });
         }
         if entry.queue.is_empty() {
-            entry.full_reported = false;
+            entry.full.end();
         }
         entry
             .queue
@@ -424,9 +425,8 @@ impl ChannelLayer for InMemoryLayer {
         for channel in members {
             if let Err(err) = self.push(&mut state, &channel, message.clone(), now)
                 && let Some(entry) = state.channels.get_mut(&channel)
-                && !entry.full_reported
+                && entry.full.start()
             {
-                entry.full_reported = true;
                 tracing::warn!(
                     group,
                     %err,

@@ -13,12 +13,20 @@
 //! runs (the pub/sub layer resubscribes there, the queue layer restores its
 //! live group memberships).
 //!
+//! An outage is one [`Episode`] per link: the first failure on a healthy
+//! host is one warning ("Redis at HOST is unreachable: ..."), every failure
+//! after it a debug line, and the host working again one info line ("Redis
+//! at HOST is back after 1.5 s"). Failures of the layers' own connections
+//! (a popper's) report here too, so a host costs two lines per outage
+//! however many calls, poppers and groups it has.
+//!
 //! Why not redis-rs' `ConnectionManager`: it reconnects too, but a command
 //! issued while it reconnects waits for the reconnection and its retries,
 //! and it has no hook to run after a reconnection. Failing fast and owning
 //! the hook keeps both promises of the layers simple: a bounded time for
 //! every call, and subscriptions and memberships restored after a restart.
 
+use std::fmt::Display;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +41,7 @@ use redis::{
 use tokio::sync::Notify;
 
 use super::wire::{Version, check_server_version};
+use crate::layer::episode::Episode;
 use crate::layer::{BackendError, LayerError};
 
 /// First and longest wait between reconnection attempts.
@@ -71,6 +80,12 @@ struct LinkState {
     /// The live connection and its id, or `None` while reconnecting.
     conn: Option<(u64, MultiplexedConnection)>,
     closed: bool,
+    /// Set while `on_connect` restores state on a new connection: the
+    /// host is not back for the layer until that is done.
+    restoring: bool,
+    /// Going on from the first failure on a healthy host until the host
+    /// works again.
+    outage: Episode,
 }
 
 impl Link {
@@ -152,11 +167,6 @@ impl Link {
         Ok(link)
     }
 
-    /// `host:port` of this link.
-    pub(crate) fn host(&self) -> &str {
-        &self.host
-    }
-
     /// The client, for the layers' own dedicated connections.
     pub(crate) fn client(&self) -> &Client {
         &self.client
@@ -182,7 +192,7 @@ impl Link {
             config = config.set_push_sender(move |info: PushInfo| -> Result<(), ()> {
                 if info.kind == PushKind::Disconnection {
                     if let Some(link) = link.upgrade() {
-                        link.lost(id, "the connection closed");
+                        link.lost(id, &"the connection closed");
                     }
                 } else if let Some(push) = &push {
                     push(info);
@@ -204,11 +214,51 @@ impl Link {
         match &state.conn {
             Some((id, conn)) => Ok((*id, conn.clone())),
             None if state.closed => Err(BackendError::new("the layer was dropped").into()),
-            None => Err(BackendError::new(format!(
-                "Redis at {} is unreachable (reconnecting)",
+            None => {
+                drop(state);
+                self.failed(&"no connection (reconnecting)");
+                Err(BackendError::new(format!(
+                    "Redis at {} is unreachable (reconnecting)",
+                    self.host
+                ))
+                .into())
+            }
+        }
+    }
+
+    /// Reports a failure to reach this host (a call's, a popper's): a
+    /// warning if it starts an outage, a debug line while one goes on.
+    pub(crate) fn failed(&self, why: &dyn Display) {
+        if self.lock().outage.start() {
+            tracing::warn!(
+                host = self.host,
+                "Redis at {} is unreachable: {why}; calls fail fast until it is back",
                 self.host
-            ))
-            .into()),
+            );
+        } else {
+            tracing::debug!(host = self.host, %why, "Redis is still unreachable");
+        }
+    }
+
+    /// Reports that this host answered: ends an outage (one info line),
+    /// once the command connection is up again and its state restored too
+    /// (a popper or a call may get through before, while subscriptions or
+    /// memberships are still missing).
+    pub(crate) fn worked(&self) {
+        let ended = {
+            let mut state = self.lock();
+            if state.conn.is_none() || state.restoring {
+                return;
+            }
+            state.outage.end()
+        };
+        if let Some(lasted) = ended {
+            tracing::info!(
+                host = self.host,
+                "Redis at {} is back after {:.1} s",
+                self.host,
+                lasted.as_secs_f64()
+            );
         }
     }
 
@@ -226,17 +276,27 @@ impl Link {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let (id, conn) = self.current()?;
-        commands(conn).await.map_err(|err| {
-            if is_connection_error(&err) {
-                self.lost(id, &err.to_string());
+        match commands(conn).await {
+            Ok(value) => {
+                self.worked();
+                Ok(value)
             }
-            BackendError::with_source(format!("Redis at {}", self.host), err).into()
-        })
+            Err(err) => {
+                if is_connection_error(&err) {
+                    self.lost(id, &err);
+                } else {
+                    // An error reply: the host is there; the caller gets
+                    // the error and says what it means.
+                    tracing::debug!(host = self.host, %err, "Redis answered with an error");
+                }
+                Err(BackendError::with_source(format!("Redis at {}", self.host), err).into())
+            }
+        }
     }
 
     /// Reports that connection `id` is gone (a no-op if it was already
-    /// replaced): logs once, and wakes the supervisor.
-    pub(crate) fn lost(&self, id: u64, why: &str) {
+    /// replaced): an outage starts, and the supervisor reconnects.
+    pub(crate) fn lost(&self, id: u64, why: &dyn Display) {
         let mut state = self.lock();
         if state
             .conn
@@ -244,12 +304,9 @@ impl Link {
             .is_some_and(|(current, _)| *current == id)
         {
             state.conn = None;
+            state.restoring = false;
             drop(state);
-            tracing::warn!(
-                host = self.host,
-                why,
-                "lost the connection to Redis; reconnecting"
-            );
+            self.failed(why);
             self.lost.notify_one();
         }
     }
@@ -264,7 +321,7 @@ impl Link {
         tokio::spawn(async move {
             let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
             if let Err(err) = pong {
-                link.lost(id, &err.to_string());
+                link.lost(id, &err);
             }
         });
     }
@@ -281,52 +338,59 @@ impl Link {
     /// Starts the task that reconnects after a loss and then runs
     /// `on_connect`. It ends when the link is closed.
     pub(crate) fn supervise(self: &Arc<Self>, on_connect: OnConnect) {
-        let link = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                link.lost.notified().await;
-                if link.lock().closed {
-                    return;
-                }
-                let mut delay = BACKOFF_MIN;
-                let mut attempts = 0u32;
-                loop {
-                    if link.lock().closed {
-                        return;
-                    }
-                    attempts += 1;
-                    match link.open().await {
-                        Ok((id, conn)) => {
-                            // Installed before the hook, so calls made from
-                            // now on use the new connection; the hook then
-                            // restores what was made before.
-                            {
-                                let mut state = link.lock();
-                                if state.closed {
-                                    return;
-                                }
-                                state.conn = Some((id, conn.clone()));
-                            }
-                            tracing::info!(host = link.host, attempts, "reconnected to Redis");
-                            metrics::counter!("axum_channels_redis_reconnects_total").increment(1);
-                            if let Err(err) = on_connect(conn).await {
-                                tracing::warn!(
-                                    host = link.host,
-                                    %err,
-                                    "could not restore state after reconnecting"
-                                );
-                                link.lost(id, &err.to_string());
-                            }
-                            break;
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(BACKOFF_MAX);
-                        }
-                    }
-                }
+        tokio::spawn(Arc::clone(self).keep_connected(on_connect));
+    }
+
+    /// The supervisor's loop: waits for a loss, reconnects with backoff,
+    /// runs `on_connect`; returns once the link is closed.
+    async fn keep_connected(self: Arc<Self>, on_connect: OnConnect) {
+        let mut delay = BACKOFF_MIN;
+        loop {
+            let (closed, up) = {
+                let state = self.lock();
+                (state.closed, state.conn.is_some())
+            };
+            if closed {
+                return;
             }
-        });
+            if up {
+                // `lost` and `close` store a wake-up if nobody waits yet, so
+                // one that came since the check is not missed.
+                self.lost.notified().await;
+                continue;
+            }
+            match self.open().await {
+                Ok((id, conn)) => {
+                    // Installed before the hook, so calls made from now on
+                    // use the new connection; the hook then restores what
+                    // was made before.
+                    {
+                        let mut state = self.lock();
+                        if state.closed {
+                            return;
+                        }
+                        state.conn = Some((id, conn.clone()));
+                        state.restoring = true;
+                    }
+                    metrics::counter!("axum_channels_redis_reconnects_total").increment(1);
+                    match on_connect(conn).await {
+                        Ok(()) => {
+                            delay = BACKOFF_MIN;
+                            self.lock().restoring = false;
+                            self.worked();
+                            continue;
+                        }
+                        Err(err) => {
+                            let why = format!("restoring state after reconnecting failed: {err}");
+                            self.lost(id, &why);
+                        }
+                    }
+                }
+                Err(err) => self.failed(&err),
+            }
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2).min(BACKOFF_MAX);
+        }
     }
 }
 

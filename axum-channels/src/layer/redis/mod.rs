@@ -74,8 +74,8 @@
 //!
 //! The modules: `config` ([`RedisConfig`]), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
-//! supervised connection per host), `inbox` (local buffers), `queue` and
-//! `pubsub` (the layers).
+//! supervised connection per host, which reports outages), `inbox` (local
+//! buffers), `queue` and `pubsub` (the layers).
 
 mod codec;
 mod config;
@@ -96,8 +96,9 @@ pub use wire::{consistent_hash, non_local_name};
 use crate::layer::{BackendError, LayerError};
 
 /// Runs one layer call within `timeout`, so that no call hangs on a Redis
-/// that does not answer, and logs a backend failure once, here (callers
-/// then decide what else to say).
+/// that does not answer. A backend failure is a debug line here: the
+/// outage itself is reported once per host by its link, and the caller
+/// gets the error to decide what else to say.
 async fn bounded<T>(
     call: &'static str,
     timeout: Duration,
@@ -112,7 +113,7 @@ async fn bounded<T>(
         .into()),
     };
     if let Err(LayerError::Backend(err)) = &result {
-        tracing::warn!(call, %err, "channel layer call failed");
+        tracing::debug!(call, %err, "channel layer call failed");
     }
     result
 }

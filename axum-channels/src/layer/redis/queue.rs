@@ -35,9 +35,10 @@
 //! - **Expiry on receive.** Messages older than `expiry` are dropped when
 //!   taken, not only when a sender purges the key.
 //! - **Redis going away.** Calls fail within `command_timeout`; poppers retry
-//!   with backoff, log once per outage, and resume by themselves; after a
-//!   reconnection, the memberships of live local channels are written again
-//!   (a Redis restarted without persistence has lost them).
+//!   with backoff and resume by themselves; the outage is one warning and
+//!   one line when it ends, per host (see `link.rs`); after a reconnection,
+//!   the memberships of live local channels are written again (a Redis
+//!   restarted without persistence has lost them).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -520,7 +521,7 @@ impl Inner {
                 .ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
-        tracing::info!(
+        tracing::debug!(
             groups = by_group.len(),
             "restored the group memberships of live channels"
         );
@@ -552,13 +553,13 @@ impl Inner {
 }
 
 /// One popper: pops `key` on host `shard` while a receiver is hungry, for
-/// as long as the key has local channels.
+/// as long as the key has local channels. Its failures to reach Redis are
+/// the host's outage, reported by the link.
 async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
     let link = Arc::clone(&inner.links[shard]);
     let block_secs = inner.config.block_secs();
     let mut conn: Option<MultiplexedConnection> = None;
     let mut delay = BACKOFF_MIN;
-    let mut outage = false;
     loop {
         let Some(demand) = inner.wait_for_demand(&key, epoch).await else {
             return;
@@ -566,26 +567,15 @@ async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
         let Some(active) = conn.as_mut() else {
             match open_popper(&inner, &link, &key, block_secs).await {
                 Ok(opened) => {
-                    if outage {
-                        tracing::info!(key, host = link.host(), "popper resumed");
-                    }
-                    outage = false;
+                    link.worked();
                     delay = BACKOFF_MIN;
                     conn = Some(opened);
                 }
                 Err(err) => {
-                    if !outage {
-                        outage = true;
-                        tracing::warn!(
-                            key,
-                            host = link.host(),
-                            %err,
-                            "popper cannot reach Redis; retrying with backoff"
-                        );
-                        link.suspect();
-                    }
+                    link.failed(&err);
+                    link.suspect();
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_MAX);
+                    delay = delay.saturating_mul(2).min(BACKOFF_MAX);
                 }
             }
             continue;
@@ -600,13 +590,7 @@ async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
             }
             Err(err) => {
                 conn = None;
-                outage = true;
-                tracing::warn!(
-                    key,
-                    host = link.host(),
-                    %err,
-                    "popper lost Redis; retrying with backoff"
-                );
+                link.failed(&err);
                 link.suspect();
                 tokio::time::sleep(delay).await;
             }
