@@ -1,5 +1,6 @@
 //! The Redis layers under faults: a configuration at the edge of what
-//! time arithmetic can hold, and a Redis that goes away and comes back.
+//! time arithmetic can hold, a Redis that goes away and comes back, and a
+//! background task that panics.
 //!
 //! Each test starts its own redis-server (see
 //! `axum_channels::testing::RedisServer`; without one installed it says so
@@ -249,4 +250,56 @@ async fn a_pubsub_layer_outage_is_one_warning_and_one_info() {
         .await
         .unwrap();
     an_outage_is_one_warning_and_one_info(Arc::new(layer), &mut server).await;
+}
+
+/// A popper that panics (a bug, injected here) used to end silently, and
+/// with it every delivery of its key: the receiver below waited forever.
+/// Now the panic is an error line naming the task and the panic, and the
+/// popper is started again, so the message still arrives.
+#[tokio::test]
+async fn a_popper_that_panics_is_logged_and_restarted() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let (logs, _guard) = Logs::capture();
+    let layer = RedisLayer::connect(config(&server.url())).await.unwrap();
+    let channel = layer.new_channel("specific").await.unwrap();
+    layer.inject_popper_panic();
+    layer.send(&channel, numbered(1)).await.unwrap();
+    let got = timeout(GUARD, layer.receive(&channel)).await;
+    let logs_text = logs.dump();
+    assert_eq!(
+        got.expect("the message arrives after the popper restarts")
+            .unwrap(),
+        numbered(1),
+        "{logs_text}"
+    );
+    assert_eq!(
+        logs.count("ERROR", "channel layer task popper of "),
+        1,
+        "{logs_text}"
+    );
+    assert_eq!(
+        logs.count("ERROR", "panicked: injected fault"),
+        1,
+        "{logs_text}"
+    );
+
+    // And again, panicking as soon as a receiver waits, before anything
+    // was sent.
+    layer.inject_popper_panic();
+    let layer = Arc::new(layer);
+    let waiting = {
+        let layer = Arc::clone(&layer);
+        let channel = channel.clone();
+        tokio::spawn(async move { layer.receive(&channel).await })
+    };
+    eventually("the popper panics again", || {
+        let logs = logs.clone();
+        async move { logs.count("ERROR", "panicked: injected fault") == 2 }
+    })
+    .await;
+    layer.send(&channel, numbered(2)).await.unwrap();
+    let got = timeout(GUARD, waiting).await;
+    assert_eq!(got.expect("arrives").unwrap().unwrap(), numbered(2));
 }

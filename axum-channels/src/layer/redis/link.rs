@@ -28,6 +28,7 @@
 
 use std::fmt::Display;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -40,6 +41,7 @@ use redis::{
 };
 use tokio::sync::Notify;
 
+use super::task::{panic_message, spawn_supervised};
 use super::wire::{Version, check_server_version};
 use crate::layer::episode::Episode;
 use crate::layer::{BackendError, LayerError};
@@ -167,6 +169,11 @@ impl Link {
         Ok(link)
     }
 
+    /// `host:port` of this link.
+    pub(crate) fn host(&self) -> &str {
+        &self.host
+    }
+
     /// The client, for the layers' own dedicated connections.
     pub(crate) fn client(&self) -> &Client {
         &self.client
@@ -187,6 +194,7 @@ impl Link {
         if self.resp3 {
             let link: Weak<Link> = Arc::downgrade(self);
             let push = self.push.clone();
+            let host = self.host.clone();
             // Called by the connection's reader, in order with the replies:
             // a message published before a reply is handled before it.
             config = config.set_push_sender(move |info: PushInfo| -> Result<(), ()> {
@@ -195,7 +203,19 @@ impl Link {
                         link.lost(id, &"the connection closed");
                     }
                 } else if let Some(push) = &push {
-                    push(info);
+                    // The reader is the client library's task: a panic here
+                    // would end the connection, and with it every
+                    // subscription. Drop the one message instead.
+                    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| push(info))) {
+                        metrics::counter!("axum_channels_layer_task_panics_total").increment(1);
+                        tracing::error!(
+                            task = "reader",
+                            host,
+                            "channel layer task reader of Redis at {host} panicked: {}; \
+                             dropped the message it was handing over",
+                            panic_message(&*panic)
+                        );
+                    }
                 }
                 Ok(())
             });
@@ -314,16 +334,23 @@ impl Link {
     /// Reports a failure seen on another connection to the same host (a
     /// popper's): if the command connection is still thought up, check it.
     pub(crate) fn suspect(self: &Arc<Self>) {
-        let Ok((id, mut conn)) = self.current() else {
+        let Ok((id, conn)) = self.current() else {
             return;
         };
         let link = Arc::clone(self);
-        tokio::spawn(async move {
-            let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-            if let Err(err) = pong {
-                link.lost(id, &err);
-            }
-        });
+        spawn_supervised(
+            format!("health check of Redis at {}", self.host),
+            move |_| {
+                let link = Arc::clone(&link);
+                let mut conn = conn.clone();
+                async move {
+                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
+                    if let Err(err) = pong {
+                        link.lost(id, &err);
+                    }
+                }
+            },
+        );
     }
 
     /// Stops the supervisor and drops the connection.
@@ -336,9 +363,28 @@ impl Link {
     }
 
     /// Starts the task that reconnects after a loss and then runs
-    /// `on_connect`. It ends when the link is closed.
+    /// `on_connect`. It ends when the link is closed. It runs supervised: if
+    /// it panics (in `on_connect`, say), it is started again, and then
+    /// reconnects at once, since the panic may have come between a new
+    /// connection and the state `on_connect` restores on it.
     pub(crate) fn supervise(self: &Arc<Self>, on_connect: OnConnect) {
-        tokio::spawn(Arc::clone(self).keep_connected(on_connect));
+        let link = Arc::clone(self);
+        spawn_supervised(
+            format!("supervisor of Redis at {}", self.host),
+            move |restarts| {
+                let link = Arc::clone(&link);
+                let on_connect = Arc::clone(&on_connect);
+                async move {
+                    if restarts > 0 {
+                        let current = link.lock().conn.as_ref().map(|(id, _)| *id);
+                        if let Some(id) = current {
+                            link.lost(id, &"its supervisor restarted after a panic");
+                        }
+                    }
+                    link.keep_connected(on_connect).await;
+                }
+            },
+        );
     }
 
     /// The supervisor's loop: waits for a loss, reconnects with backoff,

@@ -74,8 +74,9 @@
 //!
 //! The modules: `config` ([`RedisConfig`]), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
-//! supervised connection per host, which reports outages), `inbox` (local
-//! buffers), `queue` and `pubsub` (the layers).
+//! supervised connection per host, which reports outages), `task` (the
+//! supervision every background task runs under), `inbox` (local buffers),
+//! `queue` and `pubsub` (the layers).
 
 mod codec;
 mod config;
@@ -83,6 +84,7 @@ mod inbox;
 mod link;
 mod pubsub;
 mod queue;
+mod task;
 mod wire;
 
 use std::future::Future;

@@ -39,9 +39,11 @@
 //!   one line when it ends, per host (see `link.rs`); after a reconnection,
 //!   the memberships of live local channels are written again (a Redis
 //!   restarted without persistence has lost them).
+//! - **A popper that panics** (a bug) is logged as an error and started
+//!   again (see `task.rs`), so its key's deliveries do not silently stop.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -55,6 +57,7 @@ use super::codec::{self, Route};
 use super::config::RedisConfig;
 use super::inbox::{Entry, Inbox, Raw};
 use super::link::{BACKOFF_MAX, BACKOFF_MIN, Link};
+use super::task::spawn_supervised;
 use super::wire::{
     CLEANUP_LUA, GROUP_SEND_LUA, Version, channel_key, consistent_hash, escape_glob, flushable,
     group_key, inflight_key, longer_prefix_of, non_local_name, now_secs, purge_below,
@@ -90,6 +93,8 @@ struct Inner {
     shut_down: AtomicBool,
     group_send: Script,
     cleanup: Script,
+    /// Pops that are to panic (see [`RedisLayer::inject_popper_panic`]).
+    injected_panics: AtomicU32,
 }
 
 #[derive(Default)]
@@ -249,6 +254,7 @@ impl RedisLayer {
             shut_down: AtomicBool::new(false),
             group_send: Script::new(GROUP_SEND_LUA),
             cleanup: Script::new(CLEANUP_LUA),
+            injected_panics: AtomicU32::new(0),
         });
         for (shard, link) in inner.links.iter().enumerate() {
             let weak: Weak<Inner> = Arc::downgrade(&inner);
@@ -275,6 +281,15 @@ impl RedisLayer {
     /// for watching memory.
     pub fn local_channels(&self) -> usize {
         self.inner.lock().inboxes.len()
+    }
+
+    /// A fault for tests, not part of the API: the next time one of this
+    /// layer's poppers is about to pop, it panics, once, as a bug in it
+    /// would. Tests use it to check that the popper is restarted and that
+    /// the panic is logged. Costs the poppers one atomic read per pop.
+    #[doc(hidden)]
+    pub fn inject_popper_panic(&self) {
+        self.inner.injected_panics.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -311,10 +326,28 @@ impl Inner {
         self.shut_down.load(Ordering::SeqCst)
     }
 
-    /// Starts one popper per host for `key`.
+    /// Starts one popper per host for `key`, each supervised.
     fn spawn_poppers(self: &Arc<Self>, key: &str, epoch: u64) {
         for shard in 0..self.shards() {
-            tokio::spawn(popper(Arc::clone(self), key.to_owned(), epoch, shard));
+            let name = format!("popper of {key} on Redis at {}", self.links[shard].host());
+            let inner = Arc::clone(self);
+            let key = key.to_owned();
+            spawn_supervised(name, move |_| {
+                popper(Arc::clone(&inner), key.clone(), epoch, shard)
+            });
+        }
+    }
+
+    /// Panics if a test asked for it (see
+    /// [`RedisLayer::inject_popper_panic`]).
+    fn injected_fault(&self) {
+        if self.injected_panics.load(Ordering::Relaxed) > 0
+            && self
+                .injected_panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            panic!("injected fault (RedisLayer::inject_popper_panic)");
         }
     }
 
@@ -564,6 +597,7 @@ async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
         let Some(demand) = inner.wait_for_demand(&key, epoch).await else {
             return;
         };
+        inner.injected_fault();
         let Some(active) = conn.as_mut() else {
             match open_popper(&inner, &link, &key, block_secs).await {
                 Ok(opened) => {
