@@ -814,7 +814,7 @@ mod better_than_python {
         };
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(
-            matches!(&err, LayerError::Backend(why) if why.contains(&format!("127.0.0.1:{port}"))),
+            matches!(&err, LayerError::Backend(why) if why.to_string().contains(&format!("127.0.0.1:{port}"))),
             "{err}"
         );
         let err = RedisLayer::connect(RedisConfig {
@@ -824,7 +824,7 @@ mod better_than_python {
         .await
         .err()
         .unwrap();
-        assert!(err.to_string().contains("`hosts` is empty"), "{err}");
+        assert!(err.to_string().contains("hosts is empty"), "{err}");
     }
 
     /// Plain channels are work queues: each message goes to one receiver,
@@ -901,12 +901,10 @@ mod better_than_python {
             for n in 0..capacity {
                 layer.send(channel, numbered(n)).await.unwrap();
             }
-            assert_eq!(
-                layer.send(channel, numbered(99)).await,
-                Err(LayerError::ChannelFull {
-                    channel: channel.to_owned()
-                }),
-                "{channel} holds {capacity}"
+            let refused = layer.send(channel, numbered(99)).await;
+            assert!(
+                matches!(&refused, Err(LayerError::ChannelFull { channel: full }) if full == channel),
+                "{channel} holds {capacity}, got {refused:?}"
             );
         }
     }
@@ -1088,9 +1086,10 @@ mod bad_input {
 }
 
 mod redis_goes_away {
-    //! Kill redis-server: calls fail within the bound, with one log line
-    //! each; a waiting receive does not fail; restart it on the same port:
-    //! messages flow again within 5 s, with no restart of the layer.
+    //! Kill redis-server: calls fail within the bound, and the outage is
+    //! one warning however many calls fail; a waiting receive does not
+    //! fail; restart it on the same port: messages flow again within 5 s,
+    //! with no restart of the layer.
 
     use super::*;
 
@@ -1114,7 +1113,6 @@ mod redis_goes_away {
         };
 
         server.kill();
-        let before = logs.count("channel layer call failed");
         let calls = [
             ("send", layer.send(&member, numbered(1)).await),
             ("group_send", layer.group_send("room", numbered(2)).await),
@@ -1135,9 +1133,14 @@ mod redis_goes_away {
             started.elapsed()
         );
         assert_eq!(
-            logs.count("channel layer call failed") - before,
-            4,
-            "one log line per failed call"
+            logs.count("is unreachable"),
+            1,
+            "one warning for the outage, not one per failed call"
+        );
+        assert_eq!(
+            logs.count("channel layer call failed"),
+            0,
+            "those are debug lines"
         );
         assert!(!waiting.is_finished(), "a waiting receive must not fail");
 

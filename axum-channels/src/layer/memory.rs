@@ -17,6 +17,11 @@
 //! once a second, during sends, so the cost is spread out and no background
 //! task is needed. Time is tokio's, so tests can pause it.
 //!
+//! Every limit has a range (durations above zero and at most
+//! [`MAX_EXPIRY`], capacities at least 1): [`InMemoryLayer::try_new`]
+//! refuses a configuration outside it, [`InMemoryLayer::new`] moves it
+//! into it with one warning, so no configuration can make a call panic.
+//!
 //! # Why a `std::sync::Mutex` in async code
 //!
 //! All state sits behind one [`std::sync::Mutex`], not tokio's async mutex.
@@ -41,12 +46,23 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name};
+use super::episode::Episode;
+use super::{
+    ChannelLayer, LayerError, LayerMessage, MAX_EXPIRY, validate_channel_name, validate_group_name,
+};
 
 /// How often expired entries are swept out.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The shortest `expiry` or `group_expiry`: anything above zero (a zero
+/// expiry would drop every message as it arrives).
+const MIN_EXPIRY: Duration = Duration::from_millis(1);
+
 /// The in-memory layer's limits.
+///
+/// Ranges: `expiry` and `group_expiry` from 1 ms to [`MAX_EXPIRY`] (10
+/// years), capacities at least 1 (and as large as you like: nothing is
+/// allocated up front).
 #[derive(Debug, Clone)]
 pub struct MemoryConfig {
     /// Messages a channel may hold (default 100).
@@ -74,6 +90,59 @@ impl Default for MemoryConfig {
 }
 
 impl MemoryConfig {
+    /// Checks every limit against its range; the error names the first
+    /// one outside it.
+    pub fn validate(&self) -> Result<(), LayerError> {
+        for (field, value) in [("expiry", self.expiry), ("group_expiry", self.group_expiry)] {
+            if !(MIN_EXPIRY..=MAX_EXPIRY).contains(&value) {
+                return Err(LayerError::invalid_config(
+                    field,
+                    format!("must be between 1 ms and 10 years, not {value:?}"),
+                ));
+            }
+        }
+        if self.capacity == 0 {
+            return Err(LayerError::invalid_config(
+                "capacity",
+                "must be at least 1, not 0",
+            ));
+        }
+        if let Some((pattern, _)) = self.channel_capacity.iter().find(|(_, c)| *c == 0) {
+            return Err(LayerError::invalid_config(
+                "channel_capacity",
+                format!("of {pattern:?} must be at least 1, not 0"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// This configuration with every limit moved into its range, and the
+    /// names of the limits that moved.
+    fn clamped(mut self) -> (Self, Vec<&'static str>) {
+        let mut moved = Vec::new();
+        for (field, value) in [
+            ("expiry", &mut self.expiry),
+            ("group_expiry", &mut self.group_expiry),
+        ] {
+            let clamped = (*value).clamp(MIN_EXPIRY, MAX_EXPIRY);
+            if clamped != *value {
+                *value = clamped;
+                moved.push(field);
+            }
+        }
+        if self.capacity == 0 {
+            self.capacity = 1;
+            moved.push("capacity");
+        }
+        if self.channel_capacity.iter().any(|(_, c)| *c == 0) {
+            for (_, capacity) in &mut self.channel_capacity {
+                *capacity = (*capacity).max(1);
+            }
+            moved.push("channel_capacity");
+        }
+        (self, moved)
+    }
+
     fn capacity_of(&self, channel: &str) -> usize {
         self.channel_capacity
             .iter()
@@ -116,12 +185,12 @@ struct Channel {
     /// Receivers waiting right now; a channel with one is never swept away,
     /// or its receiver would wait on a `Notify` nobody can reach.
     waiting: usize,
-    /// Set once a full channel has been reported, so a receiver that falls
-    /// behind costs one log line rather than one per dropped message. It is
-    /// cleared only once the receiver has caught up (its channel is empty
+    /// Going on while the channel drops group messages, so a receiver that
+    /// falls behind costs one log line rather than one per dropped message.
+    /// It ends only once the receiver has caught up (its channel is empty
     /// again): a receiver that stays just behind, taking one message while
     /// the room sends ten, is still one episode.
-    full_reported: bool,
+    full: Episode,
 }
 
 impl Channel {
@@ -143,8 +212,29 @@ impl Default for InMemoryLayer {
 }
 
 impl InMemoryLayer {
-    /// A layer with the given limits.
+    /// A layer with the given limits. A limit outside its range (see
+    /// [`MemoryConfig`]) is moved to the nearest end of it, with one
+    /// warning; use [`try_new`](Self::try_new) to refuse it instead.
     pub fn new(config: MemoryConfig) -> Self {
+        let (config, moved) = config.clamped();
+        if !moved.is_empty() {
+            tracing::warn!(
+                settings = moved.join(", "),
+                "MemoryConfig out of range: moved into range \
+                 (durations 1 ms to 10 years, capacities at least 1)"
+            );
+        }
+        Self::build(config)
+    }
+
+    /// A layer with the given limits, or [`LayerError::InvalidConfig`]
+    /// naming the first limit outside its range.
+    pub fn try_new(config: MemoryConfig) -> Result<Self, LayerError> {
+        config.validate()?;
+        Ok(Self::build(config))
+    }
+
+    fn build(config: MemoryConfig) -> Self {
         InMemoryLayer {
             config,
             state: Mutex::default(),
@@ -178,9 +268,11 @@ impl InMemoryLayer {
             });
         }
         if entry.queue.is_empty() {
-            entry.full_reported = false;
+            entry.full.end();
         }
-        entry.queue.push_back((now + self.config.expiry, message));
+        entry
+            .queue
+            .push_back((deadline(now, self.config.expiry), message));
         entry.arrived.notify_one();
         Ok(())
     }
@@ -188,7 +280,7 @@ impl InMemoryLayer {
     fn sweep_if_due(state: &mut State, now: Instant) {
         if state
             .last_sweep
-            .is_some_and(|last| now - last < SWEEP_INTERVAL)
+            .is_some_and(|last| now.saturating_duration_since(last) < SWEEP_INTERVAL)
         {
             return;
         }
@@ -208,6 +300,19 @@ impl InMemoryLayer {
     pub fn size(&self) -> (usize, usize) {
         let state = self.lock();
         (state.channels.len(), state.groups.len())
+    }
+}
+
+/// `now + lifetime`, or the latest moment the clock can hold if that is
+/// past it: a deadline is never a panic. (With lifetimes bounded by
+/// [`MAX_EXPIRY`] the first try always fits; this is the belt to that
+/// pair of braces.)
+fn deadline(now: Instant, mut lifetime: Duration) -> Instant {
+    loop {
+        if let Some(deadline) = now.checked_add(lifetime) {
+            return deadline;
+        }
+        lifetime /= 2;
     }
 }
 
@@ -283,7 +388,7 @@ impl ChannelLayer for InMemoryLayer {
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
         validate_group_name(group)?;
         validate_channel_name(channel)?;
-        let lapses = Instant::now() + self.config.group_expiry;
+        let lapses = deadline(Instant::now(), self.config.group_expiry);
         self.lock()
             .groups
             .entry(group.to_owned())
@@ -318,17 +423,16 @@ impl ChannelLayer for InMemoryLayer {
             None => return Ok(()),
         };
         for channel in members {
-            if let Err(err) = self.push(&mut state, &channel, message.clone(), now) {
-                let entry = state.channels.get_mut(&channel);
-                if let Some(entry) = entry.filter(|entry| !entry.full_reported) {
-                    entry.full_reported = true;
-                    tracing::warn!(
-                        group,
-                        %err,
-                        "dropping group messages for a member that does not keep up \
-                         (reported once until it catches up)"
-                    );
-                }
+            if let Err(err) = self.push(&mut state, &channel, message.clone(), now)
+                && let Some(entry) = state.channels.get_mut(&channel)
+                && entry.full.start()
+            {
+                tracing::warn!(
+                    group,
+                    %err,
+                    "dropping group messages for a member that does not keep up \
+                     (reported once until it catches up)"
+                );
             }
         }
         Ok(())
@@ -420,6 +524,59 @@ mod tests {
         // Django (a worker's plain channel, say).
         layer.send("worker.jobs", message).await.unwrap();
         assert_eq!(layer.size(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn limits_out_of_range_are_moved_into_it_with_one_warning() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let config = MemoryConfig {
+            capacity: 0,
+            expiry: Duration::MAX,
+            group_expiry: Duration::ZERO,
+            ..MemoryConfig::default()
+        };
+        let err = InMemoryLayer::try_new(config.clone()).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                LayerError::InvalidConfig {
+                    field: "expiry",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(captured.lines(), 0);
+
+        let layer = InMemoryLayer::new(config);
+        assert_eq!(captured.lines(), 1, "one warning for three settings");
+        let logged = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+        assert!(
+            logged.contains("expiry, group_expiry, capacity"),
+            "{logged}"
+        );
+        assert_eq!(layer.config.expiry, MAX_EXPIRY);
+        assert_eq!(layer.group_expiry(), Some(MIN_EXPIRY));
+        let message = json!({"type": "t"}).as_object().unwrap().clone();
+        layer.send("ch", message.clone()).await.unwrap();
+        assert_eq!(layer.receive("ch").await.unwrap(), message);
+    }
+
+    #[test]
+    fn a_deadline_past_the_clock_is_the_latest_it_can_hold() {
+        let now = Instant::now();
+        assert_eq!(
+            deadline(now, Duration::from_secs(1)),
+            now + Duration::from_secs(1)
+        );
+        assert!(deadline(now, Duration::MAX) > now + MAX_EXPIRY);
     }
 
     #[tokio::test]

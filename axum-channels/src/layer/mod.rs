@@ -27,13 +27,16 @@
 //! [`Layers`] holds the layers an app uses under short aliases (`"chat"`,
 //! `"queue"`, ...), built once at start.
 
+mod episode;
 pub mod memory;
 mod names;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod registry;
 
+use std::error::Error as StdError;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,6 +47,11 @@ use serde_json::Value;
 pub use memory::{InMemoryLayer, MemoryConfig};
 pub use names::{MAX_NAME_LENGTH, group_name_for, validate_channel_name, validate_group_name};
 pub use registry::Layers;
+
+/// The longest `expiry` or `group_expiry` any layer accepts: 10 years (of
+/// 365 days). Far beyond any real use, and far inside what clocks and
+/// Redis's `EXPIRE` can count, so no deadline computed from it overflows.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 
 /// What travels through a layer: a JSON object with a string `"type"`
 /// field, e.g. `{"type": "room_message", "message": "hi"}`. (Not to be
@@ -169,9 +177,10 @@ pub enum NameKind {
 ///
 /// A typed error rather than a string, because callers react differently:
 /// a full channel is routine under load (drop and log), a bad name is a bug
-/// in the caller, and an unknown alias is a configuration mistake to report
-/// at start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// in the caller, an unknown alias or a bad setting is a configuration
+/// mistake to report at start, and a backend failure is an outage to wait
+/// out ([`is_outage`](LayerError::is_outage)).
+#[derive(Debug, Clone)]
 pub enum LayerError {
     /// A channel or group name breaks the rules (see [`validate_channel_name`]).
     InvalidName {
@@ -209,8 +218,96 @@ pub enum LayerError {
         /// The largest size allowed.
         limit: usize,
     },
-    /// The backend failed (e.g. its server went away).
-    Backend(String),
+    /// A setting of the layer's configuration is out of range; refused
+    /// when the layer is built.
+    InvalidConfig {
+        /// The setting, e.g. `group_expiry`.
+        field: &'static str,
+        /// What is wrong with it, e.g. `must be between 1 s and 10 years, not 0ns`.
+        reason: String,
+    },
+    /// The backend failed (e.g. its server went away), with the error that
+    /// says why as its [`source`](std::error::Error::source).
+    Backend(BackendError),
+}
+
+impl LayerError {
+    /// True for a backend outage (Redis away, a timeout), false for a
+    /// mistake in the caller's input.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, LayerError::Backend(_))
+    }
+
+    /// A [`LayerError::InvalidConfig`] for `field`.
+    pub(crate) fn invalid_config(field: &'static str, reason: impl Into<String>) -> Self {
+        LayerError::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<BackendError> for LayerError {
+    fn from(err: BackendError) -> Self {
+        LayerError::Backend(err)
+    }
+}
+
+/// A failure of the layer's backend (Redis unreachable, a command that
+/// timed out): an outage the caller may outlive, not a bug in its code.
+///
+/// It keeps the backend's own error as its
+/// [`source`](std::error::Error::source), for callers that want to tell a
+/// timeout from a refused connection. Its `Display` shows the message and
+/// then the source's, so a log line of it alone (`%err`) says everything.
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    message: String,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl BackendError {
+    /// A failure described by `message` alone.
+    pub fn new(message: impl Into<String>) -> Self {
+        BackendError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure described by `message`, caused by `source`.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        BackendError {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// What failed, without the source's own message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        match &self.source {
+            Some(source) => write!(f, ": {source}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl StdError for BackendError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|source| source as &(dyn StdError + 'static))
+    }
 }
 
 impl fmt::Display for LayerError {
@@ -256,9 +353,19 @@ impl fmt::Display for LayerError {
                 f,
                 "a layer message of {size} bytes is over the limit of {limit} bytes"
             ),
-            LayerError::Backend(message) => write!(f, "channel layer failed: {message}"),
+            LayerError::InvalidConfig { field, reason } => {
+                write!(f, "invalid channel layer configuration: {field} {reason}")
+            }
+            LayerError::Backend(err) => write!(f, "channel layer failed: {err}"),
         }
     }
 }
 
-impl std::error::Error for LayerError {}
+impl StdError for LayerError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            LayerError::Backend(err) => Some(err),
+            _ => None,
+        }
+    }
+}

@@ -27,7 +27,7 @@ use std::process::ExitCode;
 
 use axum::Router;
 use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
-use axum_channels::layer::{InMemoryLayer, LayerError, Layers};
+use axum_channels::layer::{BackendError, InMemoryLayer, LayerError, Layers};
 use axum_channels::{Consumer, Frame, LayerEvent, Result, Scope, Socket};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -88,9 +88,9 @@ async fn layers(kind: &str, redis: &str) -> Result<Layers, LayerError> {
     if kind != "memory" && redis.is_empty() {
         // No default URL: a benchmark must never touch a Redis it did not
         // start (say, the machine's own on port 6379).
-        return Err(LayerError::Backend(format!(
+        return Err(LayerError::Backend(BackendError::new(format!(
             "--layer {kind} needs --redis redis://127.0.0.1:PORT"
-        )));
+        ))));
     }
     Ok(match kind {
         "memory" => layers.with("room", InMemoryLayer::default()),
@@ -100,9 +100,9 @@ async fn layers(kind: &str, redis: &str) -> Result<Layers, LayerError> {
         ),
         "queue" => layers.with("room", RedisLayer::connect(RedisConfig::new(redis)).await?),
         other => {
-            return Err(LayerError::Backend(format!(
+            return Err(LayerError::Backend(BackendError::new(format!(
                 "unknown --layer {other:?}: use memory, pubsub or queue"
-            )));
+            ))));
         }
     })
 }

@@ -1,9 +1,14 @@
 //! [`RedisConfig`]: what both Redis layers are built from, with the Python
 //! layers' defaults, and the checks that refuse a bad configuration at start.
+//!
+//! Every duration and size has a range, checked by
+//! [`RedisConfig::validate`] before a layer connects: that keeps each
+//! deadline, purge cut-off and `EXPIRE` the layers compute from them within
+//! what the clocks, the integers and Redis can hold.
 
 use std::time::Duration;
 
-use crate::layer::LayerError;
+use crate::layer::{LayerError, MAX_EXPIRY};
 
 /// Settings of [`RedisLayer`](super::RedisLayer) and
 /// [`RedisPubSubLayer`](super::RedisPubSubLayer).
@@ -21,6 +26,12 @@ use crate::layer::LayerError;
 /// Durations on the wire are whole seconds: Python passes `int(expiry)`, so
 /// fractions are dropped here too (and a duration under one second is
 /// refused, since Redis would read it as 0).
+///
+/// Ranges (see [`validate`](Self::validate)): `expiry` and `group_expiry`
+/// from 1 s to [`MAX_EXPIRY`] (10 years); `block_timeout` from 1 s, and
+/// `command_timeout` from 1 ms, to [`MAX_TIMEOUT`] (1 hour); capacities at
+/// least 1; `max_message_size` from 1 byte to [`MAX_MESSAGE_SIZE_LIMIT`]
+/// (512 MiB, the most Redis stores in one value).
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     /// Redis URLs, one per shard, e.g. `redis://127.0.0.1:6379/0` (default:
@@ -66,6 +77,14 @@ pub struct RedisConfig {
 
 /// The default [`RedisConfig::max_message_size`]: 1 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+
+/// The largest [`RedisConfig::max_message_size`]: 512 MiB, Redis's own
+/// limit on one string (`proto-max-bulk-len`).
+pub const MAX_MESSAGE_SIZE_LIMIT: usize = 512 * 1024 * 1024;
+
+/// The longest [`RedisConfig::block_timeout`] and
+/// [`RedisConfig::command_timeout`]: one hour.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 
 impl Default for RedisConfig {
     fn default() -> Self {
@@ -116,31 +135,55 @@ impl RedisConfig {
         self.block_timeout.as_secs().max(1)
     }
 
-    /// Refuses settings that cannot work, with one line that says which.
-    pub(crate) fn validate(&self) -> Result<(), LayerError> {
-        let invalid = |why: String| Err(LayerError::Backend(format!("invalid RedisConfig: {why}")));
+    /// Checks every setting against its range (see [`RedisConfig`]),
+    /// without connecting: [`LayerError::InvalidConfig`] naming the first
+    /// setting outside it, e.g. "group_expiry must be between 1 s and 10
+    /// years, not 0ns". Both layers' `connect` call it first.
+    pub fn validate(&self) -> Result<(), LayerError> {
+        let invalid = |field, reason: String| Err(LayerError::invalid_config(field, reason));
         if self.hosts.is_empty() {
-            return invalid("`hosts` is empty: give at least one redis:// URL".into());
+            return invalid("hosts", "is empty: give at least one redis:// URL".into());
         }
-        for (name, value) in [
-            ("expiry", self.expiry),
-            ("group_expiry", self.group_expiry),
-            ("block_timeout", self.block_timeout),
+        // The wire counts whole seconds, so a second is the least that is
+        // not read as 0.
+        for (field, value, max, max_text) in [
+            ("expiry", self.expiry, MAX_EXPIRY, "10 years"),
+            ("group_expiry", self.group_expiry, MAX_EXPIRY, "10 years"),
+            ("block_timeout", self.block_timeout, MAX_TIMEOUT, "1 hour"),
         ] {
-            if value < Duration::from_secs(1) {
-                return invalid(format!(
-                    "`{name}` is {value:?}, but the wire counts whole seconds: use at least 1 s"
-                ));
+            if !(Duration::from_secs(1)..=max).contains(&value) {
+                return invalid(
+                    field,
+                    format!("must be between 1 s and {max_text}, not {value:?}"),
+                );
             }
         }
-        if self.command_timeout.is_zero() {
-            return invalid("`command_timeout` must be above zero".into());
+        if !(Duration::from_millis(1)..=MAX_TIMEOUT).contains(&self.command_timeout) {
+            return invalid(
+                "command_timeout",
+                format!(
+                    "must be between 1 ms and 1 hour, not {:?}",
+                    self.command_timeout
+                ),
+            );
         }
-        if self.capacity == 0 || self.channel_capacity.iter().any(|(_, c)| *c == 0) {
-            return invalid("capacities must be at least 1".into());
+        if self.capacity == 0 {
+            return invalid("capacity", "must be at least 1, not 0".into());
         }
-        if self.max_message_size == 0 {
-            return invalid("`max_message_size` must be above zero".into());
+        if let Some((pattern, _)) = self.channel_capacity.iter().find(|(_, c)| *c == 0) {
+            return invalid(
+                "channel_capacity",
+                format!("of {pattern:?} must be at least 1, not 0"),
+            );
+        }
+        if !(1..=MAX_MESSAGE_SIZE_LIMIT).contains(&self.max_message_size) {
+            return invalid(
+                "max_message_size",
+                format!(
+                    "must be between 1 byte and 512 MiB, not {} bytes",
+                    self.max_message_size
+                ),
+            );
         }
         Ok(())
     }
@@ -297,9 +340,18 @@ mod tests {
                 ..RedisConfig::default()
             },
         ];
-        for config in cases {
-            let err = config.validate().unwrap_err().to_string();
-            assert!(err.contains("invalid RedisConfig"), "{err}");
+        for (config, field) in cases.into_iter().zip(["hosts", "expiry", "capacity"]) {
+            let err = config.validate().unwrap_err();
+            assert!(
+                matches!(&err, LayerError::InvalidConfig { field: f, .. } if *f == field),
+                "{err}"
+            );
+            assert!(!err.is_outage());
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("invalid channel layer configuration: {field} ")),
+                "{text}"
+            );
         }
         assert!(RedisConfig::new("redis://127.0.0.1:1").validate().is_ok());
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 
 use crate::layer::LayerMessage;
+use crate::layer::episode::Episode;
 
 /// A message waiting in a local buffer.
 pub(crate) struct Entry {
@@ -41,8 +42,8 @@ pub(crate) struct Inbox {
     /// Receivers waiting right now.
     pub waiting: usize,
     capacity: usize,
-    /// Set once an overflow has been reported, until the buffer drains.
-    overflow_reported: bool,
+    /// Going on from an overflow until the buffer drains: one warning each.
+    overflow: Episode,
     /// Messages dropped because the buffer was full, over its lifetime.
     pub dropped: u64,
 }
@@ -54,7 +55,7 @@ impl Inbox {
             arrived: Arc::new(Notify::new()),
             waiting: 0,
             capacity: capacity.max(1),
-            overflow_reported: false,
+            overflow: Episode::default(),
             dropped: 0,
         }
     }
@@ -74,8 +75,7 @@ impl Inbox {
             self.queue.pop_front();
             self.dropped += 1;
             metrics::counter!("axum_channels_layer_buffer_dropped_total").increment(1);
-            if !self.overflow_reported {
-                self.overflow_reported = true;
+            if self.overflow.start() {
                 tracing::warn!(
                     channel,
                     capacity = self.capacity,
@@ -98,12 +98,12 @@ impl Inbox {
             };
             if !expired {
                 if self.queue.is_empty() {
-                    self.overflow_reported = false;
+                    self.overflow.end();
                 }
                 return Some(entry);
             }
         }
-        self.overflow_reported = false;
+        self.overflow.end();
         None
     }
 }

@@ -13,13 +13,22 @@
 //! runs (the pub/sub layer resubscribes there, the queue layer restores its
 //! live group memberships).
 //!
+//! An outage is one [`Episode`] per link: the first failure on a healthy
+//! host is one warning ("Redis at HOST is unreachable: ..."), every failure
+//! after it a debug line, and the host working again one info line ("Redis
+//! at HOST is back after 1.5 s"). Failures of the layers' own connections
+//! (a popper's) report here too, so a host costs two lines per outage
+//! however many calls, poppers and groups it has.
+//!
 //! Why not redis-rs' `ConnectionManager`: it reconnects too, but a command
 //! issued while it reconnects waits for the reconnection and its retries,
 //! and it has no hook to run after a reconnection. Failing fast and owning
 //! the hook keeps both promises of the layers simple: a bounded time for
 //! every call, and subscriptions and memberships restored after a restart.
 
+use std::fmt::Display;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -32,8 +41,10 @@ use redis::{
 };
 use tokio::sync::Notify;
 
+use super::task::{panic_message, spawn_supervised};
 use super::wire::{Version, check_server_version};
-use crate::layer::LayerError;
+use crate::layer::episode::Episode;
+use crate::layer::{BackendError, LayerError};
 
 /// First and longest wait between reconnection attempts.
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -71,6 +82,12 @@ struct LinkState {
     /// The live connection and its id, or `None` while reconnecting.
     conn: Option<(u64, MultiplexedConnection)>,
     closed: bool,
+    /// Set while `on_connect` restores state on a new connection: the
+    /// host is not back for the layer until that is done.
+    restoring: bool,
+    /// Going on from the first failure on a healthy host until the host
+    /// works again.
+    outage: Episode,
 }
 
 impl Link {
@@ -85,38 +102,47 @@ impl Link {
         command_timeout: Duration,
         push: Option<PushHandler>,
     ) -> Result<Arc<Link>, LayerError> {
-        let info = url
-            .into_connection_info()
-            .map_err(|err| LayerError::Backend(format!("invalid Redis URL {url:?}: {err}")))?;
+        let info = url.into_connection_info().map_err(|err| {
+            LayerError::invalid_config("hosts", format!("has an invalid Redis URL {url:?}: {err}"))
+        })?;
         let host = info.addr().to_string();
-        let unreachable = |err: &dyn std::fmt::Display| {
-            LayerError::Backend(format!("cannot connect to Redis at {}: {err}", info.addr()))
+        let unreachable = |err: RedisError| {
+            LayerError::Backend(BackendError::with_source(
+                format!("cannot connect to Redis at {}", info.addr()),
+                err,
+            ))
         };
-        let probe_client = Client::open(info.clone()).map_err(|err| unreachable(&err))?;
+        let probe_client = Client::open(info.clone()).map_err(unreachable)?;
         let probe_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(command_timeout));
         let connected = tokio::time::timeout(
-            command_timeout + CONNECT_TIMEOUT,
+            command_timeout.saturating_add(CONNECT_TIMEOUT),
             probe_client.get_multiplexed_async_connection_with_config(&probe_config),
         )
         .await
-        .map_err(|_| unreachable(&"no answer"))?;
-        let mut probe = connected.map_err(|err| unreachable(&err))?;
+        .map_err(|elapsed| {
+            BackendError::with_source(
+                format!("cannot connect to Redis at {host}: no answer"),
+                elapsed,
+            )
+        })?;
+        let mut probe = connected.map_err(unreachable)?;
         let server_info: String = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut probe)
             .await
-            .map_err(|err| unreachable(&err))?;
+            .map_err(unreachable)?;
         let version = check_server_version(&server_info, &host, needed, because)
-            .map_err(LayerError::Backend)?;
+            .map_err(BackendError::new)?;
         let resp3 = version.is_none_or(|version| version >= Version(6, 0));
         if require_resp3 && !resp3 {
             // Only reached for a server that reports 5.x.
-            return Err(LayerError::Backend(format!(
+            return Err(BackendError::new(format!(
                 "Redis at {host} is older than 6.0, but the pub/sub layer needs Redis 6.0 or newer \
                  (it receives over RESP3); upgrade Redis or use the queue layer"
-            )));
+            ))
+            .into());
         }
         drop(probe);
 
@@ -126,8 +152,8 @@ impl Link {
             ProtocolVersion::RESP2
         };
         let settings = info.redis_settings().clone().set_protocol(protocol);
-        let client = Client::open(info.clone().set_redis_settings(settings))
-            .map_err(|err| unreachable(&err))?;
+        let client =
+            Client::open(info.clone().set_redis_settings(settings)).map_err(unreachable)?;
         let link = Arc::new(Link {
             host,
             client,
@@ -138,7 +164,7 @@ impl Link {
             lost: Notify::new(),
             next_id: AtomicU64::new(1),
         });
-        let (id, conn) = link.open().await.map_err(|err| unreachable(&err))?;
+        let (id, conn) = link.open().await.map_err(unreachable)?;
         link.lock().conn = Some((id, conn));
         Ok(link)
     }
@@ -168,15 +194,28 @@ impl Link {
         if self.resp3 {
             let link: Weak<Link> = Arc::downgrade(self);
             let push = self.push.clone();
+            let host = self.host.clone();
             // Called by the connection's reader, in order with the replies:
             // a message published before a reply is handled before it.
             config = config.set_push_sender(move |info: PushInfo| -> Result<(), ()> {
                 if info.kind == PushKind::Disconnection {
                     if let Some(link) = link.upgrade() {
-                        link.lost(id, "the connection closed");
+                        link.lost(id, &"the connection closed");
                     }
                 } else if let Some(push) = &push {
-                    push(info);
+                    // The reader is the client library's task: a panic here
+                    // would end the connection, and with it every
+                    // subscription. Drop the one message instead.
+                    if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| push(info))) {
+                        metrics::counter!("axum_channels_layer_task_panics_total").increment(1);
+                        tracing::error!(
+                            task = "reader",
+                            host,
+                            "channel layer task reader of Redis at {host} panicked: {}; \
+                             dropped the message it was handing over",
+                            panic_message(&*panic)
+                        );
+                    }
                 }
                 Ok(())
             });
@@ -194,11 +233,52 @@ impl Link {
         let state = self.lock();
         match &state.conn {
             Some((id, conn)) => Ok((*id, conn.clone())),
-            None if state.closed => Err(LayerError::Backend("the layer was dropped".into())),
-            None => Err(LayerError::Backend(format!(
-                "Redis at {} is unreachable (reconnecting)",
+            None if state.closed => Err(BackendError::new("the layer was dropped").into()),
+            None => {
+                drop(state);
+                self.failed(&"no connection (reconnecting)");
+                Err(BackendError::new(format!(
+                    "Redis at {} is unreachable (reconnecting)",
+                    self.host
+                ))
+                .into())
+            }
+        }
+    }
+
+    /// Reports a failure to reach this host (a call's, a popper's): a
+    /// warning if it starts an outage, a debug line while one goes on.
+    pub(crate) fn failed(&self, why: &dyn Display) {
+        if self.lock().outage.start() {
+            tracing::warn!(
+                host = self.host,
+                "Redis at {} is unreachable: {why}; calls fail fast until it is back",
                 self.host
-            ))),
+            );
+        } else {
+            tracing::debug!(host = self.host, %why, "Redis is still unreachable");
+        }
+    }
+
+    /// Reports that this host answered: ends an outage (one info line),
+    /// once the command connection is up again and its state restored too
+    /// (a popper or a call may get through before, while subscriptions or
+    /// memberships are still missing).
+    pub(crate) fn worked(&self) {
+        let ended = {
+            let mut state = self.lock();
+            if state.conn.is_none() || state.restoring {
+                return;
+            }
+            state.outage.end()
+        };
+        if let Some(lasted) = ended {
+            tracing::info!(
+                host = self.host,
+                "Redis at {} is back after {:.1} s",
+                self.host,
+                lasted.as_secs_f64()
+            );
         }
     }
 
@@ -216,17 +296,27 @@ impl Link {
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let (id, conn) = self.current()?;
-        commands(conn).await.map_err(|err| {
-            if is_connection_error(&err) {
-                self.lost(id, &err.to_string());
+        match commands(conn).await {
+            Ok(value) => {
+                self.worked();
+                Ok(value)
             }
-            LayerError::Backend(format!("Redis at {}: {err}", self.host))
-        })
+            Err(err) => {
+                if is_connection_error(&err) {
+                    self.lost(id, &err);
+                } else {
+                    // An error reply: the host is there; the caller gets
+                    // the error and says what it means.
+                    tracing::debug!(host = self.host, %err, "Redis answered with an error");
+                }
+                Err(BackendError::with_source(format!("Redis at {}", self.host), err).into())
+            }
+        }
     }
 
     /// Reports that connection `id` is gone (a no-op if it was already
-    /// replaced): logs once, and wakes the supervisor.
-    pub(crate) fn lost(&self, id: u64, why: &str) {
+    /// replaced): an outage starts, and the supervisor reconnects.
+    pub(crate) fn lost(&self, id: u64, why: &dyn Display) {
         let mut state = self.lock();
         if state
             .conn
@@ -234,12 +324,9 @@ impl Link {
             .is_some_and(|(current, _)| *current == id)
         {
             state.conn = None;
+            state.restoring = false;
             drop(state);
-            tracing::warn!(
-                host = self.host,
-                why,
-                "lost the connection to Redis; reconnecting"
-            );
+            self.failed(why);
             self.lost.notify_one();
         }
     }
@@ -247,16 +334,23 @@ impl Link {
     /// Reports a failure seen on another connection to the same host (a
     /// popper's): if the command connection is still thought up, check it.
     pub(crate) fn suspect(self: &Arc<Self>) {
-        let Ok((id, mut conn)) = self.current() else {
+        let Ok((id, conn)) = self.current() else {
             return;
         };
         let link = Arc::clone(self);
-        tokio::spawn(async move {
-            let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-            if let Err(err) = pong {
-                link.lost(id, &err.to_string());
-            }
-        });
+        spawn_supervised(
+            format!("health check of Redis at {}", self.host),
+            move |_| {
+                let link = Arc::clone(&link);
+                let mut conn = conn.clone();
+                async move {
+                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
+                    if let Err(err) = pong {
+                        link.lost(id, &err);
+                    }
+                }
+            },
+        );
     }
 
     /// Stops the supervisor and drops the connection.
@@ -269,54 +363,80 @@ impl Link {
     }
 
     /// Starts the task that reconnects after a loss and then runs
-    /// `on_connect`. It ends when the link is closed.
+    /// `on_connect`. It ends when the link is closed. It runs supervised: if
+    /// it panics (in `on_connect`, say), it is started again, and then
+    /// reconnects at once, since the panic may have come between a new
+    /// connection and the state `on_connect` restores on it.
     pub(crate) fn supervise(self: &Arc<Self>, on_connect: OnConnect) {
         let link = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                link.lost.notified().await;
-                if link.lock().closed {
-                    return;
-                }
-                let mut delay = BACKOFF_MIN;
-                let mut attempts = 0u32;
-                loop {
-                    if link.lock().closed {
-                        return;
-                    }
-                    attempts += 1;
-                    match link.open().await {
-                        Ok((id, conn)) => {
-                            // Installed before the hook, so calls made from
-                            // now on use the new connection; the hook then
-                            // restores what was made before.
-                            {
-                                let mut state = link.lock();
-                                if state.closed {
-                                    return;
-                                }
-                                state.conn = Some((id, conn.clone()));
-                            }
-                            tracing::info!(host = link.host, attempts, "reconnected to Redis");
-                            metrics::counter!("axum_channels_redis_reconnects_total").increment(1);
-                            if let Err(err) = on_connect(conn).await {
-                                tracing::warn!(
-                                    host = link.host,
-                                    %err,
-                                    "could not restore state after reconnecting"
-                                );
-                                link.lost(id, &err.to_string());
-                            }
-                            break;
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(BACKOFF_MAX);
+        spawn_supervised(
+            format!("supervisor of Redis at {}", self.host),
+            move |restarts| {
+                let link = Arc::clone(&link);
+                let on_connect = Arc::clone(&on_connect);
+                async move {
+                    if restarts > 0 {
+                        let current = link.lock().conn.as_ref().map(|(id, _)| *id);
+                        if let Some(id) = current {
+                            link.lost(id, &"its supervisor restarted after a panic");
                         }
                     }
+                    link.keep_connected(on_connect).await;
                 }
+            },
+        );
+    }
+
+    /// The supervisor's loop: waits for a loss, reconnects with backoff,
+    /// runs `on_connect`; returns once the link is closed.
+    async fn keep_connected(self: Arc<Self>, on_connect: OnConnect) {
+        let mut delay = BACKOFF_MIN;
+        loop {
+            let (closed, up) = {
+                let state = self.lock();
+                (state.closed, state.conn.is_some())
+            };
+            if closed {
+                return;
             }
-        });
+            if up {
+                // `lost` and `close` store a wake-up if nobody waits yet, so
+                // one that came since the check is not missed.
+                self.lost.notified().await;
+                continue;
+            }
+            match self.open().await {
+                Ok((id, conn)) => {
+                    // Installed before the hook, so calls made from now on
+                    // use the new connection; the hook then restores what
+                    // was made before.
+                    {
+                        let mut state = self.lock();
+                        if state.closed {
+                            return;
+                        }
+                        state.conn = Some((id, conn.clone()));
+                        state.restoring = true;
+                    }
+                    metrics::counter!("axum_channels_redis_reconnects_total").increment(1);
+                    match on_connect(conn).await {
+                        Ok(()) => {
+                            delay = BACKOFF_MIN;
+                            self.lock().restoring = false;
+                            self.worked();
+                            continue;
+                        }
+                        Err(err) => {
+                            let why = format!("restoring state after reconnecting failed: {err}");
+                            self.lost(id, &why);
+                        }
+                    }
+                }
+                Err(err) => self.failed(&err),
+            }
+            tokio::time::sleep(delay).await;
+            delay = delay.saturating_mul(2).min(BACKOFF_MAX);
+        }
     }
 }
 

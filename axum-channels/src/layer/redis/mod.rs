@@ -74,8 +74,9 @@
 //!
 //! The modules: `config` ([`RedisConfig`]), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
-//! supervised connection per host), `inbox` (local buffers), `queue` and
-//! `pubsub` (the layers).
+//! supervised connection per host, which reports outages), `task` (the
+//! supervision every background task runs under), `inbox` (local buffers),
+//! `queue` and `pubsub` (the layers).
 
 mod codec;
 mod config;
@@ -83,21 +84,23 @@ mod inbox;
 mod link;
 mod pubsub;
 mod queue;
+mod task;
 mod wire;
 
 use std::future::Future;
 use std::time::Duration;
 
-pub use config::{DEFAULT_MAX_MESSAGE_SIZE, RedisConfig};
+pub use config::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, MAX_TIMEOUT, RedisConfig};
 pub use pubsub::RedisPubSubLayer;
 pub use queue::RedisLayer;
 pub use wire::{consistent_hash, non_local_name};
 
-use crate::layer::LayerError;
+use crate::layer::{BackendError, LayerError};
 
 /// Runs one layer call within `timeout`, so that no call hangs on a Redis
-/// that does not answer, and logs a backend failure once, here (callers
-/// then decide what else to say).
+/// that does not answer. A backend failure is a debug line here: the
+/// outage itself is reported once per host by its link, and the caller
+/// gets the error to decide what else to say.
 async fn bounded<T>(
     call: &'static str,
     timeout: Duration,
@@ -105,12 +108,14 @@ async fn bounded<T>(
 ) -> Result<T, LayerError> {
     let result = match tokio::time::timeout(timeout, work).await {
         Ok(result) => result,
-        Err(_) => Err(LayerError::Backend(format!(
-            "Redis did not answer within {timeout:?}"
-        ))),
+        Err(elapsed) => Err(BackendError::with_source(
+            format!("Redis did not answer within {timeout:?}"),
+            elapsed,
+        )
+        .into()),
     };
-    if let Err(LayerError::Backend(why)) = &result {
-        tracing::warn!(call, why, "channel layer call failed");
+    if let Err(LayerError::Backend(err)) = &result {
+        tracing::debug!(call, %err, "channel layer call failed");
     }
     result
 }

@@ -179,7 +179,7 @@ impl Shared {
                 group.subscribed = true;
             }
         }
-        tracing::info!(
+        tracing::debug!(
             subscriptions = names.len(),
             "subscribed again to every live channel and group"
         );

@@ -35,12 +35,15 @@
 //! - **Expiry on receive.** Messages older than `expiry` are dropped when
 //!   taken, not only when a sender purges the key.
 //! - **Redis going away.** Calls fail within `command_timeout`; poppers retry
-//!   with backoff, log once per outage, and resume by themselves; after a
-//!   reconnection, the memberships of live local channels are written again
-//!   (a Redis restarted without persistence has lost them).
+//!   with backoff and resume by themselves; the outage is one warning and
+//!   one line when it ends, per host (see `link.rs`); after a reconnection,
+//!   the memberships of live local channels are written again (a Redis
+//!   restarted without persistence has lost them).
+//! - **A popper that panics** (a bug) is logged as an error and started
+//!   again (see `task.rs`), so its key's deliveries do not silently stop.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -54,13 +57,15 @@ use super::codec::{self, Route};
 use super::config::RedisConfig;
 use super::inbox::{Entry, Inbox, Raw};
 use super::link::{BACKOFF_MAX, BACKOFF_MIN, Link};
+use super::task::spawn_supervised;
 use super::wire::{
     CLEANUP_LUA, GROUP_SEND_LUA, Version, channel_key, consistent_hash, escape_glob, flushable,
     group_key, inflight_key, longer_prefix_of, non_local_name, now_secs, purge_below,
     queue_channel_name, score_arg, uuid4_hex,
 };
 use crate::layer::{
-    ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
+    BackendError, ChannelLayer, LayerError, LayerMessage, validate_channel_name,
+    validate_group_name,
 };
 
 /// How many keys one `UNLINK` of `flush` deletes.
@@ -88,6 +93,8 @@ struct Inner {
     shut_down: AtomicBool,
     group_send: Script,
     cleanup: Script,
+    /// Pops that are to panic (see [`RedisLayer::inject_popper_panic`]).
+    injected_panics: AtomicU32,
 }
 
 #[derive(Default)]
@@ -247,6 +254,7 @@ impl RedisLayer {
             shut_down: AtomicBool::new(false),
             group_send: Script::new(GROUP_SEND_LUA),
             cleanup: Script::new(CLEANUP_LUA),
+            injected_panics: AtomicU32::new(0),
         });
         for (shard, link) in inner.links.iter().enumerate() {
             let weak: Weak<Inner> = Arc::downgrade(&inner);
@@ -273,6 +281,15 @@ impl RedisLayer {
     /// for watching memory.
     pub fn local_channels(&self) -> usize {
         self.inner.lock().inboxes.len()
+    }
+
+    /// A fault for tests, not part of the API: the next time one of this
+    /// layer's poppers is about to pop, it panics, once, as a bug in it
+    /// would. Tests use it to check that the popper is restarted and that
+    /// the panic is logged. Costs the poppers one atomic read per pop.
+    #[doc(hidden)]
+    pub fn inject_popper_panic(&self) {
+        self.inner.injected_panics.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -309,10 +326,28 @@ impl Inner {
         self.shut_down.load(Ordering::SeqCst)
     }
 
-    /// Starts one popper per host for `key`.
+    /// Starts one popper per host for `key`, each supervised.
     fn spawn_poppers(self: &Arc<Self>, key: &str, epoch: u64) {
         for shard in 0..self.shards() {
-            tokio::spawn(popper(Arc::clone(self), key.to_owned(), epoch, shard));
+            let name = format!("popper of {key} on Redis at {}", self.links[shard].host());
+            let inner = Arc::clone(self);
+            let key = key.to_owned();
+            spawn_supervised(name, move |_| {
+                popper(Arc::clone(&inner), key.clone(), epoch, shard)
+            });
+        }
+    }
+
+    /// Panics if a test asked for it (see
+    /// [`RedisLayer::inject_popper_panic`]).
+    fn injected_fault(&self) {
+        if self.injected_panics.load(Ordering::Relaxed) > 0
+            && self
+                .injected_panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            panic!("injected fault (RedisLayer::inject_popper_panic)");
         }
     }
 
@@ -519,7 +554,7 @@ impl Inner {
                 .ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
-        tracing::info!(
+        tracing::debug!(
             groups = by_group.len(),
             "restored the group memberships of live channels"
         );
@@ -551,40 +586,30 @@ impl Inner {
 }
 
 /// One popper: pops `key` on host `shard` while a receiver is hungry, for
-/// as long as the key has local channels.
+/// as long as the key has local channels. Its failures to reach Redis are
+/// the host's outage, reported by the link.
 async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
     let link = Arc::clone(&inner.links[shard]);
     let block_secs = inner.config.block_secs();
     let mut conn: Option<MultiplexedConnection> = None;
     let mut delay = BACKOFF_MIN;
-    let mut outage = false;
     loop {
         let Some(demand) = inner.wait_for_demand(&key, epoch).await else {
             return;
         };
+        inner.injected_fault();
         let Some(active) = conn.as_mut() else {
             match open_popper(&inner, &link, &key, block_secs).await {
                 Ok(opened) => {
-                    if outage {
-                        tracing::info!(key, host = link.host(), "popper resumed");
-                    }
-                    outage = false;
+                    link.worked();
                     delay = BACKOFF_MIN;
                     conn = Some(opened);
                 }
                 Err(err) => {
-                    if !outage {
-                        outage = true;
-                        tracing::warn!(
-                            key,
-                            host = link.host(),
-                            %err,
-                            "popper cannot reach Redis; retrying with backoff"
-                        );
-                        link.suspect();
-                    }
+                    link.failed(&err);
+                    link.suspect();
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(BACKOFF_MAX);
+                    delay = delay.saturating_mul(2).min(BACKOFF_MAX);
                 }
             }
             continue;
@@ -599,13 +624,7 @@ async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
             }
             Err(err) => {
                 conn = None;
-                outage = true;
-                tracing::warn!(
-                    key,
-                    host = link.host(),
-                    %err,
-                    "popper lost Redis; retrying with backoff"
-                );
+                link.failed(&err);
                 link.suspect();
                 tokio::time::sleep(delay).await;
             }
@@ -655,7 +674,7 @@ async fn open_popper(
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(1)))
         .set_response_timeout(Some(
-            Duration::from_secs(block_secs) + inner.config.command_timeout,
+            Duration::from_secs(block_secs).saturating_add(inner.config.command_timeout),
         ));
     let mut conn = link
         .client()
@@ -771,10 +790,11 @@ impl ChannelLayer for RedisLayer {
         if channel.contains('!')
             && !non_local_name(channel).ends_with(&format!("{}!", inner.client_prefix))
         {
-            return Err(LayerError::Backend(format!(
+            return Err(BackendError::new(format!(
                 "cannot receive on {channel:?}: it is a process-specific channel of another \
                  layer instance (receive on names this layer's new_channel made)"
-            )));
+            ))
+            .into());
         }
         let key = inner.key_of(channel);
         let arrived = inner.register(channel, &key, true);

@@ -99,9 +99,12 @@ pub(crate) fn score_arg(score: f64) -> String {
 }
 
 /// The cut-off of a purge, `int(now) - int(lifetime)`: entries scored below
-/// it are older than their lifetime.
+/// it are older than their lifetime. Saturating, so a lifetime beyond
+/// `i64::MAX` seconds gives a cut-off far in the past (nothing purged)
+/// rather than one that wraps into the future (everything purged).
 pub(crate) fn purge_below(now: f64, lifetime_secs: u64) -> i64 {
-    now as i64 - lifetime_secs as i64
+    let lifetime = i64::try_from(lifetime_secs).unwrap_or(i64::MAX);
+    (now as i64).saturating_sub(lifetime)
 }
 
 /// 32 lowercase hex digits of a random version-4 UUID, as Python's
@@ -309,6 +312,9 @@ mod tests {
         let now = now_secs();
         assert!(now > 1.7e9 && now < 1e10, "{now}");
         assert_eq!(purge_below(1_795_673_582.9, 900), 1_795_672_682);
+        for lifetime in [i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+            assert!(purge_below(now, lifetime) < 0, "{lifetime}");
+        }
     }
 
     #[test]
