@@ -98,7 +98,7 @@ impl Membership {
         for group in &self.groups {
             match self.layer.group_add(group, &self.channel).await {
                 Ok(()) => {}
-                Err(err @ LayerError::Backend(..)) => {
+                Err(err) if err.is_outage() => {
                     tracing::debug!(group, %err, "could not renew a group membership");
                 }
                 Err(err) => tracing::warn!(group, %err, "could not renew a group membership"),
@@ -114,6 +114,7 @@ impl Membership {
     }
 }
 
+// ANCHOR: drop
 impl Drop for Membership {
     fn drop(&mut self) {
         let Some(runtime) = self.runtime.take() else {
@@ -125,6 +126,7 @@ impl Drop for Membership {
         runtime.spawn(async move { leave(&*layer, &channel, &groups).await });
     }
 }
+// ANCHOR_END: drop
 
 /// Leaves `groups` and frees `channel`; failures are only logged, since the
 /// connection is over either way.

@@ -274,7 +274,7 @@ fn admit(
 }
 
 /// The request's path, query, parameters and extensions, for `C::new`.
-fn scope_of(request: Request) -> Result<Scope, Response> {
+fn scope_of(request: Request) -> Result<Scope, RawPathParamsRejection> {
     // The extensions carry what the app shares with its consumers through
     // axum's `Extension` (see `Scope::extension`).
     let mut scope = Scope::new(request.uri.path())
@@ -287,7 +287,7 @@ fn scope_of(request: Request) -> Result<Scope, Response> {
             }
         }
         Err(RawPathParamsRejection::MissingPathParams(_)) => {}
-        Err(rejection) => return Err(rejection.into_response()),
+        Err(rejection) => return Err(rejection),
     }
     Ok(scope)
 }
@@ -315,7 +315,7 @@ async fn handshake<C: Consumer>(
     };
     let scope = match scope_of(request) {
         Ok(scope) => scope,
-        Err(response) => return response,
+        Err(rejection) => return rejection.into_response(),
     };
     // If the client leaves now, hyper drops this future; the task goes on,
     // so `connect` is never cut off halfway.
@@ -747,7 +747,7 @@ async fn contained(call: impl Future<Output = Result<()>>) -> Result<()> {
 async fn handle_outcome<C: Consumer>(socket: &mut Socket, outcome: Result<()>) {
     match outcome {
         Ok(()) | Err(Error::Closed) => {}
-        Err(Error::Layer(err @ LayerError::Backend(..))) if !C::CLOSE_ON_LAYER_OUTAGE => {
+        Err(Error::Layer(err)) if err.is_outage() && !C::CLOSE_ON_LAYER_OUTAGE => {
             tracing::debug!(%err, "a layer call failed during an outage; the client stays");
         }
         Err(err) => {

@@ -423,8 +423,10 @@ mod tests {
         let mut never = Settings::default();
         never.connection.ping_interval = Some(Duration::from_secs(u64::MAX));
         assert!(never.validate().unwrap_err().contains("ping_interval"));
-        let mut none = Settings::default();
-        none.max_sockets = Some(0);
+        let none = Settings {
+            max_sockets: Some(0),
+            ..Settings::default()
+        };
         assert!(none.validate().unwrap_err().contains("max_sockets"));
     }
 

@@ -497,7 +497,7 @@ mod on_redis {
         member.send_text("whoami").await;
         let answer = member.recv().await;
         assert!(
-            matches!(&answer, Received::Text(name) if name.starts_with("specific.")),
+            matches!(&answer, Received::Text(name) if name.contains("specific")),
             "the member was answered after its failed send, not closed: {answer}"
         );
 
