@@ -26,22 +26,29 @@
 //!   type.
 //! - [`error`]: [`Error`], what a consumer's methods return, and why it has
 //!   so few variants.
+//! - [`origin`]: the origin check against cross-site WebSocket hijacking,
+//!   which refuses what it cannot parse.
+//! - [`settings`]: [`Settings`], what a server on the internet needs (small
+//!   buffers, pings, timeouts, an origin check, an inbound budget,
+//!   connection limits), with safe defaults, checked when they are read.
+//! - [`runtime`]: [`Runtime`], what every connection of one process shares
+//!   (the connection limit, the shutdown, the tasks to wait for), handed to
+//!   the routes explicitly, in each request.
+//! - `membership` (internal): the drop guard that owns a connection's
+//!   channel and groups, so that whatever way a connection ends, even a
+//!   handshake cut off halfway, what it held in the layer is given back.
 //! - [`socket`]: the [`Socket`] handle a consumer uses to accept, send and
 //!   close, and to talk to its channel layer; and [`Frame`], a message from
 //!   the client.
 //! - [`consumer`]: the [`Consumer`] trait you implement. Start here.
 //! - [`json`]: [`JsonConsumer`], a consumer whose client sends JSON of one
 //!   shape, decoded for you, with a clear error frame for anything else.
-//! - [`origin`]: the origin check against cross-site WebSocket hijacking.
-//! - [`settings`]: [`Settings`], what a server on the internet needs (small
-//!   buffers, pings, timeouts, an origin check, an inbound budget,
-//!   connection limits), with safe defaults, checked when they are read.
-//! - [`runtime`]: [`Runtime`], what every connection of one process shares
-//!   (the connection limit, the shutdown, the tasks to wait for), handed to
-//!   the routes explicitly.
 //! - [`runner`]: [`route()`], which turns a consumer type into an axum
-//!   route, and the machinery that drives one consumer per connection,
-//!   with a drop guard that owns what each connection holds in its layer.
+//!   route, and the machinery that drives one consumer per connection: its
+//!   `connect` in a task the client cannot cancel, its inbound budget, its
+//!   deadlines.
+//! - `http` (internal): the accept loop under [`serve()`], with a header
+//!   read timeout and a cap on open sockets below the open-file limit.
 //! - [`server`]: [`serve()`], which serves an app until Ctrl+C or SIGTERM,
 //!   with a header timeout and a cap on open sockets, and then closes every
 //!   WebSocket politely, within one deadline.

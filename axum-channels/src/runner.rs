@@ -23,7 +23,7 @@
 //!
 //! Two things make that hold whatever the client does. What the connection
 //! holds in its layer (its channel and every group it joined) is owned by a
-//! drop guard, [`Membership`](crate::membership), so no path out of a
+//! drop guard, `Membership` (in `membership.rs`), so no path out of a
 //! handshake, cancelled, refused or failed, leaves a member behind. And
 //! steps 1 and 2 run in a task of their own: a client that resets the
 //! connection while `connect` runs cannot cut `connect` off halfway, and a

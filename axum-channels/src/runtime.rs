@@ -4,7 +4,7 @@
 //! A server process has one connection limit, one shutdown and one set of
 //! tasks to wait for, whatever its routes look like. They live here, in one
 //! value that [`Runtime::serve`] hands to every request of the app (as an
-//! axum [`Extension`](axum::Extension)), in the way tokio's mini-redis hands
+//! axum [`Extension`]), in the way tokio's mini-redis hands
 //! its `Shutdown` to every connection handler:
 //!
 //! - the WebSocket limit is a [`Semaphore`]: a connection holds a permit from

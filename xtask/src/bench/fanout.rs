@@ -329,6 +329,7 @@ impl Fanout<'_> {
             Some(layer) => {
                 let mut cmd = command(&self.release.join(exe("room-server")), "0", self.pin);
                 cmd.args(["--layer", layer]).env("RUST_LOG", "warn");
+                super::unlimited_inbound(&mut cmd);
                 if let Some(redis) = redis {
                     cmd.args(["--redis", &redis.url()]);
                 }
