@@ -609,81 +609,132 @@ async fn serve<C: Consumer>(
     settings: &ConnectionSettings,
     runtime: &Runtime,
 ) -> u16 {
-    let mut peer_code = None;
-    let mut inbox = socket.inbox();
-    let mut renewal = renewal_timer(inbox.as_ref());
-    let mut keepalive = Keepalive::new(settings);
-    let mut budget = Budget::new(settings.inbound, C::MAX_MESSAGE_SIZE);
-    let mut paused_until = None;
+    let mut session = Session::new(socket, settings, C::MAX_MESSAGE_SIZE);
     loop {
-        let waits = Waits {
-            inbox: inbox.as_ref(),
-            renewal: renewal.as_mut(),
-            keepalive: keepalive.as_ref().map(Keepalive::deadline),
-            paused_until,
-            runtime,
-        };
-        let next = match next_input(socket, waits).await {
-            Input::Client(next) => next,
-            Input::Layer(Ok(message)) => {
-                let outcome = match serde_json::from_value::<C::Event>(Value::Object(message)) {
-                    Ok(event) => contained(consumer.event(socket, event)).await,
-                    Err(err) => {
-                        tracing::warn!(
-                            consumer = type_name::<C>(),
-                            %err,
-                            "dropped a layer message this consumer cannot handle"
-                        );
-                        Ok(())
-                    }
-                };
-                handle_outcome::<C>(socket, outcome).await;
-                continue;
-            }
-            Input::Layer(Err(err)) => {
-                // The client can still be served; it just hears no more from
-                // the layer.
-                tracing::warn!(%err, "stopped receiving from the channel layer");
-                inbox = None;
-                continue;
-            }
+        let input = next_input(socket, session.waits(runtime)).await;
+        let handled = match input {
+            Input::Client(next) => session.on_client(consumer, socket, next).await,
+            Input::Layer(message) => session.on_layer(consumer, socket, message).await,
             Input::Renew => {
                 socket.renew_memberships().await;
-                continue;
+                None
             }
-            Input::Keepalive => {
-                let Some(alive) = keepalive.as_mut() else {
-                    continue;
-                };
-                if alive.pinged.is_some() {
-                    tracing::info!(
-                        timeout = ?alive.timeout,
-                        "dropping a connection whose peer stopped answering pings"
-                    );
-                    socket.drop_connection();
-                    return close_code::ABNORMAL;
-                }
-                alive.pinged = Some(Instant::now());
-                let _ = socket.ping().await;
-                continue;
-            }
+            Input::Keepalive => session.on_silence(socket).await,
             Input::Shutdown => {
                 let _ = socket
                     .close(close_code::GOING_AWAY, "server shutting down")
                     .await;
-                continue;
+                None
             }
         };
-        if let Some(alive) = keepalive.as_mut() {
+        if let Some(code) = handled {
+            return code;
+        }
+    }
+}
+
+/// What the runner keeps about one connection between two inputs.
+struct Session {
+    inbox: Option<Inbox>,
+    renewal: Option<Interval>,
+    keepalive: Option<Keepalive>,
+    budget: Budget,
+    /// Not read from before this: it went over its budget.
+    paused_until: Option<Instant>,
+    /// The code of the client's close frame, once it sent one.
+    peer_code: Option<u16>,
+    max_message_size: usize,
+}
+
+impl Session {
+    fn new(socket: &Socket, settings: &ConnectionSettings, max_message_size: usize) -> Session {
+        let inbox = socket.inbox();
+        Session {
+            renewal: renewal_timer(inbox.as_ref()),
+            inbox,
+            keepalive: Keepalive::new(settings),
+            budget: Budget::new(settings.inbound, max_message_size),
+            paused_until: None,
+            peer_code: None,
+            max_message_size,
+        }
+    }
+
+    fn waits<'a>(&'a mut self, runtime: &'a Runtime) -> Waits<'a> {
+        Waits {
+            inbox: self.inbox.as_ref(),
+            renewal: self.renewal.as_mut(),
+            keepalive: self.keepalive.as_ref().map(Keepalive::deadline),
+            paused_until: self.paused_until,
+            runtime,
+        }
+    }
+
+    /// A message from the layer goes to `event`; the layer failing ends
+    /// only what the connection hears from it.
+    async fn on_layer<C: Consumer>(
+        &mut self,
+        consumer: &mut C,
+        socket: &mut Socket,
+        message: Result<LayerMessage, LayerError>,
+    ) -> Option<u16> {
+        let message = match message {
+            Ok(message) => message,
+            Err(err) => {
+                tracing::warn!(%err, "stopped receiving from the channel layer");
+                self.inbox = None;
+                return None;
+            }
+        };
+        let outcome = match serde_json::from_value::<C::Event>(Value::Object(message)) {
+            Ok(event) => contained(consumer.event(socket, event)).await,
+            Err(err) => {
+                tracing::warn!(
+                    consumer = type_name::<C>(),
+                    %err,
+                    "dropped a layer message this consumer cannot handle"
+                );
+                Ok(())
+            }
+        };
+        handle_outcome::<C>(socket, outcome).await;
+        None
+    }
+
+    /// The client has been silent: ping it, or, if it did not answer the
+    /// last ping either, drop it.
+    async fn on_silence(&mut self, socket: &mut Socket) -> Option<u16> {
+        let alive = self.keepalive.as_mut()?;
+        if alive.pinged.is_some() {
+            tracing::info!(
+                timeout = ?alive.timeout,
+                "dropping a connection whose peer stopped answering pings"
+            );
+            socket.drop_connection();
+            return Some(close_code::ABNORMAL);
+        }
+        alive.pinged = Some(Instant::now());
+        let _ = socket.ping().await;
+        None
+    }
+
+    /// What the client sent: a frame for `receive` (within its budget), its
+    /// close frame, or the end of the connection.
+    async fn on_client<C: Consumer>(
+        &mut self,
+        consumer: &mut C,
+        socket: &mut Socket,
+        next: Option<Result<Message, axum::Error>>,
+    ) -> Option<u16> {
+        if let Some(alive) = self.keepalive.as_mut() {
             alive.heard();
         }
         let message = match next {
             Some(Ok(message)) => message,
-            Some(Err(err)) => return fail(socket, err, C::MAX_MESSAGE_SIZE).await,
+            Some(Err(err)) => return Some(fail(socket, err, self.max_message_size).await),
             None => {
-                return peer_code
-                    .or(socket.sent_close_code())
-                    .unwrap_or(close_code::ABNORMAL);
+                let code = self.peer_code.or(socket.sent_close_code());
+                return Some(code.unwrap_or(close_code::ABNORMAL));
             }
         };
         let frame = match message {
@@ -692,31 +743,32 @@ async fn serve<C: Consumer>(
             Message::Close(frame) => {
                 // Keep reading: the next read sends our reply and ends the
                 // stream, which completes the closing handshake.
-                peer_code = Some(frame.map_or(close_code::NO_STATUS, |frame| frame.code));
-                continue;
+                self.peer_code = Some(frame.map_or(close_code::NO_STATUS, |frame| frame.code));
+                return None;
             }
             // tungstenite answers pings by itself; a pong has already
             // counted as a sign of life above.
-            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Ping(_) | Message::Pong(_) => return None,
         };
         metrics::counter!("axum_channels_frames_in_total").increment(1);
         if socket.is_closing() {
-            continue; // the client had not seen our close frame yet
+            return None; // the client had not seen our close frame yet
         }
         let size = match &frame {
             Frame::Text(text) => text.len(),
             Frame::Binary(bytes) => bytes.len(),
         };
-        if let Err(too_fast) = budget.spend(size) {
-            metrics::counter!("axum_channels_frames_over_budget_total").increment(1);
-            tracing::info!(%too_fast, "a client went over its inbound budget");
-            let outcome = contained(consumer.too_fast(socket, too_fast)).await;
-            handle_outcome::<C>(socket, outcome).await;
-            paused_until = Some(after(Instant::now(), too_fast.wait));
-            continue;
-        }
-        let outcome = contained(consumer.receive(socket, frame)).await;
+        let outcome = match self.budget.spend(size) {
+            Ok(()) => contained(consumer.receive(socket, frame)).await,
+            Err(too_fast) => {
+                metrics::counter!("axum_channels_frames_over_budget_total").increment(1);
+                tracing::info!(%too_fast, "a client went over its inbound budget");
+                self.paused_until = Some(after(Instant::now(), too_fast.wait));
+                contained(consumer.too_fast(socket, too_fast)).await
+            }
+        };
         handle_outcome::<C>(socket, outcome).await;
+        None
     }
 }
 

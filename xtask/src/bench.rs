@@ -560,6 +560,14 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Lifts the inbound budget (200 frames a second per client by default):
+/// a load generator's few clients each send far more than a person does,
+/// and the bench measures the server's throughput, not its flood defence.
+pub(crate) fn unlimited_inbound(cmd: &mut Command) {
+    cmd.env("MAX_FRAMES_PER_SECOND", "0")
+        .env("MAX_BYTES_PER_SECOND", "0");
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
@@ -728,12 +736,4 @@ mod tests {
         assert_ne!(port, 0);
         TcpListener::bind(("127.0.0.1", port)).unwrap();
     }
-}
-
-/// Lifts the inbound budget (200 frames a second per client by default):
-/// a load generator's few clients each send far more than a person does,
-/// and the bench measures the server's throughput, not its flood defence.
-pub(crate) fn unlimited_inbound(cmd: &mut Command) {
-    cmd.env("MAX_FRAMES_PER_SECOND", "0")
-        .env("MAX_BYTES_PER_SECOND", "0");
 }
