@@ -96,15 +96,16 @@ pub(crate) fn default_max_sockets() -> SocketBudget {
     }
 }
 
-/// The sockets to allow under `file_limit` files. The reserve is a tenth of
-/// the limit, and at least 64 (half, under a limit of 128): the 64 cover
-/// what the process opens whatever its load (standard streams, the runtime's
-/// epoll and wakers, the listeners, Redis links, the one socket the accept
-/// loop holds while it makes room); the tenth grows with the limit for what
-/// an app opens per request (files, outgoing connections), which a fixed
-/// number cannot guess.
+/// The sockets to allow under `file_limit` files. The reserve is a
+/// twentieth of the limit, and at least 64 (half, under a limit of 128): the
+/// 64 cover what the process opens whatever its load (standard streams, the
+/// runtime's epoll and wakers, the listeners, Redis links, the one socket
+/// the accept loop holds while it makes room); the twentieth grows with the
+/// limit for what an app opens per request (files, outgoing connections),
+/// which a fixed number cannot guess. (1,000 files under a limit of 20,000:
+/// a WebSocket server opens few files of its own.)
 fn sockets_within(file_limit: u64) -> usize {
-    let reserve = (file_limit / 10).max(64.min(file_limit / 2));
+    let reserve = (file_limit / 20).max(64.min(file_limit / 2));
     let sockets = file_limit.saturating_sub(reserve).max(1);
     usize::try_from(sockets)
         .unwrap_or(usize::MAX)
@@ -976,8 +977,8 @@ mod tests {
             assert_eq!(soft, hard, "the soft limit was not raised");
         }
 
-        assert_eq!(sockets_within(20_000), 18_000);
-        assert_eq!(sockets_within(1_024), 922);
+        assert_eq!(sockets_within(20_000), 19_000);
+        assert_eq!(sockets_within(1_024), 960);
         assert_eq!(sockets_within(100), 50);
         assert_eq!(sockets_within(u64::MAX), Semaphore::MAX_PERMITS);
     }
