@@ -48,7 +48,8 @@ use tokio::time::Instant;
 
 use super::episode::Episode;
 use super::{
-    ChannelLayer, LayerError, LayerMessage, MAX_EXPIRY, validate_channel_name, validate_group_name,
+    ChannelLayer, LayerError, LayerMessage, MAX_EXPIRY, names, validate_channel_name,
+    validate_group_name,
 };
 
 /// How often expired entries are swept out.
@@ -68,8 +69,10 @@ pub struct MemoryConfig {
     /// Messages a channel may hold (default 100).
     pub capacity: usize,
     /// Capacity for channels whose name matches a pattern, first match wins.
-    /// A pattern is a channel name, or a prefix followed by `*`, e.g.
-    /// `("background-jobs*", 1000)`.
+    /// Patterns are Python's `fnmatch` globs, as on the Redis layers: `*`
+    /// (any run of characters), `?` (one character) and `[...]` / `[!...]`
+    /// (a character class), e.g. `("background-jobs*", 1000)` or
+    /// `("*.jobs", 1000)`.
     pub channel_capacity: Vec<(String, usize)>,
     /// How long a message waits to be received before it is dropped
     /// (default 60 s).
@@ -144,13 +147,7 @@ impl MemoryConfig {
     }
 
     fn capacity_of(&self, channel: &str) -> usize {
-        self.channel_capacity
-            .iter()
-            .find(|(pattern, _)| match pattern.strip_suffix('*') {
-                Some(prefix) => channel.starts_with(prefix),
-                None => channel == pattern,
-            })
-            .map_or(self.capacity, |(_, capacity)| *capacity)
+        names::capacity_of(&self.channel_capacity, self.capacity, channel)
     }
 }
 
@@ -567,6 +564,26 @@ mod tests {
         let message = json!({"type": "t"}).as_object().unwrap().clone();
         layer.send("ch", message.clone()).await.unwrap();
         assert_eq!(layer.receive("ch").await.unwrap(), message);
+    }
+
+    #[tokio::test]
+    async fn capacity_patterns_are_fnmatch_as_on_redis() {
+        let layer = InMemoryLayer::new(MemoryConfig {
+            capacity: 5,
+            channel_capacity: vec![("*.jobs".into(), 1), ("room_[0-9]".into(), 2)],
+            ..MemoryConfig::default()
+        });
+        let message = json!({"type": "t"}).as_object().unwrap().clone();
+        for (channel, capacity) in [("worker.jobs", 1), ("room_7", 2), ("room_x", 5)] {
+            for _ in 0..capacity {
+                layer.send(channel, message.clone()).await.unwrap();
+            }
+            let refused = layer.send(channel, message.clone()).await;
+            assert!(
+                matches!(refused, Err(LayerError::ChannelFull { .. })),
+                "{channel} holds {capacity}: {refused:?}"
+            );
+        }
     }
 
     #[test]
