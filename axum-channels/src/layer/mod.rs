@@ -27,6 +27,7 @@
 //! [`Layers`] holds the layers an app uses under short aliases (`"chat"`,
 //! `"queue"`, ...), built once at start.
 
+mod buffers;
 mod episode;
 pub mod memory;
 mod names;
