@@ -46,7 +46,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use memory::{InMemoryLayer, MemoryConfig};
-pub use names::{MAX_NAME_LENGTH, group_name_for, validate_channel_name, validate_group_name};
+pub use names::{
+    GROUP_MARKER, MAX_NAME_LENGTH, group_name_for, validate_channel_name, validate_group_name,
+};
 pub use registry::Layers;
 
 /// The longest `expiry` or `group_expiry` any layer accepts: 10 years (of
@@ -183,7 +185,8 @@ pub enum NameKind {
 /// out ([`is_outage`](LayerError::is_outage)).
 #[derive(Debug, Clone)]
 pub enum LayerError {
-    /// A channel or group name breaks the rules (see [`validate_channel_name`]).
+    /// A channel or group name breaks the rules (see [`validate_channel_name`]):
+    /// Django's, or ours that a channel name may not hold [`GROUP_MARKER`].
     InvalidName {
         /// Channel or group.
         kind: NameKind,
@@ -314,6 +317,15 @@ impl StdError for BackendError {
 impl fmt::Display for LayerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            LayerError::InvalidName {
+                kind: NameKind::Channel,
+                name,
+            } if names::follows_django_rules(name) => write!(
+                f,
+                "invalid channel name {name:?}: a channel name may not hold {GROUP_MARKER:?}, \
+                 which group channels use ({{prefix}}{GROUP_MARKER}{{group}}): a message sent \
+                 to it would reach a group's members"
+            ),
             LayerError::InvalidName {
                 kind: NameKind::Channel,
                 name,

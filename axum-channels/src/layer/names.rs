@@ -5,7 +5,12 @@
 //! The rules are Django Channels', so names mean the same on every backend
 //! and in every language: ASCII letters, digits, `-`, `_` and `.`, fewer than
 //! 100 characters. A channel name may also hold one `!`, which Django uses for
-//! channels local to one process.
+//! channels local to one process. One rule is ours: a channel name may not
+//! hold [`GROUP_MARKER`], because on the pub/sub layer
+//! `{prefix}__group__{group}` is the Redis channel of a group, so a `send` to
+//! such a name would reach every member of a group (of this layer, or of
+//! another layer with another prefix on the same Redis). Every layer refuses
+//! it, so a name that works in memory works on Redis too.
 
 use sha2::{Digest, Sha256};
 
@@ -14,21 +19,29 @@ use super::{LayerError, NameKind};
 /// Names must be shorter than this.
 pub const MAX_NAME_LENGTH: usize = 100;
 
+/// What no channel name may hold: the pub/sub layer's group channels are
+/// `{prefix}__group__{group}`.
+pub const GROUP_MARKER: &str = "__group__";
+
 fn allowed(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.')
 }
 
-/// Checks a channel name.
-pub fn validate_channel_name(name: &str) -> Result<(), LayerError> {
+/// True when `name` follows Django's rules for a channel name.
+pub(crate) fn follows_django_rules(name: &str) -> bool {
     let (head, tail) = match name.split_once('!') {
         Some((head, tail)) => (head, tail),
         None => (name, ""),
     };
-    let valid = !head.is_empty()
+    !head.is_empty()
         && name.len() < MAX_NAME_LENGTH
         && head.bytes().all(allowed)
-        && tail.bytes().all(allowed);
-    if valid {
+        && tail.bytes().all(allowed)
+}
+
+/// Checks a channel name: Django's rules, and no [`GROUP_MARKER`].
+pub fn validate_channel_name(name: &str) -> Result<(), LayerError> {
+    if follows_django_rules(name) && !name.contains(GROUP_MARKER) {
         Ok(())
     } else {
         Err(LayerError::InvalidName {
@@ -216,6 +229,21 @@ mod tests {
         assert_eq!(capacity_of(&patterns, 5, "jobs.urgent"), 3);
         assert_eq!(capacity_of(&patterns, 5, "jobs"), 3);
         assert_eq!(capacity_of(&patterns, 5, "chat"), 5);
+    }
+
+    #[test]
+    fn channel_names_may_not_look_like_a_group_channel() {
+        for name in ["asgi__group__room", "__group__", "chat__group__x!y"] {
+            assert!(follows_django_rules(name), "{name}");
+            let err = validate_channel_name(name).unwrap_err();
+            let shown = err.to_string();
+            assert!(
+                shown.contains("__group__") && shown.contains(name),
+                "{shown}"
+            );
+        }
+        assert!(validate_channel_name("asgi_group_room").is_ok());
+        assert!(validate_group_name("__group__").is_ok(), "a group may");
     }
 
     #[test]
