@@ -130,7 +130,50 @@ async fn in_memory() {
     }
 }
 
+/// The pub/sub layer, through a Redis of its own: the message comes back
+/// from Redis once and is handed to every local member. Delivery is awaited
+/// by receiving it on the first member, which drops that copy again.
+async fn pubsub() {
+    use axum_channels::layer::redis::{RedisConfig, RedisPubSubLayer};
+    use axum_channels::testing::RedisServer;
+
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let layer = RedisPubSubLayer::connect(RedisConfig {
+        max_message_size: 4 * MIB,
+        ..RedisConfig::new(server.url())
+    })
+    .await
+    .expect("connect the pub/sub layer");
+    let members = room_of_readers_that_never_read(&layer).await;
+    let delivered = async |layer: &RedisPubSubLayer| {
+        let got = layer.receive(&members[0]).await.expect("receive");
+        assert_eq!(got["text"].as_str().map(str::len), Some(MIB));
+    };
+    // The first message also grows the connection's read and write
+    // buffers, which it keeps: the second one measures the message alone.
+    cost_of_one_group_send(&layer).await;
+    delivered(&layer).await;
+    let message = big_message();
+    let before = live();
+    layer.group_send("room", message).await.expect("group_send");
+    delivered(&layer).await;
+    let added = live().saturating_sub(before);
+    eprintln!(
+        "layer_fanout_memory: on pub/sub, a 1 MiB message to {MEMBERS} members added {:.2} MiB ({added} bytes)",
+        added as f64 / MIB as f64
+    );
+    assert!(
+        added < BUDGET,
+        "a 1 MiB message to {MEMBERS} members added {added} bytes ({:.1} MiB): \
+         each member holds a copy of its own",
+        added as f64 / MIB as f64
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_group_message_is_held_once_whatever_the_number_of_members() {
     in_memory().await;
+    pubsub().await;
 }

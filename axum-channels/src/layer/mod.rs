@@ -137,7 +137,10 @@ pub trait ChannelLayer: Send + Sync + 'static {
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError>;
 
     /// Adds `channel` to `group` (again, if it was there: that renews its
-    /// membership's expiry).
+    /// membership's expiry). A layer whose memberships live in this process
+    /// (pub/sub) takes only a channel it holds (made by its `new_channel`,
+    /// or received on here), and refuses any other with
+    /// [`LayerError::NotLocal`], as Python's does.
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError>;
 
     /// Removes `channel` from `group`.
@@ -192,6 +195,15 @@ pub enum LayerError {
         kind: NameKind,
         /// The offending name.
         name: String,
+    },
+    /// `group_add` of a channel that has no buffer in this process, on a
+    /// layer whose memberships are local (pub/sub): nothing here would ever
+    /// receive its group messages, nor free them.
+    NotLocal {
+        /// The channel that was to join.
+        channel: String,
+        /// The group it was to join.
+        group: String,
     },
     /// The channel holds as many messages as its capacity allows.
     ChannelFull {
@@ -341,6 +353,13 @@ impl fmt::Display for LayerError {
                 f,
                 "invalid group name {name:?}: use ASCII letters, digits, '-', '_' and '.', \
                  in fewer than {MAX_NAME_LENGTH} characters"
+            ),
+            LayerError::NotLocal { channel, group } => write!(
+                f,
+                "cannot add channel {channel:?} to group {group:?}: this layer only adds \
+                 channels that exist in this process (made by its new_channel, or received \
+                 on here), as Python's RedisPubSubChannelLayer does; join with the consumer's \
+                 own channel name"
             ),
             LayerError::ChannelFull { channel } => {
                 write!(f, "ChannelFull: channel {channel:?} is at capacity")
