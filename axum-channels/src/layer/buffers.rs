@@ -27,8 +27,7 @@
 //! an `.await`; [`Receiver::next`] awaits its bell only after the guard's
 //! block has ended.
 
-use std::collections::VecDeque;
-use std::collections::hash_map::{self, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -48,10 +47,6 @@ use super::episode::Episode;
 pub(crate) struct Locked<T>(Mutex<T>);
 
 impl<T> Locked<T> {
-    pub(crate) fn new(value: T) -> Self {
-        Locked(Mutex::new(value))
-    }
-
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.0
             .lock()
@@ -186,11 +181,6 @@ impl<X> Buffer<X> {
     pub(crate) fn with_demand(mut self, demand: Arc<Demand>) -> Self {
         self.demand = Some(demand);
         self
-    }
-
-    /// Messages it holds, expired ones included until someone looks.
-    pub(crate) fn len(&self) -> usize {
-        self.queue.len()
     }
 
     /// True while a receiver waits on it.
@@ -371,21 +361,18 @@ impl<X> LocalBuffers<X> {
             .or_insert_with(|| Buffer::new(capacity(), when_full))
     }
 
-    /// Adds a buffer the caller made (e.g. one that counts [`Demand`]);
-    /// false, and nothing changed, if `channel` has one already.
-    pub(crate) fn insert(&mut self, channel: &str, buffer: Buffer<X>) -> bool {
-        match self.buffers.entry(channel.to_owned()) {
-            hash_map::Entry::Occupied(_) => false,
-            hash_map::Entry::Vacant(slot) => {
-                slot.insert(buffer);
-                true
-            }
-        }
-    }
-
-    /// A buffer that shares this layer's [`WhenFull`].
-    pub(crate) fn new_buffer(&self, capacity: usize) -> Buffer<X> {
-        Buffer::new(capacity, self.when_full)
+    /// The buffer of `channel`, made with `capacity` and counted in
+    /// `demand` (see [`Buffer::with_demand`]) if it has none yet.
+    pub(crate) fn open_counted(
+        &mut self,
+        channel: &str,
+        capacity: usize,
+        demand: impl FnOnce() -> Arc<Demand>,
+    ) -> &mut Buffer<X> {
+        let when_full = self.when_full;
+        self.buffers
+            .entry(channel.to_owned())
+            .or_insert_with(|| Buffer::new(capacity, when_full).with_demand(demand()))
     }
 
     /// Removes the buffer of `channel`, returning it.
@@ -539,7 +526,7 @@ mod tests {
         }
         assert_eq!(n(buffer.hand_over(now)), Some(3));
         assert_eq!(n(buffer.hand_over(now)), Some(4));
-        assert_eq!(buffer.len(), 0);
+        assert!(buffer.hand_over(now).is_none());
     }
 
     #[test]
@@ -599,27 +586,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_receiver_waits_for_a_message_and_a_dropped_one_stops_waiting() {
-        let state = Locked::new(State::default());
-        {
+        let state = Locked::<State>::default();
+        let start = || {
             let mut locked = state.lock();
             let buffer = locked.buffers().open("ch", || 10);
-            let receiver = Receiver::new(&state, "ch", buffer);
-            drop(locked);
-            let cancelled = tokio::time::timeout(Duration::from_millis(1), receiver.next());
-            assert!(cancelled.await.is_err(), "nothing to receive yet");
-        }
+            Receiver::new(&state, "ch", buffer)
+        };
+        let cancelled = tokio::time::timeout(Duration::from_millis(1), start().next());
+        assert!(cancelled.await.is_err(), "nothing to receive yet");
         assert!(
             !state.lock().buffers().get("ch").unwrap().is_waited_on(),
             "the cancelled receive no longer counts as waiting"
         );
 
-        let waiter = {
-            let mut locked = state.lock();
-            let buffer = locked.buffers().open("ch", || 10);
-            let receiver = Receiver::new(&state, "ch", buffer);
-            drop(locked);
-            receiver.next()
-        };
+        let waiter = start().next();
         let sender = async {
             tokio::task::yield_now().await;
             let mut locked = state.lock();
