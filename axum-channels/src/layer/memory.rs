@@ -443,6 +443,17 @@ mod tests {
     }
 
     impl Captured {
+        /// Captures this thread's log lines until the guard is dropped.
+        fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            (captured, tracing::subscriber::set_default(subscriber))
+        }
+
         fn lines(&self) -> usize {
             String::from_utf8_lossy(&self.0.lock().unwrap())
                 .lines()
@@ -472,13 +483,7 @@ mod tests {
 
     #[tokio::test]
     async fn limits_out_of_range_are_moved_into_it_with_one_warning() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (captured, _guard) = Captured::start();
 
         let config = MemoryConfig {
             capacity: 0,
@@ -545,13 +550,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_member_that_does_not_keep_up_is_reported_once_per_episode() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (captured, _guard) = Captured::start();
 
         let layer = InMemoryLayer::new(MemoryConfig {
             capacity: 2,

@@ -269,6 +269,32 @@ impl Inner {
         self.shared.config.command_timeout
     }
 
+    /// Publishes `message` on the Redis channel `name`, on the host its
+    /// hash picks; returns how many subscribers got it (processes, not
+    /// consumers).
+    async fn publish(
+        &self,
+        call: &'static str,
+        name: &str,
+        message: &LayerMessage,
+    ) -> Result<u64, LayerError> {
+        let config = &self.shared.config;
+        let payload = codec::encode(message, Route::None, false, config.max_message_size)?;
+        let shard = self.shared.shard(name);
+        bounded(call, self.timeout(), async {
+            self.links[shard]
+                .run(|mut conn| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(name)
+                        .arg(payload)
+                        .query_async::<u64>(&mut conn)
+                        .await
+                })
+                .await
+        })
+        .await
+    }
+
     /// Subscribes to a local channel unless it is already, or gone.
     async fn subscribe_channel(&self, name: &str) -> Result<(), LayerError> {
         let shard = self.shared.shard(name);
@@ -388,26 +414,7 @@ impl ChannelLayer for RedisPubSubLayer {
 
     async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_channel_name(channel)?;
-        let inner = &self.inner;
-        let payload = codec::encode(
-            &message,
-            Route::None,
-            false,
-            inner.shared().config.max_message_size,
-        )?;
-        let shard = inner.shared().shard(channel);
-        let receivers = bounded("send", inner.timeout(), async {
-            inner.links[shard]
-                .run(|mut conn| async move {
-                    redis::cmd("PUBLISH")
-                        .arg(channel)
-                        .arg(payload)
-                        .query_async::<u64>(&mut conn)
-                        .await
-                })
-                .await
-        })
-        .await?;
+        let receivers = self.inner.publish("send", channel, &message).await?;
         if receivers == 0 {
             // Pub/sub keeps nothing: e.g. a job's result for a client that
             // left before it was done. Worth a line when debugging.
@@ -514,27 +521,9 @@ impl ChannelLayer for RedisPubSubLayer {
 
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_group_name(group)?;
-        let inner = &self.inner;
-        let payload = codec::encode(
-            &message,
-            Route::None,
-            false,
-            inner.shared().config.max_message_size,
-        )?;
-        let name = group_channel(&inner.shared().config.prefix, group);
-        let shard = inner.shared().shard(&name);
-        bounded("group_send", inner.timeout(), async {
-            inner.links[shard]
-                .run(|mut conn| async move {
-                    redis::cmd("PUBLISH")
-                        .arg(&name)
-                        .arg(payload)
-                        .query_async::<()>(&mut conn)
-                        .await
-                })
-                .await
-        })
-        .await
+        let name = group_channel(&self.inner.shared().config.prefix, group);
+        self.inner.publish("group_send", &name, &message).await?;
+        Ok(())
     }
 
     /// Leaves every group and empties every local buffer; channels stay
