@@ -905,6 +905,54 @@ mod checks {
         assert_nothing_queued(&layer, &good_channel, "refused calls must have no effect").await;
     }
 
+    /// A channel name holding `__group__` is refused everywhere: on the
+    /// pub/sub layer `{prefix}__group__{group}` is a group's Redis channel,
+    /// so `send("asgi__group__room")` would reach every member of `room`.
+    /// The other layers refuse it too, so a name never works in memory and
+    /// fails on Redis.
+    pub async fn channel_names_that_look_like_group_channels_are_refused(b: &Backend) {
+        let layer = b.layer(Limits::default()).await;
+        let member = channel(&layer, "member").await;
+        layer
+            .group_add("room", &member)
+            .await
+            .expect("group_add failed");
+        let expect_refused = |result: Result<(), LayerError>, name: &str, call: &str| {
+            let Err(err) = result else {
+                panic!("{call}({name:?}) succeeded");
+            };
+            assert!(
+                matches!(&err, LayerError::InvalidName { kind: NameKind::Channel, name: n } if n == name),
+                "{call}({name:?}): {err:?}"
+            );
+            let shown = err.to_string();
+            assert!(
+                shown.contains("may not hold \"__group__\"") && shown.contains(name),
+                "the error for {name:?} should quote it and state the rule, got: {shown}"
+            );
+        };
+        for name in ["asgi__group__room", "chat__group__room", "__group__room"] {
+            expect_refused(layer.send(name, message(1)).await, name, "send");
+            let received = timeout(GUARD, layer.receive(name))
+                .await
+                .unwrap_or_else(|_| panic!("receive({name:?}) waited instead of refusing"));
+            expect_refused(received.map(drop), name, "receive");
+            expect_refused(layer.group_add("room", name).await, name, "group_add");
+            expect_refused(
+                layer.group_discard("room", name).await,
+                name,
+                "group_discard",
+            );
+            expect_refused(layer.close_channel(name).await, name, "close_channel");
+        }
+        let made = layer.new_channel("a__group__b").await;
+        assert!(
+            matches!(made, Err(LayerError::InvalidName { .. })),
+            "new_channel(\"a__group__b\") must refuse the name it would make, got {made:?}"
+        );
+        assert_nothing_queued(&layer, &member, "refused sends must reach no group").await;
+    }
+
     /// `messages_expire` on a real clock, for a backend whose server
     /// expires entries itself, in whole seconds (expiry 1 s). The waits give
     /// lower bounds that no scheduling delay can break; the upper bounds
@@ -1179,6 +1227,7 @@ macro_rules! conformance_tests {
                 a_full_channel_refuses_messages,
                 flush_drops_messages_and_groups,
                 invalid_names_are_refused,
+                channel_names_that_look_like_group_channels_are_refused,
                 documented_differences,
             );
             conformance_tests!(@expiry $expiry);

@@ -1083,6 +1083,51 @@ mod bad_input {
         layer.send(&theirs, numbered(1)).await.unwrap();
         assert_eq!(recv(&other, &theirs).await, numbered(1));
     }
+
+    /// Pub/sub memberships are local, so `group_add` takes only a channel
+    /// this process holds, as Python's layer does. Taking another would
+    /// make a buffer and a subscription that nothing reads and nothing
+    /// frees.
+    #[tokio::test]
+    async fn pubsub_group_add_takes_only_channels_this_process_holds() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let layer = pubsub(&[server.url()]).await;
+        let other = pubsub(&[server.url()]).await;
+        let theirs = other.new_channel("specific").await.unwrap();
+        let mut conn = raw(&server.url()).await;
+        for channel in [theirs.as_str(), "worker.jobs"] {
+            let err = layer.group_add("room", channel).await.unwrap_err();
+            assert!(
+                matches!(&err, LayerError::NotLocal { channel: c, group } if c == channel && group == "room"),
+                "{err:?}"
+            );
+            assert!(!err.is_outage());
+            let shown = err.to_string();
+            assert!(
+                shown.contains(&format!("{channel:?}")) && shown.contains("exist in this process"),
+                "{shown}"
+            );
+        }
+        assert_eq!(layer.local_channels(), 0, "no buffer for a refused join");
+        let subscribed: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("asgi__group__room")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(subscribed.is_empty(), "no subscription for a refused join");
+
+        // A channel received on here is held here, made by new_channel or not.
+        let receiving = layer.receive("worker.jobs");
+        let joined = async {
+            layer.group_add("room", "worker.jobs").await.unwrap();
+            layer.group_send("room", numbered(1)).await.unwrap();
+        };
+        let (received, ()) = tokio::join!(timeout(GUARD, receiving), joined);
+        assert_eq!(received.unwrap().unwrap(), numbered(1));
+    }
 }
 
 mod redis_goes_away {

@@ -22,6 +22,9 @@
 //! refuses a configuration outside it, [`InMemoryLayer::new`] moves it
 //! into it with one warning, so no configuration can make a call panic.
 //!
+//! Messages wait in the local buffers every layer shares (`buffers.rs`); a
+//! group message is one copy shared by its members.
+//!
 //! # Why a `std::sync::Mutex` in async code
 //!
 //! All state sits behind one [`std::sync::Mutex`], not tokio's async mutex.
@@ -36,19 +39,19 @@
 //! and never across an await is cheaper as a plain mutex: tokio's own
 //! documentation recommends exactly this for shared data.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::episode::Episode;
+use super::buffers::{Entry, Full, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull};
 use super::{
-    ChannelLayer, LayerError, LayerMessage, MAX_EXPIRY, validate_channel_name, validate_group_name,
+    ChannelLayer, LayerError, LayerMessage, MAX_EXPIRY, names, validate_channel_name,
+    validate_group_name,
 };
 
 /// How often expired entries are swept out.
@@ -68,8 +71,10 @@ pub struct MemoryConfig {
     /// Messages a channel may hold (default 100).
     pub capacity: usize,
     /// Capacity for channels whose name matches a pattern, first match wins.
-    /// A pattern is a channel name, or a prefix followed by `*`, e.g.
-    /// `("background-jobs*", 1000)`.
+    /// Patterns are Python's `fnmatch` globs, as on the Redis layers: `*`
+    /// (any run of characters), `?` (one character) and `[...]` / `[!...]`
+    /// (a character class), e.g. `("background-jobs*", 1000)` or
+    /// `("*.jobs", 1000)`.
     pub channel_capacity: Vec<(String, usize)>,
     /// How long a message waits to be received before it is dropped
     /// (default 60 s).
@@ -144,29 +149,24 @@ impl MemoryConfig {
     }
 
     fn capacity_of(&self, channel: &str) -> usize {
-        self.channel_capacity
-            .iter()
-            .find(|(pattern, _)| match pattern.strip_suffix('*') {
-                Some(prefix) => channel.starts_with(prefix),
-                None => channel == pattern,
-            })
-            .map_or(self.capacity, |(_, capacity)| *capacity)
+        names::capacity_of(&self.channel_capacity, self.capacity, channel)
     }
 }
 
 /// Channels and groups inside this process.
 pub struct InMemoryLayer {
     config: MemoryConfig,
-    state: Mutex<State>,
+    state: Locked<State>,
     next_id: AtomicU64,
     /// What every channel name this layer makes contains, e.g.
     /// `.inmemory!5e0c71a2`: random per layer, as Django's names are.
     marker: String,
 }
 
-#[derive(Default)]
 struct State {
-    channels: HashMap<String, Channel>,
+    /// A channel's buffer refuses a message past its capacity, so the
+    /// sender gets `ChannelFull`.
+    buffers: LocalBuffers,
     /// Channels made by `new_channel` and not closed yet. A send to one of
     /// this layer's own names that is not here goes to a connection that has
     /// ended, so it is dropped rather than kept until it expires.
@@ -176,32 +176,22 @@ struct State {
     last_sweep: Option<Instant>,
 }
 
-#[derive(Default)]
-struct Channel {
-    /// Messages with the moment each one expires, oldest first.
-    queue: VecDeque<(Instant, LayerMessage)>,
-    /// Wakes the receiver when a message arrives.
-    arrived: Arc<Notify>,
-    /// Receivers waiting right now; a channel with one is never swept away,
-    /// or its receiver would wait on a `Notify` nobody can reach.
-    waiting: usize,
-    /// Going on while the channel drops group messages, so a receiver that
-    /// falls behind costs one log line rather than one per dropped message.
-    /// It ends only once the receiver has caught up (its channel is empty
-    /// again): a receiver that stays just behind, taking one message while
-    /// the room sends ten, is still one episode.
-    full: Episode,
+impl Default for State {
+    fn default() -> Self {
+        State {
+            buffers: LocalBuffers::new(WhenFull::Refuse),
+            open: HashSet::new(),
+            groups: HashMap::new(),
+            last_sweep: None,
+        }
+    }
 }
 
-impl Channel {
-    fn drop_expired(&mut self, now: Instant) {
-        while self
-            .queue
-            .front()
-            .is_some_and(|(expires, _)| *expires <= now)
-        {
-            self.queue.pop_front();
-        }
+impl HoldsBuffers for State {
+    type Extra = ();
+
+    fn buffers(&mut self) -> &mut LocalBuffers {
+        &mut self.buffers
     }
 }
 
@@ -237,44 +227,30 @@ impl InMemoryLayer {
     fn build(config: MemoryConfig) -> Self {
         InMemoryLayer {
             config,
-            state: Mutex::default(),
+            state: Locked::default(),
             next_id: AtomicU64::new(0),
             marker: format!(".inmemory!{:08x}", RandomState::new().hash_one(0u8) as u32),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps inconsistent
-        // (every update is a single insert or remove), so carry on.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Puts a message in a channel of a locked state.
+    /// Puts a message in a channel of a locked state, making the channel's
+    /// buffer if it has none (a name the layer did not make, e.g. a
+    /// worker's plain channel, is created on demand, as in Django).
     fn push(
         &self,
         state: &mut State,
         channel: &str,
-        message: LayerMessage,
+        message: Arc<LayerMessage>,
         now: Instant,
     ) -> Result<(), LayerError> {
-        let entry = state.channels.entry(channel.to_owned()).or_default();
-        entry.drop_expired(now);
-        if entry.queue.len() >= self.config.capacity_of(channel) {
-            metrics::counter!("axum_channels_layer_channel_full_total").increment(1);
-            return Err(LayerError::ChannelFull {
+        let expires = deadline(now, self.config.expiry);
+        state
+            .buffers
+            .open(channel, || self.config.capacity_of(channel))
+            .push(channel, Entry::new(message, Some(expires)), now)
+            .map_err(|Full| LayerError::ChannelFull {
                 channel: channel.to_owned(),
-            });
-        }
-        if entry.queue.is_empty() {
-            entry.full.end();
-        }
-        entry
-            .queue
-            .push_back((deadline(now, self.config.expiry), message));
-        entry.arrived.notify_one();
-        Ok(())
+            })
     }
 
     fn sweep_if_due(state: &mut State, now: Instant) {
@@ -285,10 +261,7 @@ impl InMemoryLayer {
             return;
         }
         state.last_sweep = Some(now);
-        state.channels.retain(|_, channel| {
-            channel.drop_expired(now);
-            !channel.queue.is_empty() || channel.waiting > 0
-        });
+        state.buffers.retain(|_, buffer| buffer.sweep(now));
         state.groups.retain(|_, members| {
             members.retain(|_, lapses| *lapses > now);
             !members.is_empty()
@@ -298,8 +271,8 @@ impl InMemoryLayer {
     /// How many channels and groups the layer holds right now (for tests and
     /// for watching memory).
     pub fn size(&self) -> (usize, usize) {
-        let state = self.lock();
-        (state.channels.len(), state.groups.len())
+        let state = self.state.lock();
+        (state.buffers.len(), state.groups.len())
     }
 }
 
@@ -316,21 +289,6 @@ fn deadline(now: Instant, mut lifetime: Duration) -> Instant {
     }
 }
 
-/// Counts a receiver as waiting on a channel for as long as it lives, also
-/// when its future is dropped half-way (a `select!` picked another branch).
-struct Waiting<'a> {
-    layer: &'a InMemoryLayer,
-    channel: &'a str,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if let Some(channel) = self.layer.lock().channels.get_mut(self.channel) {
-            channel.waiting -= 1;
-        }
-    }
-}
-
 #[async_trait]
 impl ChannelLayer for InMemoryLayer {
     async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
@@ -338,58 +296,41 @@ impl ChannelLayer for InMemoryLayer {
         let name = format!("{prefix}{}{id:x}", self.marker);
         // A prefix with its own '!' makes a name with two, which this refuses.
         validate_channel_name(&name)?;
-        self.lock().open.insert(name.clone());
+        self.state.lock().open.insert(name.clone());
         Ok(name)
     }
 
     async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_channel_name(channel)?;
         let now = Instant::now();
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         if channel.contains(&self.marker) && !state.open.contains(channel) {
             // E.g. a job's result for a client that left before it was done.
             tracing::debug!(channel, "dropped a message for a channel that is closed");
             return Ok(());
         }
         Self::sweep_if_due(&mut state, now);
-        self.push(&mut state, channel, message, now)
+        self.push(&mut state, channel, Arc::new(message), now)
     }
 
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
         validate_channel_name(channel)?;
-        let arrived = {
-            let mut state = self.lock();
-            let entry = state.channels.entry(channel.to_owned()).or_default();
-            entry.waiting += 1;
-            Arc::clone(&entry.arrived)
+        let receiver = {
+            let mut state = self.state.lock();
+            let buffer = state
+                .buffers
+                .open(channel, || self.config.capacity_of(channel));
+            Receiver::new(&self.state, channel, buffer)
         };
-        let _waiting = Waiting {
-            layer: self,
-            channel,
-        };
-        loop {
-            // Register for a wake-up before looking, so a message that
-            // arrives in between is not missed.
-            let notified = arrived.notified();
-            {
-                let now = Instant::now();
-                let mut state = self.lock();
-                if let Some(entry) = state.channels.get_mut(channel) {
-                    entry.drop_expired(now);
-                    if let Some((_, message)) = entry.queue.pop_front() {
-                        return Ok(message);
-                    }
-                }
-            }
-            notified.await;
-        }
+        Ok(receiver.next().await.into_message())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
         validate_group_name(group)?;
         validate_channel_name(channel)?;
         let lapses = deadline(Instant::now(), self.config.group_expiry);
-        self.lock()
+        self.state
+            .lock()
             .groups
             .entry(group.to_owned())
             .or_default()
@@ -400,7 +341,7 @@ impl ChannelLayer for InMemoryLayer {
     async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
         validate_group_name(group)?;
         validate_channel_name(channel)?;
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         if let Some(members) = state.groups.get_mut(group) {
             members.remove(channel);
             if members.is_empty() {
@@ -413,7 +354,7 @@ impl ChannelLayer for InMemoryLayer {
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_group_name(group)?;
         let now = Instant::now();
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         Self::sweep_if_due(&mut state, now);
         let members: Vec<String> = match state.groups.get_mut(group) {
             Some(members) => {
@@ -422,10 +363,12 @@ impl ChannelLayer for InMemoryLayer {
             }
             None => return Ok(()),
         };
+        // One copy, whatever the number of members.
+        let message = Arc::new(message);
         for channel in members {
-            if let Err(err) = self.push(&mut state, &channel, message.clone(), now)
-                && let Some(entry) = state.channels.get_mut(&channel)
-                && entry.full.start()
+            if let Err(err) = self.push(&mut state, &channel, Arc::clone(&message), now)
+                && let Some(buffer) = state.buffers.get_mut(&channel)
+                && buffer.falling_behind()
             {
                 tracing::warn!(
                     group,
@@ -439,13 +382,13 @@ impl ChannelLayer for InMemoryLayer {
     }
 
     async fn flush(&self) -> Result<(), LayerError> {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.groups.clear();
-        // Keep channels someone is waiting on (their receivers hold the
-        // `Notify`), but empty them.
-        state.channels.retain(|_, channel| {
-            channel.queue.clear();
-            channel.waiting > 0
+        // Keep channels someone is waiting on (their receivers wait on
+        // their bells), but empty them.
+        state.buffers.retain(|_, buffer| {
+            buffer.clear();
+            buffer.is_waited_on()
         });
         Ok(())
     }
@@ -456,16 +399,16 @@ impl ChannelLayer for InMemoryLayer {
 
     async fn close_channel(&self, channel: &str) -> Result<(), LayerError> {
         validate_channel_name(channel)?;
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         if state
-            .channels
+            .buffers
             .get(channel)
-            .is_some_and(|entry| entry.waiting > 0)
+            .is_some_and(|buffer| buffer.is_waited_on())
         {
             return Ok(()); // someone still receives on it
         }
         state.open.remove(channel);
-        state.channels.remove(channel);
+        state.buffers.remove(channel);
         // Left in a group, the channel would be recreated by the next group
         // message and fill up with messages nobody reads.
         state.groups.retain(|_, members| {
@@ -479,6 +422,7 @@ impl ChannelLayer for InMemoryLayer {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+    use std::sync::Mutex;
 
     use serde_json::json;
 
@@ -499,6 +443,17 @@ mod tests {
     }
 
     impl Captured {
+        /// Captures this thread's log lines until the guard is dropped.
+        fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            (captured, tracing::subscriber::set_default(subscriber))
+        }
+
         fn lines(&self) -> usize {
             String::from_utf8_lossy(&self.0.lock().unwrap())
                 .lines()
@@ -528,13 +483,7 @@ mod tests {
 
     #[tokio::test]
     async fn limits_out_of_range_are_moved_into_it_with_one_warning() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (captured, _guard) = Captured::start();
 
         let config = MemoryConfig {
             capacity: 0,
@@ -569,6 +518,26 @@ mod tests {
         assert_eq!(layer.receive("ch").await.unwrap(), message);
     }
 
+    #[tokio::test]
+    async fn capacity_patterns_are_fnmatch_as_on_redis() {
+        let layer = InMemoryLayer::new(MemoryConfig {
+            capacity: 5,
+            channel_capacity: vec![("*.jobs".into(), 1), ("room_[0-9]".into(), 2)],
+            ..MemoryConfig::default()
+        });
+        let message = json!({"type": "t"}).as_object().unwrap().clone();
+        for (channel, capacity) in [("worker.jobs", 1), ("room_7", 2), ("room_x", 5)] {
+            for _ in 0..capacity {
+                layer.send(channel, message.clone()).await.unwrap();
+            }
+            let refused = layer.send(channel, message.clone()).await;
+            assert!(
+                matches!(refused, Err(LayerError::ChannelFull { .. })),
+                "{channel} holds {capacity}: {refused:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_deadline_past_the_clock_is_the_latest_it_can_hold() {
         let now = Instant::now();
@@ -581,13 +550,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_member_that_does_not_keep_up_is_reported_once_per_episode() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (captured, _guard) = Captured::start();
 
         let layer = InMemoryLayer::new(MemoryConfig {
             capacity: 2,

@@ -27,6 +27,7 @@
 //! [`Layers`] holds the layers an app uses under short aliases (`"chat"`,
 //! `"queue"`, ...), built once at start.
 
+mod buffers;
 mod episode;
 pub mod memory;
 mod names;
@@ -45,7 +46,9 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use memory::{InMemoryLayer, MemoryConfig};
-pub use names::{MAX_NAME_LENGTH, group_name_for, validate_channel_name, validate_group_name};
+pub use names::{
+    GROUP_MARKER, MAX_NAME_LENGTH, group_name_for, validate_channel_name, validate_group_name,
+};
 pub use registry::Layers;
 
 /// The longest `expiry` or `group_expiry` any layer accepts: 10 years (of
@@ -134,7 +137,10 @@ pub trait ChannelLayer: Send + Sync + 'static {
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError>;
 
     /// Adds `channel` to `group` (again, if it was there: that renews its
-    /// membership's expiry).
+    /// membership's expiry). A layer whose memberships live in this process
+    /// (pub/sub) takes only a channel it holds (made by its `new_channel`,
+    /// or received on here), and refuses any other with
+    /// [`LayerError::NotLocal`], as Python's does.
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError>;
 
     /// Removes `channel` from `group`.
@@ -182,12 +188,22 @@ pub enum NameKind {
 /// out ([`is_outage`](LayerError::is_outage)).
 #[derive(Debug, Clone)]
 pub enum LayerError {
-    /// A channel or group name breaks the rules (see [`validate_channel_name`]).
+    /// A channel or group name breaks the rules (see [`validate_channel_name`]):
+    /// Django's, or ours that a channel name may not hold [`GROUP_MARKER`].
     InvalidName {
         /// Channel or group.
         kind: NameKind,
         /// The offending name.
         name: String,
+    },
+    /// `group_add` of a channel that has no buffer in this process, on a
+    /// layer whose memberships are local (pub/sub): nothing here would ever
+    /// receive its group messages, nor free them.
+    NotLocal {
+        /// The channel that was to join.
+        channel: String,
+        /// The group it was to join.
+        group: String,
     },
     /// The channel holds as many messages as its capacity allows.
     ChannelFull {
@@ -316,6 +332,15 @@ impl fmt::Display for LayerError {
             LayerError::InvalidName {
                 kind: NameKind::Channel,
                 name,
+            } if names::follows_django_rules(name) => write!(
+                f,
+                "invalid channel name {name:?}: a channel name may not hold {GROUP_MARKER:?}, \
+                 which group channels use ({{prefix}}{GROUP_MARKER}{{group}}): a message sent \
+                 to it would reach a group's members"
+            ),
+            LayerError::InvalidName {
+                kind: NameKind::Channel,
+                name,
             } => write!(
                 f,
                 "invalid channel name {name:?}: use ASCII letters, digits, '-', '_' and '.', \
@@ -328,6 +353,13 @@ impl fmt::Display for LayerError {
                 f,
                 "invalid group name {name:?}: use ASCII letters, digits, '-', '_' and '.', \
                  in fewer than {MAX_NAME_LENGTH} characters"
+            ),
+            LayerError::NotLocal { channel, group } => write!(
+                f,
+                "cannot add channel {channel:?} to group {group:?}: this layer only adds \
+                 channels that exist in this process (made by its new_channel, or received \
+                 on here), as Python's RedisPubSubChannelLayer does; join with the consumer's \
+                 own channel name"
             ),
             LayerError::ChannelFull { channel } => {
                 write!(f, "ChannelFull: channel {channel:?} is at capacity")

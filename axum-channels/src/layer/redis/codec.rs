@@ -132,6 +132,37 @@ fn fail<T>(why: impl Into<String>) -> Result<T, DecodeError> {
     Err(DecodeError(why.into()))
 }
 
+/// A payload from Redis as a message, or `None` after one warning that says
+/// why it was dropped: larger than `limit`, or unreadable (another
+/// serializer, encryption, a bug in a peer). `from` names the Redis channel
+/// or key it came from. Both layers read every payload through here, so a
+/// peer's bad message never panics and never affects other channels.
+pub(crate) fn read(
+    payload: &[u8],
+    random_prefix: bool,
+    limit: usize,
+    from: &str,
+) -> Option<Decoded> {
+    if payload.len() > limit {
+        metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
+        tracing::warn!(
+            from,
+            size = payload.len(),
+            limit,
+            "dropped a message larger than max_message_size"
+        );
+        return None;
+    }
+    match decode(payload, random_prefix) {
+        Ok(decoded) => Some(decoded),
+        Err(why) => {
+            metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
+            tracing::warn!(from, %why, "dropped a message this layer cannot read");
+            None
+        }
+    }
+}
+
 /// Decodes a payload from Redis; `random_prefix` strips the queue layer's
 /// 12 bytes first.
 pub(crate) fn decode(payload: &[u8], random_prefix: bool) -> Result<Decoded, DecodeError> {

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::layer::{LayerError, MAX_EXPIRY};
+use crate::layer::{LayerError, MAX_EXPIRY, names};
 
 /// Settings of [`RedisLayer`](super::RedisLayer) and
 /// [`RedisPubSubLayer`](super::RedisPubSubLayer).
@@ -56,9 +56,9 @@ pub struct RedisConfig {
     /// buffer of each channel.
     pub capacity: usize,
     /// Capacity for channels whose name matches a pattern, first match wins.
-    /// Patterns are Python's `fnmatch` globs: `*` (any run of characters),
-    /// `?` (one character) and `[...]` / `[!...]` (a character class), e.g.
-    /// `("background-jobs*", 1000)`.
+    /// Patterns are Python's `fnmatch` globs, as in memory: `*` (any run of
+    /// characters), `?` (one character) and `[...]` / `[!...]` (a character
+    /// class), e.g. `("background-jobs*", 1000)`.
     pub channel_capacity: Vec<(String, usize)>,
     /// *Rust only.* How long one blocking pop (`BZPOPMIN`) waits before it is
     /// issued again (default 5 s, Python's `brpop_timeout`). Whole seconds,
@@ -114,10 +114,7 @@ impl RedisConfig {
     /// The capacity of `channel`: the first matching pattern's, or
     /// [`capacity`](Self::capacity).
     pub fn capacity_of(&self, channel: &str) -> usize {
-        self.channel_capacity
-            .iter()
-            .find(|(pattern, _)| glob_match(pattern, channel))
-            .map_or(self.capacity, |(_, capacity)| *capacity)
+        names::capacity_of(&self.channel_capacity, self.capacity, channel)
     }
 
     /// `expiry` in the whole seconds the wire uses.
@@ -189,128 +186,9 @@ impl RedisConfig {
     }
 }
 
-/// Python's `fnmatch` on the whole name: `*`, `?`, `[abc]`, `[a-z]`,
-/// `[!abc]`; everything else matches itself. Linear in practice: a `*`
-/// only ever backtracks to the last `*` (the classic two-pointer match).
-pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
-    let pattern: Vec<char> = pattern.chars().collect();
-    let name: Vec<char> = name.chars().collect();
-    let (mut p, mut n) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
-        if p < pattern.len() {
-            match pattern[p] {
-                '*' => {
-                    star = Some((p, n));
-                    p += 1;
-                    continue;
-                }
-                '?' => {
-                    p += 1;
-                    n += 1;
-                    continue;
-                }
-                '[' => {
-                    if let Some((matched, next)) = class_match(&pattern, p, name[n]) {
-                        if matched {
-                            p = next;
-                            n += 1;
-                            continue;
-                        }
-                    } else if name[n] == '[' {
-                        // An unclosed '[' is a literal, as in fnmatch.
-                        p += 1;
-                        n += 1;
-                        continue;
-                    }
-                }
-                literal if literal == name[n] => {
-                    p += 1;
-                    n += 1;
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        match star {
-            Some((star_p, star_n)) => {
-                p = star_p + 1;
-                n = star_n + 1;
-                star = Some((star_p, star_n + 1));
-            }
-            None => return false,
-        }
-    }
-    pattern[p..].iter().all(|&c| c == '*')
-}
-
-/// Matches `c` against the class starting at `pattern[open] == '['`.
-/// Returns whether it matched and the index after the class, or `None` if
-/// the class is not closed.
-fn class_match(pattern: &[char], open: usize, c: char) -> Option<(bool, usize)> {
-    let mut i = open + 1;
-    let negated = matches!(pattern.get(i), Some('!'));
-    if negated {
-        i += 1;
-    }
-    let start = i;
-    let mut matched = false;
-    while i < pattern.len() {
-        // A ']' right after the opening (or after '!') is a literal.
-        if pattern[i] == ']' && i > start {
-            return Some((matched != negated, i + 1));
-        }
-        if i + 2 < pattern.len() && pattern[i + 1] == '-' && pattern[i + 2] != ']' {
-            if pattern[i] <= c && c <= pattern[i + 2] {
-                matched = true;
-            }
-            i += 3;
-        } else {
-            if pattern[i] == c {
-                matched = true;
-            }
-            i += 1;
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs_follow_fnmatch() {
-        let cases = [
-            ("background-jobs*", "background-jobs", true),
-            ("background-jobs*", "background-jobs.specific!x", true),
-            ("background-jobs*", "other", false),
-            ("exact", "exact", true),
-            ("exact", "exactly", false),
-            ("a?c", "abc", true),
-            ("a?c", "ac", false),
-            ("*.jobs", "worker.jobs", true),
-            ("*a*b*", "xxaxxbxx", true),
-            ("*a*b*", "xxbxxaxx", false),
-            ("[ab]x", "bx", true),
-            ("[!ab]x", "bx", false),
-            ("[!ab]x", "cx", true),
-            ("[a-c]1", "b1", true),
-            ("[a-c]1", "d1", false),
-            ("[]]", "]", true),
-            ("[", "[", true),
-            ("*", "", true),
-            ("", "", true),
-            ("", "a", false),
-        ];
-        for (pattern, name, expected) in cases {
-            assert_eq!(
-                glob_match(pattern, name),
-                expected,
-                "{pattern:?} vs {name:?}"
-            );
-        }
-    }
 
     #[test]
     fn first_matching_pattern_wins() {

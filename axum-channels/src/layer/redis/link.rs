@@ -31,7 +31,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -43,6 +43,7 @@ use tokio::sync::Notify;
 
 use super::task::{panic_message, spawn_supervised};
 use super::wire::{Version, check_server_version};
+use crate::layer::buffers::Locked;
 use crate::layer::episode::Episode;
 use crate::layer::{BackendError, LayerError};
 
@@ -71,7 +72,7 @@ pub(crate) struct Link {
     resp3: bool,
     response_timeout: Duration,
     push: Option<PushHandler>,
-    state: Mutex<LinkState>,
+    state: Locked<LinkState>,
     /// Wakes the supervisor when the connection is lost or the link closed.
     lost: Notify,
     next_id: AtomicU64,
@@ -160,12 +161,12 @@ impl Link {
             resp3,
             response_timeout: (command_timeout / 2).max(Duration::from_millis(100)),
             push,
-            state: Mutex::default(),
+            state: Locked::default(),
             lost: Notify::new(),
             next_id: AtomicU64::new(1),
         });
         let (id, conn) = link.open().await.map_err(unreachable)?;
-        link.lock().conn = Some((id, conn));
+        link.state.lock().conn = Some((id, conn));
         Ok(link)
     }
 
@@ -177,12 +178,6 @@ impl Link {
     /// The client, for the layers' own dedicated connections.
     pub(crate) fn client(&self) -> &Client {
         &self.client
-    }
-
-    fn lock(&self) -> MutexGuard<'_, LinkState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Opens a new connection, with a push sender that reports its loss.
@@ -230,7 +225,7 @@ impl Link {
     /// The live connection, or a `Backend` error at once while there is
     /// none.
     fn current(&self) -> Result<(u64, MultiplexedConnection), LayerError> {
-        let state = self.lock();
+        let state = self.state.lock();
         match &state.conn {
             Some((id, conn)) => Ok((*id, conn.clone())),
             None if state.closed => Err(BackendError::new("the layer was dropped").into()),
@@ -249,7 +244,7 @@ impl Link {
     /// Reports a failure to reach this host (a call's, a popper's): a
     /// warning if it starts an outage, a debug line while one goes on.
     pub(crate) fn failed(&self, why: &dyn Display) {
-        if self.lock().outage.start() {
+        if self.state.lock().outage.start() {
             tracing::warn!(
                 host = self.host,
                 "Redis at {} is unreachable: {why}; calls fail fast until it is back",
@@ -266,7 +261,7 @@ impl Link {
     /// memberships are still missing).
     pub(crate) fn worked(&self) {
         let ended = {
-            let mut state = self.lock();
+            let mut state = self.state.lock();
             if state.conn.is_none() || state.restoring {
                 return;
             }
@@ -284,7 +279,7 @@ impl Link {
 
     /// True while the link has a connection.
     pub(crate) fn is_up(&self) -> bool {
-        self.lock().conn.is_some()
+        self.state.lock().conn.is_some()
     }
 
     /// Runs `commands` on the live connection. A connection error marks the
@@ -317,7 +312,7 @@ impl Link {
     /// Reports that connection `id` is gone (a no-op if it was already
     /// replaced): an outage starts, and the supervisor reconnects.
     pub(crate) fn lost(&self, id: u64, why: &dyn Display) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         if state
             .conn
             .as_ref()
@@ -355,7 +350,7 @@ impl Link {
 
     /// Stops the supervisor and drops the connection.
     pub(crate) fn close(&self) {
-        let mut state = self.lock();
+        let mut state = self.state.lock();
         state.closed = true;
         state.conn = None;
         drop(state);
@@ -376,7 +371,7 @@ impl Link {
                 let on_connect = Arc::clone(&on_connect);
                 async move {
                     if restarts > 0 {
-                        let current = link.lock().conn.as_ref().map(|(id, _)| *id);
+                        let current = link.state.lock().conn.as_ref().map(|(id, _)| *id);
                         if let Some(id) = current {
                             link.lost(id, &"its supervisor restarted after a panic");
                         }
@@ -393,7 +388,7 @@ impl Link {
         let mut delay = BACKOFF_MIN;
         loop {
             let (closed, up) = {
-                let state = self.lock();
+                let state = self.state.lock();
                 (state.closed, state.conn.is_some())
             };
             if closed {
@@ -411,7 +406,7 @@ impl Link {
                     // use the new connection; the hook then restores what
                     // was made before.
                     {
-                        let mut state = self.lock();
+                        let mut state = self.state.lock();
                         if state.closed {
                             return;
                         }
@@ -422,7 +417,7 @@ impl Link {
                     match on_connect(conn).await {
                         Ok(()) => {
                             delay = BACKOFF_MIN;
-                            self.lock().restoring = false;
+                            self.state.lock().restoring = false;
                             self.worked();
                             continue;
                         }

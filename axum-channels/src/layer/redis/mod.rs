@@ -75,12 +75,12 @@
 //! The modules: `config` ([`RedisConfig`]), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
 //! supervised connection per host, which reports outages), `task` (the
-//! supervision every background task runs under), `inbox` (local buffers),
-//! `queue` and `pubsub` (the layers).
+//! supervision every background task runs under), `queue` and `pubsub` (the
+//! layers). Messages wait for `receive` in the local buffers all layers
+//! share (`layer/buffers.rs`).
 
 mod codec;
 mod config;
-mod inbox;
 mod link;
 mod pubsub;
 mod queue;

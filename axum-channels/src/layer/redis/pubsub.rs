@@ -10,29 +10,35 @@
 //! subscribes once to each group one of its channels is in, and hands every
 //! group message to each local member.
 //!
+//! As in Python, `group_add` takes only a channel this process holds (made
+//! by `new_channel`, or received on here): a membership is a local buffer's,
+//! and a channel held elsewhere would get a buffer nobody reads or frees.
+//!
 //! Per host there is one RESP3 connection, which both publishes and
 //! receives (push messages). Its reader hands each message to the local
-//! buffers as it reads it, in order with the replies, and `receive` waits
-//! only on its buffer, so a cancelled `receive` neither loses a message nor
-//! (unlike Python's) drops the subscription. When the connection is lost,
+//! buffers (`buffers.rs`) as it reads it, in order with the replies, one
+//! copy shared by every local member of a group; `receive` waits only on
+//! its buffer, so a cancelled `receive` neither loses a message nor (unlike
+//! Python's) drops the subscription. When the connection is lost,
 //! calls fail at once with [`LayerError::Backend`] and a supervisor
 //! reconnects; then every live channel and group is subscribed again, so
 //! messages flow again without a restart. What was published meanwhile is
 //! lost: that is what pub/sub means.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, MutexGuard};
 
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{Msg, PushInfo, PushKind, RedisError};
+use tokio::time::Instant;
 
 use super::bounded;
 use super::codec::{self, Route};
 use super::config::RedisConfig;
-use super::inbox::{Entry, Inbox};
 use super::link::Link;
 use super::wire::{Version, consistent_hash, group_channel, pubsub_channel_name};
+use crate::layer::buffers::{Entry, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull};
 use crate::layer::{
     ChannelLayer, LayerError, LayerMessage, NameKind, validate_channel_name, validate_group_name,
 };
@@ -56,24 +62,40 @@ struct Inner {
 /// What the connections' readers need too (they exist before the links).
 struct Shared {
     config: RedisConfig,
-    state: Mutex<State>,
+    state: Locked<State>,
     /// One per host: subscription changes on a host happen one at a time,
     /// each after reading the local state afresh, so what Redis has always
     /// ends up matching what the state says.
     subscribing: Vec<tokio::sync::Mutex<()>>,
 }
 
-#[derive(Default)]
 struct State {
-    channels: HashMap<String, Local>,
+    /// Local channels' buffers. Nothing can tell a publisher that one is
+    /// full, so a full buffer drops its oldest message.
+    buffers: LocalBuffers,
+    /// Local channels subscribed on the current connection (rechecked
+    /// after reconnecting).
+    subscribed: HashSet<String>,
     /// Redis group channel (`{prefix}__group__{group}`) → its local members.
     groups: HashMap<String, Group>,
 }
 
-struct Local {
-    inbox: Inbox,
-    /// Subscribed on the current connection (rechecked after reconnecting).
-    subscribed: bool,
+impl Default for State {
+    fn default() -> Self {
+        State {
+            buffers: LocalBuffers::new(WhenFull::DropOldest),
+            subscribed: HashSet::new(),
+            groups: HashMap::new(),
+        }
+    }
+}
+
+impl HoldsBuffers for State {
+    type Extra = ();
+
+    fn buffers(&mut self) -> &mut LocalBuffers {
+        &mut self.buffers
+    }
 }
 
 #[derive(Default)]
@@ -84,21 +106,11 @@ struct Group {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Updates leave the maps consistent, so a poisoned lock is usable.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock()
     }
 
     fn shard(&self, name: &str) -> usize {
         consistent_hash(name, self.subscribing.len())
-    }
-
-    fn local(&self, channel: &str) -> Local {
-        Local {
-            inbox: Inbox::new(self.config.capacity_of(channel)),
-            subscribed: false,
-        }
     }
 
     /// A push from a connection's reader: hands a published message to its
@@ -112,32 +124,22 @@ impl Shared {
         };
         let name = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
-        if payload.len() > self.config.max_message_size {
-            metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
-            tracing::warn!(
-                channel = name,
-                size = payload.len(),
-                limit = self.config.max_message_size,
-                "dropped a message larger than max_message_size"
-            );
+        let Some(decoded) = codec::read(payload, false, self.config.max_message_size, name) else {
             return;
-        }
-        let message = match codec::decode(payload, false) {
-            Ok(decoded) => decoded.message,
-            Err(why) => {
-                metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
-                tracing::warn!(channel = name, %why, "dropped a message this layer cannot read");
-                return;
-            }
         };
+        // One copy, shared by every local member of a group.
+        let message = Arc::new(decoded.message);
+        let now = Instant::now();
         let mut state = self.lock();
         let state = &mut *state;
-        if let Some(local) = state.channels.get_mut(name) {
-            local.inbox.push(name, plain_entry(message));
+        // A full buffer makes room by dropping its oldest message, so a
+        // push is never refused here.
+        if let Some(buffer) = state.buffers.get_mut(name) {
+            let _ = buffer.push(name, Entry::new(message, None), now);
         } else if let Some(group) = state.groups.get(name) {
             for member in &group.members {
-                if let Some(local) = state.channels.get_mut(member) {
-                    local.inbox.push(member, plain_entry(message.clone()));
+                if let Some(buffer) = state.buffers.get_mut(member) {
+                    let _ = buffer.push(member, Entry::new(Arc::clone(&message), None), now);
                 }
             }
         }
@@ -154,17 +156,17 @@ impl Shared {
         let names: Vec<String> = {
             let state = self.lock();
             state
-                .channels
-                .keys()
+                .buffers
+                .channels()
                 .chain(
                     state
                         .groups
                         .iter()
                         .filter(|(_, group)| !group.members.is_empty())
-                        .map(|(name, _)| name),
+                        .map(|(name, _)| name.as_str()),
                 )
                 .filter(|name| self.shard(name) == shard)
-                .cloned()
+                .map(str::to_owned)
                 .collect()
         };
         for batch in names.chunks(SUBSCRIBE_BATCH) {
@@ -172,8 +174,8 @@ impl Shared {
         }
         let mut state = self.lock();
         for name in &names {
-            if let Some(local) = state.channels.get_mut(name) {
-                local.subscribed = true;
+            if state.buffers.contains(name) {
+                state.subscribed.insert(name.clone());
             }
             if let Some(group) = state.groups.get_mut(name) {
                 group.subscribed = true;
@@ -184,14 +186,6 @@ impl Shared {
             "subscribed again to every live channel and group"
         );
         Ok(())
-    }
-}
-
-fn plain_entry(message: LayerMessage) -> Entry {
-    Entry {
-        message,
-        sent_at: None,
-        raw: None,
     }
 }
 
@@ -209,7 +203,7 @@ impl RedisPubSubLayer {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             config,
-            state: Mutex::default(),
+            state: Locked::default(),
         });
         let mut links = Vec::with_capacity(shared.config.hosts.len());
         for url in &shared.config.hosts {
@@ -254,7 +248,7 @@ impl RedisPubSubLayer {
     /// How many local channels have a buffer here right now: for tests and
     /// for watching memory.
     pub fn local_channels(&self) -> usize {
-        self.inner.shared.lock().channels.len()
+        self.inner.shared.lock().buffers.len()
     }
 }
 
@@ -275,24 +269,49 @@ impl Inner {
         self.shared.config.command_timeout
     }
 
+    /// Publishes `message` on the Redis channel `name`, on the host its
+    /// hash picks; returns how many subscribers got it (processes, not
+    /// consumers).
+    async fn publish(
+        &self,
+        call: &'static str,
+        name: &str,
+        message: &LayerMessage,
+    ) -> Result<u64, LayerError> {
+        let config = &self.shared.config;
+        let payload = codec::encode(message, Route::None, false, config.max_message_size)?;
+        let shard = self.shared.shard(name);
+        bounded(call, self.timeout(), async {
+            self.links[shard]
+                .run(|mut conn| async move {
+                    redis::cmd("PUBLISH")
+                        .arg(name)
+                        .arg(payload)
+                        .query_async::<u64>(&mut conn)
+                        .await
+                })
+                .await
+        })
+        .await
+    }
+
     /// Subscribes to a local channel unless it is already, or gone.
     async fn subscribe_channel(&self, name: &str) -> Result<(), LayerError> {
         let shard = self.shared.shard(name);
         let _one_at_a_time = self.shared.subscribing[shard].lock().await;
-        let needed = self
-            .shared
-            .lock()
-            .channels
-            .get(name)
-            .is_some_and(|local| !local.subscribed);
+        let needed = {
+            let state = self.shared.lock();
+            state.buffers.contains(name) && !state.subscribed.contains(name)
+        };
         if !needed {
             return Ok(());
         }
         self.links[shard]
             .run(|mut conn| async move { conn.subscribe(name).await })
             .await?;
-        if let Some(local) = self.shared.lock().channels.get_mut(name) {
-            local.subscribed = true;
+        let mut state = self.shared.lock();
+        if state.buffers.contains(name) {
+            state.subscribed.insert(name.to_owned());
         }
         Ok(())
     }
@@ -328,7 +347,7 @@ impl Inner {
         let _one_at_a_time = self.shared.subscribing[shard].lock().await;
         {
             let state = self.shared.lock();
-            if state.channels.contains_key(name) || state.groups.contains_key(name) {
+            if state.buffers.contains(name) || state.groups.contains_key(name) {
                 return Ok(()); // made local again meanwhile
             }
         }
@@ -350,24 +369,9 @@ struct Unmade<'a> {
 impl Drop for Unmade<'_> {
     fn drop(&mut self) {
         if let Some(channel) = self.channel {
-            self.shared.lock().channels.remove(channel);
-        }
-    }
-}
-
-/// Counts a receiver as waiting for as long as it lives.
-struct Waiting<'a> {
-    shared: &'a Shared,
-    channel: &'a str,
-    armed: bool,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if self.armed
-            && let Some(local) = self.shared.lock().channels.get_mut(self.channel)
-        {
-            local.inbox.waiting = local.inbox.waiting.saturating_sub(1);
+            let mut state = self.shared.lock();
+            state.buffers.remove(channel);
+            state.subscribed.remove(channel);
         }
     }
 }
@@ -386,8 +390,11 @@ impl ChannelLayer for RedisPubSubLayer {
                 name,
             });
         }
-        let local = inner.shared().local(&name);
-        inner.shared().lock().channels.insert(name.clone(), local);
+        let shared = inner.shared();
+        shared
+            .lock()
+            .buffers
+            .open(&name, || shared.config.capacity_of(&name));
         // Removes the channel again unless the subscription succeeds, also
         // when this future is dropped half-way.
         let mut unmade = Unmade {
@@ -407,26 +414,7 @@ impl ChannelLayer for RedisPubSubLayer {
 
     async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_channel_name(channel)?;
-        let inner = &self.inner;
-        let payload = codec::encode(
-            &message,
-            Route::None,
-            false,
-            inner.shared().config.max_message_size,
-        )?;
-        let shard = inner.shared().shard(channel);
-        let receivers = bounded("send", inner.timeout(), async {
-            inner.links[shard]
-                .run(|mut conn| async move {
-                    redis::cmd("PUBLISH")
-                        .arg(channel)
-                        .arg(payload)
-                        .query_async::<u64>(&mut conn)
-                        .await
-                })
-                .await
-        })
-        .await?;
+        let receivers = self.inner.publish("send", channel, &message).await?;
         if receivers == 0 {
             // Pub/sub keeps nothing: e.g. a job's result for a client that
             // left before it was done. Worth a line when debugging.
@@ -442,19 +430,13 @@ impl ChannelLayer for RedisPubSubLayer {
         validate_channel_name(channel)?;
         let inner = &self.inner;
         let shared = inner.shared();
-        let (arrived, subscribed) = {
+        let (receiver, subscribed) = {
             let mut state = shared.lock();
-            let local = state
-                .channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| shared.local(channel));
-            local.inbox.waiting += 1;
-            (Arc::clone(&local.inbox.arrived), local.subscribed)
-        };
-        let mut waiting = Waiting {
-            shared,
-            channel,
-            armed: true,
+            let subscribed = state.subscribed.contains(channel);
+            let buffer = state
+                .buffers
+                .open(channel, || shared.config.capacity_of(channel));
+            (Receiver::new(&shared.state, channel, buffer), subscribed)
         };
         // A name first seen here is subscribed now. If that fails, the
         // supervisor subscribes it with everything else once it reconnects;
@@ -470,20 +452,7 @@ impl ChannelLayer for RedisPubSubLayer {
                 tracing::debug!(channel, %err, "subscribing failed; retried after reconnecting");
             }
         }
-        loop {
-            let notified = arrived.notified();
-            {
-                let mut state = shared.lock();
-                if let Some(local) = state.channels.get_mut(channel)
-                    && let Some(entry) = local.inbox.take(0.0, None)
-                {
-                    local.inbox.waiting = local.inbox.waiting.saturating_sub(1);
-                    waiting.armed = false;
-                    return Ok(entry.message);
-                }
-            }
-            notified.await;
-        }
+        Ok(receiver.next().await.into_message())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
@@ -492,22 +461,20 @@ impl ChannelLayer for RedisPubSubLayer {
         let inner = &self.inner;
         let shared = inner.shared();
         let name = group_channel(&shared.config.prefix, group);
-        // A channel this process does not hold yet becomes local, so its
-        // group messages have somewhere to wait (Python refuses instead).
-        let (new_channel, new_member) = {
+        let new_member = {
             let mut state = shared.lock();
-            let new_channel = !state.channels.contains_key(channel);
-            if new_channel {
-                let local = shared.local(channel);
-                state.channels.insert(channel.to_owned(), local);
+            if !state.buffers.contains(channel) {
+                return Err(LayerError::NotLocal {
+                    channel: channel.to_owned(),
+                    group: group.to_owned(),
+                });
             }
-            let new_member = state
+            state
                 .groups
                 .entry(name.clone())
                 .or_default()
                 .members
-                .insert(channel.to_owned());
-            (new_channel, new_member)
+                .insert(channel.to_owned())
         };
         let joined = bounded("group_add", inner.timeout(), async {
             inner.subscribe_channel(channel).await?;
@@ -522,14 +489,6 @@ impl ChannelLayer for RedisPubSubLayer {
                 if entry.members.is_empty() {
                     state.groups.remove(&name);
                 }
-            }
-            if new_channel
-                && state
-                    .channels
-                    .get(channel)
-                    .is_some_and(|local| local.inbox.waiting == 0)
-            {
-                state.channels.remove(channel);
             }
         }
         joined
@@ -562,27 +521,9 @@ impl ChannelLayer for RedisPubSubLayer {
 
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_group_name(group)?;
-        let inner = &self.inner;
-        let payload = codec::encode(
-            &message,
-            Route::None,
-            false,
-            inner.shared().config.max_message_size,
-        )?;
-        let name = group_channel(&inner.shared().config.prefix, group);
-        let shard = inner.shared().shard(&name);
-        bounded("group_send", inner.timeout(), async {
-            inner.links[shard]
-                .run(|mut conn| async move {
-                    redis::cmd("PUBLISH")
-                        .arg(&name)
-                        .arg(payload)
-                        .query_async::<()>(&mut conn)
-                        .await
-                })
-                .await
-        })
-        .await
+        let name = group_channel(&self.inner.shared().config.prefix, group);
+        self.inner.publish("group_send", &name, &message).await?;
+        Ok(())
     }
 
     /// Leaves every group and empties every local buffer; channels stay
@@ -603,8 +544,8 @@ impl ChannelLayer for RedisPubSubLayer {
             let barrier = futures_util::future::join_all(pings).await;
             let groups: Vec<String> = {
                 let mut state = inner.shared().lock();
-                for local in state.channels.values_mut() {
-                    local.inbox.queue.clear();
+                for (_, buffer) in state.buffers.iter_mut() {
+                    buffer.clear();
                 }
                 state.groups.drain().map(|(name, _)| name).collect()
             };
@@ -624,12 +565,13 @@ impl ChannelLayer for RedisPubSubLayer {
         let inner = &self.inner;
         let emptied: Vec<String> = {
             let mut state = inner.shared().lock();
-            match state.channels.get(channel) {
+            match state.buffers.get(channel) {
                 None => return Ok(()),
-                Some(local) if local.inbox.waiting > 0 => return Ok(()), // still received on
+                Some(buffer) if buffer.is_waited_on() => return Ok(()), // still received on
                 Some(_) => {}
             }
-            state.channels.remove(channel);
+            state.buffers.remove(channel);
+            state.subscribed.remove(channel);
             let mut emptied = Vec::new();
             state.groups.retain(|name, group| {
                 group.members.remove(channel);

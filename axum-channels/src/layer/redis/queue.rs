@@ -21,9 +21,11 @@
 //!   senders with `ChannelFull` instead of filling this process's memory.
 //!   (A pop that was already waiting when its receiver gave up still brings
 //!   in its message, at most one per host: it is never cancelled.)
-//! - **Bounded buffers.** A local buffer holds at most the channel's
-//!   capacity (dropping its oldest, with one warning per episode), and
-//!   `close_channel` frees it and leaves the groups the channel joined here.
+//! - **Bounded buffers.** A local buffer (`buffers.rs`) holds at most the
+//!   channel's capacity (dropping its oldest, with one warning per
+//!   episode), and `close_channel` frees it and leaves the groups the
+//!   channel joined here. A message routed to several local channels is
+//!   one copy shared by their buffers.
 //! - **Every host.** A send to a specific channel goes to the host of its
 //!   non-local name, where its receiver reads; poppers read their key on
 //!   every host, so the Python layer's sends (which hash the full name, a
@@ -44,24 +46,26 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, Script};
-use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::bounded;
 use super::codec::{self, Route};
 use super::config::RedisConfig;
-use super::inbox::{Entry, Inbox, Raw};
 use super::link::{BACKOFF_MAX, BACKOFF_MIN, Link};
 use super::task::spawn_supervised;
 use super::wire::{
     CLEANUP_LUA, GROUP_SEND_LUA, Version, channel_key, consistent_hash, escape_glob, flushable,
     group_key, inflight_key, longer_prefix_of, non_local_name, now_secs, purge_below,
     queue_channel_name, score_arg, uuid4_hex,
+};
+use crate::layer::buffers::{
+    Buffer, Demand, Entry, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull,
 };
 use crate::layer::{
     BackendError, ChannelLayer, LayerError, LayerMessage, validate_channel_name,
@@ -87,7 +91,7 @@ struct Inner {
     /// per layer instance too).
     client_prefix: String,
     links: Vec<Arc<Link>>,
-    state: Mutex<State>,
+    state: Locked<State>,
     round_robin: AtomicUsize,
     next_epoch: AtomicU64,
     shut_down: AtomicBool,
@@ -97,10 +101,11 @@ struct Inner {
     injected_panics: AtomicU32,
 }
 
-#[derive(Default)]
 struct State {
-    /// Local channel name → its buffer.
-    inboxes: HashMap<String, Inbox>,
+    /// Local channels' buffers, each with what its messages were in Redis
+    /// when they came from a plain channel. Nothing can tell a sender that
+    /// one is full, so a full buffer drops its oldest message.
+    buffers: LocalBuffers<Option<Raw>>,
     /// Redis key → who reads it here.
     keys: HashMap<String, KeyState>,
     /// Local channel → groups it joined through this layer, to leave them
@@ -111,20 +116,39 @@ struct State {
     over_capacity: HashSet<String>,
 }
 
-/// What a popper is asked for: how many receivers of a key wait on an
-/// empty buffer, and what kind of key it is.
-struct Demand {
-    plain: bool,
-    hungry: usize,
-}
-
-impl Demand {
-    fn of(readers: &KeyState) -> Demand {
-        Demand {
-            plain: readers.plain,
-            hungry: readers.hungry,
+impl Default for State {
+    fn default() -> Self {
+        State {
+            buffers: LocalBuffers::new(WhenFull::DropOldest),
+            keys: HashMap::new(),
+            memberships: HashMap::new(),
+            over_capacity: HashSet::new(),
         }
     }
+}
+
+impl HoldsBuffers for State {
+    type Extra = Option<Raw>;
+
+    fn buffers(&mut self) -> &mut LocalBuffers<Option<Raw>> {
+        &mut self.buffers
+    }
+}
+
+/// A message popped from a plain channel, as it was in Redis, so that it
+/// can be given back for another receiver if this process closes the
+/// channel unread.
+struct Raw {
+    member: Vec<u8>,
+    score: f64,
+    shard: usize,
+}
+
+/// What a popper is asked for: how many receivers of a key wait on an
+/// empty buffer, and what kind of key it is.
+struct Wanted {
+    plain: bool,
+    hungry: usize,
 }
 
 /// Members popped from a key, with their scores.
@@ -139,16 +163,15 @@ struct KeyState {
     plain: bool,
     /// Local channels whose messages come from this key.
     channels: usize,
-    /// Of those, how many have a receiver waiting on an empty buffer.
-    hungry: usize,
-    /// Wakes the key's poppers when `hungry` rises above zero, or when they
-    /// should stop.
-    demand: Arc<Notify>,
+    /// How many of those have a receiver waiting on an empty buffer, kept
+    /// by the buffers themselves; its bell wakes the key's poppers when one
+    /// more has, or when they should stop.
+    demand: Arc<Demand>,
 }
 
 impl State {
-    /// Adds a local channel reading `key`, if it is new. Returns the epoch
-    /// of the key's poppers when they have to be started.
+    /// Adds a local channel reading `key`, if it is new. Returns its buffer,
+    /// and the epoch of the key's poppers when they have to be started.
     fn register(
         &mut self,
         name: &str,
@@ -156,70 +179,51 @@ impl State {
         plain: bool,
         capacity: usize,
         next_epoch: &AtomicU64,
-    ) -> Option<u64> {
-        if self.inboxes.contains_key(name) {
-            return None;
-        }
-        self.inboxes.insert(name.to_owned(), Inbox::new(capacity));
-        if let Some(readers) = self.keys.get_mut(key) {
-            readers.channels += 1;
-            return None;
-        }
-        let epoch = next_epoch.fetch_add(1, Ordering::Relaxed);
-        self.keys.insert(
-            key.to_owned(),
-            KeyState {
-                epoch,
-                plain,
-                channels: 1,
-                hungry: 0,
-                demand: Arc::new(Notify::new()),
-            },
-        );
-        Some(epoch)
-    }
-
-    /// Runs `change` on a channel's buffer, keeping its key's `hungry`
-    /// count right and waking the poppers when it becomes hungry.
-    fn update<R>(
-        &mut self,
-        name: &str,
-        key: &str,
-        change: impl FnOnce(&mut Inbox) -> R,
-    ) -> Option<R> {
-        let inbox = self.inboxes.get_mut(name)?;
-        let before = inbox.hungry();
-        let result = change(inbox);
-        let after = inbox.hungry();
-        if before != after
-            && let Some(readers) = self.keys.get_mut(key)
-        {
-            if after {
-                readers.hungry += 1;
-                readers.demand.notify_waiters();
-            } else {
-                readers.hungry = readers.hungry.saturating_sub(1);
+    ) -> (&mut Buffer<Option<Raw>>, Option<u64>) {
+        let mut epoch = None;
+        if !self.buffers.contains(name) {
+            match self.keys.get_mut(key) {
+                Some(readers) => readers.channels += 1,
+                None => {
+                    let started = next_epoch.fetch_add(1, Ordering::Relaxed);
+                    epoch = Some(started);
+                    self.keys.insert(
+                        key.to_owned(),
+                        KeyState {
+                            epoch: started,
+                            plain,
+                            channels: 1,
+                            demand: Arc::default(),
+                        },
+                    );
+                }
             }
         }
-        Some(result)
+        let keys = &self.keys;
+        let buffer = self.buffers.open_counted(name, capacity, || {
+            keys.get(key)
+                .map(|readers| Arc::clone(&readers.demand))
+                .unwrap_or_default()
+        });
+        (buffer, epoch)
     }
 
     /// Removes an idle local channel, returning what it still buffered, or
     /// `None` if it is unknown or someone still waits on it.
-    fn unregister(&mut self, name: &str, key: &str) -> Option<Vec<Entry>> {
-        if self.inboxes.get(name)?.waiting > 0 {
+    fn unregister(&mut self, name: &str, key: &str) -> Option<Vec<Entry<Option<Raw>>>> {
+        if self.buffers.get(name)?.is_waited_on() {
             return None;
         }
-        let inbox = self.inboxes.remove(name)?;
+        let mut buffer = self.buffers.remove(name)?;
         if let Some(readers) = self.keys.get_mut(key) {
             readers.channels = readers.channels.saturating_sub(1);
             if readers.channels == 0
                 && let Some(gone) = self.keys.remove(key)
             {
-                gone.demand.notify_waiters(); // its poppers stop
+                gone.demand.bell().notify_waiters(); // its poppers stop
             }
         }
-        Some(inbox.queue.into())
+        Some(buffer.take_all())
     }
 }
 
@@ -248,7 +252,7 @@ impl RedisLayer {
             config,
             client_prefix: uuid4_hex(),
             links,
-            state: Mutex::default(),
+            state: Locked::default(),
             round_robin: AtomicUsize::new(0),
             next_epoch: AtomicU64::new(1),
             shut_down: AtomicBool::new(false),
@@ -280,7 +284,7 @@ impl RedisLayer {
     /// by `new_channel` or received on, and not closed yet): for tests and
     /// for watching memory.
     pub fn local_channels(&self) -> usize {
-        self.inner.lock().inboxes.len()
+        self.inner.lock().buffers.len()
     }
 
     /// A fault for tests, not part of the API: the next time one of this
@@ -300,18 +304,14 @@ impl Drop for RedisLayer {
             link.close();
         }
         for readers in self.inner.lock().keys.values() {
-            readers.demand.notify_waiters();
+            readers.demand.bell().notify_waiters();
         }
     }
 }
 
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Every update is a few map operations that leave the maps
-        // consistent, so a panic elsewhere cannot corrupt them: carry on.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock()
     }
 
     fn shards(&self) -> usize {
@@ -351,59 +351,62 @@ impl Inner {
         }
     }
 
-    /// Makes `channel` local (a buffer, and poppers for its key), and with
-    /// `waiting`, counts a receiver as waiting on it, in the same step (so
-    /// no `close_channel` can come in between). Returns the buffer's bell.
-    fn register(self: &Arc<Self>, channel: &str, key: &str, waiting: bool) -> Arc<Notify> {
+    /// Makes `channel` local (a buffer, and poppers for its key) in the
+    /// locked `state`, unless it is already, and returns its buffer, so
+    /// that a receiver can start waiting on it in the same step (no
+    /// `close_channel` can come in between).
+    fn register<'s>(
+        self: &Arc<Self>,
+        state: &'s mut State,
+        channel: &str,
+        key: &str,
+    ) -> &'s mut Buffer<Option<Raw>> {
         let plain = !channel.contains('!');
         let capacity = self.config.capacity_of(channel);
-        let (epoch, arrived) = {
-            let mut state = self.lock();
-            let epoch = state.register(channel, key, plain, capacity, &self.next_epoch);
-            let arrived = state.update(channel, key, |inbox| {
-                if waiting {
-                    inbox.waiting += 1;
-                }
-                Arc::clone(&inbox.arrived)
-            });
-            // `register` has just made sure the buffer exists.
-            (epoch, arrived.unwrap_or_default())
-        };
+        let (buffer, epoch) = state.register(channel, key, plain, capacity, &self.next_epoch);
         if let Some(epoch) = epoch {
+            // Spawning does not run them: they wait for this lock.
             self.spawn_poppers(key, epoch);
         }
-        arrived
+        buffer
     }
 
     /// Waits until receivers of `key` are hungry, or returns `None` when the
     /// popper should stop.
-    async fn wait_for_demand(&self, key: &str, epoch: u64) -> Option<Demand> {
+    async fn wait_for_demand(&self, key: &str, epoch: u64) -> Option<Wanted> {
+        let demand = {
+            let state = self.lock();
+            let readers = state.keys.get(key).filter(|r| r.epoch == epoch)?;
+            Arc::clone(&readers.demand)
+        };
         loop {
-            let notify = {
-                let state = self.lock();
-                let readers = state.keys.get(key).filter(|r| r.epoch == epoch)?;
-                if self.is_shut_down() {
-                    return None;
-                }
-                if readers.hungry > 0 {
-                    return Some(Demand::of(readers));
-                }
-                Arc::clone(&readers.demand)
-            };
-            let notified = notify.notified();
-            // Checked again now that a wake-up cannot be missed.
+            // Listened for before looking, so a ring in between is heard.
+            let rung = demand.bell().notified();
             {
                 let state = self.lock();
                 let readers = state.keys.get(key).filter(|r| r.epoch == epoch)?;
                 if self.is_shut_down() {
                     return None;
                 }
-                if readers.hungry > 0 {
-                    return Some(Demand::of(readers));
+                let hungry = readers.demand.hungry();
+                if hungry > 0 {
+                    return Some(Wanted {
+                        plain: readers.plain,
+                        hungry,
+                    });
                 }
             }
-            notified.await;
+            rung.await;
         }
+    }
+
+    /// When a message sent at `score` (UNIX seconds, the sender's clock)
+    /// expires, on this process's clock: `expiry` after it was sent, and
+    /// never later than `expiry` from now (a sender whose clock is ahead).
+    fn expires(&self, score: f64, now: Instant) -> Option<Instant> {
+        let expiry = self.config.expiry_secs() as f64;
+        let left = (expiry - (now_secs() - score)).clamp(0.0, expiry);
+        now.checked_add(Duration::try_from_secs_f64(left).ok()?)
     }
 
     /// Hands a popped member to the local buffers it is for.
@@ -416,30 +419,19 @@ impl Inner {
         score: f64,
         conn: &mut MultiplexedConnection,
     ) {
-        if member.len() > self.config.max_message_size {
-            metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
-            tracing::warn!(
-                key,
-                size = member.len(),
-                limit = self.config.max_message_size,
-                "dropped a message larger than max_message_size"
-            );
+        let Some(decoded) = codec::read(&member, true, self.config.max_message_size, key) else {
             return;
-        }
-        let decoded = match codec::decode(&member, true) {
-            Ok(decoded) => decoded,
-            Err(why) => {
-                metrics::counter!("axum_channels_layer_unreadable_total").increment(1);
-                tracing::warn!(key, %why, "dropped a message this layer cannot read");
-                return;
-            }
         };
+        let now = Instant::now();
+        let expires = self.expires(score, now);
+        // One copy, shared by every local channel it is routed to.
+        let message = Arc::new(decoded.message);
         if plain {
             let name = &key[self.config.prefix.len()..];
             let entry = Entry {
-                message: decoded.message,
-                sent_at: Some(score),
-                raw: Some(Raw {
+                message,
+                expires,
+                extra: Some(Raw {
                     member,
                     score,
                     shard,
@@ -447,14 +439,19 @@ impl Inner {
             };
             let unwanted = {
                 let mut state = self.lock();
-                if self.is_shut_down() || !state.inboxes.contains_key(name) {
-                    Some(entry)
-                } else {
-                    state.update(name, key, |inbox| inbox.push(name, entry));
-                    None
+                match state.buffers.get_mut(name) {
+                    Some(buffer) if !self.is_shut_down() => {
+                        // A full buffer drops its oldest: never refused.
+                        let _ = buffer.push(name, entry, now);
+                        None
+                    }
+                    _ => Some(entry),
                 }
             };
-            if let Some(Entry { raw: Some(raw), .. }) = unwanted {
+            if let Some(Entry {
+                extra: Some(raw), ..
+            }) = unwanted
+            {
                 let restored = self.give_back(conn, key, &[raw]).await;
                 if let Err(err) = restored {
                     tracing::warn!(key, %err, "could not give a popped message back to Redis");
@@ -470,26 +467,16 @@ impl Inner {
             return;
         };
         let mut state = self.lock();
-        let last = route.len().saturating_sub(1);
-        let mut message = Some(decoded.message);
-        for (i, name) in route.iter().enumerate() {
-            let copy = if i == last {
-                message.take()
-            } else {
-                message.clone()
-            };
-            let Some(copy) = copy else { break };
+        for name in &route {
             let entry = Entry {
-                message: copy,
-                sent_at: Some(score),
-                raw: None,
+                message: Arc::clone(&message),
+                expires,
+                extra: None,
             };
-            let key = self.key_of(name);
-            if state
-                .update(name, &key, |inbox| inbox.push(name, entry))
-                .is_none()
-            {
-                tracing::debug!(channel = name, "dropped a message for a closed channel");
+            match state.buffers.get_mut(name) {
+                // A full buffer drops its oldest: never refused.
+                Some(buffer) => drop(buffer.push(name, entry, now)),
+                None => tracing::debug!(channel = name, "dropped a message for a closed channel"),
             }
         }
     }
@@ -594,7 +581,7 @@ async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
     let mut conn: Option<MultiplexedConnection> = None;
     let mut delay = BACKOFF_MIN;
     loop {
-        let Some(demand) = inner.wait_for_demand(&key, epoch).await else {
+        let Some(wanted) = inner.wait_for_demand(&key, epoch).await else {
             return;
         };
         inner.injected_fault();
@@ -614,11 +601,11 @@ async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
             }
             continue;
         };
-        match pop(active, &key, demand.hungry, block_secs).await {
+        match pop(active, &key, wanted.hungry, block_secs).await {
             Ok(popped) => {
                 for (member, score) in popped {
                     inner
-                        .deliver(&key, demand.plain, shard, member, score, active)
+                        .deliver(&key, wanted.plain, shard, member, score, active)
                         .await;
                 }
             }
@@ -690,31 +677,13 @@ async fn open_popper(
     Ok(conn)
 }
 
-/// Counts a receiver as waiting for as long as it lives, also when its
-/// future is dropped half-way.
-struct Waiting<'a> {
-    inner: &'a Inner,
-    channel: &'a str,
-    key: &'a str,
-    armed: bool,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.inner.lock().update(self.channel, self.key, |inbox| {
-                inbox.waiting = inbox.waiting.saturating_sub(1);
-            });
-        }
-    }
-}
-
 #[async_trait]
 impl ChannelLayer for RedisLayer {
     async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
-        let name = queue_channel_name(prefix, &self.inner.client_prefix);
+        let inner = &self.inner;
+        let name = queue_channel_name(prefix, &inner.client_prefix);
         validate_channel_name(&name)?;
-        self.inner.register(&name, &self.inner.key_of(&name), false);
+        inner.register(&mut inner.lock(), &name, &inner.key_of(&name));
         Ok(name)
     }
 
@@ -797,33 +766,12 @@ impl ChannelLayer for RedisLayer {
             .into());
         }
         let key = inner.key_of(channel);
-        let arrived = inner.register(channel, &key, true);
-        let mut waiting = Waiting {
-            inner,
-            channel,
-            key: &key,
-            armed: true,
+        let receiver = {
+            let mut state = inner.lock();
+            let buffer = inner.register(&mut state, channel, &key);
+            Receiver::new(&inner.state, channel, buffer)
         };
-        let expiry = inner.config.expiry_secs();
-        loop {
-            // Registered before looking, so an arrival in between wakes us.
-            let notified = arrived.notified();
-            {
-                let mut state = inner.lock();
-                let taken = state.update(channel, &key, |inbox| {
-                    let entry = inbox.take(now_secs(), Some(expiry));
-                    if entry.is_some() {
-                        inbox.waiting = inbox.waiting.saturating_sub(1);
-                    }
-                    entry
-                });
-                if let Some(Some(entry)) = taken {
-                    waiting.armed = false;
-                    return Ok(entry.message);
-                }
-            }
-            notified.await;
-        }
+        Ok(receiver.next().await.into_message())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
@@ -853,7 +801,7 @@ impl ChannelLayer for RedisLayer {
         })
         .await?;
         let mut state = inner.lock();
-        if state.inboxes.contains_key(channel) {
+        if state.buffers.contains(channel) {
             state
                 .memberships
                 .entry(channel.to_owned())
@@ -977,10 +925,8 @@ impl ChannelLayer for RedisLayer {
         })
         .await?;
         let mut state = inner.lock();
-        let names: Vec<String> = state.inboxes.keys().cloned().collect();
-        for name in names {
-            let key = inner.key_of(&name);
-            state.update(&name, &key, |inbox| inbox.queue.clear());
+        for (_, buffer) in state.buffers.iter_mut() {
+            buffer.clear();
         }
         state.memberships.clear();
         state.over_capacity.clear();
@@ -998,7 +944,7 @@ impl ChannelLayer for RedisLayer {
             };
             (left, state.memberships.remove(channel).unwrap_or_default())
         };
-        let raws: Vec<Raw> = left.into_iter().filter_map(|entry| entry.raw).collect();
+        let raws: Vec<Raw> = left.into_iter().filter_map(|entry| entry.extra).collect();
         bounded("close_channel", inner.config.command_timeout, async {
             // What a plain channel popped but nobody took goes back to
             // Redis for another receiver.

@@ -19,8 +19,8 @@ use super::link::{BACKOFF_MAX, BACKOFF_MIN};
 /// The task gets how many times it was restarted, so it can set right what
 /// a panic may have left half-done (the link supervisor reconnects).
 /// Catching the unwind is sound here: the layers' state sits behind mutexes
-/// whose every update leaves it consistent, and they recover a poisoned
-/// lock (see their `lock` methods).
+/// whose every update leaves it consistent, and which carry on after a
+/// panic (`Locked`, in `layer/buffers.rs`).
 pub(crate) fn spawn_supervised<F, Fut>(name: String, mut task: F)
 where
     F: FnMut(u32) -> Fut + Send + 'static,
