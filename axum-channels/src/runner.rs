@@ -551,7 +551,7 @@ async fn next_input(socket: &mut Socket, waits: Waits<'_>) -> Input {
         message = layer => Input::Layer(message),
         _ = renew => Input::Renew,
         _ = keepalive => Input::Keepalive,
-        _ = waits.runtime.shutdown_token().cancelled() => Input::Shutdown,
+        _ = waits.runtime.shutting_down_token().cancelled() => Input::Shutdown,
     }
     // ANCHOR_END: select
 }

@@ -136,7 +136,7 @@ impl Runtime {
     /// shutdown began. Returns how many tasks were still running when it
     /// gave up.
     pub async fn shut_down(&self) -> usize {
-        let deadline = self.begin_shutdown();
+        let deadline = self.start_shutting_down();
         let tasks = &self.shared.tasks;
         tasks.close();
         let open = self.open_connections();
@@ -155,7 +155,7 @@ impl Runtime {
     }
 
     /// Starts the shutdown (once) and returns when it must be over.
-    pub(crate) fn begin_shutdown(&self) -> Instant {
+    pub(crate) fn start_shutting_down(&self) -> Instant {
         let mut deadline = self
             .shared
             .deadline
@@ -171,13 +171,13 @@ impl Runtime {
     /// it, as it waits for the connections: e.g. a pool of workers in the
     /// server's process that should finish the jobs it runs rather than be
     /// cut off. The task should end once
-    /// [`shutdown_started`](Runtime::shutdown_started) resolves.
+    /// [`shutting_down`](Runtime::shutting_down) resolves.
     pub fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
         self.spawn(task);
     }
 
     /// Resolves when a graceful shutdown begins.
-    pub fn shutdown_started(&self) -> impl Future<Output = ()> + Send + use<> {
+    pub fn shutting_down(&self) -> impl Future<Output = ()> + Send + use<> {
         self.shared.shutdown.clone().cancelled_owned()
     }
 
@@ -200,7 +200,7 @@ impl Runtime {
         self.shared.tasks.token()
     }
 
-    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
+    pub(crate) fn shutting_down_token(&self) -> &CancellationToken {
         &self.shared.shutdown
     }
 
@@ -301,7 +301,7 @@ mod tests {
         })
         .unwrap();
         let (finished, done) = tokio::sync::oneshot::channel();
-        let shutdown = runtime.shutdown_started();
+        let shutdown = runtime.shutting_down();
         runtime.spawn_background(async move {
             shutdown.await;
             // The work in hand takes a while longer to finish.

@@ -62,15 +62,15 @@ pub(crate) async fn serve_with(
     let signalled = async {
         signal.await;
         tracing::info!("shutting down: closing every WebSocket with 1001");
-        runtime.begin_shutdown();
+        runtime.start_shutting_down();
         // The accept loop sees the shutdown and returns by the deadline.
         std::future::pending::<()>().await
     };
     let deadline = {
         let runtime = runtime.clone();
-        move || runtime.begin_shutdown()
+        move || runtime.start_shutting_down()
     };
-    let token = runtime.shutdown_token().clone();
+    let token = runtime.shutting_down_token().clone();
     tokio::select! {
         served = serve_http(listener, app, limits, token, deadline) => served?,
         () = signalled => {}

@@ -121,7 +121,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("read the bound address");
         let serving = runtime.clone();
         let served = app.clone();
-        let stop = runtime.shutdown_started();
+        let stop = runtime.shutting_down();
         let task = tokio::spawn(async move {
             crate::server::serve_with(serving, listener, served, stop)
                 .await

@@ -290,7 +290,7 @@ impl Backends {
         let stopping = runtime.clone();
         runtime.spawn_background(async move {
             let stopped = worker.run_with_ctx(move |worker| {
-                let shutdown = stopping.shutdown_started();
+                let shutdown = stopping.shutting_down();
                 async move {
                     shutdown.await;
                     worker.stop()
