@@ -13,7 +13,11 @@
 //!   layers, and with the room split across two servers on one Redis,
 //!   compared with a bare tokio broadcast server (see [`fanout`]).
 //!   It measures the layers with a room server of its own, so it takes no
-//!   step and no endpoint.
+//!   step and no endpoint;
+//! - `storm`: a reconnect storm, 18,000 connections arriving at once in
+//!   step 05's rooms and then dropping at once, on the in-memory and the
+//!   Redis pub/sub layer: what opened, how long the handshakes took, and
+//!   whether every join and leave reached the rooms (see [`storm`]).
 //!
 //! Which step and which endpoint are options (default: the newest step,
 //! `/ws/system`), so adding a step needs no change here; adding a scenario is
@@ -38,6 +42,7 @@ use crate::{Args, Error, Result, Workspace, fail};
 
 mod fanout;
 mod idle;
+mod storm;
 
 /// How long a server may take to start accepting connections.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -56,26 +61,36 @@ enum Scenario {
     Idle,
     /// One sender, many receivers in one room, through each channel layer.
     Fanout,
+    /// Many connections arriving in rooms at once, then leaving at once.
+    Storm,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 3] = [Scenario::Echo, Scenario::Idle, Scenario::Fanout];
+    const ALL: [Scenario; 4] = [
+        Scenario::Echo,
+        Scenario::Idle,
+        Scenario::Fanout,
+        Scenario::Storm,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Scenario::Echo => "echo",
             Scenario::Idle => "idle",
             Scenario::Fanout => "fanout",
+            Scenario::Storm => "storm",
         }
     }
 
     /// How many clients when `--clients` is not given (for fanout: the
-    /// receivers, `--receivers`).
+    /// receivers, `--receivers`; for storm: the connections,
+    /// `--connections`).
     fn default_clients(self) -> u32 {
         match self {
             Scenario::Echo => 32,
             Scenario::Idle => 10_000,
             Scenario::Fanout => 100,
+            Scenario::Storm => 18_000,
         }
     }
 
@@ -102,6 +117,7 @@ impl Scenario {
             Scenario::Fanout => {
                 format!("{MESSAGE_SIZE}-byte messages, at most 16 that someone has not heard yet")
             }
+            Scenario::Storm => "connections that arrive at once and leave at once".to_owned(),
         }
     }
 
@@ -110,6 +126,9 @@ impl Scenario {
         match self {
             Scenario::Echo | Scenario::Idle => ("bare-echo", "bare echo"),
             Scenario::Fanout => ("bare-broadcast", "bare broadcast"),
+            // It compares the layers with each other; `run` sends it to
+            // `storm::run` before anything asks for a baseline.
+            Scenario::Storm => unreachable!("the storm has no baseline"),
         }
     }
 
@@ -117,6 +136,8 @@ impl Scenario {
     fn loadgen_args(self) -> Vec<&'static str> {
         match self {
             Scenario::Echo | Scenario::Idle | Scenario::Fanout => vec!["--size", MESSAGE_SIZE],
+            // The storm client sends nothing.
+            Scenario::Storm => vec![],
         }
     }
 }
@@ -130,8 +151,11 @@ struct Options {
     seconds: u32,
     rounds: u32,
     /// The connections the load generator opens: `--clients`, or for
-    /// fanout the receivers, `--receivers` (plus one sender).
+    /// fanout the receivers, `--receivers` (plus one sender), or for storm
+    /// `--connections`.
     clients: u32,
+    /// The storm's own options; `Some` exactly for the storm.
+    storm: Option<storm::Options>,
 }
 
 fn parse_options(mut args: Args) -> Result<Options> {
@@ -140,10 +164,14 @@ fn parse_options(mut args: Args) -> Result<Options> {
         Some(v) => Ok(v),
         None => Ok(default),
     };
-    let seconds = positive("--seconds", args.value("--seconds")?, 5)?;
-    let rounds = positive("--rounds", args.value("--rounds")?, 3)?;
+    let seconds = args.value("--seconds")?;
+    let rounds = args.value("--rounds")?;
     let clients = args.value("--clients")?;
     let receivers = args.value("--receivers")?;
+    let connections = args.value("--connections")?;
+    let in_flight = args.value("--in-flight")?;
+    let room_size = args.value("--room-size")?;
+    let layers: Option<String> = args.value("--layers")?;
     let step: Option<String> = args.value("--step")?;
     let path: Option<String> = args.value("--path")?;
     if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
@@ -157,6 +185,47 @@ fn parse_options(mut args: Args) -> Result<Options> {
     };
     // Options that mean nothing to the scenario are refused rather than
     // ignored, so that nobody believes they measured what they asked for.
+    if scenario == Scenario::Storm {
+        let stray = [
+            ("--clients", clients.is_some()),
+            ("--receivers", receivers.is_some()),
+            ("--step", step.is_some()),
+            ("--path", path.is_some()),
+            ("--seconds", seconds.is_some()),
+            ("--rounds", rounds.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(Error::Usage(format!(
+                "{name} does not apply to storm, which runs step {}'s rooms once per layer \
+                 (--connections sets how many)",
+                storm::STEP
+            )));
+        }
+        let storm = storm::options(connections, in_flight, room_size, layers)?;
+        return Ok(Options {
+            scenario,
+            step: Some(storm::STEP.to_owned()),
+            path: "/ws/room/".to_owned(),
+            seconds: 0,
+            rounds: 1,
+            clients: storm.connections,
+            storm: Some(storm),
+        });
+    }
+    let storm_only = [
+        ("--connections", connections.is_some()),
+        ("--in-flight", in_flight.is_some()),
+        ("--room-size", room_size.is_some()),
+        ("--layers", layers.is_some()),
+    ];
+    if let Some((name, _)) = storm_only.iter().find(|(_, given)| *given) {
+        return Err(Error::Usage(format!(
+            "{name} is for storm, not {}",
+            scenario.name()
+        )));
+    }
+    let seconds = positive("--seconds", seconds, 5)?;
+    let rounds = positive("--rounds", rounds, 3)?;
     let clients = if scenario == Scenario::Fanout {
         let stray = [
             ("--clients", clients.is_some()),
@@ -187,6 +256,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
         seconds,
         rounds,
         clients,
+        storm: None,
     })
 }
 
@@ -442,9 +512,23 @@ fn release_dir(root: &Path) -> PathBuf {
 }
 
 /// `cargo xtask bench [SCENARIO] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]`,
-/// or `cargo xtask bench fanout [--seconds S] [--rounds R] [--receivers N]`
+/// or `cargo xtask bench fanout [--seconds S] [--rounds R] [--receivers N]`,
+/// or `cargo xtask bench storm [--connections N] [--in-flight K] [--room-size R] [--layers L]`
 pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let options = parse_options(args)?;
+    if let Some(storm) = &options.storm {
+        let all_steps = steps::discover(&ws.root)?;
+        let step = steps::resolve_arg(&all_steps, storm::STEP)?;
+        // The step's server, and the storm client from loadgen.
+        let status = ws
+            .cargo()
+            .args(["build", "--release", "--package", "loadgen"])
+            .args(["--package", &step.package()])
+            .status()
+            .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+        crate::propagate(status)?;
+        return storm::run(&release_dir(&ws.root), step, storm, pinning());
+    }
     if options.scenario == Scenario::Fanout {
         // Its servers and its client are all binaries of loadgen.
         let status = ws
@@ -585,7 +669,8 @@ mod tests {
                 path: "/ws/system".into(),
                 seconds: 5,
                 rounds: 3,
-                clients: 32
+                clients: 32,
+                storm: None
             }
         );
         assert_eq!(
@@ -607,7 +692,8 @@ mod tests {
                 path: "/ws/room/bench".into(),
                 seconds: 2,
                 rounds: 5,
-                clients: 8
+                clients: 8,
+                storm: None
             }
         );
         assert_eq!(
@@ -618,7 +704,8 @@ mod tests {
                 path: "/ws/system".into(),
                 seconds: 5,
                 rounds: 3,
-                clients: 100
+                clients: 100,
+                storm: None
             }
         );
         assert_eq!(
@@ -626,6 +713,16 @@ mod tests {
                 .unwrap()
                 .clients,
             10
+        );
+        let storm =
+            parse_options(args(&["storm", "--connections", "4000", "--in-flight=500"])).unwrap();
+        assert_eq!(storm.scenario, Scenario::Storm);
+        assert_eq!(storm.clients, 4000);
+        assert_eq!(
+            storm
+                .storm
+                .map(|s| (s.connections, s.in_flight, s.room_size)),
+            Some((4000, 500, 10))
         );
         for bad in [
             &["--rounds", "0"][..],
@@ -641,6 +738,13 @@ mod tests {
             &["fanout", "--clients", "10"],
             &["fanout", "--step", "02"],
             &["fanout", "--path", "/ws/room/x"],
+            &["storm", "--clients", "10"],
+            &["storm", "--seconds", "5"],
+            &["storm", "--step", "05"],
+            &["storm", "--layers", "queue"],
+            &["storm", "--in-flight", "0"],
+            &["--connections", "100"],
+            &["fanout", "--layers", "memory"],
         ] {
             assert!(
                 matches!(parse_options(args(bad)), Err(Error::Usage(_))),
@@ -660,12 +764,18 @@ mod tests {
             .filter(|w| !w.is_empty())
             .collect();
         for option in words.iter().filter(|w| w.starts_with("--")) {
-            let value = if *option == "--path" { "/ws/x" } else { "1" };
-            // The one option of one scenario only.
-            let scenario = if *option == "--receivers" {
-                "fanout"
-            } else {
-                "echo"
+            let value = match *option {
+                "--path" => "/ws/x",
+                "--layers" => "memory",
+                "--connections" => "100",
+                "--room-size" => "2",
+                _ => "1",
+            };
+            // The options of one scenario only.
+            let scenario = match *option {
+                "--receivers" => "fanout",
+                "--connections" | "--in-flight" | "--room-size" | "--layers" => "storm",
+                _ => "echo",
             };
             assert!(
                 parse_options(args(&[scenario, option, value])).is_ok(),

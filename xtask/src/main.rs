@@ -48,14 +48,17 @@ const TASKS: &[(&str, &str)] = &[
         "Build everything; check the book's includes and their captions, that chapters name the files they change, and the snapshots",
     ),
     (
-        "bench [echo|idle|fanout] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N]",
+        "bench [echo|idle|fanout|storm] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub]",
         "Compare a step's endpoint with a bare tokio-tungstenite server; echo: round trips \
          (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients); idle: memory per \
          idle connection and how much returns (10,000 clients); fanout: deliveries/s from one \
          sender to N receivers in one room (default 100) through the in-memory, Redis pub/sub \
          and Redis queue layers, and split across two servers on one Redis, against a bare \
          tokio broadcast server (no --step, --path, \
-         --clients; a throwaway redis-server of its own)",
+         --clients; a throwaway redis-server of its own); storm: N connections (default 18,000) \
+         arriving at once in step 05's rooms of R (10), K handshakes in flight (2,000), then \
+         dropping at once, on the in-memory and Redis pub/sub layers: opened, failures, \
+         handshake p50/p99, joins and leaves heard, server log lines",
     ),
     ("help", "Show this help"),
 ];

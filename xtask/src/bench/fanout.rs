@@ -53,7 +53,7 @@ use crate::steps;
 use crate::{Result, fail};
 
 /// How to get redis-server, for the note when it is missing.
-const INSTALL_REDIS: &str =
+pub(super) const INSTALL_REDIS: &str =
     "install redis-server (Debian/Ubuntu: `sudo apt-get install redis-server`)";
 
 /// The ratio of Redis pub/sub to in-memory fan-out that issue 7 aims for.
@@ -228,21 +228,22 @@ fn percent(busy: Option<f64>) -> String {
 }
 
 /// A throwaway redis-server, killed (and its log removed) when dropped.
-struct Redis {
+/// The storm bench starts its own the same way.
+pub(super) struct Redis {
     port: u16,
     log: PathBuf,
     server: Server,
 }
 
 impl Redis {
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// Starts redis-server on a free port (pinned with the server) and
     /// waits until it answers `PING`. Another process may take the free
     /// port first: then it tries another.
-    fn start(pin: bool) -> Result<Redis> {
+    pub(super) fn start(pin: bool) -> Result<Redis> {
         let mut last_error = String::new();
         for _ in 0..3 {
             match Redis::start_on(free_port()?, pin) {
