@@ -20,11 +20,39 @@
 //! (a popper's) report here too, so a host costs two lines per outage
 //! however many calls, poppers and groups it has.
 //!
-//! Why not redis-rs' `ConnectionManager`: it reconnects too, but a command
-//! issued while it reconnects waits for the reconnection and its retries,
-//! and it has no hook to run after a reconnection. Failing fast and owning
-//! the hook keeps both promises of the layers simple: a bounded time for
-//! every call, and subscriptions and memberships restored after a restart.
+//! A reply that does not come within the response timeout is not taken for
+//! a lost connection: a slow Redis (a long `KEYS`, a fork, `CLIENT PAUSE`)
+//! answers a new connection no faster, and replacing the connection drops
+//! every subscription and loses what is published until they are back.
+//! The call fails (the caller has a bounded time), and one `PING` probe
+//! with a longer deadline decides: an answer keeps the connection, none (or
+//! a connection error) declares it lost. Every connection has an id, and
+//! the pushes of one that was replaced are dropped, so a connection that
+//! lingers (clones of it still in flight) cannot deliver a message the new
+//! one delivers too.
+//!
+//! After each successful reconnection (state restored), a [`Reconnected`]
+//! event goes to whoever listens (see `supervise_announcing`): the layers
+//! hand it to applications, which may want to fetch what they missed.
+//!
+//! Why not redis-rs' `ConnectionManager` (1.8 read for this): it reconnects
+//! by itself, replays its own subscriptions (`set_automatic_resubscription`)
+//! and takes a push sender, but
+//! - a command issued while it reconnects awaits the reconnection and its
+//!   retries, where the layers promise to fail within their timeout;
+//! - its replay is the subscriptions it saw confirmed, sent in a pipeline
+//!   whose failure it ignores, not what the layer holds now (a channel
+//!   closed during the outage would be subscribed again, and a failed
+//!   replay goes unnoticed, with nobody subscribed);
+//! - pushes reach the push sender through a channel from a second task, so
+//!   they are no longer in order with the replies (the pub/sub `flush`
+//!   barrier needs that), and they carry no trace of the connection they
+//!   came on, so a replaced connection's cannot be told apart and dropped;
+//! - there is no hook after a reconnection (the queue layer restores its
+//!   memberships there), no event, and nothing that tells when a host is
+//!   back, which the outage reporting needs.
+//!
+//! Owning the loop keeps every promise in one place, at about 400 lines.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -39,7 +67,8 @@ use redis::{
     AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
     RedisError,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
 
 use super::task::{panic_message, spawn_supervised};
 use super::wire::{Version, check_server_version};
@@ -53,6 +82,34 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a `PING` probe after a response timeout may take before the
+/// connection counts as lost: at least this, or the command timeout if
+/// longer. Longer than the response timeout, since the question is no
+/// longer "is it quick" but "is it there".
+const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
+/// How many [`Reconnected`] events a slow listener may fall behind by
+/// before it sees `Lagged` (which still means "reconnected").
+pub(crate) const RECONNECTED_BACKLOG: usize = 64;
+
+/// A Redis host a layer lost came back, and the layer has restored what it
+/// had there (subscriptions, group memberships). Messages published to
+/// this process meanwhile were lost on the pub/sub layer; an application
+/// may want to fetch what it missed (the state of a room, say).
+///
+/// From [`RedisPubSubLayer::reconnected`](super::RedisPubSubLayer::reconnected).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Reconnected {
+    /// `host:port` (never the URL, which may hold a password).
+    pub host: String,
+    /// From when the connection was found lost to when the layer's state
+    /// was restored on the new one.
+    pub down_for: Duration,
+    /// How many times this host was reconnected, this one included.
+    pub generation: u64,
+}
 
 /// What a layer does with the push messages (pub/sub messages) of a link.
 pub(crate) type PushHandler = Arc<dyn Fn(PushInfo) + Send + Sync>;
@@ -76,6 +133,13 @@ pub(crate) struct Link {
     /// Wakes the supervisor when the connection is lost or the link closed.
     lost: Notify,
     next_id: AtomicU64,
+    /// The id of the installed connection, 0 while there is none: its
+    /// reader hands pushes over, any other connection's are dropped. Read
+    /// per push, so kept out of the state's lock.
+    live: AtomicU64,
+    /// Set while a `PING` probe runs, so a burst of timeouts costs one.
+    probing: std::sync::atomic::AtomicBool,
+    probe_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -89,6 +153,10 @@ struct LinkState {
     /// Going on from the first failure on a healthy host until the host
     /// works again.
     outage: Episode,
+    /// When the installed connection was lost, for [`Reconnected`].
+    lost_at: Option<Instant>,
+    /// Successful reconnections so far.
+    generation: u64,
 }
 
 impl Link {
@@ -164,9 +232,12 @@ impl Link {
             state: Locked::default(),
             lost: Notify::new(),
             next_id: AtomicU64::new(1),
+            live: AtomicU64::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
+            probe_timeout: command_timeout.max(PROBE_TIMEOUT_MIN),
         });
         let (id, conn) = link.open().await.map_err(unreachable)?;
-        link.state.lock().conn = Some((id, conn));
+        link.install(&mut link.state.lock(), id, conn);
         Ok(link)
     }
 
@@ -193,10 +264,15 @@ impl Link {
             // Called by the connection's reader, in order with the replies:
             // a message published before a reply is handled before it.
             config = config.set_push_sender(move |info: PushInfo| -> Result<(), ()> {
+                let Some(live) = link.upgrade() else {
+                    return Ok(());
+                };
                 if info.kind == PushKind::Disconnection {
-                    if let Some(link) = link.upgrade() {
-                        link.lost(id, &"the connection closed");
-                    }
+                    live.lost(id, &"the connection closed");
+                } else if live.live.load(Ordering::Acquire) != id {
+                    // A replaced connection that lingers: the new one is
+                    // subscribed to the same names and delivers this too.
+                    tracing::trace!(host, "dropped a push from a replaced connection");
                 } else if let Some(push) = &push {
                     // The reader is the client library's task: a panic here
                     // would end the connection, and with it every
@@ -220,6 +296,13 @@ impl Link {
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         Ok((id, conn))
+    }
+
+    /// Makes `conn` (id `id`) the connection calls use and whose pushes
+    /// are handed over.
+    fn install(&self, state: &mut LinkState, id: u64, conn: MultiplexedConnection) {
+        state.conn = Some((id, conn));
+        self.live.store(id, Ordering::Release);
     }
 
     /// The live connection, or a `Backend` error at once while there is
@@ -283,21 +366,24 @@ impl Link {
     }
 
     /// Runs `commands` on the live connection. A connection error marks the
-    /// connection lost (the supervisor reconnects); every error comes back
-    /// as `Backend`, naming the host.
-    pub(crate) async fn run<T, F, Fut>(&self, commands: F) -> Result<T, LayerError>
+    /// connection lost (the supervisor reconnects); a response timeout has
+    /// it probed (see the module doc); every error comes back as `Backend`,
+    /// naming the host.
+    pub(crate) async fn run<T, F, Fut>(self: &Arc<Self>, commands: F) -> Result<T, LayerError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let (id, conn) = self.current()?;
-        match commands(conn).await {
+        match commands(conn.clone()).await {
             Ok(value) => {
                 self.worked();
                 Ok(value)
             }
             Err(err) => {
-                if is_connection_error(&err) {
+                if err.is_timeout() {
+                    self.probe(id, conn, err.to_string());
+                } else if is_connection_error(&err) {
                     self.lost(id, &err);
                 } else {
                     // An error reply: the host is there; the caller gets
@@ -320,10 +406,21 @@ impl Link {
         {
             state.conn = None;
             state.restoring = false;
+            state.lost_at = Some(Instant::now());
+            self.live.store(0, Ordering::Release);
             drop(state);
             self.failed(why);
             self.lost.notify_one();
         }
+    }
+
+    /// Declares the installed connection lost, as a failed probe would,
+    /// and returns it: for tests that need it to linger (kept alive by its
+    /// caller) while the supervisor replaces it.
+    pub(crate) fn abandon(&self, why: &str) -> Option<MultiplexedConnection> {
+        let (id, conn) = self.state.lock().conn.clone()?;
+        self.lost(id, &why);
+        Some(conn)
     }
 
     /// Reports a failure seen on another connection to the same host (a
@@ -332,16 +429,51 @@ impl Link {
         let Ok((id, conn)) = self.current() else {
             return;
         };
+        self.probe(id, conn, "another connection to it failed".to_owned());
+    }
+
+    /// Checks connection `id` with one `PING` (one probe at a time): it is
+    /// declared lost only if that fails too, or gets no answer within the
+    /// probe timeout. `why` is what made it suspect.
+    fn probe(self: &Arc<Self>, id: u64, conn: MultiplexedConnection, why: String) {
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let link = Arc::clone(self);
         spawn_supervised(
             format!("health check of Redis at {}", self.host),
             move |_| {
                 let link = Arc::clone(&link);
                 let mut conn = conn.clone();
+                let why = why.clone();
                 async move {
-                    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut conn).await;
-                    if let Err(err) = pong {
-                        link.lost(id, &err);
+                    // The clone's own response timeout is the short one.
+                    conn.set_response_timeout(link.probe_timeout);
+                    let ping = redis::cmd("PING");
+                    let answer = tokio::time::timeout(
+                        link.probe_timeout,
+                        ping.query_async::<String>(&mut conn),
+                    )
+                    .await;
+                    link.probing.store(false, Ordering::Release);
+                    match answer {
+                        Ok(Ok(_)) => {
+                            metrics::counter!("axum_channels_redis_slow_replies_total")
+                                .increment(1);
+                            tracing::debug!(
+                                host = link.host,
+                                why,
+                                "Redis was slow to answer but its connection is fine; kept"
+                            );
+                        }
+                        Ok(Err(err)) => link.lost(id, &format!("{why}, then PING failed: {err}")),
+                        Err(_) => link.lost(
+                            id,
+                            &format!(
+                                "{why}, then no answer to PING within {:?}",
+                                link.probe_timeout
+                            ),
+                        ),
                     }
                 }
             },
@@ -353,6 +485,7 @@ impl Link {
         let mut state = self.state.lock();
         state.closed = true;
         state.conn = None;
+        self.live.store(0, Ordering::Release);
         drop(state);
         self.lost.notify_one();
     }
@@ -363,12 +496,25 @@ impl Link {
     /// reconnects at once, since the panic may have come between a new
     /// connection and the state `on_connect` restores on it.
     pub(crate) fn supervise(self: &Arc<Self>, on_connect: OnConnect) {
+        // Nobody listens: each event is dropped as it is sent.
+        self.supervise_announcing(on_connect, broadcast::channel(1).0);
+    }
+
+    /// [`supervise`](Self::supervise), and after each reconnection whose
+    /// `on_connect` succeeded, sends a [`Reconnected`] to `announce` (one
+    /// sender may serve every host of a layer).
+    pub(crate) fn supervise_announcing(
+        self: &Arc<Self>,
+        on_connect: OnConnect,
+        announce: broadcast::Sender<Reconnected>,
+    ) {
         let link = Arc::clone(self);
         spawn_supervised(
             format!("supervisor of Redis at {}", self.host),
             move |restarts| {
                 let link = Arc::clone(&link);
                 let on_connect = Arc::clone(&on_connect);
+                let announce = announce.clone();
                 async move {
                     if restarts > 0 {
                         let current = link.state.lock().conn.as_ref().map(|(id, _)| *id);
@@ -376,7 +522,7 @@ impl Link {
                             link.lost(id, &"its supervisor restarted after a panic");
                         }
                     }
-                    link.keep_connected(on_connect).await;
+                    link.keep_connected(on_connect, announce).await;
                 }
             },
         );
@@ -384,7 +530,11 @@ impl Link {
 
     /// The supervisor's loop: waits for a loss, reconnects with backoff,
     /// runs `on_connect`; returns once the link is closed.
-    async fn keep_connected(self: Arc<Self>, on_connect: OnConnect) {
+    async fn keep_connected(
+        self: Arc<Self>,
+        on_connect: OnConnect,
+        announce: broadcast::Sender<Reconnected>,
+    ) {
         let mut delay = BACKOFF_MIN;
         loop {
             let (closed, up) = {
@@ -410,15 +560,29 @@ impl Link {
                         if state.closed {
                             return;
                         }
-                        state.conn = Some((id, conn.clone()));
+                        self.install(&mut state, id, conn.clone());
                         state.restoring = true;
                     }
                     metrics::counter!("axum_channels_redis_reconnects_total").increment(1);
                     match on_connect(conn).await {
                         Ok(()) => {
                             delay = BACKOFF_MIN;
-                            self.state.lock().restoring = false;
+                            let event = {
+                                let mut state = self.state.lock();
+                                state.restoring = false;
+                                state.generation += 1;
+                                Reconnected {
+                                    host: self.host.clone(),
+                                    down_for: state
+                                        .lost_at
+                                        .take()
+                                        .map_or(Duration::ZERO, |at| at.elapsed()),
+                                    generation: state.generation,
+                                }
+                            };
                             self.worked();
+                            // No listener is fine: an app need not care.
+                            let _ = announce.send(event);
                             continue;
                         }
                         Err(err) => {
@@ -435,8 +599,9 @@ impl Link {
     }
 }
 
-/// Whether `err` means the connection itself is gone or stuck (as opposed
-/// to an error reply from Redis).
+/// Whether `err` means the connection itself is gone (as opposed to an
+/// error reply from Redis). A response timeout counts too, for callers that
+/// do not probe; `Link::run` sorts timeouts out first.
 pub(crate) fn is_connection_error(err: &RedisError) -> bool {
     err.is_io_error()
         || err.is_connection_dropped()

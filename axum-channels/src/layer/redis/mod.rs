@@ -74,13 +74,16 @@
 //!
 //! The modules: `config` ([`RedisConfig`]), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
-//! supervised connection per host, which reports outages), `task` (the
+//! supervised connection per host, which reports outages and announces
+//! reconnections), `host` (the pub/sub layer's object per host: its link,
+//! subscriptions, and the batches that keep them in step), `task` (the
 //! supervision every background task runs under), `queue` and `pubsub` (the
 //! layers). Messages wait for `receive` in the local buffers all layers
 //! share (`layer/buffers.rs`).
 
 mod codec;
 mod config;
+mod host;
 mod link;
 mod pubsub;
 mod queue;
@@ -91,6 +94,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use config::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, MAX_TIMEOUT, RedisConfig};
+pub use link::Reconnected;
 pub use pubsub::RedisPubSubLayer;
 pub use queue::RedisLayer;
 pub use wire::{consistent_hash, non_local_name};

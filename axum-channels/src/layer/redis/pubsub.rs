@@ -15,37 +15,38 @@
 //! and a channel held elsewhere would get a buffer nobody reads or frees.
 //!
 //! Per host there is one RESP3 connection, which both publishes and
-//! receives (push messages). Its reader hands each message to the local
-//! buffers (`buffers.rs`) as it reads it, in order with the replies, one
-//! copy shared by every local member of a group; `receive` waits only on
-//! its buffer, so a cancelled `receive` neither loses a message nor (unlike
-//! Python's) drops the subscription. When the connection is lost,
-//! calls fail at once with [`LayerError::Backend`] and a supervisor
-//! reconnects; then every live channel and group is subscribed again, so
-//! messages flow again without a restart. What was published meanwhile is
-//! lost: that is what pub/sub means.
+//! receives (push messages), in one object with its subscriptions
+//! (`host.rs`). Its reader hands each message to the local buffers
+//! (`buffers.rs`) as it reads it, in order with the replies, one copy
+//! shared by every local member of a group; `receive` waits only on its
+//! buffer, so a cancelled `receive` neither loses a message nor (unlike
+//! Python's) drops the subscription. Subscription changes to one host go
+//! out in batches, so a storm of joins costs a few round trips. When the
+//! connection is lost, calls fail at once with [`LayerError::Backend`] and a
+//! supervisor reconnects; then every live channel and group is subscribed
+//! again, so messages flow again without a restart, and
+//! [`RedisPubSubLayer::reconnected`] tells the application. What was
+//! published meanwhile is lost: that is what pub/sub means. A slow reply
+//! alone does not replace the connection (`link.rs`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, MutexGuard};
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
-use redis::{Msg, PushInfo, PushKind, RedisError};
+use redis::{Msg, PushInfo, PushKind};
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::bounded;
 use super::codec::{self, Route};
 use super::config::RedisConfig;
-use super::link::Link;
+use super::host::{Interest, SubscribedHost};
+use super::link::{Link, RECONNECTED_BACKLOG, Reconnected};
 use super::wire::{Version, consistent_hash, group_channel, pubsub_channel_name};
 use crate::layer::buffers::{Entry, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull};
 use crate::layer::{
     ChannelLayer, LayerError, LayerMessage, NameKind, validate_channel_name, validate_group_name,
 };
-
-/// How many names one `SUBSCRIBE` carries when subscribing again after a
-/// reconnection.
-const SUBSCRIBE_BATCH: usize = 1000;
 
 /// The publish/subscribe layer on Redis: fast, nothing stored, group
 /// memberships local to this process. See [the module
@@ -56,26 +57,20 @@ pub struct RedisPubSubLayer {
 
 struct Inner {
     shared: Arc<Shared>,
-    links: Vec<Arc<Link>>,
+    hosts: Vec<Arc<SubscribedHost>>,
+    reconnected: broadcast::Sender<Reconnected>,
 }
 
 /// What the connections' readers need too (they exist before the links).
 struct Shared {
     config: RedisConfig,
     state: Locked<State>,
-    /// One per host: subscription changes on a host happen one at a time,
-    /// each after reading the local state afresh, so what Redis has always
-    /// ends up matching what the state says.
-    subscribing: Vec<tokio::sync::Mutex<()>>,
 }
 
 struct State {
     /// Local channels' buffers. Nothing can tell a publisher that one is
     /// full, so a full buffer drops its oldest message.
     buffers: LocalBuffers,
-    /// Local channels subscribed on the current connection (rechecked
-    /// after reconnecting).
-    subscribed: HashSet<String>,
     /// Redis group channel (`{prefix}__group__{group}`) → its local members.
     groups: HashMap<String, Group>,
 }
@@ -84,7 +79,6 @@ impl Default for State {
     fn default() -> Self {
         State {
             buffers: LocalBuffers::new(WhenFull::DropOldest),
-            subscribed: HashSet::new(),
             groups: HashMap::new(),
         }
     }
@@ -101,7 +95,6 @@ impl HoldsBuffers for State {
 #[derive(Default)]
 struct Group {
     members: HashSet<String>,
-    subscribed: bool,
 }
 
 impl Shared {
@@ -110,7 +103,7 @@ impl Shared {
     }
 
     fn shard(&self, name: &str) -> usize {
-        consistent_hash(name, self.subscribing.len())
+        consistent_hash(name, self.config.hosts.len())
     }
 
     /// A push from a connection's reader: hands a published message to its
@@ -144,48 +137,35 @@ impl Shared {
             }
         }
     }
+}
 
-    /// After a reconnection to host `shard`: subscribes again to every live
-    /// channel and group that lives there.
-    async fn resubscribe(
-        &self,
-        shard: usize,
-        mut conn: MultiplexedConnection,
-    ) -> Result<(), RedisError> {
-        let _one_at_a_time = self.subscribing[shard].lock().await;
-        let names: Vec<String> = {
-            let state = self.lock();
-            state
-                .buffers
-                .channels()
-                .chain(
-                    state
-                        .groups
-                        .iter()
-                        .filter(|(_, group)| !group.members.is_empty())
-                        .map(|(name, _)| name.as_str()),
-                )
-                .filter(|name| self.shard(name) == shard)
-                .map(str::to_owned)
-                .collect()
-        };
-        for batch in names.chunks(SUBSCRIBE_BATCH) {
-            conn.subscribe(batch).await?;
-        }
-        let mut state = self.lock();
-        for name in &names {
-            if state.buffers.contains(name) {
-                state.subscribed.insert(name.clone());
-            }
-            if let Some(group) = state.groups.get_mut(name) {
-                group.subscribed = true;
-            }
-        }
-        tracing::debug!(
-            subscriptions = names.len(),
-            "subscribed again to every live channel and group"
-        );
-        Ok(())
+/// What should be subscribed: a local channel (it has a buffer), and a
+/// group channel with local members.
+impl Interest for Shared {
+    fn wants(&self, name: &str) -> bool {
+        let state = self.lock();
+        state.buffers.contains(name)
+            || state
+                .groups
+                .get(name)
+                .is_some_and(|group| !group.members.is_empty())
+    }
+
+    fn wanted_on(&self, shard: usize) -> Vec<String> {
+        let state = self.lock();
+        state
+            .buffers
+            .channels()
+            .chain(
+                state
+                    .groups
+                    .iter()
+                    .filter(|(_, group)| !group.members.is_empty())
+                    .map(|(name, _)| name.as_str()),
+            )
+            .filter(|name| self.shard(name) == shard)
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -197,11 +177,6 @@ impl RedisPubSubLayer {
     pub async fn connect(config: RedisConfig) -> Result<Self, LayerError> {
         config.validate()?;
         let shared = Arc::new(Shared {
-            subscribing: config
-                .hosts
-                .iter()
-                .map(|_| tokio::sync::Mutex::new(()))
-                .collect(),
             config,
             state: Locked::default(),
         });
@@ -223,20 +198,33 @@ impl RedisPubSubLayer {
             .await?;
             links.push(link);
         }
-        for (shard, link) in links.iter().enumerate() {
-            let shared = Arc::downgrade(&shared);
-            link.supervise(Arc::new(move |conn| {
-                let shared = shared.clone();
-                Box::pin(async move {
-                    match shared.upgrade() {
-                        Some(shared) => shared.resubscribe(shard, conn).await,
-                        None => Ok(()),
-                    }
-                })
-            }));
+        let interest: std::sync::Weak<dyn Interest> =
+            Arc::downgrade(&shared) as std::sync::Weak<Shared>;
+        let (reconnected, _) = broadcast::channel(RECONNECTED_BACKLOG);
+        let mut hosts = Vec::with_capacity(links.len());
+        for (shard, link) in links.into_iter().enumerate() {
+            let host = SubscribedHost::start(Arc::clone(&link), shard, interest.clone());
+            let weak = Arc::downgrade(&host);
+            link.supervise_announcing(
+                Arc::new(move |conn| {
+                    let weak = weak.clone();
+                    Box::pin(async move {
+                        match weak.upgrade() {
+                            Some(host) => host.resubscribe(conn).await,
+                            None => Ok(()),
+                        }
+                    })
+                }),
+                reconnected.clone(),
+            );
+            hosts.push(host);
         }
         Ok(RedisPubSubLayer {
-            inner: Arc::new(Inner { shared, links }),
+            inner: Arc::new(Inner {
+                shared,
+                hosts,
+                reconnected,
+            }),
         })
     }
 
@@ -250,12 +238,43 @@ impl RedisPubSubLayer {
     pub fn local_channels(&self) -> usize {
         self.inner.shared.lock().buffers.len()
     }
+
+    /// Events for each time a lost Redis host came back and every live
+    /// channel and group was subscribed again on it. Messages published
+    /// to this process in between were lost, so an application may use
+    /// this to fetch what it missed (a room's state, say).
+    ///
+    /// A `tokio::sync::broadcast` receiver: every receiver gets every event
+    /// sent after it was made. One that falls more than 64 events behind
+    /// gets `RecvError::Lagged` next, which still means "reconnected at
+    /// least once"; events nobody listens to cost nothing. A broadcast
+    /// rather than a `watch` of a counter, so that each event says which
+    /// host and for how long.
+    pub fn reconnected(&self) -> broadcast::Receiver<Reconnected> {
+        self.inner.reconnected.subscribe()
+    }
+
+    /// A fault for tests, not part of the API: drops the connection to
+    /// every host from the layer as a failed `PING` probe would, without
+    /// closing it, so it lingers (as when clones of it are still in
+    /// flight) while the supervisor reconnects and subscribes again.
+    #[doc(hidden)]
+    pub fn force_reconnect(&self) {
+        for host in &self.inner.hosts {
+            if let Some(lingering) = host.link().abandon("forced by a test") {
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    drop(lingering);
+                });
+            }
+        }
+    }
 }
 
 impl Drop for RedisPubSubLayer {
     fn drop(&mut self) {
-        for link in &self.inner.links {
-            link.close();
+        for host in &self.inner.hosts {
+            host.link().close();
         }
     }
 }
@@ -267,6 +286,10 @@ impl Inner {
 
     fn timeout(&self) -> std::time::Duration {
         self.shared.config.command_timeout
+    }
+
+    fn host(&self, name: &str) -> &SubscribedHost {
+        &self.hosts[self.shared.shard(name)]
     }
 
     /// Publishes `message` on the Redis channel `name`, on the host its
@@ -282,7 +305,8 @@ impl Inner {
         let payload = codec::encode(message, Route::None, false, config.max_message_size)?;
         let shard = self.shared.shard(name);
         bounded(call, self.timeout(), async {
-            self.links[shard]
+            self.hosts[shard]
+                .link()
                 .run(|mut conn| async move {
                     redis::cmd("PUBLISH")
                         .arg(name)
@@ -295,83 +319,28 @@ impl Inner {
         .await
     }
 
-    /// Subscribes to a local channel unless it is already, or gone.
-    async fn subscribe_channel(&self, name: &str) -> Result<(), LayerError> {
-        let shard = self.shared.shard(name);
-        let _one_at_a_time = self.shared.subscribing[shard].lock().await;
-        let needed = {
-            let state = self.shared.lock();
-            state.buffers.contains(name) && !state.subscribed.contains(name)
-        };
-        if !needed {
-            return Ok(());
-        }
-        self.links[shard]
-            .run(|mut conn| async move { conn.subscribe(name).await })
-            .await?;
-        let mut state = self.shared.lock();
-        if state.buffers.contains(name) {
-            state.subscribed.insert(name.to_owned());
-        }
-        Ok(())
-    }
-
-    /// Subscribes to a group channel with local members, unless it is
-    /// already.
-    async fn subscribe_group(&self, name: &str) -> Result<(), LayerError> {
-        let shard = self.shared.shard(name);
-        let _one_at_a_time = self.shared.subscribing[shard].lock().await;
-        let needed = self
-            .shared
-            .lock()
-            .groups
-            .get(name)
-            .is_some_and(|group| !group.members.is_empty() && !group.subscribed);
-        if !needed {
-            return Ok(());
-        }
-        self.links[shard]
-            .run(|mut conn| async move { conn.subscribe(name).await })
-            .await?;
-        if let Some(group) = self.shared.lock().groups.get_mut(name) {
-            group.subscribed = true;
-        }
-        Ok(())
-    }
-
-    /// Unsubscribes from a channel or group channel that is no longer local.
-    /// Nothing to do while the host is down: a new connection subscribes
-    /// only to what is live.
-    async fn unsubscribe(&self, name: &str) -> Result<(), LayerError> {
-        let shard = self.shared.shard(name);
-        let _one_at_a_time = self.shared.subscribing[shard].lock().await;
-        {
-            let state = self.shared.lock();
-            if state.buffers.contains(name) || state.groups.contains_key(name) {
-                return Ok(()); // made local again meanwhile
-            }
-        }
-        if !self.links[shard].is_up() {
-            return Ok(());
-        }
-        self.links[shard]
-            .run(|mut conn| async move { conn.unsubscribe(name).await })
-            .await
+    /// Brings the subscriptions of `names` in step with the local state
+    /// (see `host.rs`): all of them in the batches of their hosts.
+    async fn sync(&self, names: &[&str]) -> Result<(), LayerError> {
+        let synced =
+            futures_util::future::join_all(names.iter().map(|name| self.host(name).sync(name)))
+                .await;
+        synced.into_iter().collect()
     }
 }
 
 /// Forgets a channel `new_channel` could not finish making.
 struct Unmade<'a> {
-    shared: &'a Shared,
+    inner: &'a Inner,
     channel: Option<&'a str>,
 }
 
 impl Drop for Unmade<'_> {
     fn drop(&mut self) {
         if let Some(channel) = self.channel {
-            let mut state = self.shared.lock();
-            state.buffers.remove(channel);
-            state.subscribed.remove(channel);
+            self.inner.shared.lock().buffers.remove(channel);
+            // Its batch may still subscribe it; the next one undoes that.
+            self.inner.host(channel).nudge(channel);
         }
     }
 }
@@ -398,15 +367,10 @@ impl ChannelLayer for RedisPubSubLayer {
         // Removes the channel again unless the subscription succeeds, also
         // when this future is dropped half-way.
         let mut unmade = Unmade {
-            shared: inner.shared(),
+            inner,
             channel: Some(&name),
         };
-        bounded(
-            "new_channel",
-            inner.timeout(),
-            inner.subscribe_channel(&name),
-        )
-        .await?;
+        bounded("new_channel", inner.timeout(), inner.sync(&[&name])).await?;
         unmade.channel = None;
         drop(unmade);
         Ok(name)
@@ -430,24 +394,20 @@ impl ChannelLayer for RedisPubSubLayer {
         validate_channel_name(channel)?;
         let inner = &self.inner;
         let shared = inner.shared();
-        let (receiver, subscribed) = {
+        let receiver = {
             let mut state = shared.lock();
-            let subscribed = state.subscribed.contains(channel);
             let buffer = state
                 .buffers
                 .open(channel, || shared.config.capacity_of(channel));
-            (Receiver::new(&shared.state, channel, buffer), subscribed)
+            Receiver::new(&shared.state, channel, buffer)
         };
+        let host = inner.host(channel);
         // A name first seen here is subscribed now. If that fails, the
         // supervisor subscribes it with everything else once it reconnects;
         // either way this receive waits, since a consumer must not lose its
         // channel over a passing outage.
-        if !subscribed && inner.links[shared.shard(channel)].is_up() {
-            let result = bounded(
-                "subscribe",
-                inner.timeout(),
-                inner.subscribe_channel(channel),
-            );
+        if !host.is_subscribed(channel) && host.link().is_up() {
+            let result = bounded("subscribe", inner.timeout(), host.sync(channel));
             if let Err(err) = result.await {
                 tracing::debug!(channel, %err, "subscribing failed; retried after reconnecting");
             }
@@ -476,11 +436,7 @@ impl ChannelLayer for RedisPubSubLayer {
                 .members
                 .insert(channel.to_owned())
         };
-        let joined = bounded("group_add", inner.timeout(), async {
-            inner.subscribe_channel(channel).await?;
-            inner.subscribe_group(&name).await
-        })
-        .await;
+        let joined = bounded("group_add", inner.timeout(), inner.sync(&[channel, &name])).await;
         if joined.is_err() {
             // Undo what this call added, so a failed join leaves nothing.
             let mut state = shared.lock();
@@ -488,6 +444,8 @@ impl ChannelLayer for RedisPubSubLayer {
                 entry.members.remove(channel);
                 if entry.members.is_empty() {
                     state.groups.remove(&name);
+                    drop(state);
+                    inner.host(&name).nudge(&name);
                 }
             }
         }
@@ -516,7 +474,7 @@ impl ChannelLayer for RedisPubSubLayer {
         if !emptied {
             return Ok(());
         }
-        bounded("group_discard", inner.timeout(), inner.unsubscribe(&name)).await
+        bounded("group_discard", inner.timeout(), inner.sync(&[&name])).await
     }
 
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
@@ -536,7 +494,8 @@ impl ChannelLayer for RedisPubSubLayer {
             // pushes in order with replies, so every message that reached
             // this process before the flush is in a buffer by now, and is
             // dropped below rather than delivered after the flush.
-            let pings = inner.links.iter().filter(|link| link.is_up()).map(|link| {
+            let links = inner.hosts.iter().map(|host| host.link());
+            let pings = links.filter(|link| link.is_up()).map(|link| {
                 link.run(
                     |mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await },
                 )
@@ -549,9 +508,8 @@ impl ChannelLayer for RedisPubSubLayer {
                 }
                 state.groups.drain().map(|(name, _)| name).collect()
             };
-            for name in groups {
-                inner.unsubscribe(&name).await?;
-            }
+            let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+            inner.sync(&groups).await?;
             barrier
                 .into_iter()
                 .collect::<Result<Vec<()>, _>>()
@@ -571,7 +529,6 @@ impl ChannelLayer for RedisPubSubLayer {
                 Some(_) => {}
             }
             state.buffers.remove(channel);
-            state.subscribed.remove(channel);
             let mut emptied = Vec::new();
             state.groups.retain(|name, group| {
                 group.members.remove(channel);
@@ -583,13 +540,8 @@ impl ChannelLayer for RedisPubSubLayer {
             });
             emptied
         };
-        bounded("close_channel", inner.timeout(), async {
-            inner.unsubscribe(channel).await?;
-            for name in emptied {
-                inner.unsubscribe(&name).await?;
-            }
-            Ok(())
-        })
-        .await
+        let mut names = vec![channel];
+        names.extend(emptied.iter().map(String::as_str));
+        bounded("close_channel", inner.timeout(), inner.sync(&names)).await
     }
 }
