@@ -55,6 +55,7 @@ pub(crate) async fn serve_with(
         app
     };
     let app = runtime.attach(app);
+    widen_backlog(&listener);
     let limits = HttpLimits {
         header_read_timeout: settings.header_read_timeout,
         max_sockets: socket_cap(settings.max_sockets, settings.max_connections),
@@ -79,6 +80,29 @@ pub(crate) async fn serve_with(
     runtime.shut_down().await;
     Ok(())
 }
+
+/// How many connections the kernel may hold for us before we accept them.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Raises the listener's backlog from the 128 that `TcpListener::bind` asks
+/// for (the standard library's figure) to [`LISTEN_BACKLOG`] (the kernel
+/// caps it at `net.core.somaxconn`, 4096 on current Linux). With 2,000
+/// handshakes arriving at once, a queue of 128 overflows as soon as the
+/// server falls behind by a few milliseconds, and every handshake the
+/// kernel drops waits for the client to resend its SYN: 1 s, then 3 s.
+/// Calling `listen` again on a listening socket only changes its backlog.
+#[cfg(unix)]
+fn widen_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen() on a valid socket only changes its backlog; the fd
+    // stays owned by `listener`.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        tracing::debug!(err = %io::Error::last_os_error(), "cannot widen the listen backlog");
+    }
+}
+
+#[cfg(not(unix))]
+fn widen_backlog(_listener: &TcpListener) {}
 
 /// The most sockets to hold open: `MAX_SOCKETS` if set, never more than
 /// the open-file limit allows; with a warning when the WebSocket limit
@@ -168,4 +192,33 @@ fn metrics_route() -> io::Result<Router> {
         io::ErrorKind::InvalidInput,
         "METRICS=1 needs axum-channels' `metrics` feature: add it to the app's Cargo.toml",
     ))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    /// 600 clients arriving before the server accepts any: each one's
+    /// connect completes once the kernel has queued it, which with the
+    /// default backlog of 128 stops at about 129 (the rest wait for SYN
+    /// retransmits, a second and more).
+    #[tokio::test]
+    async fn the_kernel_queues_a_burst_of_handshakes_for_us() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        widen_backlog(&listener);
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for n in 0..600 {
+            let connected =
+                tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr))
+                    .await
+                    .unwrap_or_else(|_| panic!("connection {n} was not queued by the kernel"));
+            clients.push(connected.unwrap());
+        }
+        drop(listener);
+    }
 }
