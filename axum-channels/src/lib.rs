@@ -53,14 +53,13 @@
 //!   with a header timeout and a cap on open sockets, and then closes every
 //!   WebSocket politely, within one deadline.
 //! - [`close_code`]: the WebSocket close codes this crate uses, by name.
-//! - `testing` (feature `testing`): a small client that serves a `Router` on a
-//!   free port and records a readable transcript of what was said, for
-//!   snapshot tests; `ServerProcess`, which runs a real server binary (to
-//!   stop it with SIGTERM, or kill it); `ReverseProxy`, nginx in front of a
-//!   test's servers; and with `redis` too, a throwaway `redis-server` per
-//!   test (`RedisServer`) and real Python peers in a pinned virtualenv
-//!   (`python`). Whatever a test needs and the machine lacks, it skips
-//!   loudly; with `CI=true` it fails instead.
+//! - `testing` (feature `testing`): what you need to test your consumers:
+//!   `TestServer`, which serves a `Router` on a free port in the test's own
+//!   runtime, and `TestClient`s that record a readable `Transcript` of what
+//!   was said, for snapshot tests. It starts no process. The harnesses
+//!   that run real programs beside a test (a server binary, a throwaway
+//!   `redis-server`, nginx, the Python layers) are this repository's own,
+//!   in the unpublished workspace crate `channels-testkit`.
 //!
 //! # Example
 //!

@@ -15,11 +15,10 @@
 //! Lines are recorded in the order the test awaits them, so the transcript is
 //! deterministic even when several clients talk at once.
 //!
-//! With the `redis` feature too, [`RedisServer`] starts a throwaway
-//! `redis-server` for a test, and [`python`] runs the real Python channel
-//! layers (fast-channels, channels_redis) against it. [`ServerProcess`] runs
-//! a server binary as a real process, and [`ReverseProxy`] puts nginx in
-//! front of several.
+//! This is what a user of the library needs to test a consumer, and it
+//! starts no process. The harnesses that run real programs beside a test (a
+//! server binary, redis-server, nginx, Python peers) are this workspace's
+//! own, in the unpublished `channels-testkit` crate.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -39,54 +38,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt;
-
-mod nginx;
-mod process;
-#[cfg(feature = "redis")]
-pub mod python;
-#[cfg(feature = "redis")]
-mod redis_server;
-
-pub use nginx::ReverseProxy;
-pub use process::ServerProcess;
-#[cfg(feature = "redis")]
-pub use redis_server::RedisServer;
-
-/// Whether `CI` is set (`.ci/run` sets `CI=true`): then whatever a test
-/// needs (a redis-server, Python, nginx) must be there, and a missing one
-/// is a failure rather than a skip.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|value| !matches!(value.as_str(), "" | "0" | "false"))
-}
-
-/// A test that cannot run on this machine says so loudly, or fails under
-/// `CI`. `what` names the tests (e.g. "Redis test"), `reason` says what is
-/// missing and how to get it.
-fn skip_or_fail(what: &str, reason: &str) {
-    if in_ci() {
-        panic!("{what} cannot run in CI: {reason}");
-    }
-    // Straight to stderr: the harness captures `eprintln!` of passing
-    // tests, and a skip must not pass unnoticed.
-    let note = format!("{what} skipped: {reason}; with CI=true this is a failure\n");
-    let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
-}
-
-/// A port of 127.0.0.1 that was free a moment ago (the OS picks it for
-/// port 0).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("bind a free port on 127.0.0.1")
-}
-
-/// A directory of its own for one helper's files, e.g. one redis-server's.
-fn temp_dir(kind: &str) -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("axum-channels-{kind}-{}-{n}", std::process::id()))
-}
 
 /// How long a client waits for an expected frame before the test fails.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -10,7 +10,7 @@
 //! Three backends run it, at the bottom of this file: `memory`
 //! ([`InMemoryLayer`]), and with the `redis` feature `redis_queue`
 //! ([`RedisLayer`]) and `redis_pubsub` ([`RedisPubSubLayer`]), each test on a
-//! redis-server of its own (see `axum_channels::testing::RedisServer`;
+//! redis-server of its own (see `channels_testkit::RedisServer`;
 //! without redis-server installed those tests say loudly that they were
 //! skipped, and fail under `CI=true`). To add a backend, add a constructor
 //! on [`Backend`] and one `conformance_tests!` line.
@@ -115,7 +115,7 @@ pub struct Backend {
     build: Build,
     /// Keeps the backend's server alive for the test.
     #[cfg(feature = "redis")]
-    _server: Option<axum_channels::testing::RedisServer>,
+    _server: Option<channels_testkit::RedisServer>,
 }
 
 impl Backend {
@@ -1210,7 +1210,8 @@ macro_rules! conformance_tests {
         mod $backend {
             use super::*;
 
-            fn backend() -> Option<Backend> {
+            // Async: a Redis backend waits for its redis-server to start.
+            async fn backend() -> Option<Backend> {
                 $make
             }
 
@@ -1255,7 +1256,7 @@ macro_rules! conformance_tests {
         $(
             #[$attr]
             async fn $check() {
-                let Some(backend) = backend() else {
+                let Some(backend) = backend().await else {
                     return;
                 };
                 checks::$check(&backend).await;
@@ -1267,16 +1268,20 @@ macro_rules! conformance_tests {
 conformance_tests!(memory, Some(Backend::memory()), expiry = paused);
 
 #[cfg(feature = "redis")]
-conformance_tests!(redis_queue, Backend::redis_queue(), expiry = real_time);
+conformance_tests!(
+    redis_queue,
+    Backend::redis_queue().await,
+    expiry = real_time
+);
 
 #[cfg(feature = "redis")]
-conformance_tests!(redis_pubsub, Backend::redis_pubsub(), expiry = none);
+conformance_tests!(redis_pubsub, Backend::redis_pubsub().await, expiry = none);
 
 /// The Redis backends: each test on a redis-server of its own.
 #[cfg(feature = "redis")]
 mod redis_backends {
     use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
-    use axum_channels::testing::RedisServer;
+    use channels_testkit::RedisServer;
 
     use super::*;
 
@@ -1292,8 +1297,8 @@ mod redis_backends {
     }
 
     impl Backend {
-        pub(crate) fn redis_queue() -> Option<Backend> {
-            let server = RedisServer::start()?;
+        pub(crate) async fn redis_queue() -> Option<Backend> {
+            let server = RedisServer::start().await?;
             let url = server.url();
             Some(Backend {
                 name: "redis_queue",
@@ -1315,8 +1320,8 @@ mod redis_backends {
             })
         }
 
-        pub(crate) fn redis_pubsub() -> Option<Backend> {
-            let server = RedisServer::start()?;
+        pub(crate) async fn redis_pubsub() -> Option<Backend> {
+            let server = RedisServer::start().await?;
             let url = server.url();
             Some(Backend {
                 name: "redis_pubsub",

@@ -402,7 +402,7 @@ mod on_redis {
     use axum_channels::NoEvents;
     use axum_channels::layer::LayerError;
     use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
-    use axum_channels::testing::RedisServer;
+    use channels_testkit::RedisServer;
     use tokio::time::Instant;
 
     use super::*;
@@ -419,7 +419,7 @@ mod on_redis {
     /// it every second. After 5 s the live member still hears the room.
     #[tokio::test]
     async fn the_queue_layer_keeps_live_memberships_past_the_group_expiry() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = RedisLayer::connect(RedisConfig {
@@ -465,7 +465,7 @@ mod on_redis {
         assert_eq!(member.recv_text().await, "lobby: joined");
         let mut echo = http.connect("/echo").await;
 
-        server.kill();
+        server.kill().await;
         echo.send_text("still there?").await;
         assert_eq!(
             echo.recv_text().await,
@@ -501,7 +501,7 @@ mod on_redis {
             "the member was answered after its failed send, not closed: {answer}"
         );
 
-        server.restart();
+        server.restart().await;
         let restarted = Instant::now();
         let mut n = 0;
         loop {
@@ -531,7 +531,7 @@ mod on_redis {
 
     #[tokio::test]
     async fn the_queue_layer_survives_a_redis_restart_under_live_clients() {
-        let Some(mut server) = RedisServer::start() else {
+        let Some(mut server) = RedisServer::start().await else {
             return;
         };
         let layer = RedisLayer::connect(config(&server)).await.unwrap();
@@ -540,7 +540,7 @@ mod on_redis {
 
     #[tokio::test]
     async fn the_pubsub_layer_survives_a_redis_restart_under_live_clients() {
-        let Some(mut server) = RedisServer::start() else {
+        let Some(mut server) = RedisServer::start().await else {
             return;
         };
         let layer = RedisPubSubLayer::connect(config(&server)).await.unwrap();

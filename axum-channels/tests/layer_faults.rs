@@ -3,7 +3,7 @@
 //! background task that panics.
 //!
 //! Each test starts its own redis-server (see
-//! `axum_channels::testing::RedisServer`; without one installed it says so
+//! `channels_testkit::RedisServer`; without one installed it says so
 //! and passes). Waits are polls with a deadline, never fixed sleeps.
 #![cfg(feature = "redis")]
 
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
 use axum_channels::layer::{ChannelLayer, LayerMessage};
-use axum_channels::testing::RedisServer;
+use channels_testkit::RedisServer;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
@@ -117,7 +117,7 @@ async fn zcard(url: &str, key: &str) -> usize {
 /// everything.
 #[tokio::test]
 async fn a_huge_expiry_never_purges_the_queue_on_send() {
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let ten_years = Duration::from_secs(10 * 365 * 24 * 60 * 60);
@@ -178,7 +178,7 @@ async fn an_outage_is_one_warning_and_one_info(
     };
     tokio::task::yield_now().await;
 
-    server.kill();
+    server.kill().await;
     eventually("a call fails once Redis is gone", || {
         let layer = Arc::clone(&layer);
         async move { layer.send("jobs", numbered(0)).await.is_err() }
@@ -190,7 +190,7 @@ async fn an_outage_is_one_warning_and_one_info(
         assert!(err.is_outage(), "{err}");
     }
 
-    server.restart();
+    server.restart().await;
     let mut n = 100;
     eventually("a call succeeds once Redis is back", || {
         n += 1;
@@ -234,7 +234,7 @@ async fn an_outage_is_one_warning_and_one_info(
 
 #[tokio::test]
 async fn a_queue_layer_outage_is_one_warning_and_one_info() {
-    let Some(mut server) = RedisServer::start() else {
+    let Some(mut server) = RedisServer::start().await else {
         return;
     };
     let layer = RedisLayer::connect(config(&server.url())).await.unwrap();
@@ -243,7 +243,7 @@ async fn a_queue_layer_outage_is_one_warning_and_one_info() {
 
 #[tokio::test]
 async fn a_pubsub_layer_outage_is_one_warning_and_one_info() {
-    let Some(mut server) = RedisServer::start() else {
+    let Some(mut server) = RedisServer::start().await else {
         return;
     };
     let layer = RedisPubSubLayer::connect(config(&server.url()))
@@ -258,7 +258,7 @@ async fn a_pubsub_layer_outage_is_one_warning_and_one_info() {
 /// popper is started again, so the message still arrives.
 #[tokio::test]
 async fn a_popper_that_panics_is_logged_and_restarted() {
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let (logs, _guard) = Logs::capture();

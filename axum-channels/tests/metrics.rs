@@ -10,8 +10,9 @@ use axum::Router;
 use axum_channels::layer::redis::{RedisConfig, RedisPubSubLayer};
 use axum_channels::layer::{InMemoryLayer, Layers};
 use axum_channels::server::metrics_route;
-use axum_channels::testing::{RedisServer, TestServer};
+use axum_channels::testing::TestServer;
 use axum_channels::{Consumer, Frame, LayerEvent, Result, Scope, Socket};
+use channels_testkit::RedisServer;
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize)]
@@ -91,14 +92,14 @@ async fn metrics_count_connections_handshakes_frames_and_layer_sends() {
     assert!(metric("axum_channels_layer_sends_total", "to=\"group\"") >= 1.0);
 
     // A Redis restart under a live layer is counted too.
-    let Some(mut redis) = RedisServer::start() else {
+    let Some(mut redis) = RedisServer::start().await else {
         return; // skipped loudly by RedisServer (a failure under CI=true)
     };
     let _layer = RedisPubSubLayer::connect(RedisConfig::new(redis.url()))
         .await
         .expect("connect to redis-server");
-    redis.kill();
-    redis.restart();
+    redis.kill().await;
+    redis.restart().await;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let scrape = server.get("/metrics").await.text();

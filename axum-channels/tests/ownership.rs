@@ -27,7 +27,7 @@
 //!
 //! The same three scenarios run on the in-memory layer and on both Redis
 //! layers. Without `redis-server` the Redis tests say so on stderr and pass;
-//! with `CI=true` they fail instead (see `RedisServer::start`).
+//! with `CI=true` they fail instead (see `channels_testkit::RedisServer::start`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -417,7 +417,7 @@ scenarios!(redis_pubsub, on_redis::PubSub::start().await);
 #[cfg(feature = "redis")]
 mod on_redis {
     use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
-    use axum_channels::testing::RedisServer;
+    use channels_testkit::RedisServer;
     use redis::aio::MultiplexedConnection;
 
     use super::*;
@@ -458,7 +458,7 @@ mod on_redis {
 
     impl Queue {
         pub(crate) async fn start() -> Option<Queue> {
-            let server = RedisServer::start()?;
+            let server = RedisServer::start().await?;
             let layer = RedisLayer::connect(config(&server))
                 .await
                 .expect("connect the queue layer");
@@ -506,7 +506,7 @@ mod on_redis {
 
     impl PubSub {
         pub(crate) async fn start() -> Option<PubSub> {
-            let server = RedisServer::start()?;
+            let server = RedisServer::start().await?;
             let layer = RedisPubSubLayer::connect(config(&server))
                 .await
                 .expect("connect the pub/sub layer");

@@ -22,7 +22,7 @@
 //!
 //! Without python3 or redis-server each test says so on stderr and passes;
 //! with `CI=true` it fails instead. The virtualenv is built on the first
-//! run (see `axum_channels::testing::python`).
+//! run (see `channels_testkit::python`).
 
 #![cfg(feature = "redis")]
 
@@ -33,9 +33,10 @@ use std::time::Duration;
 use axum::Router;
 use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer, consistent_hash};
 use axum_channels::layer::{ChannelLayer, LayerEvent, LayerMessage, Layers};
-use axum_channels::testing::python::{Impl, Kind, PyLayer, Python, python};
-use axum_channels::testing::{RedisServer, TestServer};
+use axum_channels::testing::TestServer;
 use axum_channels::{Consumer, Frame, Result, Scope, Socket};
+use channels_testkit::RedisServer;
+use channels_testkit::python::{Impl, Kind, PyLayer, Python, python};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -126,10 +127,10 @@ struct World {
 /// Starts `hosts` redis-servers and connects the Rust layer; `None` (after
 /// a notice on stderr) where python3 or redis-server is missing.
 async fn world(test: &str, implementation: Impl, kind: Kind, hosts: usize) -> Option<World> {
-    let python = python(test)?;
+    let python = python(test).await?;
     let mut servers = Vec::new();
     for _ in 0..hosts {
-        servers.push(RedisServer::start()?);
+        servers.push(RedisServer::start().await?);
     }
     let urls = servers.iter().map(|server| server.url()).collect();
     let (config, py) = sandbox(implementation, kind, urls);
@@ -199,8 +200,10 @@ mod checks {
 
     /// A Rust `group_send` reaches every Python channel in the group.
     pub async fn rust_group_send_reaches_python_channels(test: &str, imp: Impl, kind: Kind) {
-        let Some(python) = python(test) else { return };
-        let Some(server) = RedisServer::start() else {
+        let Some(python) = python(test).await else {
+            return;
+        };
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (config, py) = sandbox(imp, kind, vec![server.url()]);
@@ -255,8 +258,10 @@ mod checks {
 
     /// A Rust `send` to a Python channel's name arrives there, and only there.
     pub async fn rust_send_reaches_the_python_channel(test: &str, imp: Impl, kind: Kind) {
-        let Some(python) = python(test) else { return };
-        let Some(server) = RedisServer::start() else {
+        let Some(python) = python(test).await else {
+            return;
+        };
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (config, py) = sandbox(imp, kind, vec![server.url()]);
@@ -319,8 +324,10 @@ mod checks {
     /// client says, the consumer sends to the group, where a Python listener
     /// hears it.
     pub async fn websocket_client_and_python_share_a_room(test: &str, imp: Impl, kind: Kind) {
-        let Some(python) = python(test) else { return };
-        let Some(server) = RedisServer::start() else {
+        let Some(python) = python(test).await else {
+            return;
+        };
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (config, py) = sandbox(imp, kind, vec![server.url()]);
@@ -561,7 +568,7 @@ matrix!(django_pubsub, Impl::Django, Kind::PubSub);
 /// groups, and arbitrary UTF-8.
 #[tokio::test]
 async fn consistent_hash_agrees_with_python() {
-    let Some(python) = python("consistent_hash_agrees_with_python") else {
+    let Some(python) = python("consistent_hash_agrees_with_python").await else {
         return;
     };
     let mut names: Vec<String> = [

@@ -3,7 +3,7 @@
 //! Python layers they avoid, bad input, and Redis going away.
 //!
 //! Every test starts its own redis-server(s) on free ports (see
-//! `axum_channels::testing::RedisServer`): without redis-server installed
+//! `channels_testkit::RedisServer`): without redis-server installed
 //! each says so on stderr and passes, and under `CI=true` it fails. Real
 //! waits are short and bounded: polls with a deadline, never a fixed sleep
 //! for something that can be awaited.
@@ -17,7 +17,7 @@ use axum_channels::layer::redis::{
     RedisConfig, RedisLayer, RedisPubSubLayer, consistent_hash, non_local_name,
 };
 use axum_channels::layer::{ChannelLayer, LayerError, LayerMessage};
-use axum_channels::testing::RedisServer;
+use channels_testkit::RedisServer;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
@@ -185,7 +185,7 @@ mod wire {
 
     #[tokio::test]
     async fn a_send_leaves_what_python_reads() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = queue(&[server.url()]).await;
@@ -278,7 +278,7 @@ mod wire {
 
     #[tokio::test]
     async fn a_python_send_and_group_send_arrive() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = queue(&[server.url()]).await;
@@ -321,7 +321,7 @@ mod wire {
 
     #[tokio::test]
     async fn pubsub_publishes_bare_msgpack_on_python_names() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = pubsub(&[server.url()]).await;
@@ -370,9 +370,9 @@ mod sharding {
 
     use super::*;
 
-    fn two() -> Option<(RedisServer, RedisServer, Vec<String>)> {
-        let a = RedisServer::start()?;
-        let b = RedisServer::start()?;
+    async fn two() -> Option<(RedisServer, RedisServer, Vec<String>)> {
+        let a = RedisServer::start().await?;
+        let b = RedisServer::start().await?;
         let urls = vec![a.url(), b.url()];
         Some((a, b, urls))
     }
@@ -388,7 +388,7 @@ mod sharding {
 
     #[tokio::test]
     async fn queue_names_live_on_the_host_their_hash_picks() {
-        let Some((_a, _b, urls)) = two() else {
+        let Some((_a, _b, urls)) = two().await else {
             return;
         };
         let layer = queue(&urls).await;
@@ -454,7 +454,7 @@ mod sharding {
 
     #[tokio::test]
     async fn a_specific_send_reaches_its_receiver_and_so_does_a_python_one() {
-        let Some((_a, _b, urls)) = two() else {
+        let Some((_a, _b, urls)) = two().await else {
             return;
         };
         let sender = queue(&urls).await;
@@ -498,7 +498,7 @@ mod sharding {
 
     #[tokio::test]
     async fn group_send_reaches_members_on_every_host() {
-        let Some((_a, _b, urls)) = two() else {
+        let Some((_a, _b, urls)) = two().await else {
             return;
         };
         // Layer instances are processes: find two whose keys live on
@@ -528,7 +528,7 @@ mod sharding {
 
     #[tokio::test]
     async fn pubsub_subscribes_where_the_hash_says_and_reaches_every_host() {
-        let Some((_a, _b, urls)) = two() else {
+        let Some((_a, _b, urls)) = two().await else {
             return;
         };
         let first = pubsub(&urls).await;
@@ -614,7 +614,7 @@ mod better_than_python {
 
     #[tokio::test]
     async fn queue_cancelled_waits_lose_nothing() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         cancelled_waits_lose_nothing(Arc::new(queue(&[server.url()]).await)).await;
@@ -622,7 +622,7 @@ mod better_than_python {
 
     #[tokio::test]
     async fn pubsub_cancelled_waits_lose_nothing() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let config = RedisConfig {
@@ -637,7 +637,7 @@ mod better_than_python {
     /// channel's capacity, and close_channel frees it (and leaves groups).
     #[tokio::test]
     async fn buffers_are_bounded_and_freed_by_close_channel() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (logs, _guard) = Logs::capture();
@@ -710,7 +710,7 @@ mod better_than_python {
     /// layer's prefix starts with ours.
     #[tokio::test]
     async fn flush_scans_and_spares_other_prefixes() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let ours = queue(&[server.url()]).await;
@@ -772,7 +772,7 @@ mod better_than_python {
     /// one warning per episode, not one per message.
     #[tokio::test]
     async fn a_full_member_is_one_warning_per_episode() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (logs, _guard) = Logs::capture();
@@ -832,7 +832,7 @@ mod better_than_python {
     /// when it closes the channel.
     #[tokio::test]
     async fn plain_channels_are_work_queues_that_lose_nothing() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let url = server.url();
@@ -887,7 +887,7 @@ mod better_than_python {
 
     #[tokio::test]
     async fn channel_capacity_patterns_apply() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = RedisLayer::connect(RedisConfig {
@@ -918,7 +918,7 @@ mod bad_input {
 
     #[tokio::test]
     async fn oversized_and_untyped_messages_are_refused() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layers: [Box<dyn ChannelLayer>; 2] = [
@@ -957,7 +957,7 @@ mod bad_input {
 
     #[tokio::test]
     async fn queue_peer_payloads_it_cannot_read_are_one_line_each() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (logs, _guard) = Logs::capture();
@@ -1018,7 +1018,7 @@ mod bad_input {
 
     #[tokio::test]
     async fn pubsub_peer_payloads_it_cannot_read_are_one_line_each() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (logs, _guard) = Logs::capture();
@@ -1058,7 +1058,7 @@ mod bad_input {
     /// is one debug line.
     #[tokio::test]
     async fn a_pubsub_send_nobody_hears_is_one_debug_line() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let (logs, _guard) = Logs::capture_debug();
@@ -1071,7 +1071,7 @@ mod bad_input {
 
     #[tokio::test]
     async fn a_foreign_process_specific_channel_is_refused() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = queue(&[server.url()]).await;
@@ -1157,7 +1157,7 @@ mod redis_goes_away {
             tokio::spawn(async move { layer.receive(&member).await })
         };
 
-        server.kill();
+        server.kill().await;
         let calls = [
             ("send", layer.send(&member, numbered(1)).await),
             ("group_send", layer.group_send("room", numbered(2)).await),
@@ -1189,7 +1189,7 @@ mod redis_goes_away {
         );
         assert!(!waiting.is_finished(), "a waiting receive must not fail");
 
-        server.restart();
+        server.restart().await;
         let restarted = Instant::now();
         let mut n = 100;
         let got = loop {
@@ -1211,7 +1211,7 @@ mod redis_goes_away {
 
     #[tokio::test]
     async fn the_queue_layer_survives_a_redis_restart() {
-        let Some(mut server) = RedisServer::start() else {
+        let Some(mut server) = RedisServer::start().await else {
             return;
         };
         let (logs, _guard) = Logs::capture();
@@ -1221,53 +1221,11 @@ mod redis_goes_away {
 
     #[tokio::test]
     async fn the_pubsub_layer_survives_a_redis_restart() {
-        let Some(mut server) = RedisServer::start() else {
+        let Some(mut server) = RedisServer::start().await else {
             return;
         };
         let (logs, _guard) = Logs::capture();
         let layer = Arc::new(pubsub(&[server.url()]).await);
         survives_a_restart(&mut server, layer, &logs).await;
-    }
-}
-
-mod harness {
-    //! `RedisServer` itself, which other tests (the Python interop ones
-    //! too) rely on.
-
-    use std::net::TcpStream;
-
-    use super::*;
-
-    #[test]
-    fn a_redis_server_stops_and_restarts_on_its_own_port() {
-        let Some(mut server) = RedisServer::start() else {
-            return;
-        };
-        let port = server.port();
-        assert_ne!(port, 6379, "never the machine's default port");
-        assert_eq!(server.url(), format!("redis://127.0.0.1:{port}"));
-        assert!(server.is_running());
-
-        server.stop();
-        assert!(!server.is_running());
-        assert!(
-            TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "nothing listens after stop()"
-        );
-        server.restart();
-        assert!(server.is_running());
-        assert_eq!(server.port(), port, "restart() keeps the port");
-        assert!(TcpStream::connect(("127.0.0.1", port)).is_ok());
-
-        server.kill();
-        assert!(!server.is_running());
-        server.restart();
-        let other = RedisServer::start().expect("a second server");
-        assert_ne!(other.port(), port, "two servers, two ports");
-        drop(server);
-        assert!(
-            TcpStream::connect(("127.0.0.1", port)).is_err(),
-            "dropping the server kills it"
-        );
     }
 }

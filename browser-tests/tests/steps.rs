@@ -4,8 +4,9 @@
 use axum_channels::Runtime;
 use std::time::Duration;
 
-use axum_channels::testing::{RedisServer, TestServer};
+use axum_channels::testing::TestServer;
 use browser_tests::Browser;
+use channels_testkit::RedisServer;
 use step_03_background_jobs::{Backends, app_with};
 
 #[tokio::test]
@@ -364,7 +365,7 @@ async fn step_05_tabs_on_two_servers_share_a_room() {
     let Some(bob) = Browser::launch().await else {
         return;
     };
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let config = step_05_scaling_out::Config {

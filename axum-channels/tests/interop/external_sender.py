@@ -1,7 +1,8 @@
 """The Python tutorial's external sender, run against a Rust server.
 
 Step 04's tests/external_sender.rs runs this script with the virtualenv of
-src/testing/python.rs, so the layers below are fast-channels 1.0.2 from PyPI.
+channels-testkit/src/python.rs, so the layers below are fast-channels 1.0.2
+from PyPI.
 It does what the original ``sandbox/external_sender.py`` does, in the same
 order, with the same messages and the same console output:
 

@@ -1,8 +1,8 @@
 """A real Python channel-layer peer for the Rust interop tests.
 
 tests/python_interop.rs runs this script with the virtualenv that
-src/testing/python.rs builds from requirements.txt, so the layers below are
-the genuine PyPI packages, never a re-implementation:
+channels-testkit/src/python.rs builds from requirements.txt, so the layers
+below are the genuine PyPI packages, never a re-implementation:
 
 - ``--impl fast``: ``fast_channels.layers.redis.RedisChannelLayer`` (queue) or
   ``RedisPubSubChannelLayer`` (pub/sub), built directly as a fast-channels app

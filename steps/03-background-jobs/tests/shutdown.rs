@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use axum_channels::testing::{Received, ServerProcess, Transcript};
+use axum_channels::testing::{Received, Transcript};
+use channels_testkit::ServerProcess;
 use insta::assert_snapshot;
 
 const WELCOME: &str = "🔧 System: Connection established!";

@@ -12,8 +12,9 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use axum_channels::testing::python::python;
-use axum_channels::testing::{RedisServer, ServerProcess, TestClient, Transcript};
+use axum_channels::testing::{TestClient, Transcript};
+use channels_testkit::python::python;
+use channels_testkit::{RedisServer, ServerProcess};
 use insta::assert_snapshot;
 
 /// Long enough for a stray frame to show up.
@@ -185,7 +186,7 @@ fn check_output(output: &Output, transcript: &Transcript) {
 
 #[tokio::test]
 async fn every_client_gets_what_the_external_sender_sends_to_its_group() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let url = redis.url();
@@ -219,10 +220,10 @@ async fn every_client_gets_what_the_external_sender_sends_to_its_group() {
 /// same Redis, same frames: the layers are wire-compatible.
 #[tokio::test]
 async fn the_originals_python_sender_reaches_the_same_clients() {
-    let Some(python) = python("the_originals_python_sender_reaches_the_same_clients") else {
+    let Some(python) = python("the_originals_python_sender_reaches_the_same_clients").await else {
         return;
     };
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let url = redis.url();
@@ -236,17 +237,14 @@ async fn the_originals_python_sender_reaches_the_same_clients() {
 
     let mut sender = python.script("external_sender.py");
     sender.env("REDIS_URL", &url).args(["--pause", "0.02"]);
-    let output = tokio::task::spawn_blocking(move || sender.output())
-        .await
-        .expect("the sender's thread")
-        .expect("run external_sender.py");
+    let output = sender.output().await.expect("run external_sender.py");
     check_output(&output, &transcript);
     clients.expect_what_the_sender_sent().await;
 }
 
 #[tokio::test]
 async fn the_sender_keeps_the_originals_pauses_by_default() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     // 6 × 0.5 s between examples, 5 × 0.1 s between analytics events and

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum_channels::testing::RedisServer;
+use channels_testkit::RedisServer;
 use insta::assert_snapshot;
 use step_04_showcase::{Backends, Config, app_with};
 use support::Jobs;
@@ -114,7 +114,7 @@ impl Drop for Worker {
 
 #[tokio::test]
 async fn a_job_queued_while_no_worker_runs_runs_when_one_starts() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let jobs = start_server(&redis).await;
@@ -135,7 +135,7 @@ async fn a_job_queued_while_no_worker_runs_runs_when_one_starts() {
 
 #[tokio::test]
 async fn a_job_whose_worker_is_killed_runs_again() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let jobs = start_server(&redis).await;
@@ -160,7 +160,7 @@ async fn a_job_whose_worker_is_killed_runs_again() {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_worker_told_to_stop_finishes_its_job_first() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let jobs = start_server(&redis).await;
@@ -194,7 +194,7 @@ async fn a_worker_told_to_stop_finishes_its_job_first() {
 
 #[tokio::test]
 async fn several_workers_share_the_queue() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let jobs = start_server(&redis).await;

@@ -20,8 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum_channels::testing::python::python;
-use axum_channels::testing::{RedisServer, ReverseProxy, ServerProcess, TestClient, Transcript};
+use axum_channels::testing::{TestClient, Transcript};
+use channels_testkit::python::python;
+use channels_testkit::{RedisServer, ReverseProxy, ServerProcess};
 use insta::assert_snapshot;
 
 /// Long enough for a stray frame to show up.
@@ -65,7 +66,7 @@ impl Cluster {
     async fn start(plan: Plan) -> Option<Cluster> {
         let mut redis = Vec::new();
         for _ in 0..plan.shards {
-            redis.push(RedisServer::start()?);
+            redis.push(RedisServer::start().await?);
         }
         let url = redis_url(&redis);
         let mut env: Vec<(&str, String)> = vec![
@@ -368,7 +369,7 @@ async fn when_server_b_is_killed_a_keeps_serving() {
     assert_eq!(members(&url, "queue", "reliable_chat").await.len(), 2);
 
     // SIGKILL: B runs no `disconnect`, says no goodbye, leaves no group.
-    cluster.servers[1].kill();
+    cluster.servers[1].kill().await;
     drop((bob, reliable_b));
     transcript.push("# server B is killed (SIGKILL)");
 
@@ -491,7 +492,8 @@ async fn a_room_through_nginx_spans_both_servers() {
         return;
     };
     let servers: Vec<SocketAddr> = cluster.servers.iter().map(ServerProcess::addr).collect();
-    let Some(proxy) = ReverseProxy::start(include_str!("../deploy/nginx.conf"), &servers) else {
+    let Some(proxy) = ReverseProxy::start(include_str!("../deploy/nginx.conf"), &servers).await
+    else {
         return;
     };
     let transcript = Transcript::default();
@@ -525,7 +527,7 @@ async fn a_python_process_says_something_in_a_rust_room() {
     let Some(cluster) = Cluster::start(plan).await else {
         return;
     };
-    let Some(python) = python("a_python_process_says_something_in_a_rust_room") else {
+    let Some(python) = python("a_python_process_says_something_in_a_rust_room").await else {
         return;
     };
     let transcript = Transcript::default();
@@ -539,16 +541,13 @@ async fn a_python_process_says_something_in_a_rust_room() {
     drain(&mut bob).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/say_in_room.py");
     let url = cluster.url();
-    let output = tokio::task::spawn_blocking(move || {
-        python
-            .script_at(script.as_ref())
-            .env("REDIS_URL", url)
-            .args(["lobby", "hello from Python"])
-            .output()
-            .expect("run the Python script")
-    })
-    .await
-    .unwrap();
+    let output = python
+        .script_at(script.as_ref())
+        .env("REDIS_URL", url)
+        .args(["lobby", "hello from Python"])
+        .output()
+        .await
+        .expect("run the Python script");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}{stderr}");

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use axum_channels::testing::{Received, ServerProcess, Transcript};
+use axum_channels::testing::{Received, Transcript};
+use channels_testkit::ServerProcess;
 
 #[tokio::test]
 async fn sigterm_lets_the_job_in_hand_finish() {

@@ -13,7 +13,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use axum_channels::layer::{LayerEvent, to_layer_message};
-use axum_channels::testing::{RedisServer, ServerProcess, TestClient, Transcript};
+use axum_channels::testing::{TestClient, Transcript};
+use channels_testkit::{RedisServer, ServerProcess};
 use insta::assert_snapshot;
 use step_05_scaling_out::{Chat, ChatEvent, Config, ReliableChat, ReliableChatEvent, setup_redis};
 use support::capture_logs;
@@ -65,7 +66,7 @@ async fn fall_behind<E: LayerEvent>(
 
 #[tokio::test]
 async fn a_member_that_falls_behind() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let logs = capture_logs();
@@ -127,7 +128,7 @@ async fn run_sender(url: String) -> (bool, String) {
 
 #[tokio::test]
 async fn redis_restarts_under_connected_clients() {
-    let Some(mut redis) = RedisServer::start() else {
+    let Some(mut redis) = RedisServer::start().await else {
         return;
     };
     let url = redis.url();
@@ -153,7 +154,7 @@ async fn redis_restarts_under_connected_clients() {
         .await;
 
     transcript.push("# redis-server is killed");
-    redis.kill();
+    redis.kill().await;
     wait_for_log(&server, "is unreachable", 1).await;
     let (ok, said) = run_sender(url.clone()).await;
     assert!(!ok, "the sender must fail without Redis:\n{said}");
@@ -169,7 +170,7 @@ async fn redis_restarts_under_connected_clients() {
     chat.expect_silence(Duration::from_millis(500)).await;
 
     transcript.push("# redis-server starts again, empty, on the same port");
-    redis.restart();
+    redis.restart().await;
     // Each pub/sub layer subscribes again, each queue layer rewrites its
     // memberships, and then says it is back: four layers, one line each.
     wait_for_log(&server, "is back after", 4).await;

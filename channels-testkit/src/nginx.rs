@@ -11,15 +11,19 @@
 //!
 //! Without nginx installed, [`ReverseProxy::start`] says loudly that the
 //! test is skipped and returns `None`; under `CI=true` it panics instead,
-//! since CI installs it (`.ci/run`), as [`RedisServer`](super::RedisServer)
+//! since CI installs it (`.ci/run`), as [`RedisServer`](crate::RedisServer)
 //! does for Redis.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+// The deadline is on the wall clock: nginx starts in real time.
 use std::time::{Duration, Instant};
 
-use super::{free_port, skip_or_fail, temp_dir};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::{free_port, skip_or_fail, temp_dir};
 
 /// How long nginx may take to listen.
 const STARTUP: Duration = Duration::from_secs(10);
@@ -36,7 +40,7 @@ impl ReverseProxy {
     /// port, and waits until it listens. Returns `None`, after a notice on
     /// stderr, when nginx is not installed; panics instead under `CI`, and
     /// when an installed nginx cannot start.
-    pub fn start(template: &str, servers: &[SocketAddr]) -> Option<ReverseProxy> {
+    pub async fn start(template: &str, servers: &[SocketAddr]) -> Option<ReverseProxy> {
         let Some(nginx) = find_nginx() else {
             skip_or_fail(
                 "reverse proxy test",
@@ -52,7 +56,7 @@ impl ReverseProxy {
         let mut last_error = String::new();
         for _ in 0..5 {
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-            match spawn(&nginx, &dir, template, addr, servers) {
+            match spawn(&nginx, &dir, template, addr, servers).await {
                 Ok(child) => return Some(ReverseProxy { addr, dir, child }),
                 Err(err) => last_error = err,
             }
@@ -74,16 +78,16 @@ impl ReverseProxy {
 impl Drop for ReverseProxy {
     fn drop(&mut self) {
         // One process (`master_process off`), so killing it leaves no
-        // workers behind.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // workers behind. SIGKILL without waiting (tokio reaps it): Drop
+        // cannot await.
+        let _ = self.child.start_kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 /// `template` with `@LISTEN@` and the `@SERVERS@` line filled in; comment
 /// lines are left as they are.
-pub fn fill_in(template: &str, listen: SocketAddr, servers: &[SocketAddr]) -> String {
+fn fill_in(template: &str, listen: SocketAddr, servers: &[SocketAddr]) -> String {
     let mut out = String::new();
     for line in template.lines() {
         if line.trim_start().starts_with('#') {
@@ -104,9 +108,9 @@ pub fn fill_in(template: &str, listen: SocketAddr, servers: &[SocketAddr]) -> St
 
 /// Writes the configuration into `dir`, starts nginx in the foreground as
 /// one process, and waits until it listens on `addr`.
-fn spawn(
-    nginx: &PathBuf,
-    dir: &std::path::Path,
+async fn spawn(
+    nginx: &Path,
+    dir: &Path,
     template: &str,
     addr: SocketAddr,
     servers: &[SocketAddr],
@@ -143,6 +147,7 @@ fn spawn(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .map_err(|err| format!("cannot run {}: {err}", nginx.display()))?;
     let deadline = Instant::now() + STARTUP;
@@ -151,15 +156,14 @@ fn spawn(
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             return Err(format!("nginx exited with {status}: {}", log.trim()));
         }
-        if TcpStream::connect(addr).is_ok() {
+        if TcpStream::connect(addr).await.is_ok() {
             return Ok(child);
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = child.kill().await;
             return Err(format!("nginx did not listen on {addr} within {STARTUP:?}"));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -1,15 +1,17 @@
-//! Real Python channel layers for tests (features `testing` and `redis`):
-//! one shared virtualenv, [`Peer`], a running `tests/interop/peer.py`, and
-//! [`Python::script`] for the other scripts beside it.
+//! Real Python channel layers for tests: one shared virtualenv, [`Peer`], a
+//! running `axum-channels/tests/interop/peer.py`, and [`Python::script`]
+//! for the other scripts beside it.
 //!
 //! The virtualenv holds the pinned PyPI packages of
 //! `axum-channels/tests/interop/requirements.txt` (fast-channels,
-//! channels_redis and their dependencies). It lives in the target directory,
-//! in `tmp/interop-venv`, and is built once, then reused by every test of
-//! every package and every later run for as long as a marker file in it
-//! matches the requirements and the interpreter. Building takes a lock
-//! directory, so tests running in parallel, in one process or in several
-//! (e.g. under nextest), build it once between them.
+//! channels_redis and their dependencies). It lives in the target
+//! directory, in `tmp/interop-venv` (see [`scratch_dir`] for how that is
+//! found), and is built once, then reused by every test of every package
+//! and every later run for as long as a marker file in it matches the
+//! requirements and the interpreter. Building takes a lock directory, so
+//! tests running in parallel, in one process or in several (e.g. under
+//! nextest), build it once between them. The scripts and requirements are
+//! found under the workspace root ([`workspace_root`]).
 //!
 //! Without `python3`, without its `venv` module, or when pip cannot install
 //! the requirements, [`python`] says so on stderr and returns `None`, so the
@@ -17,31 +19,38 @@
 //! `false`), where `.ci/run` installs all of it, that is a failure instead.
 //!
 //! ```no_run
-//! use axum_channels::testing::python::python;
+//! use channels_testkit::python::python;
 //!
-//! let Some(python) = python("my_test") else {
+//! # async fn demo() {
+//! let Some(python) = python("my_test").await else {
 //!     return; // skipped, and said so on stderr
 //! };
 //! let output = python
 //!     .script("external_sender.py")
 //!     .env("REDIS_URL", "redis://127.0.0.1:6400")
-//!     .output();
+//!     .output()
+//!     .await;
 //! # let _ = output;
+//! # }
 //! ```
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write as _};
+use std::io::{ErrorKind, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{OnceCell, mpsc};
+use tokio::task::JoinHandle;
 
-use super::skip_or_fail;
+use crate::paths::{scratch_dir, workspace_root};
+use crate::skip_or_fail;
 
 /// How long a test waits for one line from a peer before it fails. Generous,
 /// because two cores may be busy compiling or running other tests; a peer
@@ -59,16 +68,21 @@ const BUILD_WAIT: Duration = Duration::from_secs(600);
 #[derive(Debug)]
 pub struct Python {
     interpreter: PathBuf,
-    script: PathBuf,
+    /// `axum-channels/tests/interop` of this checkout.
+    interop: PathBuf,
 }
 
 /// The Python interpreter of the shared virtualenv, building it on first
 /// use; or `None`, after a loud notice on stderr, when this machine cannot
 /// have one (a failure under `CI=true`). `test` names the caller in that
 /// notice.
-pub fn python(test: &str) -> Option<&'static Python> {
-    static VENV: OnceLock<Result<Python, String>> = OnceLock::new();
-    match VENV.get_or_init(build) {
+///
+/// The first call of a test process may take minutes (pip installs the
+/// pins); the calls of other tests meanwhile wait for it without blocking
+/// their runtimes.
+pub async fn python(test: &str) -> Option<&'static Python> {
+    static VENV: OnceCell<Result<Python, String>> = OnceCell::const_new();
+    match VENV.get_or_init(build).await {
         Ok(python) => Some(python),
         Err(reason) => {
             skip_or_fail(&format!("python interop test {test}"), reason);
@@ -77,33 +91,14 @@ pub fn python(test: &str) -> Option<&'static Python> {
     }
 }
 
-fn interop_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop")
-}
-
-/// `<target>/tmp/interop-venv`, where Cargo's `CARGO_TARGET_TMPDIR` points
-/// for integration tests. That variable exists only when a test crate is
-/// compiled, not this library, so the target directory is found from the
-/// running test's own path, `<target>/<profile>/deps/<test>`.
-fn venv_dir() -> PathBuf {
-    let exe = std::env::current_exe().ok();
-    let target = exe
-        .as_deref()
-        .and_then(|exe| exe.ancestors().find(|dir| dir.ends_with("deps")))
-        .and_then(|deps| deps.parent()?.parent());
-    match target {
-        Some(target) => target.join("tmp/interop-venv"),
-        None => std::env::temp_dir().join("axum-channels-interop-venv"),
-    }
-}
-
 /// Builds the virtualenv unless a matching one is already there.
-fn build() -> Result<Python, String> {
-    let requirements = interop_dir().join("requirements.txt");
-    let venv = venv_dir();
+async fn build() -> Result<Python, String> {
+    let interop = workspace_root().join("axum-channels/tests/interop");
+    let requirements = interop.join("requirements.txt");
+    let venv = scratch_dir().join("interop-venv");
     let python = Python {
         interpreter: venv.join("bin/python"),
-        script: interop_dir().join("peer.py"),
+        interop,
     };
     let marker = venv.join("interop-ready");
 
@@ -113,6 +108,7 @@ fn build() -> Result<Python, String> {
         "-c",
         "import sys; print(sys.version); print(sys.executable)",
     ]))
+    .await
     .map_err(|err| format!("python3 is not usable ({err}); install Python 3.11 or later"))?;
     let pins = fs::read(&requirements)
         .map_err(|err| format!("cannot read {}: {err}", requirements.display()))?;
@@ -128,7 +124,11 @@ fn build() -> Result<Python, String> {
     if is_ready() {
         return Ok(python);
     }
-    let _lock = BuildLock::acquire(&venv.with_extension("lock"))?;
+    if let Some(parent) = venv.parent() {
+        fs::create_dir_all(parent)
+            .map_err(|err| format!("cannot create {}: {err}", parent.display()))?;
+    }
+    let _lock = BuildLock::acquire(&venv.with_extension("lock")).await?;
     if is_ready() {
         return Ok(python); // another process built it while we waited
     }
@@ -140,21 +140,24 @@ fn build() -> Result<Python, String> {
         }
         _ => {}
     }
-    let result = run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
-        .map_err(|err| {
-            format!("python3 cannot create a virtualenv ({err}); on Debian: apt-get install python3-venv")
-        })
-        .and_then(|_| {
-            run(Command::new(&python.interpreter)
-                .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input"])
-                .args(["--quiet", "--requirement"])
-                .arg(&requirements))
-            .map_err(|err| format!("pip cannot install {}: {err}", requirements.display()))
-        })
-        .and_then(|_| {
-            fs::write(&marker, &fingerprint)
-                .map_err(|err| format!("cannot write {}: {err}", marker.display()))
-        });
+    let result = async {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))
+            .await
+            .map_err(|err| {
+                format!(
+                    "python3 cannot create a virtualenv ({err}); on Debian: apt-get install python3-venv"
+                )
+            })?;
+        run(Command::new(&python.interpreter)
+            .args(["-m", "pip", "install", "--disable-pip-version-check", "--no-input"])
+            .args(["--quiet", "--requirement"])
+            .arg(&requirements))
+        .await
+        .map_err(|err| format!("pip cannot install {}: {err}", requirements.display()))?;
+        fs::write(&marker, &fingerprint)
+            .map_err(|err| format!("cannot write {}: {err}", marker.display()))
+    }
+    .await;
     if let Err(reason) = result {
         let _ = fs::remove_dir_all(&venv); // never leave a half-built one behind
         return Err(reason);
@@ -171,11 +174,13 @@ fn build() -> Result<Python, String> {
 
 /// Runs a command to completion; its stdout, or why it failed (with the end
 /// of its stderr).
-fn run(command: &mut Command) -> Result<String, String> {
+async fn run(command: &mut Command) -> Result<String, String> {
     let output = command
         .stdin(Stdio::null())
+        .kill_on_drop(true)
         .output()
-        .map_err(|err| format!("cannot run {:?}: {err}", command.get_program()))?;
+        .await
+        .map_err(|err| format!("cannot run {:?}: {err}", command.as_std().get_program()))?;
     if output.status.success() {
         return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
     }
@@ -193,7 +198,7 @@ struct BuildLock {
 }
 
 impl BuildLock {
-    fn acquire(dir: &Path) -> Result<BuildLock, String> {
+    async fn acquire(dir: &Path) -> Result<BuildLock, String> {
         let started = Instant::now();
         loop {
             match fs::create_dir(dir) {
@@ -218,7 +223,7 @@ impl BuildLock {
                     }
                     // Polling is fine here: it only happens while another
                     // process builds, once per machine.
-                    std::thread::sleep(Duration::from_millis(200));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(err) => return Err(format!("cannot create {}: {err}", dir.display())),
             }
@@ -421,18 +426,23 @@ impl Python {
     pub fn script_at(&self, path: &Path) -> Command {
         let mut command = Command::new(&self.interpreter);
         command
+            // Isolated (-I: no PYTHON* variables, no user site-packages) and
+            // UTF-8 whatever the locale, so only the virtualenv counts.
             .args(["-I", "-X", "utf8"])
             .arg(path)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            // A test that fails while the script runs leaves no Python behind.
+            .kill_on_drop(true);
         command
     }
 
     /// A command that runs the script `name` of `axum-channels/tests/interop`
     /// with the virtualenv's interpreter, isolated from the environment's
     /// Python settings (`-I`) and in UTF-8 whatever the locale. Add its
-    /// arguments and environment, then run it as any `Command`.
+    /// arguments and environment, then run it as any `tokio::process`
+    /// command: `.output().await`.
     pub fn script(&self, name: &str) -> Command {
-        self.script_at(&interop_dir().join(name))
+        self.script_at(&self.interop.join(name))
     }
 
     /// The package's own `consistent_hash(name, n)` for every name and ring
@@ -468,15 +478,12 @@ impl Python {
             .collect()
     }
 
-    /// Starts `peer.py` with `args`. Output is read by two threads (the
-    /// test's runtime needs no process support), and the process is killed
-    /// when the [`Peer`] is dropped.
+    /// Starts `peer.py` with `args`. Its output is read by tasks of the
+    /// test's runtime, and the process is killed when the [`Peer`] is
+    /// dropped.
     fn spawn(&self, args: &[String], label: String) -> Peer {
-        let mut child = Command::new(&self.interpreter)
-            // Isolated (-I: no PYTHON* variables, no user site-packages) and
-            // UTF-8 whatever the locale, so only the virtualenv counts.
-            .args(["-I", "-X", "utf8"])
-            .arg(&self.script)
+        let mut child = self
+            .script_at(&self.interop.join("peer.py"))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -485,9 +492,9 @@ impl Python {
             .unwrap_or_else(|err| panic!("{label}: cannot start: {err}"));
         let (sender, lines) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().expect("piped stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
+        tokio::spawn(async move {
+            let mut stdout = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = stdout.next_line().await {
                 if sender.send(line).is_err() {
                     break;
                 }
@@ -496,9 +503,9 @@ impl Python {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().expect("piped stderr");
         let collected = Arc::clone(&stderr);
-        std::thread::spawn(move || {
+        let stderr_read = tokio::spawn(async move {
             let mut buffer = [0; 4096];
-            while let Ok(read @ 1..) = pipe.read(&mut buffer) {
+            while let Ok(read @ 1..) = pipe.read(&mut buffer).await {
                 collected
                     .lock()
                     .unwrap()
@@ -510,6 +517,7 @@ impl Python {
             child,
             lines,
             stderr,
+            stderr_read,
             label,
         }
     }
@@ -531,6 +539,8 @@ pub struct Peer {
     stdin: Option<ChildStdin>,
     lines: mpsc::UnboundedReceiver<String>,
     stderr: Arc<Mutex<String>>,
+    /// The task that fills `stderr`; done once the peer has closed it.
+    stderr_read: JoinHandle<()>,
     label: String,
 }
 
@@ -540,18 +550,24 @@ impl Peer {
     pub async fn next(&mut self) -> Value {
         let line = match tokio::time::timeout(PEER_TIMEOUT, self.lines.recv()).await {
             Ok(Some(line)) => line,
-            Ok(None) => self.fail("ended without saying more"),
-            Err(_) => self.fail(&format!("said nothing for {} s", PEER_TIMEOUT.as_secs())),
+            Ok(None) => self.fail("ended without saying more").await,
+            Err(_) => {
+                let what = format!("said nothing for {} s", PEER_TIMEOUT.as_secs());
+                self.fail(&what).await
+            }
         };
-        serde_json::from_str(&line)
-            .unwrap_or_else(|err| self.fail(&format!("said {line:?}: {err}")))
+        match serde_json::from_str(&line) {
+            Ok(value) => value,
+            Err(err) => self.fail(&format!("said {line:?}: {err}")).await,
+        }
     }
 
     /// The next line, which must be the event `event`.
     pub async fn expect(&mut self, event: &str) -> Value {
         let line = self.next().await;
         if line["event"] != event {
-            self.fail(&format!("said {line} where {event:?} was expected"));
+            self.fail(&format!("said {line} where {event:?} was expected"))
+                .await;
         }
         line
     }
@@ -583,24 +599,29 @@ impl Peer {
         loop {
             match tokio::time::timeout(PEER_TIMEOUT, self.lines.recv()).await {
                 Ok(Some(line)) if line.contains(r#""event": "done""#) => {}
-                Ok(Some(line)) => self.fail(&format!("said {line:?} before its end")),
+                Ok(Some(line)) => self.fail(&format!("said {line:?} before its end")).await,
                 Ok(None) => break,
-                Err(_) => self.fail(&format!("still running after {} s", PEER_TIMEOUT.as_secs())),
+                Err(_) => {
+                    let what = format!("still running after {} s", PEER_TIMEOUT.as_secs());
+                    self.fail(&what).await
+                }
             }
         }
         // stdout is closed: the process is at its end, so waiting is short.
-        match self.child.wait() {
+        match self.child.wait().await {
             Ok(status) if status.success() => {}
-            Ok(status) => self.fail(&format!("ended with {status}")),
-            Err(err) => self.fail(&format!("cannot be waited for: {err}")),
+            Ok(status) => self.fail(&format!("ended with {status}")).await,
+            Err(err) => self.fail(&format!("cannot be waited for: {err}")).await,
         }
     }
 
-    /// Fails the test with the peer's name and everything it wrote to stderr.
-    fn fail(&self, what: &str) -> ! {
-        // Give the stderr thread a moment to collect a traceback written
-        // just before the process ended.
-        std::thread::sleep(Duration::from_millis(50));
+    /// Fails the test with the peer's name and everything it wrote to
+    /// stderr.
+    async fn fail(&mut self, what: &str) -> ! {
+        // A traceback written just before the process ended may still be
+        // in the pipe: wait (boundedly, the peer may still run) until the
+        // reader has seen the end of it.
+        let _ = tokio::time::timeout(Duration::from_millis(500), &mut self.stderr_read).await;
         let stderr = self.stderr.lock().unwrap();
         let mut report = format!("{}: {what}", self.label);
         if !stderr.is_empty() {
@@ -612,8 +633,9 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        // Closing stdin ends a listener; SIGKILL ends anything else. Drop
+        // cannot await the exit: tokio reaps the process.
         drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child.start_kill();
     }
 }

@@ -1,5 +1,4 @@
-//! [`RedisServer`]: a throwaway `redis-server` for tests (features `testing`
-//! and `redis`).
+//! [`RedisServer`]: a throwaway `redis-server` for tests.
 //!
 //! Each test starts its own server on a free port of 127.0.0.1 (never 6379,
 //! never a fixed port), with no persistence and a temporary directory of its
@@ -11,29 +10,38 @@
 //! machine; under `CI=true` it panics instead, since CI installs Redis.
 //!
 //! ```no_run
-//! use axum_channels::testing::RedisServer;
+//! use channels_testkit::RedisServer;
 //!
 //! # async fn demo() {
-//! let Some(mut redis) = RedisServer::start() else {
+//! let Some(mut redis) = RedisServer::start().await else {
 //!     return; // skipped, and said so on stderr
 //! };
 //! let url = redis.url(); // redis://127.0.0.1:PORT
-//! redis.kill(); // as if it crashed
-//! redis.restart(); // the same port again, empty
+//! redis.kill().await; // as if it crashed
+//! redis.restart().await; // the same port again, empty
 //! # let _ = url;
 //! # }
 //! ```
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
+// Deadlines are on the wall clock: a program starts in real time, whatever
+// the test's runtime clock says.
 use std::time::{Duration, Instant};
 
-use super::{free_port, skip_or_fail, temp_dir};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, timeout};
+
+use crate::{free_port, skip_or_fail, temp_dir};
 
 /// How long a starting server may take to answer `PING`.
 const STARTUP: Duration = Duration::from_secs(10);
+
+/// How long a polite `SHUTDOWN` may take before the server is killed.
+const SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// A `redis-server` process of this test's own, killed on drop.
 pub struct RedisServer {
@@ -47,8 +55,8 @@ impl RedisServer {
     /// `PING`. Returns `None`, after a notice on stderr, when `redis-server`
     /// is not installed; panics instead when `CI` is set (other than to
     /// `false` or `0`), and when an installed server cannot be started.
-    pub fn start() -> Option<RedisServer> {
-        if !installed() {
+    pub async fn start() -> Option<RedisServer> {
+        if !installed().await {
             skip_or_fail(
                 "Redis test",
                 "redis-server is not installed (install it with `apt-get install redis-server`)",
@@ -68,7 +76,7 @@ impl RedisServer {
         let mut last_error = String::new();
         for _ in 0..5 {
             server.port = free_port();
-            match server.spawn() {
+            match server.spawn().await {
                 Ok(()) => return Some(server),
                 Err(err) => last_error = err,
             }
@@ -87,50 +95,43 @@ impl RedisServer {
     }
 
     /// Kills the server at once (`SIGKILL`), as a crash would: clients see
-    /// their connections reset. The port stays this server's, for
-    /// [`restart`](Self::restart).
-    pub fn kill(&mut self) {
+    /// their connections reset. Returns once the process is gone. The port
+    /// stays this server's, for [`restart`](Self::restart).
+    pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ = child.kill().await;
         }
     }
 
     /// Stops the server politely (`SHUTDOWN NOSAVE`), or kills it if it
-    /// does not stop within 5 s.
-    pub fn stop(&mut self) {
+    /// does not stop within 5 s. Returns once the process is gone.
+    pub async fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = command(self.port, "SHUTDOWN NOSAVE");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let _ = command(self.port, "SHUTDOWN NOSAVE").await;
+        if timeout(SHUTDOWN, child.wait()).await.is_err() {
+            let _ = child.kill().await;
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Starts the server again on the same port, empty (it persists
-    /// nothing), after stopping it if it still runs. Waits until it answers
+    /// nothing), after killing it if it still runs. Waits until it answers
     /// `PING`; panics if it cannot start within 10 s.
-    pub fn restart(&mut self) {
-        self.kill();
+    pub async fn restart(&mut self) {
+        self.kill().await;
         let deadline = Instant::now() + STARTUP;
         loop {
-            match self.spawn() {
+            match self.spawn().await {
                 Ok(()) => return,
-                // The old socket may take a moment to be released.
                 Err(err) if Instant::now() >= deadline => {
                     panic!(
                         "could not restart redis-server on port {}: {err}",
                         self.port
                     )
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                // The old socket may take a moment to be released.
+                Err(_) => sleep(Duration::from_millis(50)).await,
             }
         }
     }
@@ -143,7 +144,7 @@ impl RedisServer {
     }
 
     /// Starts the process on `self.port` and waits for `PING`.
-    fn spawn(&mut self) -> Result<(), String> {
+    async fn spawn(&mut self) -> Result<(), String> {
         let log = self.dir.join("redis.log");
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
@@ -158,6 +159,7 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .kill_on_drop(true)
             .spawn()
             .map_err(|err| format!("cannot run redis-server: {err}"))?;
         let deadline = Instant::now() + STARTUP;
@@ -171,46 +173,59 @@ impl RedisServer {
                     tail.join(" | ")
                 ));
             }
-            if command(self.port, "PING").is_ok_and(|reply| reply.starts_with("+PONG")) {
+            if command(self.port, "PING")
+                .await
+                .is_ok_and(|reply| reply.starts_with("+PONG"))
+            {
                 self.child = Some(child);
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                let _ = child.kill().await;
                 return Err(format!(
                     "no answer to PING on port {} within {STARTUP:?}",
                     self.port
                 ));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            sleep(Duration::from_millis(10)).await;
         }
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        self.kill();
+        // SIGKILL without waiting (tokio reaps it): Drop cannot await.
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.start_kill();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-fn installed() -> bool {
+async fn installed() -> bool {
     Command::new("redis-server")
         .arg("--version")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
+        .await
         .is_ok_and(|status| status.success())
 }
 
-/// Sends one inline command and reads the first line of the reply.
-fn command(port: u16, line: &str) -> std::io::Result<String> {
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200))?;
-    stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-    stream.write_all(format!("{line}\r\n").as_bytes())?;
-    let mut reply = [0u8; 64];
-    let n = stream.read(&mut reply)?;
-    Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
+/// Sends one inline command and reads the first bytes of the reply, within
+/// a fraction of a second, so a poll never hangs on a server that accepts
+/// but does not answer.
+async fn command(port: u16, line: &str) -> std::io::Result<String> {
+    let exchange = async {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(format!("{line}\r\n").as_bytes()).await?;
+        let mut reply = [0u8; 64];
+        let n = stream.read(&mut reply).await?;
+        Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
+    };
+    timeout(Duration::from_millis(700), exchange)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

@@ -2,15 +2,15 @@
 //! for the tests that only a real process can do: stopping it with SIGTERM,
 //! killing it, running several of them on one Redis.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use axum_channels::testing::{TestClient, Transcript};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
-
-use super::{TestClient, Transcript};
 
 /// How long a server may take to say where it listens.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,6 +20,7 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// every step does.
 pub struct ServerProcess {
     child: Child,
+    pid: u32,
     addr: SocketAddr,
     output: Arc<Mutex<String>>,
 }
@@ -39,42 +40,36 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {binary}: {err}"));
+        let pid = child.id().expect("a child that was just started has an id");
         let output = Arc::new(Mutex::new(String::new()));
         let (ready, listening) = oneshot::channel();
-        let mut ready = Some(ready);
+        // The log is read by tasks of its own, so a chatty server never
+        // blocks on a full pipe while the test awaits something else.
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        // The log is read on threads of its own, so a chatty server never
-        // blocks on a full pipe while the test is busy elsewhere.
-        let log = Arc::clone(&output);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = listening_address(&line)
-                    && let Some(ready) = ready.take()
-                {
-                    let _ = ready.send(addr);
-                }
-                log.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let log = Arc::clone(&output);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                log.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
+        let readers = [
+            tokio::spawn(collect(stdout, Arc::clone(&output), Some(ready))),
+            tokio::spawn(collect(stderr, Arc::clone(&output), None)),
+        ];
         let addr = match tokio::time::timeout(STARTUP_TIMEOUT, listening).await {
             Ok(Ok(addr)) => addr,
             _ => {
-                let _ = child.kill();
+                let _ = child.kill().await;
+                // The pipes close with the process: let the readers take
+                // its last words (a panic message, say) before reporting.
+                for reader in readers {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+                }
                 let log = output.lock().unwrap().clone();
                 panic!("{binary} did not start listening; it said:\n{log}");
             }
         };
         ServerProcess {
             child,
+            pid,
             addr,
             output,
         }
@@ -104,44 +99,65 @@ impl ServerProcess {
 
     /// The process id, e.g. to signal it.
     pub fn id(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// Asks it to stop, as `kill` or a container runtime would: SIGTERM.
+    /// Returns at once; [`wait`](Self::wait) for it to exit.
     #[cfg(unix)]
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        // `None` once the child has been reaped, when its pid may already
+        // be another process's.
+        let pid = self.child.id().expect("terminate a server that has exited");
+        let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+        // SAFETY: kill(2) takes plain integers and touches no memory.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            sent,
+            0,
+            "SIGTERM to {pid}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
-    /// Kills it at once (SIGKILL): no goodbye of any kind.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Kills it at once (SIGKILL): no goodbye of any kind. Returns once it
+    /// is gone, its port with it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
     }
 
     /// Waits until it exits, at most `timeout`; `None` if it is still
     /// running then.
     pub async fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()?
+            .ok()
     }
 }
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
-        self.kill();
+        // SIGKILL without waiting (tokio reaps it): Drop cannot await.
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Appends each line of `stream` to `log`; sends the first address a
+/// `listening on` line names to `ready`, if given.
+async fn collect(
+    stream: impl AsyncRead + Unpin,
+    log: Arc<Mutex<String>>,
+    mut ready: Option<oneshot::Sender<SocketAddr>>,
+) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(addr) = listening_address(&line)
+            && let Some(ready) = ready.take()
+        {
+            let _ = ready.send(addr);
+        }
+        log.lock().unwrap().push_str(&(line + "\n"));
     }
 }
 
