@@ -135,9 +135,9 @@ async fn in_memory() {
 /// by receiving it on the first member, which drops that copy again.
 async fn pubsub() {
     use axum_channels::layer::redis::{RedisConfig, RedisPubSubLayer};
-    use axum_channels::testing::RedisServer;
+    use channels_testkit::RedisServer;
 
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let layer = RedisPubSubLayer::connect(RedisConfig {

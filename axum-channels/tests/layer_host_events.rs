@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum_channels::layer::ChannelLayer;
 use axum_channels::layer::redis::{RedisConfig, RedisPubSubLayer};
-use axum_channels::testing::RedisServer;
+use channels_testkit::RedisServer;
 use serde_json::json;
 use tokio::time::timeout;
 
@@ -22,7 +22,7 @@ use tokio::time::timeout;
 /// message a second time while it lived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lingering_replaced_connection_delivers_nothing_twice() {
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let url = server.url();

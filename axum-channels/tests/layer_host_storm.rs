@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum_channels::layer::redis::{RedisConfig, RedisPubSubLayer};
 use axum_channels::layer::{ChannelLayer, LayerError, LayerMessage};
-use axum_channels::testing::RedisServer;
+use channels_testkit::RedisServer;
 use futures_util::future::join_all;
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
@@ -112,7 +112,7 @@ fn audit(received: &[u64], published: &[u64]) -> (Vec<u64>, Vec<u64>) {
 /// fewer than one per name).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_joins_and_leaves_goes_out_in_a_few_commands() {
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let url = server.url();
@@ -246,7 +246,7 @@ async fn subscribers(conn: &mut MultiplexedConnection) -> Vec<String> {
 /// nothing while nobody listens).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_forced_reconnect_every_message_arrives_exactly_once() {
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let url = server.url();
@@ -320,7 +320,7 @@ async fn after_a_forced_reconnect_every_message_arrives_exactly_once() {
 /// Before, the first timeout counted as a lost connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reply_does_not_tear_the_connection_down() {
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let url = server.url();

@@ -1090,7 +1090,7 @@ mod bad_input {
     /// frees.
     #[tokio::test]
     async fn pubsub_group_add_takes_only_channels_this_process_holds() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = pubsub(&[server.url()]).await;
