@@ -1,0 +1,402 @@
+//! The poppers: the tasks that take messages out of Redis for this
+//! process's receivers.
+//!
+//! Each Redis key read here (normally one, `{prefix}specific.{client}!`,
+//! shared by every channel of the layer instance, and one per plain channel
+//! received on) has one popper per host, on a blocking connection of its
+//! own, doing `BZPOPMIN key block_timeout` only while a receiver of the key
+//! waits on an empty buffer (see `state.rs`), and handing what it pops to
+//! the buffers named in `__asgi_channel__`. A pop is never cancelled, and
+//! `receive` only waits on its buffer, so a cancelled `receive` loses
+//! nothing.
+//!
+//! Blocking connections are not cheap for Redis (each is a client), and a
+//! popper may sit in `BZPOPMIN` for `block_timeout` after its channels have
+//! gone. So poppers outlive their key's last channel by a grace period, and
+//! a popper that stops hands its connection to the next one of its host
+//! ([`Spare`]), rather than closing it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError};
+use tokio::time::Instant;
+
+use super::Inner;
+use super::state::{GRACE, Raw, Step, Wanted};
+use crate::layer::buffers::Locked;
+use crate::layer::redis::codec;
+use crate::layer::redis::link::{BACKOFF_MAX, BACKOFF_MIN, Link};
+use crate::layer::redis::wire::{inflight_key, now_secs, score_arg};
+
+/// Idle blocking connections kept per host, at most: enough for a key's
+/// poppers to hand theirs to the next key's, without hoarding.
+const MAX_SPARE: usize = 2;
+
+/// Members popped from a key, with their scores.
+type Popped = Vec<(Vec<u8>, f64)>;
+
+/// Blocking connections of stopped poppers, per host, for the next popper
+/// of that host: a popper that starts takes one before opening a new one.
+pub(super) struct Spare(Vec<Locked<Vec<MultiplexedConnection>>>);
+
+impl Spare {
+    pub(super) fn new(hosts: usize) -> Self {
+        Spare((0..hosts).map(|_| Locked::default()).collect())
+    }
+
+    fn take(&self, shard: usize) -> Option<MultiplexedConnection> {
+        self.0[shard].lock().pop()
+    }
+
+    /// Keeps `conn` for the next popper of `shard`, unless enough are kept.
+    fn put(&self, shard: usize, conn: MultiplexedConnection) {
+        let mut spare = self.0[shard].lock();
+        if spare.len() < MAX_SPARE {
+            spare.push(conn);
+        }
+    }
+
+    /// Closes them all (the layer is dropped).
+    pub(super) fn clear(&self) {
+        for spare in &self.0 {
+            spare.lock().clear();
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self, shard: usize) -> usize {
+        self.0[shard].lock().len()
+    }
+}
+
+impl Inner {
+    /// Waits until receivers of `key` are hungry, or returns `None` when the
+    /// popper should stop (its key gone, its grace period over, the layer
+    /// dropped).
+    async fn wait_for_demand(&self, key: &str, epoch: u64) -> Option<Wanted> {
+        let demand = self.lock().demand(key, epoch)?;
+        loop {
+            // Listened for before looking, so a ring in between is heard.
+            let rung = demand.bell().notified();
+            let step = {
+                let mut state = self.lock();
+                if self.is_shut_down() {
+                    return None;
+                }
+                state.step(key, epoch, Instant::now(), GRACE)
+            };
+            match step {
+                Step::Pop(wanted) => return Some(wanted),
+                Step::Stop => return None,
+                Step::Wait(None) => rung.await,
+                Step::Wait(Some(deadline)) => {
+                    tokio::select! {
+                        () = rung => {}
+                        () = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// When a message sent at `score` (UNIX seconds, the sender's clock)
+    /// expires, on this process's clock: `expiry` after it was sent, and
+    /// never later than `expiry` from now (a sender whose clock is ahead).
+    fn expires(&self, score: f64, now: Instant) -> Option<Instant> {
+        let expiry = self.config.expiry_secs() as f64;
+        let left = (expiry - (now_secs() - score)).clamp(0.0, expiry);
+        now.checked_add(Duration::try_from_secs_f64(left).ok()?)
+    }
+
+    /// Hands a popped member to the local buffers it is for.
+    async fn deliver(
+        &self,
+        key: &str,
+        plain: bool,
+        shard: usize,
+        member: Vec<u8>,
+        score: f64,
+        conn: &mut MultiplexedConnection,
+    ) {
+        let Some(decoded) = codec::read(&member, true, self.config.max_message_size, key) else {
+            return;
+        };
+        let now = Instant::now();
+        let expires = self.expires(score, now);
+        // One copy, shared by every local channel it is routed to.
+        let message = Arc::new(decoded.message);
+        if plain {
+            let name = &key[self.config.prefix.len()..];
+            let raw = Raw {
+                member,
+                score,
+                shard,
+            };
+            let unwanted = {
+                let mut state = self.lock();
+                if self.is_shut_down() {
+                    Some(raw)
+                } else {
+                    state
+                        .push(name, message, expires, Some(raw), now)
+                        .err()
+                        .flatten()
+                }
+            };
+            if let Some(raw) = unwanted {
+                // Nobody here takes it any more: back for another process.
+                let restored = self.give_back(conn, key, &[raw]).await;
+                if let Err(err) = restored {
+                    tracing::warn!(key, %err, "could not give a popped message back to Redis");
+                }
+            }
+            return;
+        }
+        let Some(route) = decoded.route else {
+            tracing::warn!(
+                key,
+                "dropped a message without __asgi_channel__ from a process-specific key"
+            );
+            return;
+        };
+        let mut state = self.lock();
+        for name in &route {
+            let pushed = state.push(name, Arc::clone(&message), expires, None, now);
+            if pushed.is_err() {
+                tracing::debug!(channel = name, "dropped a message for a closed channel");
+            }
+        }
+    }
+
+    /// Puts popped members back into `key`, with their scores.
+    pub(super) async fn give_back(
+        &self,
+        conn: &mut MultiplexedConnection,
+        key: &str,
+        raws: &[Raw],
+    ) -> Result<(), RedisError> {
+        let mut pipe = redis::pipe();
+        for raw in raws {
+            pipe.cmd("ZADD")
+                .arg(key)
+                .arg(score_arg(raw.score))
+                .arg(&raw.member)
+                .ignore();
+        }
+        pipe.cmd("EXPIRE")
+            .arg(key)
+            .arg(self.config.expiry_secs())
+            .ignore();
+        pipe.query_async(conn).await
+    }
+
+    /// Panics if a test asked for it (see
+    /// [`RedisLayer::inject_popper_panic`](super::RedisLayer::inject_popper_panic)).
+    fn injected_fault(&self) {
+        if self.injected_panics.load(Ordering::Relaxed) > 0
+            && self
+                .injected_panics
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            panic!("injected fault (RedisLayer::inject_popper_panic)");
+        }
+    }
+}
+
+/// One popper: pops `key` on host `shard` while a receiver is hungry, for
+/// as long as the key has local channels and its grace period after. Its
+/// failures to reach Redis are the host's outage, reported by the link.
+pub(super) async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: usize) {
+    let link = Arc::clone(&inner.links[shard]);
+    let block_secs = inner.config.block_secs();
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut delay = BACKOFF_MIN;
+    loop {
+        let Some(wanted) = inner.wait_for_demand(&key, epoch).await else {
+            // Idle between pops: the next popper of this host may use it.
+            if let Some(conn) = conn
+                && !inner.is_shut_down()
+            {
+                inner.spare.put(shard, conn);
+            }
+            return;
+        };
+        inner.injected_fault();
+        let Some(active) = conn.as_mut() else {
+            match open_popper(&inner, &link, shard, &key, block_secs).await {
+                Ok(opened) => {
+                    link.worked();
+                    delay = BACKOFF_MIN;
+                    conn = Some(opened);
+                }
+                Err(err) => {
+                    link.failed(&err);
+                    link.suspect();
+                    tokio::time::sleep(delay).await;
+                    delay = delay.saturating_mul(2).min(BACKOFF_MAX);
+                }
+            }
+            continue;
+        };
+        match pop(active, &key, wanted.hungry, block_secs).await {
+            Ok(popped) => {
+                for (member, score) in popped {
+                    inner
+                        .deliver(&key, wanted.plain, shard, member, score, active)
+                        .await;
+                }
+            }
+            Err(err) => {
+                conn = None;
+                link.failed(&err);
+                link.suspect();
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Pops for `hungry` waiting receivers: as many members as there are
+/// receivers if the key has them (one round trip for a backlog), else one
+/// blocking pop that waits up to the block timeout.
+async fn pop(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    hungry: usize,
+    block_secs: u64,
+) -> Result<Popped, RedisError> {
+    if hungry > 1 {
+        let batch: Popped = redis::cmd("ZPOPMIN")
+            .arg(key)
+            .arg(hungry)
+            .query_async(conn)
+            .await?;
+        if !batch.is_empty() {
+            return Ok(batch);
+        }
+    }
+    // A blocking pop whose timeout is expected: nothing popped is no error.
+    let one: Option<(Vec<u8>, Vec<u8>, f64)> = redis::cmd("BZPOPMIN")
+        .arg(key)
+        .arg(block_secs)
+        .query_async(conn)
+        .await?;
+    Ok(one
+        .map(|(_, member, score)| vec![(member, score)])
+        .unwrap_or_default())
+}
+
+/// A popper's connection: a spare one of its host if there is one, else a
+/// new one with no response timeout at or below the block (the Python
+/// layer's fault with redis-py 8); either way with the in-flight backups a
+/// crashed Python receiver left in the key restored first.
+async fn open_popper(
+    inner: &Inner,
+    link: &Link,
+    shard: usize,
+    key: &str,
+    block_secs: u64,
+) -> Result<MultiplexedConnection, RedisError> {
+    while let Some(mut spare) = inner.spare.take(shard) {
+        // A spare may have died since (Redis restarted): that is no outage,
+        // just a connection to replace.
+        if restore_inflight(inner, &mut spare, key).await.is_ok() {
+            return Ok(spare);
+        }
+    }
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(1)))
+        .set_response_timeout(Some(
+            Duration::from_secs(block_secs).saturating_add(inner.config.command_timeout),
+        ));
+    let mut conn = link
+        .client()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    restore_inflight(inner, &mut conn, key).await?;
+    Ok(conn)
+}
+
+/// Python's `CLEANUP_LUA`: what a crashed Python receiver popped and
+/// backed up goes back into `key`, with its score.
+async fn restore_inflight(
+    inner: &Inner,
+    conn: &mut MultiplexedConnection,
+    key: &str,
+) -> Result<(), RedisError> {
+    inner
+        .cleanup
+        .prepare_invoke()
+        .arg(key)
+        .arg(inflight_key(key))
+        .invoke_async::<()>(conn)
+        .await
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::testing::RedisServer;
+
+    /// A connection that outwaits a blocking pop, as a popper's does.
+    async fn conn(server: &RedisServer) -> MultiplexedConnection {
+        let config =
+            AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5)));
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_popped_in_one_round_trip_and_an_empty_key_blocks() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let mut conn = conn(&server).await;
+        for (score, member) in [(2.0, "b"), (1.0, "a"), (3.0, "c")] {
+            redis::cmd("ZADD")
+                .arg("k")
+                .arg(score)
+                .arg(member)
+                .query_async::<()>(&mut conn)
+                .await
+                .unwrap();
+        }
+        let popped = pop(&mut conn, "k", 2, 1).await.unwrap();
+        assert_eq!(
+            popped,
+            vec![(b"a".to_vec(), 1.0), (b"b".to_vec(), 2.0)],
+            "oldest first, as many as receivers wait"
+        );
+        let popped = pop(&mut conn, "k", 5, 1).await.unwrap();
+        assert_eq!(popped, vec![(b"c".to_vec(), 3.0)]);
+        let started = Instant::now();
+        assert!(pop(&mut conn, "k", 1, 1).await.unwrap().is_empty());
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "an empty key blocks for the block timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn spare_connections_are_bounded_per_host() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let spare = Spare::new(2);
+        for _ in 0..3 {
+            spare.put(1, conn(&server).await);
+        }
+        assert_eq!((spare.len(0), spare.len(1)), (0, MAX_SPARE));
+        assert!(spare.take(0).is_none());
+        assert!(spare.take(1).is_some());
+        spare.clear();
+        assert_eq!(spare.len(1), 0);
+    }
+}

@@ -1,0 +1,319 @@
+//! The queue layer's sends: `send` and `group_send`, exactly as Python's
+//! layer writes them (the wire specification, §1.4), with two fixes that
+//! change nothing on the wire: a specific channel is written on the host
+//! its receiver reads (Python hashes the full name there), and a member
+//! over capacity is one warning per episode.
+//!
+//! Capacity is counted per Redis key, as Python counts it: the key of a
+//! process-specific channel is shared by every channel of its layer
+//! instance, so they share that capacity (see the module documentation of
+//! `queue`).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use super::Inner;
+use crate::layer::redis::bounded;
+use crate::layer::redis::codec::{self, Route};
+use crate::layer::redis::wire::{
+    channel_key, consistent_hash, group_key, non_local_name, now_secs, purge_below, score_arg,
+};
+use crate::layer::{LayerError, LayerMessage};
+
+/// One `group_send` write: a key, its payload routed to its member
+/// channels, the key's capacity, and those channels.
+type Write = (String, Vec<u8>, usize, Vec<String>);
+
+/// The members of a group, by channel key, in the order Redis listed them
+/// (as Python does): one message per key, routed to all its members.
+fn by_key(prefix: &str, members: Vec<String>) -> Vec<(String, Vec<String>)> {
+    let mut buckets: Vec<(String, Vec<String>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for name in members {
+        let key = channel_key(prefix, &name);
+        match index.get(&key) {
+            Some(&i) => buckets[i].1.push(name),
+            None => {
+                index.insert(key.clone(), buckets.len());
+                buckets.push((key, vec![name]));
+            }
+        }
+    }
+    buckets
+}
+
+impl Inner {
+    pub(super) async fn send(
+        &self,
+        channel: &str,
+        message: LayerMessage,
+    ) -> Result<(), LayerError> {
+        let specific = channel.contains('!');
+        let route = if specific {
+            Route::One(channel)
+        } else {
+            Route::None
+        };
+        let payload = codec::encode(&message, route, true, self.config.max_message_size)?;
+        let key = self.key_of(channel);
+        let shard = if specific {
+            // Where the receiver reads (Python hashes the full name here,
+            // which loses the message when there are several hosts).
+            consistent_hash(non_local_name(channel), self.shards())
+        } else {
+            self.round_robin.fetch_add(1, Ordering::Relaxed) % self.shards()
+        };
+        let capacity = self.config.capacity_of(channel);
+        let expiry = self.config.expiry_secs();
+        let added = bounded("send", self.config.command_timeout, async {
+            self.links[shard]
+                .run(|mut conn| async move {
+                    let now = now_secs();
+                    let (count,): (usize,) = redis::pipe()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(purge_below(now, expiry))
+                        .ignore()
+                        .cmd("ZCOUNT")
+                        .arg(&key)
+                        .arg("-inf")
+                        .arg("+inf")
+                        .query_async(&mut conn)
+                        .await?;
+                    if count >= capacity {
+                        return Ok(false);
+                    }
+                    redis::pipe()
+                        .cmd("ZADD")
+                        .arg(&key)
+                        .arg(score_arg(now))
+                        .arg(payload)
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&key)
+                        .arg(expiry)
+                        .ignore()
+                        .query_async::<()>(&mut conn)
+                        .await?;
+                    Ok(true)
+                })
+                .await
+        })
+        .await?;
+        if added {
+            Ok(())
+        } else {
+            metrics::counter!("axum_channels_layer_channel_full_total").increment(1);
+            Err(LayerError::ChannelFull {
+                channel: channel.to_owned(),
+            })
+        }
+    }
+
+    pub(super) async fn group_send(
+        &self,
+        group: &str,
+        message: LayerMessage,
+    ) -> Result<(), LayerError> {
+        // Refuse a bad message before touching Redis.
+        codec::encode(&message, Route::None, true, self.config.max_message_size)?;
+        bounded("group_send", self.config.command_timeout, async {
+            let gkey = group_key(&self.config.prefix, group);
+            let gshard = consistent_hash(group, self.shards());
+            let group_expiry = self.config.group_expiry_secs();
+            let members: Vec<Vec<u8>> = self.links[gshard]
+                .run(|mut conn| async move {
+                    let (members,): (Vec<Vec<u8>>,) = redis::pipe()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&gkey)
+                        .arg(0)
+                        .arg(purge_below(now_secs(), group_expiry))
+                        .ignore()
+                        .cmd("ZRANGE")
+                        .arg(&gkey)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok(members)
+                })
+                .await?;
+            let members = members
+                .into_iter()
+                .filter_map(|member| match String::from_utf8(member) {
+                    Ok(name) => Some(name),
+                    Err(_) => {
+                        tracing::warn!(group, "skipped a group member whose name is not UTF-8");
+                        None
+                    }
+                })
+                .collect();
+
+            let mut per_shard: Vec<Vec<Write>> = vec![Vec::new(); self.shards()];
+            for (key, names) in by_key(&self.config.prefix, members) {
+                let payload = codec::encode(
+                    &message,
+                    Route::Many(&names),
+                    true,
+                    self.config.max_message_size,
+                )?;
+                let capacity = self.config.capacity_of(&names[0]);
+                let shard = consistent_hash(non_local_name(&names[0]), self.shards());
+                per_shard[shard].push((key, payload, capacity, names));
+            }
+            let sends = per_shard
+                .into_iter()
+                .enumerate()
+                .filter(|(_, batch)| !batch.is_empty())
+                .map(|(shard, batch)| self.group_send_on(shard, group, batch));
+            for outcome in futures_util::future::join_all(sends).await {
+                outcome?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The per-host half of `group_send`: purge, then the Lua script, then
+    /// (only if something was over capacity) find out which keys were.
+    async fn group_send_on(
+        &self,
+        shard: usize,
+        group: &str,
+        batch: Vec<Write>,
+    ) -> Result<(), LayerError> {
+        let expiry = self.config.expiry_secs();
+        let script = &self.group_send;
+        let batch = &batch;
+        let counts: Option<Vec<usize>> = self.links[shard]
+            .run(|mut conn| async move {
+                let now = now_secs();
+                let mut purge = redis::pipe();
+                purge.atomic();
+                for (key, ..) in batch {
+                    purge
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(key)
+                        .arg(0)
+                        .arg(purge_below(now, expiry))
+                        .ignore();
+                }
+                purge.query_async::<()>(&mut conn).await?;
+                let mut invocation = script.prepare_invoke();
+                for (key, ..) in batch {
+                    invocation.key(key);
+                }
+                for (_, payload, ..) in batch {
+                    invocation.arg(payload);
+                }
+                for (_, _, capacity, _) in batch {
+                    invocation.arg(*capacity);
+                }
+                invocation.arg(score_arg(now)).arg(expiry);
+                let over: usize = invocation.invoke_async(&mut conn).await?;
+                if over == 0 {
+                    return Ok(None);
+                }
+                let mut count = redis::pipe();
+                for (key, ..) in batch {
+                    count.cmd("ZCOUNT").arg(key).arg("-inf").arg("+inf");
+                }
+                Ok(Some(count.query_async(&mut conn).await?))
+            })
+            .await?;
+        let mut full = Vec::new();
+        let mut fine = Vec::new();
+        for (i, (key, _, capacity, _)) in batch.iter().enumerate() {
+            let at_capacity = counts
+                .as_ref()
+                .and_then(|counts| counts.get(i))
+                .is_some_and(|count| count >= capacity);
+            if at_capacity {
+                full.push(key.as_str());
+            } else {
+                fine.push(key.as_str());
+            }
+        }
+        metrics::counter!("axum_channels_layer_channel_full_total").increment(full.len() as u64);
+        let reported = self.lock().note_capacity(&full, &fine);
+        for key in reported {
+            if let Some((_, _, capacity, names)) = batch.iter().find(|(k, ..)| k == key) {
+                tracing::warn!(
+                    group,
+                    channels = names.join(","),
+                    capacity,
+                    "group_send skipped member channels that are at capacity \
+                     (reported once until they take a group message again)"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    #[test]
+    fn group_members_are_bucketed_by_key_in_redis_order() {
+        let members = names(&["s.p1!a", "worker.jobs", "s.p2!x", "s.p1!b"]);
+        let buckets = by_key("asgi", members);
+        assert_eq!(
+            buckets,
+            vec![
+                ("asgis.p1!".to_owned(), names(&["s.p1!a", "s.p1!b"])),
+                ("asgiworker.jobs".to_owned(), names(&["worker.jobs"])),
+                ("asgis.p2!".to_owned(), names(&["s.p2!x"])),
+            ],
+            "one message per key, routed to all its members"
+        );
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod on_redis {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use crate::layer::redis::{RedisConfig, RedisLayer};
+    use crate::layer::{ChannelLayer, LayerError};
+    use crate::testing::RedisServer;
+
+    fn message(n: u64) -> crate::layer::LayerMessage {
+        json!({"type": "t", "n": n}).as_object().unwrap().clone()
+    }
+
+    /// Capacity is the key's: two channels of one process share it.
+    #[tokio::test]
+    async fn channels_of_one_process_share_their_keys_capacity() {
+        let Some(server) = RedisServer::start() else {
+            return;
+        };
+        let layer = RedisLayer::connect(RedisConfig {
+            capacity: 2,
+            block_timeout: Duration::from_secs(1),
+            ..RedisConfig::new(server.url())
+        })
+        .await
+        .unwrap();
+        let a = layer.new_channel("specific").await.unwrap();
+        let b = layer.new_channel("specific").await.unwrap();
+        layer.send(&a, message(1)).await.unwrap();
+        layer.send(&a, message(2)).await.unwrap();
+        let full = layer.send(&b, message(3)).await.unwrap_err();
+        assert!(
+            matches!(&full, LayerError::ChannelFull { channel } if *channel == b),
+            "{full}"
+        );
+        assert_eq!(layer.receive(&a).await.unwrap(), message(1));
+        layer.send(&b, message(3)).await.unwrap();
+        assert_eq!(layer.receive(&b).await.unwrap(), message(3));
+    }
+}
