@@ -16,7 +16,8 @@ use axum::Router;
 use axum_channels::layer::redis::{RedisConfig, RedisLayer};
 use axum_channels::layer::{ChannelLayer, LayerError, LayerMessage};
 use axum_channels::server::metrics_route;
-use axum_channels::testing::{RedisServer, TestServer};
+use axum_channels::testing::TestServer;
+use channels_testkit::RedisServer;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
@@ -56,7 +57,7 @@ fn dropped(scrape: &str, prefix: &str) -> f64 {
 
 #[tokio::test]
 async fn capacity_is_the_keys_and_a_crowded_channel_drops_its_oldest_counted() {
-    let Some(redis) = RedisServer::start() else {
+    let Some(redis) = RedisServer::start().await else {
         return;
     };
     let server =

@@ -4,7 +4,7 @@
 //! get a new one while the last sat in `BZPOPMIN` for up to
 //! `block_timeout`).
 //!
-//! Needs redis-server (see `axum_channels::testing::RedisServer`): without
+//! Needs redis-server (see `channels_testkit::RedisServer`): without
 //! it the test says so and passes, and under `CI=true` it fails.
 #![cfg(feature = "redis")]
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use axum_channels::layer::ChannelLayer;
 use axum_channels::layer::redis::{RedisConfig, RedisLayer};
-use axum_channels::testing::RedisServer;
+use channels_testkit::RedisServer;
 
 /// `connected_clients` of `INFO clients`, counted from another connection
 /// (which is one of them).
@@ -35,7 +35,7 @@ async fn connected_clients(url: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_close_loop_leaves_the_client_count_flat() {
-    let Some(server) = RedisServer::start() else {
+    let Some(server) = RedisServer::start().await else {
         return;
     };
     let layer = RedisLayer::connect(RedisConfig {

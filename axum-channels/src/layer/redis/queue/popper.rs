@@ -340,7 +340,7 @@ async fn restore_inflight(
 #[cfg(all(test, feature = "testing"))]
 mod tests {
     use super::*;
-    use crate::testing::RedisServer;
+    use channels_testkit::RedisServer;
 
     /// A connection that outwaits a blocking pop, as a popper's does.
     async fn conn(server: &RedisServer) -> MultiplexedConnection {
@@ -355,7 +355,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backlog_is_popped_in_one_round_trip_and_an_empty_key_blocks() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let mut conn = conn(&server).await;
@@ -386,7 +386,7 @@ mod tests {
 
     #[tokio::test]
     async fn spare_connections_are_bounded_per_host() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let spare = Spare::new(2);

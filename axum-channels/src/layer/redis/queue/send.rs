@@ -284,7 +284,7 @@ mod on_redis {
 
     use crate::layer::redis::{RedisConfig, RedisLayer};
     use crate::layer::{ChannelLayer, LayerError};
-    use crate::testing::RedisServer;
+    use channels_testkit::RedisServer;
 
     fn message(n: u64) -> crate::layer::LayerMessage {
         json!({"type": "t", "n": n}).as_object().unwrap().clone()
@@ -293,7 +293,7 @@ mod on_redis {
     /// Capacity is the key's: two channels of one process share it.
     #[tokio::test]
     async fn channels_of_one_process_share_their_keys_capacity() {
-        let Some(server) = RedisServer::start() else {
+        let Some(server) = RedisServer::start().await else {
             return;
         };
         let layer = RedisLayer::connect(RedisConfig {
