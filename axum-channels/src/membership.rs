@@ -123,7 +123,7 @@ impl Drop for Membership {
         let layer = self.layer.clone();
         let channel = std::mem::take(&mut self.channel);
         let groups = std::mem::take(&mut self.groups);
-        runtime.spawn(async move { leave(&*layer, &channel, &groups).await });
+        runtime.spawn_cleanup(async move { leave(&*layer, &channel, &groups).await });
     }
 }
 // ANCHOR_END: drop

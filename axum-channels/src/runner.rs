@@ -463,7 +463,7 @@ impl<C: Consumer> Drop for Connection<C> {
     fn drop(&mut self) {
         if let Some(parts) = self.parts.take() {
             let task = self.task.clone();
-            self.runtime.spawn(async move {
+            self.runtime.spawn_cleanup(async move {
                 finish(parts, close_code::ABNORMAL).await;
                 drop(task);
             });

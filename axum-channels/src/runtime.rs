@@ -173,7 +173,24 @@ impl Runtime {
     /// cut off. The task should end once
     /// [`shutting_down`](Runtime::shutting_down) resolves.
     pub fn spawn_background(&self, task: impl Future<Output = ()> + Send + 'static) {
-        self.spawn(task);
+        self.spawn_cleanup(task);
+    }
+
+    /// Spawns `task` on the current tokio runtime, as `tokio::spawn` does,
+    /// and makes a graceful shutdown wait for it: e.g. each job an
+    /// in-process worker runs (`.parallelize(move |job| runtime.spawn(job))`
+    /// with apalis), so that a job in hand is finished, not cut off, when
+    /// the server stops.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime, as `tokio::spawn` does.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.shared.tasks.spawn(task)
     }
 
     /// Resolves when a graceful shutdown begins.
@@ -206,7 +223,7 @@ impl Runtime {
 
     /// Spawns a task that a shutdown waits for. Works from a `Drop` too, as
     /// long as a tokio runtime is current; without one the task is dropped.
-    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn_cleanup(&self, task: impl Future<Output = ()> + Send + 'static) {
         let task = self.shared.tasks.track_future(task);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {

@@ -7,13 +7,12 @@
 //! and passes). Waits are polls with a deadline, never fixed sleeps.
 #![cfg(feature = "redis")]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
 use axum_channels::layer::{ChannelLayer, LayerMessage};
-use channels_testkit::RedisServer;
+use channels_testkit::{Logs, RedisServer};
 use serde_json::json;
 use tokio::time::{Instant, timeout};
 
@@ -32,55 +31,6 @@ fn config(url: &str) -> RedisConfig {
     RedisConfig {
         block_timeout: Duration::from_secs(1),
         ..RedisConfig::new(url)
-    }
-}
-
-/// Collects what `tracing` writes (debug lines included), to count lines.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    /// Captures this thread's log lines: the tests' runtimes are
-    /// single-threaded, so the layers' tasks log here too.
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Lines of `level` (`"WARN"`, `"INFO"`, ...) that contain `needle`.
-    fn count(&self, level: &str, needle: &str) -> usize {
-        let level = format!(" {level} ");
-        self.lines()
-            .iter()
-            .filter(|line| line.contains(&level) && line.contains(needle))
-            .count()
-    }
-
-    fn dump(&self) -> String {
-        self.lines().join("\n")
     }
 }
 
@@ -167,7 +117,7 @@ async fn an_outage_is_one_warning_and_one_info(
     layer: Arc<dyn ChannelLayer>,
     server: &mut RedisServer,
 ) {
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
     let member = layer.new_channel("specific").await.unwrap();
     layer.group_add("room", &member).await.unwrap();
     // A consumer waits on its channel all through the outage.
@@ -212,22 +162,22 @@ async fn an_outage_is_one_warning_and_one_info(
     assert!(got["n"].as_u64().unwrap() > 100, "{got:?}");
 
     let host = format!("127.0.0.1:{}", server.port());
-    let logs_text = logs.dump();
-    assert_eq!(logs.count("WARN", ""), 1, "one warning:\n{logs_text}");
+    let logs_text = logs.lines().join("\n");
+    assert_eq!(logs.count_at("WARN", ""), 1, "one warning:\n{logs_text}");
     assert_eq!(
-        logs.count("WARN", &format!("Redis at {host} is unreachable")),
+        logs.count_at("WARN", &format!("Redis at {host} is unreachable")),
         1,
         "{logs_text}"
     );
-    assert_eq!(logs.count("INFO", ""), 1, "one info line:\n{logs_text}");
+    assert_eq!(logs.count_at("INFO", ""), 1, "one info line:\n{logs_text}");
     assert_eq!(
-        logs.count("INFO", &format!("Redis at {host} is back after")),
+        logs.count_at("INFO", &format!("Redis at {host} is back after")),
         1,
         "{logs_text}"
     );
-    assert_eq!(logs.count("ERROR", ""), 0, "{logs_text}");
+    assert_eq!(logs.count_at("ERROR", ""), 0, "{logs_text}");
     assert!(
-        logs.count("DEBUG", "") >= 50,
+        logs.count_at("DEBUG", "") >= 50,
         "each failed call is still a debug line:\n{logs_text}"
     );
 }
@@ -261,13 +211,13 @@ async fn a_popper_that_panics_is_logged_and_restarted() {
     let Some(server) = RedisServer::start().await else {
         return;
     };
-    let (logs, _guard) = Logs::capture();
+    let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
     let layer = RedisLayer::connect(config(&server.url())).await.unwrap();
     let channel = layer.new_channel("specific").await.unwrap();
     layer.inject_popper_panic();
     layer.send(&channel, numbered(1)).await.unwrap();
     let got = timeout(GUARD, layer.receive(&channel)).await;
-    let logs_text = logs.dump();
+    let logs_text = logs.lines().join("\n");
     assert_eq!(
         got.expect("the message arrives after the popper restarts")
             .unwrap(),
@@ -275,12 +225,12 @@ async fn a_popper_that_panics_is_logged_and_restarted() {
         "{logs_text}"
     );
     assert_eq!(
-        logs.count("ERROR", "channel layer task popper of "),
+        logs.count_at("ERROR", "channel layer task popper of "),
         1,
         "{logs_text}"
     );
     assert_eq!(
-        logs.count("ERROR", "panicked: injected fault"),
+        logs.count_at("ERROR", "panicked: injected fault"),
         1,
         "{logs_text}"
     );
@@ -296,7 +246,7 @@ async fn a_popper_that_panics_is_logged_and_restarted() {
     };
     eventually("the popper panics again", || {
         let logs = logs.clone();
-        async move { logs.count("ERROR", "panicked: injected fault") == 2 }
+        async move { logs.count_at("ERROR", "panicked: injected fault") == 2 }
     })
     .await;
     layer.send(&channel, numbered(2)).await.unwrap();

@@ -9,7 +9,6 @@
 //! for something that can be awaited.
 #![cfg(feature = "redis")]
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use axum_channels::layer::redis::{
     RedisConfig, RedisLayer, RedisPubSubLayer, consistent_hash, non_local_name,
 };
 use axum_channels::layer::{ChannelLayer, LayerError, LayerMessage};
-use channels_testkit::RedisServer;
+use channels_testkit::{Logs, RedisServer};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tokio::time::{Instant, timeout};
@@ -107,53 +106,6 @@ fn pack_str(bytes: &mut Vec<u8>, text: &str) {
         bytes.extend([0xd9, len as u8]);
     }
     bytes.extend_from_slice(text.as_bytes());
-}
-
-/// Collects what `tracing` writes, to count log lines.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    /// Captures this thread's log lines (the test's runtime is
-    /// single-threaded, so the layers' tasks log here too).
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    /// Like [`capture`](Logs::capture), debug lines included.
-    fn capture_debug() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::DEBUG)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn count(&self, needle: &str) -> usize {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|line| line.contains(needle))
-            .count()
-    }
 }
 
 /// Polls `condition` every 20 ms until it holds, failing after `within`.
@@ -640,7 +592,7 @@ mod better_than_python {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let (logs, _guard) = Logs::capture();
+        let (logs, _guard) = Logs::capture(tracing::Level::INFO);
         let layer = Arc::new(
             RedisLayer::connect(RedisConfig {
                 capacity: 3,
@@ -775,7 +727,7 @@ mod better_than_python {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let (logs, _guard) = Logs::capture();
+        let (logs, _guard) = Logs::capture(tracing::Level::INFO);
         let layer = RedisLayer::connect(RedisConfig {
             capacity: 2,
             ..config(&[server.url()])
@@ -960,7 +912,7 @@ mod bad_input {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let (logs, _guard) = Logs::capture();
+        let (logs, _guard) = Logs::capture(tracing::Level::INFO);
         let layer = RedisLayer::connect(RedisConfig {
             max_message_size: 4096,
             ..config(&[server.url()])
@@ -1021,7 +973,7 @@ mod bad_input {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let (logs, _guard) = Logs::capture();
+        let (logs, _guard) = Logs::capture(tracing::Level::INFO);
         let layer = pubsub(&[server.url()]).await;
         let mut conn = raw(&server.url()).await;
         let victim = layer.new_channel("specific").await.unwrap();
@@ -1061,7 +1013,7 @@ mod bad_input {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let (logs, _guard) = Logs::capture_debug();
+        let (logs, _guard) = Logs::capture(tracing::Level::DEBUG);
         let layer = pubsub(&[server.url()]).await;
         let gone = layer.new_channel("specific").await.unwrap();
         layer.close_channel(&gone).await.unwrap();
@@ -1214,7 +1166,7 @@ mod redis_goes_away {
         let Some(mut server) = RedisServer::start().await else {
             return;
         };
-        let (logs, _guard) = Logs::capture();
+        let (logs, _guard) = Logs::capture(tracing::Level::INFO);
         let layer = Arc::new(queue(&[server.url()]).await);
         survives_a_restart(&mut server, layer, &logs).await;
     }
@@ -1224,7 +1176,7 @@ mod redis_goes_away {
         let Some(mut server) = RedisServer::start().await else {
             return;
         };
-        let (logs, _guard) = Logs::capture();
+        let (logs, _guard) = Logs::capture(tracing::Level::INFO);
         let layer = Arc::new(pubsub(&[server.url()]).await);
         survives_a_restart(&mut server, layer, &logs).await;
     }

@@ -67,12 +67,14 @@
 
 use std::path::PathBuf;
 
+mod logs;
 mod nginx;
 pub mod paths;
 mod process;
 pub mod python;
 mod redis_server;
 
+pub use logs::Logs;
 pub use nginx::ReverseProxy;
 pub use process::ServerProcess;
 pub use redis_server::RedisServer;

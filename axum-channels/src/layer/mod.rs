@@ -130,6 +130,13 @@ pub trait ChannelLayer: Send + Sync + 'static {
 
     /// Puts `message` in `channel`. Fails with [`LayerError::ChannelFull`]
     /// when the channel already holds its capacity.
+    ///
+    /// On the Redis queue layer, capacity is counted per Redis key, and all
+    /// the channels one layer makes with `new_channel` in a process share
+    /// one key (channels_redis's wire format): they reach `ChannelFull`
+    /// together, and a channel whose neighbours keep the process popping may
+    /// have messages its senders got `Ok` for dropped from its local buffer,
+    /// oldest first, counted in `axum_channels_queue_buffer_dropped_total`.
     async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError>;
 
     /// Waits for the next message of `channel`. Cancelling the wait loses

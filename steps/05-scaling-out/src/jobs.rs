@@ -280,11 +280,14 @@ impl Backends {
             .get("chat")
             .expect("layers::setup registers \"chat\"");
         let (queue, storage) = memory_queue();
+        // Each job is a task of the server's runtime, so that a shutdown waits
+        // for the job in hand rather than cut it off.
+        let jobs = runtime.clone();
         let worker = WorkerBuilder::new("in-process")
             .backend(storage)
             .data(Tools { results, delay })
             .concurrency(CONCURRENCY)
-            .parallelize(tokio::spawn)
+            .parallelize(move |job| jobs.spawn(job))
             .build(run_job);
         // When the server shuts down, the workers take no new job and
         // finish the ones they run; the shutdown waits for them.
