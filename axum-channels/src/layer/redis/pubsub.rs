@@ -73,6 +73,12 @@ struct State {
     buffers: LocalBuffers,
     /// Redis group channel (`{prefix}__group__{group}`) → its local members.
     groups: HashMap<String, Group>,
+    /// Local channel → the Redis group channels it is a member of: the
+    /// reverse of `groups`, so closing a channel touches its own groups
+    /// only. (It used to scan every group, under the lock the reader needs
+    /// for every push: 16,200 departures from 1,800 rooms were 29 million
+    /// steps, which starved the connections and timed calls out.)
+    memberships: HashMap<String, HashSet<String>>,
 }
 
 impl Default for State {
@@ -80,7 +86,54 @@ impl Default for State {
         State {
             buffers: LocalBuffers::new(WhenFull::DropOldest),
             groups: HashMap::new(),
+            memberships: HashMap::new(),
         }
+    }
+}
+
+impl State {
+    /// Makes `channel` a member of the group channel `group`; true if it
+    /// was not one yet.
+    fn join(&mut self, group: &str, channel: &str) -> bool {
+        self.memberships
+            .entry(channel.to_owned())
+            .or_default()
+            .insert(group.to_owned());
+        self.groups
+            .entry(group.to_owned())
+            .or_default()
+            .members
+            .insert(channel.to_owned())
+    }
+
+    /// Takes `channel` out of the group channel `group`; true if that left
+    /// the group empty (it is forgotten then).
+    fn leave(&mut self, group: &str, channel: &str) -> bool {
+        if let Some(groups) = self.memberships.get_mut(channel) {
+            groups.remove(group);
+            if groups.is_empty() {
+                self.memberships.remove(channel);
+            }
+        }
+        let Some(entry) = self.groups.get_mut(group) else {
+            return false;
+        };
+        entry.members.remove(channel);
+        let emptied = entry.members.is_empty();
+        if emptied {
+            self.groups.remove(group);
+        }
+        emptied
+    }
+
+    /// Takes `channel` out of every group it is in; returns the groups
+    /// that left empty.
+    fn leave_all(&mut self, channel: &str) -> Vec<String> {
+        let groups = self.memberships.remove(channel).unwrap_or_default();
+        groups
+            .into_iter()
+            .filter(|group| self.leave(group, channel))
+            .collect()
     }
 }
 
@@ -429,24 +482,15 @@ impl ChannelLayer for RedisPubSubLayer {
                     group: group.to_owned(),
                 });
             }
-            state
-                .groups
-                .entry(name.clone())
-                .or_default()
-                .members
-                .insert(channel.to_owned())
+            state.join(&name, channel)
         };
         let joined = bounded("group_add", inner.timeout(), inner.sync(&[channel, &name])).await;
         if joined.is_err() {
             // Undo what this call added, so a failed join leaves nothing.
             let mut state = shared.lock();
-            if new_member && let Some(entry) = state.groups.get_mut(&name) {
-                entry.members.remove(channel);
-                if entry.members.is_empty() {
-                    state.groups.remove(&name);
-                    drop(state);
-                    inner.host(&name).nudge(&name);
-                }
+            if new_member && state.leave(&name, channel) {
+                drop(state);
+                inner.host(&name).nudge(&name);
             }
         }
         joined
@@ -457,20 +501,7 @@ impl ChannelLayer for RedisPubSubLayer {
         validate_channel_name(channel)?;
         let inner = &self.inner;
         let name = group_channel(&inner.shared().config.prefix, group);
-        let emptied = {
-            let mut state = inner.shared().lock();
-            match state.groups.get_mut(&name) {
-                Some(entry) => {
-                    entry.members.remove(channel);
-                    let empty = entry.members.is_empty();
-                    if empty {
-                        state.groups.remove(&name);
-                    }
-                    empty
-                }
-                None => false,
-            }
-        };
+        let emptied = inner.shared().lock().leave(&name, channel);
         if !emptied {
             return Ok(());
         }
@@ -506,6 +537,7 @@ impl ChannelLayer for RedisPubSubLayer {
                 for (_, buffer) in state.buffers.iter_mut() {
                     buffer.clear();
                 }
+                state.memberships.clear();
                 state.groups.drain().map(|(name, _)| name).collect()
             };
             let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
@@ -529,16 +561,7 @@ impl ChannelLayer for RedisPubSubLayer {
                 Some(_) => {}
             }
             state.buffers.remove(channel);
-            let mut emptied = Vec::new();
-            state.groups.retain(|name, group| {
-                group.members.remove(channel);
-                let keep = !group.members.is_empty();
-                if !keep {
-                    emptied.push(name.clone());
-                }
-                keep
-            });
-            emptied
+            state.leave_all(channel)
         };
         let mut names = vec![channel];
         names.extend(emptied.iter().map(String::as_str));
