@@ -1031,6 +1031,10 @@ mod bad_input {
         let theirs = other.new_channel("specific").await.unwrap();
         let err = layer.receive(&theirs).await.unwrap_err();
         assert!(err.to_string().contains("another layer instance"), "{err}");
+        assert!(
+            matches!(err, LayerError::ForeignChannel { .. }) && !err.is_outage(),
+            "a caller's mistake, not an outage: {err:?}"
+        );
         // Sending to it is fine: that is how processes talk.
         layer.send(&theirs, numbered(1)).await.unwrap();
         assert_eq!(recv(&other, &theirs).await, numbered(1));

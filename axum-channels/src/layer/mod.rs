@@ -212,6 +212,13 @@ pub enum LayerError {
         /// The group it was to join.
         group: String,
     },
+    /// `receive` on a process-specific channel that another layer instance
+    /// made (the queue layer): its messages are popped by that instance's
+    /// process, so nothing would ever arrive here.
+    ForeignChannel {
+        /// The channel received on.
+        channel: String,
+    },
     /// The channel holds as many messages as its capacity allows.
     ChannelFull {
         /// The full channel.
@@ -367,6 +374,11 @@ impl fmt::Display for LayerError {
                  channels that exist in this process (made by its new_channel, or received \
                  on here), as Python's RedisPubSubChannelLayer does; join with the consumer's \
                  own channel name"
+            ),
+            LayerError::ForeignChannel { channel } => write!(
+                f,
+                "cannot receive on {channel:?}: it is a process-specific channel of another \
+                 layer instance (receive on names this layer's new_channel made)"
             ),
             LayerError::ChannelFull { channel } => {
                 write!(f, "ChannelFull: channel {channel:?} is at capacity")

@@ -85,8 +85,7 @@ use super::wire::{
 };
 use crate::layer::buffers::{Buffer, Locked, Receiver};
 use crate::layer::{
-    BackendError, ChannelLayer, LayerError, LayerMessage, validate_channel_name,
-    validate_group_name,
+    ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
 };
 
 /// How many keys one `UNLINK` of `flush` deletes.
@@ -325,14 +324,10 @@ impl ChannelLayer for RedisLayer {
         validate_channel_name(channel)?;
         let inner = &self.inner;
         if inner.is_foreign(channel) {
-            // A caller's mistake, not an outage; but `Backend` is what
-            // `is_outage` says true for (a variant for it belongs in
-            // `LayerError`).
-            return Err(BackendError::new(format!(
-                "cannot receive on {channel:?}: it is a process-specific channel of another \
-                 layer instance (receive on names this layer's new_channel made)"
-            ))
-            .into());
+            // A caller's mistake, not an outage.
+            return Err(LayerError::ForeignChannel {
+                channel: channel.to_owned(),
+            });
         }
         let key = inner.key_of(channel);
         let receiver = {
