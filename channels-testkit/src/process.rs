@@ -11,6 +11,7 @@ use axum_channels::testing::{TestClient, Transcript};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// How long a server may take to say where it listens.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,6 +24,8 @@ pub struct ServerProcess {
     pid: u32,
     addr: SocketAddr,
     output: Arc<Mutex<String>>,
+    /// The tasks that read its stdout and stderr into `output`.
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl ServerProcess {
@@ -50,7 +53,7 @@ impl ServerProcess {
         // blocks on a full pipe while the test awaits something else.
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
-        let readers = [
+        let mut readers = vec![
             tokio::spawn(collect(stdout, Arc::clone(&output), Some(ready))),
             tokio::spawn(collect(stderr, Arc::clone(&output), None)),
         ];
@@ -60,9 +63,7 @@ impl ServerProcess {
                 let _ = child.kill().await;
                 // The pipes close with the process: let the readers take
                 // its last words (a panic message, say) before reporting.
-                for reader in readers {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
-                }
+                drain(&mut readers).await;
                 let log = output.lock().unwrap().clone();
                 panic!("{binary} did not start listening; it said:\n{log}");
             }
@@ -72,6 +73,7 @@ impl ServerProcess {
             pid,
             addr,
             output,
+            readers,
         }
     }
 
@@ -128,11 +130,15 @@ impl ServerProcess {
 
     /// Waits until it exits, at most `timeout`; `None` if it is still
     /// running then.
+    /// Once it has exited, everything it logged is in
+    /// [`output`](Self::output): its last lines included.
     pub async fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .ok()?
-            .ok()
+            .ok()?;
+        drain(&mut self.readers).await;
+        Some(status)
     }
 }
 
@@ -140,6 +146,15 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         // SIGKILL without waiting (tokio reaps it): Drop cannot await.
         let _ = self.child.start_kill();
+    }
+}
+
+/// Waits (at most a second each) for the readers to reach the end of the
+/// pipes of a process that has exited: its last lines are often the ones
+/// a test is after.
+async fn drain(readers: &mut Vec<JoinHandle<()>>) {
+    for reader in readers.drain(..) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
     }
 }
 
