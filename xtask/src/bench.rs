@@ -17,7 +17,10 @@
 //! - `storm`: a reconnect storm, 18,000 connections arriving at once in
 //!   step 05's rooms and then dropping at once, on the in-memory and the
 //!   Redis pub/sub layer: what opened, how long the handshakes took, and
-//!   whether every join and leave reached the rooms (see [`storm`]).
+//!   whether every join and leave reached the rooms (see [`storm`]);
+//! - `flood`: one client sending large messages into a room whose other
+//!   members never read: how far the server's memory rises, and whether it
+//!   comes back (see [`flood`]).
 //!
 //! Which step and which endpoint are options (default: the newest step,
 //! `/ws/system`), so adding a step needs no change here; adding a scenario is
@@ -41,6 +44,7 @@ use crate::steps::{self, Step, free_port};
 use crate::{Args, Error, Result, Workspace, fail};
 
 mod fanout;
+mod flood;
 mod idle;
 mod storm;
 
@@ -63,14 +67,17 @@ enum Scenario {
     Fanout,
     /// Many connections arriving in rooms at once, then leaving at once.
     Storm,
+    /// Large messages into a room of members that never read.
+    Flood,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Echo,
         Scenario::Idle,
         Scenario::Fanout,
         Scenario::Storm,
+        Scenario::Flood,
     ];
 
     fn name(self) -> &'static str {
@@ -79,6 +86,7 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Fanout => "fanout",
             Scenario::Storm => "storm",
+            Scenario::Flood => "flood",
         }
     }
 
@@ -91,6 +99,24 @@ impl Scenario {
             Scenario::Idle => 10_000,
             Scenario::Fanout => 100,
             Scenario::Storm => 18_000,
+            Scenario::Flood => 200,
+        }
+    }
+
+    /// How long it runs when `--seconds` is not given: for the flood,
+    /// long enough to pass the write timeout (10 s) of the members.
+    fn default_seconds(self) -> u32 {
+        match self {
+            Scenario::Flood => 12,
+            _ => 5,
+        }
+    }
+
+    /// The endpoint when `--path` is not given.
+    fn default_path(self) -> &'static str {
+        match self {
+            Scenario::Flood => flood::PATH,
+            _ => DEFAULT_PATH,
         }
     }
 
@@ -118,6 +144,10 @@ impl Scenario {
                 format!("{MESSAGE_SIZE}-byte messages, at most 16 that someone has not heard yet")
             }
             Scenario::Storm => "connections that arrive at once and leave at once".to_owned(),
+            Scenario::Flood => format!(
+                "{} KiB messages from one client, the other members never read",
+                flood::MESSAGE_SIZE / 1024
+            ),
         }
     }
 
@@ -129,6 +159,8 @@ impl Scenario {
             // It compares the layers with each other; `run` sends it to
             // `storm::run` before anything asks for a baseline.
             Scenario::Storm => unreachable!("the storm has no baseline"),
+            // Its baseline is the server's own memory before the flood.
+            Scenario::Flood => unreachable!("the flood has no baseline server"),
         }
     }
 
@@ -136,8 +168,8 @@ impl Scenario {
     fn loadgen_args(self) -> Vec<&'static str> {
         match self {
             Scenario::Echo | Scenario::Idle | Scenario::Fanout => vec!["--size", MESSAGE_SIZE],
-            // The storm client sends nothing.
-            Scenario::Storm => vec![],
+            // The storm client sends nothing; the flood has its own.
+            Scenario::Storm | Scenario::Flood => vec![],
         }
     }
 }
@@ -224,7 +256,12 @@ fn parse_options(mut args: Args) -> Result<Options> {
             scenario.name()
         )));
     }
-    let seconds = positive("--seconds", seconds, 5)?;
+    let seconds = positive("--seconds", seconds, scenario.default_seconds())?;
+    if scenario == Scenario::Flood && rounds.is_some() {
+        return Err(Error::Usage(
+            "--rounds does not apply to flood: memory is a reading, one run says it".to_owned(),
+        ));
+    }
     let rounds = positive("--rounds", rounds, 3)?;
     let clients = if scenario == Scenario::Fanout {
         let stray = [
@@ -248,7 +285,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
         }
         positive("--clients", clients, scenario.default_clients())?
     };
-    let path = path.unwrap_or_else(|| DEFAULT_PATH.to_string());
+    let path = path.unwrap_or_else(|| scenario.default_path().to_string());
     Ok(Options {
         scenario,
         step,
@@ -562,6 +599,24 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     crate::propagate(status)?;
 
     let pin = pinning();
+    if options.scenario == Scenario::Flood {
+        println!(
+            "flood: step {} ({}) at {}, {} silent members, {} s, {}",
+            step.id,
+            step.dir_name(),
+            options.path,
+            options.clients,
+            options.seconds,
+            options.scenario.describe()
+        );
+        return flood::run(
+            &release_dir(&ws.root),
+            step,
+            &options.path,
+            options.clients,
+            options.seconds,
+        );
+    }
     if options.scenario == Scenario::Idle {
         println!(
             "idle: {} ({}) at {}, {} {}",
@@ -714,6 +769,11 @@ mod tests {
                 .clients,
             10
         );
+        let flood = parse_options(args(&["flood"])).unwrap();
+        assert_eq!(
+            (flood.clients, flood.seconds, flood.path.as_str()),
+            (200, 12, "/ws/room/flood")
+        );
         let storm =
             parse_options(args(&["storm", "--connections", "4000", "--in-flight=500"])).unwrap();
         assert_eq!(storm.scenario, Scenario::Storm);
@@ -745,6 +805,7 @@ mod tests {
             &["storm", "--in-flight", "0"],
             &["--connections", "100"],
             &["fanout", "--layers", "memory"],
+            &["flood", "--rounds", "2"],
         ] {
             assert!(
                 matches!(parse_options(args(bad)), Err(Error::Usage(_))),

@@ -48,7 +48,7 @@ const TASKS: &[(&str, &str)] = &[
         "Build everything; check the book's includes and their captions, that chapters name the files they change, and the snapshots",
     ),
     (
-        "bench [echo|idle|fanout|storm] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub]",
+        "bench [echo|idle|fanout|storm|flood] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub]",
         "Compare a step's endpoint with a bare tokio-tungstenite server; echo: round trips \
          (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients); idle: memory per \
          idle connection and how much returns (10,000 clients); fanout: deliveries/s from one \
@@ -58,7 +58,9 @@ const TASKS: &[(&str, &str)] = &[
          --clients; a throwaway redis-server of its own); storm: N connections (default 18,000) \
          arriving at once in step 05's rooms of R (10), K handshakes in flight (2,000), then \
          dropping at once, on the in-memory and Redis pub/sub layers: opened, failures, \
-         handshake p50/p99, joins and leaves heard, server log lines",
+         handshake p50/p99, joins and leaves heard, server log lines; flood: one client \
+         sends 60 KiB messages for S s (12) into a room of C members (200) that never read: \
+         the server's memory before, at its peak and after, with and without the inbound budget",
     ),
     ("help", "Show this help"),
 ];

@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use super::{Server, command, exe, free_port, http_status, wait_for_port};
@@ -18,10 +18,10 @@ use crate::{Result, fail};
 
 /// How long the server gets to settle (finish its set-up work, or hand
 /// freed memory back) before each reading.
-const SETTLE: Duration = Duration::from_secs(2);
+pub(super) const SETTLE: Duration = Duration::from_secs(2);
 
 /// The server's resident memory in kB, from `/proc` (Linux only).
-fn resident_kb(pid: u32) -> Result<u64> {
+pub(super) fn resident_kb(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| {
         fail(format!(
             "cannot read the server's memory (needs Linux /proc): {e}"
@@ -34,23 +34,47 @@ fn resident_kb(pid: u32) -> Result<u64> {
         .ok_or_else(|| fail("no VmRSS line in /proc/<pid>/status"))
 }
 
-/// The `idle` client: its stdin to send `close`, its stdout to read
-/// `ready`/`closed`.
-struct Holder {
+/// A loadgen client that speaks in lines (`idle`, `flood`): its stdin to
+/// tell it what to do next, its stdout to read where it is (`ready`,
+/// `closed`, ...). Killed when dropped.
+pub(super) struct Holder {
+    /// Its name, for errors.
+    name: &'static str,
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
 
 impl Holder {
-    fn expect(&mut self, word: &str) -> Result<String> {
+    /// Starts `client` with its stdin and stdout piped to us.
+    pub(super) fn start(name: &'static str, client: &mut Command) -> Result<Holder> {
+        let mut child = client
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| fail(format!("cannot start the {name} client: {e}")))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(fail(format!("the {name} client has no pipes")));
+        };
+        Ok(Holder {
+            name,
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+        })
+    }
+
+    /// Reads its next line, which must start with `word`.
+    pub(super) fn expect(&mut self, word: &str) -> Result<String> {
+        let name = self.name;
         let mut line = String::new();
         self.stdout
             .read_line(&mut line)
-            .map_err(|e| fail(format!("the idle client stopped: {e}")))?;
+            .map_err(|e| fail(format!("the {name} client stopped: {e}")))?;
         if !line.starts_with(word) {
             return Err(fail(format!(
-                "the idle client said {:?}, expected {word:?} (its error is above)",
+                "the {name} client said {:?}, expected {word:?} (its error is above)",
                 line.trim()
             )));
         }
@@ -99,22 +123,12 @@ pub(super) fn run(release: &Path, step: &Step, path: &str, clients: u32, pin: bo
     std::thread::sleep(SETTLE);
     let before = resident_kb(pid)?;
 
-    let mut child = command(&release.join(exe("idle")), "1", pin)
-        .args(["--url", &format!("ws://127.0.0.1:{port}{path}")])
-        .args(["--clients", &clients.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| fail(format!("cannot start the idle client: {e}")))?;
-    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-        return Err(fail("the idle client has no pipes"));
-    };
-    let mut holder = Holder {
-        child,
-        stdin,
-        stdout: BufReader::new(stdout),
-    };
+    let mut holder = Holder::start(
+        "idle",
+        command(&release.join(exe("idle")), "1", pin)
+            .args(["--url", &format!("ws://127.0.0.1:{port}{path}")])
+            .args(["--clients", &clients.to_string()]),
+    )?;
     holder.expect("ready")?;
     std::thread::sleep(SETTLE);
     let open = resident_kb(pid)?;
