@@ -517,6 +517,67 @@ async fn a_room_through_nginx_spans_both_servers() {
 }
 // ANCHOR_END: through_the_proxy
 
+/// The status of a browser's WebSocket handshake on `addr`: a GET with the
+/// upgrade headers, and the `Origin` of the page at `addr`.
+fn handshake_status(addr: SocketAddr, path: &str) -> u16 {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://{addr}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = [0; 64];
+    let read = stream.read(&mut response).expect("an answer");
+    let status_line = String::from_utf8_lossy(&response[..read]);
+    status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {status_line:?}"))
+}
+
+/// The lines of `deploy/nginx.conf` that the chapter explains, each taken
+/// out in turn: without `proxy_http_version 1.1` every handshake fails with
+/// 426 (HTTP/1.0 has no upgrade), without the `Upgrade`/`Connection` lines
+/// with 400, and without the `Host` line a page on the proxy's origin is
+/// refused with 403 (when `ALLOWED_ORIGINS` does not list the proxy, as
+/// here).
+#[tokio::test]
+async fn without_the_lines_the_chapter_explains_the_proxy_breaks_handshakes() {
+    let Some(cluster) = Cluster::start(Plan::default()).await else {
+        return;
+    };
+    let servers: Vec<SocketAddr> = cluster.servers.iter().map(ServerProcess::addr).collect();
+    let config = include_str!("../deploy/nginx.conf");
+    let without = |needle: &str| -> String {
+        let kept: Vec<&str> = config.lines().filter(|l| !l.contains(needle)).collect();
+        assert!(kept.len() < config.lines().count(), "{needle} is in nginx.conf");
+        kept.join("\n")
+    };
+    let cases = [
+        ("the whole file", config.to_owned(), 101),
+        ("no proxy_http_version", without("proxy_http_version"), 426),
+        ("no Upgrade/Connection", without("$connection_upgrade;"), 400),
+        ("no Host", without("proxy_set_header Host"), 403),
+    ];
+    for (case, template, expected) in cases {
+        let template = if case == "no Upgrade/Connection" {
+            template.replace("proxy_set_header Upgrade $http_upgrade;", "")
+        } else {
+            template
+        };
+        let Some(proxy) = ReverseProxy::start(&template, &servers).await else {
+            return;
+        };
+        let status = handshake_status(proxy.addr(), ROOM);
+        assert_eq!(status, expected, "{case}");
+    }
+}
+
 // ANCHOR: python_bridge
 #[tokio::test]
 async fn a_python_process_says_something_in_a_rust_room() {
