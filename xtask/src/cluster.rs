@@ -16,9 +16,11 @@
 //!    directory of its own.
 //!
 //! Then it prints every URL and waits. Ctrl+C reaches every process of the
-//! terminal, so each stops in its own way; the redis-servers, out of reach
-//! of Ctrl+C, are stopped last by the script of [`steps::stop_redis_last`],
-//! once the servers and workers that still talk to them have gone. A server
+//! terminal, so each stops in its own way; this task sees it too, waits for
+//! the servers, workers and proxy to go, stops the redis-servers (out of
+//! reach of Ctrl+C) last, and says so. Should the task itself be killed,
+//! the script of [`steps::stop_redis_last`] still stops Redis once the
+//! servers and workers that talk to it have gone. A server
 //! that stops on its own (say, `kill`ed to see what its rooms hear) leaves
 //! the others running; any other process stopping, or the last server,
 //! stops them all.
@@ -29,6 +31,8 @@
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::steps::{self, Children, Step};
@@ -37,6 +41,10 @@ use crate::{Args, Error, Result, Workspace, fail};
 /// The most servers, or shards, one machine is asked to run: more shows
 /// nothing new, and each costs a process.
 const MAX_PROCESSES: u16 = 16;
+
+/// How long the processes get to stop by themselves after Ctrl+C: a
+/// server's shutdown takes at most 10 s (`SHUTDOWN_TIMEOUT`).
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How many workers run beside the servers: two, so that which one runs a
 /// job is visibly not what decides where its result goes.
@@ -360,15 +368,28 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
         "Open a page of each server (or the proxy's twice): rooms, chat and notifications span \
          them all.\nPress Ctrl+C to stop them all."
     );
+    // Ctrl+C reaches every process of the terminal, this one included; with
+    // the flag, this one stays to see the others stop and say so.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))
+        .map_err(|e| fail(format!("cannot watch for Ctrl+C: {e}")))?;
 
     // A server that stops (or is killed) is what a cluster is for: the
     // others keep serving, and the proxy sends its clients to them. Anything
     // else stopping, or the last server, stops them all.
     let (name, status) = loop {
+        if interrupted.load(Ordering::Relaxed) {
+            return stop_after_ctrl_c(&mut children, server_ports.len());
+        }
         let Some((name, status)) = children.take_exited() else {
             std::thread::sleep(Duration::from_millis(100));
             continue;
         };
+        // Ctrl+C stops the servers too: the signal reached this process
+        // first, so the flag tells it from a server stopped on its own.
+        if interrupted.load(Ordering::Relaxed) {
+            return stop_after_ctrl_c(&mut children, server_ports.len());
+        }
         if name == "server" && children.count("server") > 0 {
             println!(
                 "A server stopped ({status}); the others keep serving ({} left).",
@@ -386,6 +407,35 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
             "the {name} stopped ({status}); the others were stopped too"
         )))
     }
+}
+
+/// After Ctrl+C: the servers, workers and proxy stop in their own way (the
+/// servers close their WebSockets with 1001 and leave their groups) within
+/// their shutdown time, and whatever is still running then is killed; Redis,
+/// out of reach of Ctrl+C, is stopped last.
+fn stop_after_ctrl_c(children: &mut Children, servers: usize) -> Result<()> {
+    println!("\nCtrl+C: stopping the cluster...");
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    let running = |children: &Children| {
+        children.len() - children.count("redis-server") - children.count("stopper")
+    };
+    while running(children) > 0 && Instant::now() < deadline {
+        if children.take_exited().is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let killed = running(children);
+    children.stop_all();
+    if killed == 0 {
+        println!("Stopped: {servers} server(s), {WORKERS} workers, the proxy and Redis.");
+    } else {
+        println!(
+            "Stopped: {servers} server(s), {WORKERS} workers, the proxy and Redis \
+             ({killed} process(es) had to be killed after {} s).",
+            STOP_TIMEOUT.as_secs()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

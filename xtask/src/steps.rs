@@ -485,6 +485,11 @@ impl Children {
         Some((name, child.wait().ok()?))
     }
 
+    /// How many children are in the list.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
     /// How many children called `name` are in the list.
     pub(crate) fn count(&self, name: &str) -> usize {
         self.0.iter().filter(|(n, _)| *n == name).count()
