@@ -1,6 +1,7 @@
 //! The harnesses this workspace's tests use to run real programs beside
 //! them: a server binary as a process of its own ([`ServerProcess`]), a
-//! throwaway `redis-server` ([`RedisServer`]), nginx in front of several
+//! throwaway `redis-server` ([`RedisServer`]) or Redis Cluster of six
+//! ([`RedisCluster`]), nginx in front of several
 //! servers ([`ReverseProxy`]), and the real Python channel layers in a
 //! pinned virtualenv ([`python`]).
 //!
@@ -72,11 +73,13 @@ mod nginx;
 pub mod paths;
 mod process;
 pub mod python;
+mod redis_cluster;
 mod redis_server;
 
 pub use logs::Logs;
 pub use nginx::ReverseProxy;
 pub use process::ServerProcess;
+pub use redis_cluster::{NodeInfo, RedisCluster};
 pub use redis_server::RedisServer;
 
 /// Whether `CI` is set (`.ci/run` sets `CI=true`) to anything but empty,

@@ -48,6 +48,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Arguments beyond the ones every test server gets (a cluster node's).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -56,6 +58,12 @@ impl RedisServer {
     /// is not installed; panics instead when `CI` is set (other than to
     /// `false` or `0`), and when an installed server cannot be started.
     pub async fn start() -> Option<RedisServer> {
+        Self::start_with(&[]).await
+    }
+
+    /// [`start`](Self::start), with more arguments for `redis-server`
+    /// (e.g. `["--cluster-enabled", "yes"]`).
+    pub async fn start_with(extra: &[&str]) -> Option<RedisServer> {
         if !installed().await {
             skip_or_fail(
                 "Redis test",
@@ -70,6 +78,7 @@ impl RedisServer {
             port: 0,
             dir,
             child: None,
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         // Another test may take the free port between our probe and the
         // server's bind: then try another.
@@ -156,6 +165,7 @@ impl RedisServer {
             .arg(&self.dir)
             .arg("--logfile")
             .arg(&log)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

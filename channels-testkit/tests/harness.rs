@@ -1,6 +1,7 @@
 //! The harnesses themselves, which every other test relies on: a
 //! redis-server that stops, restarts and dies on its own port; nginx that
-//! passes requests on to the servers it was given; the Python virtualenv
+//! passes requests on to the servers it was given; a Redis Cluster that
+//! forms, fails over and moves a slot; the Python virtualenv
 //! found and run from this checkout; and the paths found at run time.
 //!
 //! `ServerProcess` is exercised by every step's `tests/shutdown.rs`, which
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use channels_testkit::paths::{scratch_dir, workspace_root};
 use channels_testkit::python::{Impl, python};
-use channels_testkit::{RedisServer, ReverseProxy};
+use channels_testkit::{NodeInfo, RedisCluster, RedisServer, ReverseProxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -167,4 +168,46 @@ fn paths_are_found_at_run_time() {
         "{}",
         scratch_dir().display()
     );
+}
+
+#[tokio::test]
+async fn a_redis_cluster_forms_fails_over_and_moves_slots() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let nodes = cluster.nodes().await;
+    let masters: Vec<&NodeInfo> = nodes.iter().filter(|n| n.master).collect();
+    assert_eq!((nodes.len(), masters.len()), (6, 3), "{nodes:?}");
+    let served: u32 = masters
+        .iter()
+        .flat_map(|m| &m.slots)
+        .map(|(a, b)| u32::from(b - a) + 1)
+        .sum();
+    assert_eq!(served, 16_384, "every slot has a master");
+    assert_eq!(cluster.url().split(',').count(), 6);
+
+    // An operator's failover: the replica becomes the master of the slots.
+    let owner = cluster.master_of(0).await;
+    cluster.failover(owner.port).await;
+    let new_owner = cluster.master_of(0).await;
+    assert_ne!(new_owner.port, owner.port);
+
+    // A slot moved to another master is served there.
+    let other = masters
+        .iter()
+        .find(|m| m.port != owner.port && m.port != new_owner.port)
+        .expect("a third master");
+    cluster.move_slot(0, other.port).await;
+    assert_eq!(cluster.master_of(0).await.port, other.port);
+
+    // A crash: the replica of the killed master takes over.
+    let victim = cluster.master_of(16_383).await;
+    cluster.kill(victim.port).await;
+    cluster
+        .wait_for_takeover(victim.port, Duration::from_secs(20))
+        .await;
+    let survivor = cluster.master_of(16_383).await;
+    assert_ne!(survivor.port, victim.port);
+    cluster.restart(victim.port).await;
+    cluster.wait_until_ok(Duration::from_secs(20)).await;
 }

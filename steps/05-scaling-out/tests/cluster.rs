@@ -555,13 +555,20 @@ async fn without_the_lines_the_chapter_explains_the_proxy_breaks_handshakes() {
     let config = include_str!("../deploy/nginx.conf");
     let without = |needle: &str| -> String {
         let kept: Vec<&str> = config.lines().filter(|l| !l.contains(needle)).collect();
-        assert!(kept.len() < config.lines().count(), "{needle} is in nginx.conf");
+        assert!(
+            kept.len() < config.lines().count(),
+            "{needle} is in nginx.conf"
+        );
         kept.join("\n")
     };
     let cases = [
         ("the whole file", config.to_owned(), 101),
         ("no proxy_http_version", without("proxy_http_version"), 426),
-        ("no Upgrade/Connection", without("$connection_upgrade;"), 400),
+        (
+            "no Upgrade/Connection",
+            without("$connection_upgrade;"),
+            400,
+        ),
         ("no Host", without("proxy_set_header Host"), 403),
     ];
     for (case, template, expected) in cases {

@@ -1,0 +1,386 @@
+//! [`RedisCluster`]: a throwaway Redis Cluster for tests, six
+//! `redis-server` processes (three masters, three replicas) on free ports.
+//!
+//! It is what a managed "cluster mode" Redis looks like to a client: keys
+//! spread over 16,384 slots, each slot owned by one master, `MOVED` when a
+//! client asks the wrong node, and a replica that takes over when its
+//! master dies. The tests of the cluster layers run against it, and kill,
+//! fail over and reshard its nodes.
+//!
+//! Starting one takes about a second: the six servers, then `redis-cli
+//! --cluster create ... --cluster-replicas 1 --cluster-yes`, then a wait
+//! until every node says `cluster_state:ok`. Without `redis-server` and
+//! `redis-cli`, [`RedisCluster::start`] skips loudly, or fails under `CI`,
+//! as [`RedisServer::start`] does.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+use tokio::time::sleep;
+
+use crate::{RedisServer, skip_or_fail};
+
+/// Masters, and one replica for each.
+const MASTERS: usize = 3;
+
+/// How long the cluster may take to agree that every slot is served.
+const FORMING: Duration = Duration::from_secs(20);
+
+/// Each node's settings besides the test server's own: a short node
+/// timeout, so that a failover in a test takes a second or two, not 15.
+const NODE_ARGS: [&str; 8] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "1000",
+    // A replica takes over however long it was cut off from its master.
+    "--cluster-replica-validity-factor",
+    "0",
+];
+
+/// Six nodes of one Redis Cluster, every one killed on drop.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+/// What `CLUSTER NODES` says of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node's id in the cluster.
+    pub id: String,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// True for a master, false for a replica.
+    pub master: bool,
+    /// The slot ranges it owns (a master), e.g. `[(0, 5460)]`.
+    pub slots: Vec<(u16, u16)>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes, forms the cluster, and waits until every node
+    /// serves every slot. `None`, after a notice on stderr, without
+    /// `redis-server` or `redis-cli` (a failure under `CI`).
+    pub async fn start() -> Option<RedisCluster> {
+        if !redis_cli_installed().await {
+            skip_or_fail(
+                "Redis Cluster test",
+                "redis-cli is not installed (it comes with `apt-get install redis-server`)",
+            );
+            return None;
+        }
+        let mut nodes = Vec::new();
+        for _ in 0..MASTERS * 2 {
+            nodes.push(RedisServer::start_with(&NODE_ARGS).await?);
+        }
+        let cluster = RedisCluster { nodes };
+        let addresses: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|err| panic!("cannot run redis-cli: {err}"));
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        cluster.wait_until_ok(FORMING).await;
+        Some(cluster)
+    }
+
+    /// Every node's URL, comma-separated: what `REDIS_CLUSTER_URL` takes.
+    /// A client needs only one of them to find the others; giving all
+    /// lets it start while some are down.
+    pub fn url(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(RedisServer::url).collect();
+        urls.join(",")
+    }
+
+    /// Every node's URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// What the cluster says of its nodes now, as seen from the first node
+    /// that answers.
+    pub async fn nodes(&self) -> Vec<NodeInfo> {
+        for node in &self.nodes {
+            if let Ok(text) = cli(node.port(), &["cluster", "nodes"]).await {
+                return parse_nodes(&text);
+            }
+        }
+        panic!("no node of the cluster answers CLUSTER NODES");
+    }
+
+    /// The master that owns `slot` now.
+    pub async fn master_of(&self, slot: u16) -> NodeInfo {
+        self.nodes()
+            .await
+            .into_iter()
+            .find(|node| {
+                node.master
+                    && !node.slots.is_empty()
+                    && node.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+            })
+            .unwrap_or_else(|| panic!("no master owns slot {slot}"))
+    }
+
+    /// Kills the node on `port` at once, as a crash would. Its replica takes
+    /// over within a few node timeouts (see
+    /// [`wait_for_takeover`](Self::wait_for_takeover)).
+    pub async fn kill(&mut self, port: u16) {
+        self.node_mut(port).kill().await;
+    }
+
+    /// Waits until the slots of the (killed) master on `port` are served by
+    /// another node, its replica promoted; panics after `within`.
+    pub async fn wait_for_takeover(&self, port: u16, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let nodes = self.nodes().await;
+            let still_owner = nodes
+                .iter()
+                .any(|node| node.port == port && node.master && !node.slots.is_empty());
+            if !still_owner {
+                self.wait_until_ok(deadline.saturating_duration_since(Instant::now()))
+                    .await;
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("no replica took over from the master on {port} within {within:?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts the killed node on `port` again, with its old identity (it
+    /// rejoins, as a replica if it was failed over).
+    pub async fn restart(&mut self, port: u16) {
+        self.node_mut(port).restart().await;
+    }
+
+    /// Promotes a replica of the master on `master_port` with `CLUSTER
+    /// FAILOVER`, as an operator does before maintenance, and waits until
+    /// the old master is a replica.
+    pub async fn failover(&self, master_port: u16) {
+        let nodes = self.nodes().await;
+        let master = nodes
+            .iter()
+            .find(|node| node.port == master_port)
+            .unwrap_or_else(|| panic!("no node on port {master_port}"));
+        let replica = self
+            .replica_of(&master.id)
+            .await
+            .unwrap_or_else(|| panic!("the master on {master_port} has no replica"));
+        cli(replica, &["cluster", "failover"])
+            .await
+            .expect("CLUSTER FAILOVER");
+        let deadline = Instant::now() + FORMING;
+        while Instant::now() < deadline {
+            let now = self.nodes().await;
+            if now.iter().any(|n| n.port == replica && n.master) {
+                return;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the replica on {replica} did not take over from {master_port}");
+    }
+
+    /// Moves `slot` from the master that owns it to the master on
+    /// `to_port`, with its keys, as `redis-cli --cluster reshard` does one
+    /// slot at a time: `SETSLOT IMPORTING/MIGRATING`, `MIGRATE` the keys,
+    /// then `SETSLOT NODE` on every master.
+    pub async fn move_slot(&self, slot: u16, to_port: u16) {
+        let from = self.master_of(slot).await;
+        let nodes = self.nodes().await;
+        let to = nodes
+            .iter()
+            .find(|node| node.port == to_port && node.master)
+            .unwrap_or_else(|| panic!("no master on port {to_port}"));
+        if from.port == to.port {
+            return;
+        }
+        let slot_text = slot.to_string();
+        cli(
+            to.port,
+            &["cluster", "setslot", &slot_text, "importing", &from.id],
+        )
+        .await
+        .expect("SETSLOT IMPORTING");
+        cli(
+            from.port,
+            &["cluster", "setslot", &slot_text, "migrating", &to.id],
+        )
+        .await
+        .expect("SETSLOT MIGRATING");
+        loop {
+            let keys = cli(from.port, &["cluster", "getkeysinslot", &slot_text, "100"])
+                .await
+                .expect("GETKEYSINSLOT");
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.port.to_string();
+            let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
+            args.extend(keys);
+            cli(from.port, &args).await.expect("MIGRATE");
+        }
+        for node in nodes.iter().filter(|node| node.master) {
+            cli(
+                node.port,
+                &["cluster", "setslot", &slot_text, "node", &to.id],
+            )
+            .await
+            .expect("SETSLOT NODE");
+        }
+    }
+
+    /// Waits until every running node says `cluster_state:ok`; panics after
+    /// `within`.
+    pub async fn wait_until_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all_ok = true;
+            for node in &self.nodes {
+                let info = cli(node.port(), &["cluster", "info"]).await;
+                // A killed node does not answer; the others must agree.
+                if let Ok(info) = info
+                    && !info.contains("cluster_state:ok")
+                {
+                    all_ok = false;
+                }
+            }
+            if all_ok {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("the cluster is not ok after {within:?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn replica_of(&self, master_id: &str) -> Option<u16> {
+        for node in &self.nodes {
+            if let Ok(text) = cli(node.port(), &["cluster", "nodes"]).await {
+                return text.lines().find_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    (fields.get(3) == Some(&master_id) && fields[2].contains("slave"))
+                        .then(|| port_of(fields[1]))
+                        .flatten()
+                });
+            }
+        }
+        None
+    }
+
+    fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|node| node.port() == port)
+            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
+    }
+}
+
+/// `redis-cli -p PORT ARGS...`, its output as text.
+async fn cli(port: u16, args: &[&str]) -> Result<String, String> {
+    let run = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .map_err(|_| format!("redis-cli -p {port} timed out"))?
+        .map_err(|err| format!("cannot run redis-cli: {err}"))?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    if !output.status.success() || text.starts_with("Could not connect") {
+        return Err(text);
+    }
+    if text.starts_with("ERR") || text.starts_with("(error)") {
+        return Err(text);
+    }
+    Ok(text)
+}
+
+/// `127.0.0.1:7000@17000` → 7000.
+fn port_of(address: &str) -> Option<u16> {
+    address.split('@').next()?.rsplit(':').next()?.parse().ok()
+}
+
+/// The lines of `CLUSTER NODES`: `id address flags master-id ping pong
+/// epoch link-state slot...`.
+fn parse_nodes(text: &str) -> Vec<NodeInfo> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 8 || fields[2].contains("fail") {
+                return None;
+            }
+            let slots = fields[8..]
+                .iter()
+                // `[slot->-id]` marks a slot being moved, not one owned.
+                .filter(|range| !range.starts_with('['))
+                .filter_map(|range| match range.split_once('-') {
+                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                    None => range.parse().ok().map(|s| (s, s)),
+                })
+                .collect();
+            Some(NodeInfo {
+                id: fields[0].to_owned(),
+                port: port_of(fields[1])?,
+                master: fields[2].contains("master"),
+                slots,
+            })
+        })
+        .collect()
+}
+
+async fn redis_cli_installed() -> bool {
+    Command::new("redis-cli")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .is_ok_and(|status| status.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cluster_nodes() {
+        let text = "\
+07c37dfeb235213a872192d90877d0cd55635b91 127.0.0.1:30004@31004 slave e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 0 1426238317239 4 connected
+67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
+e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460 [5461->-67ed2db8]
+6ec23923021cf3ffec47632106199cb7f496ce01 127.0.0.1:30005@31005 master,fail - 1426238316232 1426238316232 5 connected
+";
+        let nodes = parse_nodes(text);
+        assert_eq!(nodes.len(), 3, "the failed node is left out");
+        assert_eq!(nodes[0].port, 30004);
+        assert!(!nodes[0].master);
+        assert_eq!(nodes[1].slots, [(5461, 10922)]);
+        assert_eq!(
+            nodes[2].slots,
+            [(0, 5460)],
+            "a slot being moved is not owned"
+        );
+        assert!(nodes[2].master);
+    }
+}
