@@ -140,6 +140,24 @@ pub fn chapter_path(root: &Path, step: &Step) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
+/// The sub-chapters of a step's chapter: the pages in `docs/src/chNN/`,
+/// sorted, which the book's summary nests under `chNN-*.md`. A chapter too
+/// long for one page is split this way, and is still one chapter to
+/// `xtask check`.
+pub fn sub_chapter_paths(root: &Path, step: &Step) -> Vec<PathBuf> {
+    let dir = root.join("docs/src").join(format!("ch{}", step.id));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    found.sort();
+    found
+}
+
 /// The chapter title: the first line starting with `# `.
 pub fn title_of(markdown: &str) -> Option<String> {
     markdown
@@ -638,6 +656,26 @@ mod tests {
     fn ping_fails_where_nothing_listens() {
         let port = free_port().unwrap();
         assert!(!ping(port));
+    }
+
+    #[test]
+    fn sub_chapters_are_the_pages_of_the_chapters_folder() {
+        let tmp = TempDir::new("sub-chapters");
+        tmp.write("steps/03-jobs/Cargo.toml", "");
+        tmp.write("docs/src/ch03-jobs.md", "# Jobs");
+        tmp.write("docs/src/ch03/on-redis.md", "# On Redis");
+        tmp.write("docs/src/ch03/cpu.md", "# CPU");
+        tmp.write("docs/src/ch03/picture.png", "");
+        let steps = discover(tmp.path()).unwrap();
+        let pages: Vec<String> = sub_chapter_paths(tmp.path(), &steps[0])
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(pages, ["cpu.md", "on-redis.md"]);
+        assert_eq!(
+            chapter_path(tmp.path(), &steps[0]).unwrap(),
+            tmp.path().join("docs/src/ch03-jobs.md")
+        );
     }
 
     #[test]
