@@ -895,12 +895,12 @@ mod bad_input {
             let untyped = msg(json!({"message": "no type"}));
             assert!(matches!(
                 layer.send(&channel, untyped).await,
-                Err(LayerError::Serialize(why)) if why.contains("\"type\"")
+                Err(LayerError::Serialize { message, .. }) if message.contains("\"type\"")
             ));
             let routed = msg(json!({"type": "t", "__asgi_channel__": "elsewhere"}));
             assert!(matches!(
                 layer.group_send("room", routed).await,
-                Err(LayerError::Serialize(_))
+                Err(LayerError::Serialize { .. })
             ));
             let err = layer.receive("bad name").await.unwrap_err();
             assert!(matches!(err, LayerError::InvalidName { .. }), "{err}");
