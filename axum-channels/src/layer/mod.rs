@@ -26,6 +26,29 @@
 //!
 //! [`Layers`] holds the layers an app uses under short aliases (`"chat"`,
 //! `"queue"`, ...), built once at start.
+//!
+//! # Why the layers are not a crate of their own (yet)
+//!
+//! Nothing in this module uses axum, hyper or tungstenite: it needs tokio,
+//! serde, `redis` and `metrics`, and the rest of the crate depends on it,
+//! never the other way round (only [`Error`](crate::Error) wraps a
+//! [`LayerError`]). It could be a crate of its own, and a program that only
+//! talks to the layers (a job worker, an external sender, a Rust service
+//! beside a Python app) would then build without axum and hyper: a shorter
+//! first build, fewer dependencies to audit, and a semver boundary between
+//! the wire-compatible layers and the WebSocket runner. We decided against
+//! splitting it now. In this repository nobody would gain: the steps'
+//! workers and external senders are binaries of the same package as their
+//! server, so axum is built for them anyway. A second crate would cost the
+//! tutorial a name to learn, a dependency line in every step, documentation
+//! split over two crates whose links cross, and two versions to keep in
+//! step. If a user of the layers alone appears, the split is mechanical:
+//! move `layer/` into a crate (say `channels-layer`) and re-export it here
+//! as `axum_channels::layer`, so no step's code changes. The middle way,
+//! should the build time matter first, is a default-on cargo feature
+//! (`server`) gating the axum half of this crate, so that
+//! `default-features = false, features = ["redis"]` builds the layers
+//! alone.
 
 mod buffers;
 mod episode;
