@@ -17,30 +17,16 @@ use serde_json::json;
 /// The sandbox's four Redis layers, under the aliases and with the settings
 /// the Python sandbox registers them with, so both share them on one Redis.
 async fn setup(url: &str) -> Result<Layers, LayerError> {
-    let chat = RedisPubSubLayer::connect(RedisConfig {
-        prefix: "chat".into(),
-        ..RedisConfig::new(url)
-    })
-    .await?;
-    let queue = RedisLayer::connect(RedisConfig {
-        prefix: "queue".into(),
-        expiry: Duration::from_secs(900),
-        capacity: 1000,
-        ..RedisConfig::new(url)
-    })
-    .await?;
-    let notifications = RedisPubSubLayer::connect(RedisConfig {
-        prefix: "notify".into(),
-        ..RedisConfig::new(url)
-    })
-    .await?;
-    let analytics = RedisLayer::connect(RedisConfig {
-        prefix: "analytics".into(),
-        expiry: Duration::from_secs(3600),
-        capacity: 5000,
-        ..RedisConfig::new(url)
-    })
-    .await?;
+    let on = |prefix: &str| RedisConfig::new(url).with_prefix(prefix);
+    // The queue layers keep a message for `expiry`, up to `capacity` a channel.
+    let keeping = |prefix: &str, expiry: Duration, capacity: usize| {
+        on(prefix).with_expiry(expiry).with_capacity(capacity)
+    };
+    let minutes = |n: u64| Duration::from_secs(60 * n);
+    let chat = RedisPubSubLayer::connect(on("chat")).await?;
+    let queue = RedisLayer::connect(keeping("queue", minutes(15), 1000)).await?;
+    let notifications = RedisPubSubLayer::connect(on("notify")).await?;
+    let analytics = RedisLayer::connect(keeping("analytics", minutes(60), 5000)).await?;
     Ok(Layers::new()
         .with("chat", chat)
         .with("queue", queue)

@@ -20,8 +20,10 @@ use crate::settings::InboundBudget;
 const BURST_SECONDS: f64 = 2.0;
 
 /// What a client went over, and how long until its budget allows the frame
-/// it sent.
+/// it sent. Made by the runner; `#[non_exhaustive]`, so it may say more
+/// one day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TooFast {
     /// `"frames"` or `"bytes"`.
     pub what: &'static str,

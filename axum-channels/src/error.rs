@@ -11,7 +11,12 @@ use std::fmt;
 use crate::layer::LayerError;
 
 /// What can go wrong while a consumer handles its connection.
+///
+/// `#[non_exhaustive]`: a match on it needs a `_` arm. Where another error
+/// caused this one (a layer's, serde_json's),
+/// [`source`](std::error::Error::source) returns it.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Error {
     /// The WebSocket is closed (by the peer, or by [`Socket::close`]), so
     /// nothing more can be sent on it.
@@ -27,6 +32,9 @@ pub enum Error {
     NoLayer,
     /// The channel layer refused or failed.
     Layer(LayerError),
+    /// A value could not be encoded to JSON or decoded from it (`?` on a
+    /// `serde_json` call). Handled as [`Other`](Error::Other) is.
+    Json(serde_json::Error),
     /// Any other failure, described for the log.
     Other(String),
 }
@@ -45,6 +53,7 @@ impl fmt::Display for Error {
                 "this consumer has no channel layer: set `const LAYER` and route it with `layers.route()`",
             ),
             Error::Layer(err) => err.fmt(f),
+            Error::Json(err) => write!(f, "JSON error: {err}"),
             Error::Other(message) => f.write_str(message),
         }
     }
@@ -54,6 +63,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Layer(err) => Some(err),
+            Error::Json(err) => Some(err),
             _ => None,
         }
     }
@@ -67,6 +77,6 @@ impl From<LayerError> for Error {
 
 impl From<serde_json::Error> for Error {
     fn from(err: serde_json::Error) -> Self {
-        Error::Other(format!("JSON error: {err}"))
+        Error::Json(err)
     }
 }

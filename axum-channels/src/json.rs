@@ -96,6 +96,11 @@ pub trait JsonConsumer: Sized + Send + 'static {
 }
 
 /// Why a frame could not be decoded into a [`JsonConsumer::Message`].
+///
+/// Deliberately exhaustive (not `#[non_exhaustive]`), as serde_json's
+/// `Category` is: an app matches it to word its own error frame for each
+/// problem, and a new problem should be a compile error there rather than
+/// fall silently into a generic arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InvalidMessage {
     /// A binary frame, where JSON text was expected.

@@ -91,6 +91,9 @@
 //! let app: Router = Router::new().route("/ws/shout", route::<Shout>());
 //! ```
 
+#[macro_use]
+mod setters;
+
 mod budget;
 pub mod consumer;
 pub mod error;

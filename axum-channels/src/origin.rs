@@ -58,7 +58,10 @@ use axum::http::HeaderValue;
 
 /// Which origins may open a WebSocket (see the [module documentation](self)
 /// for the rules).
+///
+/// `#[non_exhaustive]`, as the settings are: a match on it needs a `_` arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AllowedOrigins {
     /// Any origin (`ALLOWED_ORIGINS=*`).
     Any,
@@ -71,8 +74,11 @@ pub enum AllowedOrigins {
 }
 
 /// What [`AllowedOrigins::check`] decided, and why: the variant names the
-/// rule that applied, for logs and metrics.
+/// rule that applied, for logs and metrics. `#[non_exhaustive]`: a new
+/// rule may come; [`is_allowed`](OriginCheck::is_allowed) says what any of
+/// them decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OriginCheck {
     /// Allowed: no `Origin` header, so not a browser.
     NoOrigin,

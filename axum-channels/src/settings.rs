@@ -24,6 +24,19 @@
 //! | [`release_memory`](Settings::release_memory) | on | | a server that keeps its peak memory forever |
 //! | [`metrics`](Settings::metrics) | off | `METRICS=1` | (serves `/metrics` for Prometheus) |
 //!
+//! The structs are `#[non_exhaustive]`, so that a new setting is not a
+//! breaking change: start from `Default` (or [`Settings::from_env`]) and
+//! change what you need, by assigning a field or with its `with_*` method:
+//!
+//! ```
+//! # use std::time::Duration;
+//! # use axum_channels::{ConnectionSettings, Settings};
+//! let settings = Settings::default()
+//!     .with_max_connections(Some(500))
+//!     .with_connection(ConnectionSettings::default().with_write_timeout(Duration::from_secs(3)));
+//! # assert!(settings.validate().is_ok());
+//! ```
+//!
 //! Every value is checked when it is read, and again by
 //! [`Runtime::new`](crate::Runtime::new) for settings written in code: a
 //! value out of its range is an error that names it, before anything is
@@ -113,6 +126,7 @@ pub struct ConnectionSettings {
 /// and a reason that says the limit, unless its consumer chooses otherwise
 /// (see [`Consumer::too_fast`](crate::Consumer::too_fast)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InboundBudget {
     /// Frames per second (default 200).
     pub frames_per_second: Option<NonZeroU32>,
@@ -168,6 +182,32 @@ impl Default for Settings {
     }
 }
 // ANCHOR_END: defaults
+
+setters!(Settings {
+    with_connection(connection: ConnectionSettings),
+    with_max_connections(max_connections: Option<usize>),
+    with_max_sockets(max_sockets: Option<usize>),
+    with_header_read_timeout(header_read_timeout: Duration),
+    with_shutdown_timeout(shutdown_timeout: Duration),
+    with_release_memory(release_memory: bool),
+    with_metrics(metrics: bool),
+});
+
+setters!(ConnectionSettings {
+    with_read_buffer_size(read_buffer_size: usize),
+    with_write_buffer_size(write_buffer_size: usize),
+    with_ping_interval(ping_interval: Option<Duration>),
+    with_pong_timeout(pong_timeout: Duration),
+    with_write_timeout(write_timeout: Duration),
+    with_close_timeout(close_timeout: Duration),
+    with_allowed_origins(allowed_origins: AllowedOrigins),
+    with_inbound(inbound: InboundBudget),
+});
+
+setters!(InboundBudget {
+    with_frames_per_second(frames_per_second: Option<NonZeroU32>),
+    with_bytes_per_second(bytes_per_second: Option<NonZeroU32>),
+});
 
 /// The longest timeout or interval a setting may have: anything longer is
 /// surely a typo (milliseconds written as seconds), and would mean "never".
@@ -272,6 +312,10 @@ impl Settings {
         };
         let max_secs = MAX_DURATION.as_secs();
         let seconds = |name: &str, value: &str| number(name, value, max_secs);
+        let positive_seconds = |name: &str, value: &str| match seconds(name, value)? {
+            0 => Err(format!("{name} must be at least 1 second")),
+            secs => Ok(Duration::from_secs(secs)),
+        };
         if let Some(value) = lookup("PING_INTERVAL") {
             connection.ping_interval = match seconds("PING_INTERVAL", &value)? {
                 0 => None,
@@ -279,10 +323,7 @@ impl Settings {
             };
         }
         if let Some(value) = lookup("WRITE_TIMEOUT") {
-            match seconds("WRITE_TIMEOUT", &value)? {
-                0 => return Err("WRITE_TIMEOUT must be at least 1 second".to_owned()),
-                secs => connection.write_timeout = Duration::from_secs(secs),
-            }
+            connection.write_timeout = positive_seconds("WRITE_TIMEOUT", &value)?;
         }
         if let Some(value) = lookup("CLOSE_TIMEOUT") {
             connection.close_timeout = Duration::from_secs(seconds("CLOSE_TIMEOUT", &value)?);
@@ -311,10 +352,7 @@ impl Settings {
             settings.max_sockets = count("MAX_SOCKETS", &value)?;
         }
         if let Some(value) = lookup("HEADER_READ_TIMEOUT") {
-            match seconds("HEADER_READ_TIMEOUT", &value)? {
-                0 => return Err("HEADER_READ_TIMEOUT must be at least 1 second".to_owned()),
-                secs => settings.header_read_timeout = Duration::from_secs(secs),
-            }
+            settings.header_read_timeout = positive_seconds("HEADER_READ_TIMEOUT", &value)?;
         }
         if let Some(value) = lookup("SHUTDOWN_TIMEOUT") {
             settings.shutdown_timeout = Duration::from_secs(seconds("SHUTDOWN_TIMEOUT", &value)?);

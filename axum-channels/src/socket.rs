@@ -26,6 +26,10 @@ use crate::runtime::{Runtime, after};
 use crate::settings::ConnectionSettings;
 
 /// A message from the client.
+///
+/// Deliberately exhaustive (not `#[non_exhaustive]`): RFC 6455 has these
+/// two kinds of data frame and no other, and a consumer's `match` on them
+/// should not need an arm that can never run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
     /// A text frame (always valid UTF-8: the runner checks).

@@ -161,6 +161,7 @@ impl Drop for TestServer {
 
 /// A plain HTTP response, read whole.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct HttpResponse {
     /// The status code.
     pub status: StatusCode,
@@ -203,8 +204,10 @@ impl fmt::Display for Transcript {
     }
 }
 
-/// What a client received.
+/// What a client received. `#[non_exhaustive]`: a match on it needs a `_`
+/// arm.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Received {
     /// A text frame.
     Text(String),

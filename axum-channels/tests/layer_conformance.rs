@@ -136,12 +136,12 @@ impl Backend {
             },
             build: Box::new(|limits| {
                 Box::pin(async move {
-                    Arc::new(InMemoryLayer::new(MemoryConfig {
-                        capacity: limits.capacity,
-                        expiry: limits.expiry,
-                        group_expiry: limits.group_expiry,
-                        ..MemoryConfig::default()
-                    })) as Layer
+                    Arc::new(InMemoryLayer::new(
+                        MemoryConfig::default()
+                            .with_capacity(limits.capacity)
+                            .with_expiry(limits.expiry)
+                            .with_group_expiry(limits.group_expiry),
+                    )) as Layer
                 })
             }),
             #[cfg(feature = "redis")]
@@ -1286,14 +1286,12 @@ mod redis_backends {
     use super::*;
 
     fn config(url: &str, limits: Limits) -> RedisConfig {
-        RedisConfig {
-            capacity: limits.capacity,
-            expiry: limits.expiry,
-            group_expiry: limits.group_expiry,
+        RedisConfig::new(url)
+            .with_capacity(limits.capacity)
+            .with_expiry(limits.expiry)
+            .with_group_expiry(limits.group_expiry)
             // A closed channel's popper stops within a second.
-            block_timeout: Duration::from_secs(1),
-            ..RedisConfig::new(url)
-        }
+            .with_block_timeout(Duration::from_secs(1))
     }
 
     impl Backend {
@@ -1455,11 +1453,11 @@ mod memory_only {
 
     #[tokio::test(start_paused = true)]
     async fn expired_messages_and_memberships_are_swept() {
-        let (memory, layer) = layer(MemoryConfig {
-            expiry: Duration::from_secs(10),
-            group_expiry: Duration::from_secs(30),
-            ..MemoryConfig::default()
-        });
+        let (memory, layer) = layer(
+            MemoryConfig::default()
+                .with_expiry(Duration::from_secs(10))
+                .with_group_expiry(Duration::from_secs(30)),
+        );
         let forgotten = channel(&layer, "forgotten").await;
         layer
             .send(&forgotten, message(1))
@@ -1483,11 +1481,12 @@ mod memory_only {
 
     #[tokio::test]
     async fn channel_capacity_patterns_apply() {
-        let (_, layer) = layer(MemoryConfig {
-            capacity: 5,
-            channel_capacity: vec![("jobs*".to_owned(), 3), ("exact".to_owned(), 1)],
-            ..MemoryConfig::default()
-        });
+        let (_, layer) = layer(
+            MemoryConfig::default()
+                .with_capacity(5)
+                .with_channel_capacity("jobs*", 3)
+                .with_channel_capacity("exact", 1),
+        );
         let cases = [
             ("jobs.a!1", 3),
             ("jobs", 3),

@@ -339,10 +339,9 @@ async fn invalid_json_gets_an_error_frame_and_the_connection_stays_open() {
 #[tokio::test]
 async fn live_connections_keep_their_groups_past_the_group_expiry() {
     let group_expiry = Duration::from_millis(150);
-    let layer = Arc::new(InMemoryLayer::new(axum_channels::layer::MemoryConfig {
-        group_expiry,
-        ..Default::default()
-    }));
+    let layer = Arc::new(InMemoryLayer::new(
+        axum_channels::layer::MemoryConfig::default().with_group_expiry(group_expiry),
+    ));
     keeps_its_groups_past_the_group_expiry(layer, group_expiry * 4).await;
 }
 
@@ -408,10 +407,7 @@ mod on_redis {
     use super::*;
 
     fn config(server: &RedisServer) -> RedisConfig {
-        RedisConfig {
-            block_timeout: Duration::from_secs(1),
-            ..RedisConfig::new(server.url())
-        }
+        RedisConfig::new(server.url()).with_block_timeout(Duration::from_secs(1))
     }
 
     /// On the queue layer, with a group expiry of 2 s: on the wire that is
@@ -422,12 +418,9 @@ mod on_redis {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let layer = RedisLayer::connect(RedisConfig {
-            group_expiry: Duration::from_secs(2),
-            ..config(&server)
-        })
-        .await
-        .unwrap();
+        let layer = RedisLayer::connect(config(&server).with_group_expiry(Duration::from_secs(2)))
+            .await
+            .unwrap();
         keeps_its_groups_past_the_group_expiry(Arc::new(layer), Duration::from_secs(5)).await;
     }
 

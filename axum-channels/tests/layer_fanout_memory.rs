@@ -140,12 +140,10 @@ async fn pubsub() {
     let Some(server) = RedisServer::start().await else {
         return;
     };
-    let layer = RedisPubSubLayer::connect(RedisConfig {
-        max_message_size: 4 * MIB,
-        ..RedisConfig::new(server.url())
-    })
-    .await
-    .expect("connect the pub/sub layer");
+    let layer =
+        RedisPubSubLayer::connect(RedisConfig::new(server.url()).with_max_message_size(4 * MIB))
+            .await
+            .expect("connect the pub/sub layer");
     let members = room_of_readers_that_never_read(&layer).await;
     let delivered = async |layer: &RedisPubSubLayer| {
         let got = layer.receive(&members[0]).await.expect("receive");

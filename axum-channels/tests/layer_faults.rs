@@ -28,10 +28,7 @@ fn numbered(n: u64) -> LayerMessage {
 
 /// Short blocking pops, so closed poppers stop soon.
 fn config(url: &str) -> RedisConfig {
-    RedisConfig {
-        block_timeout: Duration::from_secs(1),
-        ..RedisConfig::new(url)
-    }
+    RedisConfig::new(url).with_block_timeout(Duration::from_secs(1))
 }
 
 /// Polls `condition` every 20 ms until it holds, failing after [`GUARD`].
@@ -80,11 +77,11 @@ async fn a_huge_expiry_never_purges_the_queue_on_send() {
     ];
     for (i, expiry) in huge.into_iter().enumerate() {
         let prefix = format!("huge{i}");
-        let connected = RedisLayer::connect(RedisConfig {
-            prefix: prefix.clone(),
-            expiry,
-            ..config(&server.url())
-        })
+        let connected = RedisLayer::connect(
+            config(&server.url())
+                .with_prefix(prefix.clone())
+                .with_expiry(expiry),
+        )
         .await;
         let layer = match connected {
             Ok(layer) => layer,

@@ -325,10 +325,9 @@ async fn a_slow_reply_does_not_tear_the_connection_down() {
     };
     let url = server.url();
     let receiver = Arc::new(
-        RedisPubSubLayer::connect(RedisConfig {
-            command_timeout: Duration::from_millis(400),
-            ..RedisConfig::new(&url)
-        })
+        RedisPubSubLayer::connect(
+            RedisConfig::new(&url).with_command_timeout(Duration::from_millis(400)),
+        )
         .await
         .expect("connect"),
     );

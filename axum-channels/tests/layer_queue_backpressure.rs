@@ -63,12 +63,12 @@ async fn capacity_is_the_keys_and_a_crowded_channel_drops_its_oldest_counted() {
     let server =
         TestServer::start(Router::new().merge(metrics_route().expect("one recorder"))).await;
     let layer = Arc::new(
-        RedisLayer::connect(RedisConfig {
-            prefix: "bp".into(),
-            capacity: 3,
-            block_timeout: Duration::from_secs(1),
-            ..RedisConfig::new(redis.url())
-        })
+        RedisLayer::connect(
+            RedisConfig::new(redis.url())
+                .with_prefix("bp")
+                .with_capacity(3)
+                .with_block_timeout(Duration::from_secs(1)),
+        )
         .await
         .unwrap(),
     );

@@ -38,11 +38,11 @@ async fn an_open_close_loop_leaves_the_client_count_flat() {
     let Some(server) = RedisServer::start().await else {
         return;
     };
-    let layer = RedisLayer::connect(RedisConfig {
-        // Python's default: the longest a stuck pop could hold a connection.
-        block_timeout: Duration::from_secs(5),
-        ..RedisConfig::new(server.url())
-    })
+    let layer = RedisLayer::connect(
+        RedisConfig::new(server.url())
+            // Python's default: the longest a stuck pop could hold a connection.
+            .with_block_timeout(Duration::from_secs(5)),
+    )
     .await
     .expect("connect the queue layer");
     // One channel first, so that the steady state (a popper per host and

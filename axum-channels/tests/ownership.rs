@@ -336,10 +336,7 @@ struct Memory(Arc<InMemoryLayer>);
 impl Memory {
     /// Always there (an `Option` like the Redis backends, which may not be).
     fn start() -> Option<Memory> {
-        let config = MemoryConfig {
-            capacity: CAPACITY,
-            ..MemoryConfig::default()
-        };
+        let config = MemoryConfig::default().with_capacity(CAPACITY);
         Some(Memory(Arc::new(InMemoryLayer::new(config))))
     }
 }
@@ -426,15 +423,13 @@ mod on_redis {
     const PREFIX: &str = "asgi";
 
     fn config(server: &RedisServer) -> RedisConfig {
-        let config = RedisConfig {
+        let config = RedisConfig::new(server.url())
             // A closed channel's popper stops within a second.
-            block_timeout: Duration::from_secs(1),
+            .with_block_timeout(Duration::from_secs(1))
             // The queue layer's channels made in one process share one
             // Redis key, and the capacity is that key's: with the default
             // of 100, the room's bursts overflow it.
-            capacity: CAPACITY,
-            ..RedisConfig::new(server.url())
-        };
+            .with_capacity(CAPACITY);
         assert_eq!(config.prefix, PREFIX);
         config
     }

@@ -122,11 +122,12 @@ fn any_size() -> impl Strategy<Value = usize> {
 
 fn memory_config() -> impl Strategy<Value = MemoryConfig> {
     (any_size(), any_size(), any_duration(), any_duration()).prop_map(
-        |(capacity, jobs_capacity, expiry, group_expiry)| MemoryConfig {
-            capacity,
-            channel_capacity: vec![("jobs*".to_owned(), jobs_capacity)],
-            expiry,
-            group_expiry,
+        |(capacity, jobs_capacity, expiry, group_expiry)| {
+            MemoryConfig::default()
+                .with_capacity(capacity)
+                .with_channel_capacity("jobs*", jobs_capacity)
+                .with_expiry(expiry)
+                .with_group_expiry(group_expiry)
         },
     )
 }
@@ -146,16 +147,14 @@ fn redis_config() -> impl Strategy<Value = RedisConfig> {
                 (capacity, jobs_capacity, max_message_size),
                 (expiry, group_expiry, block, command),
             )| {
-                RedisConfig {
-                    capacity,
-                    channel_capacity: vec![("jobs*".to_owned(), jobs_capacity)],
-                    max_message_size,
-                    expiry,
-                    group_expiry,
-                    block_timeout: block,
-                    command_timeout: command,
-                    ..RedisConfig::new("redis://127.0.0.1:1")
-                }
+                RedisConfig::new("redis://127.0.0.1:1")
+                    .with_capacity(capacity)
+                    .with_channel_capacity("jobs*", jobs_capacity)
+                    .with_max_message_size(max_message_size)
+                    .with_expiry(expiry)
+                    .with_group_expiry(group_expiry)
+                    .with_block_timeout(block)
+                    .with_command_timeout(command)
             },
         )
 }

@@ -77,10 +77,7 @@ fn as_message(value: &Value) -> LayerMessage {
 /// pub/sub layer with prefix `chat`. The Python side gets the same options.
 fn sandbox(implementation: Impl, kind: Kind, hosts: Vec<String>) -> (RedisConfig, PyLayer) {
     let mut py = PyLayer::new(implementation, kind, hosts.clone());
-    let mut config = RedisConfig {
-        hosts,
-        ..RedisConfig::default()
-    };
+    let mut config = RedisConfig::default().with_hosts(hosts);
     match kind {
         Kind::Queue => {
             py = py.prefix("queue");

@@ -34,11 +34,9 @@ fn numbered(n: u64) -> LayerMessage {
 
 /// The test configuration: short blocking pops, so closed poppers stop soon.
 fn config(hosts: &[String]) -> RedisConfig {
-    RedisConfig {
-        hosts: hosts.to_vec(),
-        block_timeout: Duration::from_secs(1),
-        ..RedisConfig::default()
-    }
+    RedisConfig::default()
+        .with_hosts(hosts.to_vec())
+        .with_block_timeout(Duration::from_secs(1))
 }
 
 async fn queue(hosts: &[String]) -> RedisLayer {
@@ -577,10 +575,7 @@ mod better_than_python {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let config = RedisConfig {
-            capacity: 1000,
-            ..config(&[server.url()])
-        };
+        let config = config(&[server.url()]).with_capacity(1000);
         let layer = RedisPubSubLayer::connect(config).await.unwrap();
         cancelled_waits_lose_nothing(Arc::new(layer)).await;
     }
@@ -594,12 +589,9 @@ mod better_than_python {
         };
         let (logs, _guard) = Logs::capture(tracing::Level::INFO);
         let layer = Arc::new(
-            RedisLayer::connect(RedisConfig {
-                capacity: 3,
-                ..config(&[server.url()])
-            })
-            .await
-            .unwrap(),
+            RedisLayer::connect(config(&[server.url()]).with_capacity(3))
+                .await
+                .unwrap(),
         );
         let mut conn = raw(&server.url()).await;
         // Two channels of one process share one key: while `busy` waits,
@@ -666,12 +658,9 @@ mod better_than_python {
             return;
         };
         let ours = queue(&[server.url()]).await;
-        let theirs = RedisLayer::connect(RedisConfig {
-            prefix: "asgi2".into(),
-            ..config(&[server.url()])
-        })
-        .await
-        .unwrap();
+        let theirs = RedisLayer::connect(config(&[server.url()]).with_prefix("asgi2"))
+            .await
+            .unwrap();
         let mut conn = raw(&server.url()).await;
         let mut layers_keys = Vec::new();
         for layer in [&ours, &theirs] {
@@ -728,12 +717,9 @@ mod better_than_python {
             return;
         };
         let (logs, _guard) = Logs::capture(tracing::Level::INFO);
-        let layer = RedisLayer::connect(RedisConfig {
-            capacity: 2,
-            ..config(&[server.url()])
-        })
-        .await
-        .unwrap();
+        let layer = RedisLayer::connect(config(&[server.url()]).with_capacity(2))
+            .await
+            .unwrap();
         let slow = layer.new_channel("specific").await.unwrap();
         layer.group_add("room", &slow).await.unwrap();
         for n in 0..6 {
@@ -769,13 +755,10 @@ mod better_than_python {
             matches!(&err, LayerError::Backend(why) if why.to_string().contains(&format!("127.0.0.1:{port}"))),
             "{err}"
         );
-        let err = RedisLayer::connect(RedisConfig {
-            hosts: vec![],
-            ..RedisConfig::default()
-        })
-        .await
-        .err()
-        .unwrap();
+        let err = RedisLayer::connect(RedisConfig::default().with_hosts(vec![]))
+            .await
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("hosts is empty"), "{err}");
     }
 
@@ -842,11 +825,12 @@ mod better_than_python {
         let Some(server) = RedisServer::start().await else {
             return;
         };
-        let layer = RedisLayer::connect(RedisConfig {
-            capacity: 4,
-            channel_capacity: vec![("jobs*".into(), 2), ("exact".into(), 1)],
-            ..config(&[server.url()])
-        })
+        let layer = RedisLayer::connect(
+            config(&[server.url()])
+                .with_capacity(4)
+                .with_channel_capacity("jobs*", 2)
+                .with_channel_capacity("exact", 1),
+        )
         .await
         .unwrap();
         for (channel, capacity) in [("jobs.a", 2), ("jobs", 2), ("exact", 1), ("other", 4)] {
@@ -895,12 +879,12 @@ mod bad_input {
             let untyped = msg(json!({"message": "no type"}));
             assert!(matches!(
                 layer.send(&channel, untyped).await,
-                Err(LayerError::Serialize(why)) if why.contains("\"type\"")
+                Err(LayerError::Serialize { message, .. }) if message.contains("\"type\"")
             ));
             let routed = msg(json!({"type": "t", "__asgi_channel__": "elsewhere"}));
             assert!(matches!(
                 layer.group_send("room", routed).await,
-                Err(LayerError::Serialize(_))
+                Err(LayerError::Serialize { .. })
             ));
             let err = layer.receive("bad name").await.unwrap_err();
             assert!(matches!(err, LayerError::InvalidName { .. }), "{err}");
@@ -913,12 +897,9 @@ mod bad_input {
             return;
         };
         let (logs, _guard) = Logs::capture(tracing::Level::INFO);
-        let layer = RedisLayer::connect(RedisConfig {
-            max_message_size: 4096,
-            ..config(&[server.url()])
-        })
-        .await
-        .unwrap();
+        let layer = RedisLayer::connect(config(&[server.url()]).with_max_message_size(4096))
+            .await
+            .unwrap();
         let mut conn = raw(&server.url()).await;
         let victim = layer.new_channel("specific").await.unwrap();
         let bystander = layer.new_channel("specific").await.unwrap();

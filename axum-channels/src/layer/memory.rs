@@ -66,7 +66,22 @@ const MIN_EXPIRY: Duration = Duration::from_millis(1);
 /// Ranges: `expiry` and `group_expiry` from 1 ms to [`MAX_EXPIRY`] (10
 /// years), capacities at least 1 (and as large as you like: nothing is
 /// allocated up front).
+///
+/// `#[non_exhaustive]`: build it from its `Default` and change what you
+/// need, with the `with_*` methods or by assigning fields:
+///
+/// ```
+/// # use std::time::Duration;
+/// # use axum_channels::layer::{InMemoryLayer, MemoryConfig};
+/// let jobs = InMemoryLayer::new(
+///     MemoryConfig::default()
+///         .with_capacity(1000)
+///         .with_expiry(Duration::from_secs(900))
+///         .with_channel_capacity("urgent.*", 10),
+/// );
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MemoryConfig {
     /// Messages a channel may hold (default 100).
     pub capacity: usize,
@@ -94,7 +109,22 @@ impl Default for MemoryConfig {
     }
 }
 
+setters!(MemoryConfig {
+    with_capacity(capacity: usize),
+    with_expiry(expiry: Duration),
+    with_group_expiry(group_expiry: Duration),
+});
+
 impl MemoryConfig {
+    /// Adds a capacity for the channels whose names match `pattern`, after
+    /// the patterns already there (see
+    /// [`channel_capacity`](Self::channel_capacity)).
+    #[must_use]
+    pub fn with_channel_capacity(mut self, pattern: impl Into<String>, capacity: usize) -> Self {
+        self.channel_capacity.push((pattern.into(), capacity));
+        self
+    }
+
     /// Checks every limit against its range; the error names the first
     /// one outside it.
     pub fn validate(&self) -> Result<(), LayerError> {

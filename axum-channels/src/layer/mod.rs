@@ -26,6 +26,29 @@
 //!
 //! [`Layers`] holds the layers an app uses under short aliases (`"chat"`,
 //! `"queue"`, ...), built once at start.
+//!
+//! # Why the layers are not a crate of their own (yet)
+//!
+//! Nothing in this module uses axum, hyper or tungstenite: it needs tokio,
+//! serde, `redis` and `metrics`, and the rest of the crate depends on it,
+//! never the other way round (only [`Error`](crate::Error) wraps a
+//! [`LayerError`]). It could be a crate of its own, and a program that only
+//! talks to the layers (a job worker, an external sender, a Rust service
+//! beside a Python app) would then build without axum and hyper: a shorter
+//! first build, fewer dependencies to audit, and a semver boundary between
+//! the wire-compatible layers and the WebSocket runner. We decided against
+//! splitting it now. In this repository nobody would gain: the steps'
+//! workers and external senders are binaries of the same package as their
+//! server, so axum is built for them anyway. A second crate would cost the
+//! tutorial a name to learn, a dependency line in every step, documentation
+//! split over two crates whose links cross, and two versions to keep in
+//! step. If a user of the layers alone appears, the split is mechanical:
+//! move `layer/` into a crate (say `channels-layer`) and re-export it here
+//! as `axum_channels::layer`, so no step's code changes. The middle way,
+//! should the build time matter first, is a default-on cargo feature
+//! (`server`) gating the axum half of this crate, so that
+//! `default-features = false, features = ["redis"]` builds the layers
+//! alone.
 
 mod buffers;
 mod episode;
@@ -106,7 +129,10 @@ pub fn to_layer_message<E: Serialize + ?Sized>(event: &E) -> Result<LayerMessage
         Ok(_) => Err(LayerError::NotAnEvent {
             type_name: std::any::type_name::<E>(),
         }),
-        Err(err) => Err(LayerError::Serialize(err.to_string())),
+        Err(err) => Err(LayerError::serialize_with(
+            format!("a {} could not be serialized", std::any::type_name::<E>()),
+            err,
+        )),
     }
 }
 
@@ -177,7 +203,8 @@ pub trait ChannelLayer: Send + Sync + 'static {
     }
 }
 
-/// Which kind of name broke the naming rules.
+/// Which kind of name broke the naming rules. Deliberately exhaustive: a
+/// layer names channels and groups, and nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameKind {
     /// A channel name.
@@ -193,7 +220,13 @@ pub enum NameKind {
 /// in the caller, an unknown alias or a bad setting is a configuration
 /// mistake to report at start, and a backend failure is an outage to wait
 /// out ([`is_outage`](LayerError::is_outage)).
+///
+/// `#[non_exhaustive]`: a match on it needs a `_` arm, so that a new kind
+/// of failure is not a breaking change. Where another error caused this
+/// one (Redis's, serde's), [`source`](std::error::Error::source) returns
+/// it.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum LayerError {
     /// A channel or group name breaks the rules (see [`validate_channel_name`]):
     /// Django's, or ours that a channel name may not hold [`GROUP_MARKER`].
@@ -239,7 +272,13 @@ pub enum LayerError {
     },
     /// A value could not be serialized, or a payload from a peer could not
     /// be read (e.g. another serializer).
-    Serialize(String),
+    Serialize {
+        /// What could not be encoded or decoded, and why.
+        message: String,
+        /// The serializer's own error, where there is one (serde_json's,
+        /// rmpv's); also the error's [`source`](std::error::Error::source).
+        source: Option<Arc<dyn StdError + Send + Sync>>,
+    },
     /// An encoded message is larger than the layer accepts (e.g. the Redis
     /// layers' `max_message_size`, 1 MiB by default).
     MessageTooLarge {
@@ -266,6 +305,25 @@ impl LayerError {
     /// mistake in the caller's input.
     pub fn is_outage(&self) -> bool {
         matches!(self, LayerError::Backend(_))
+    }
+
+    /// A [`LayerError::Serialize`] described by `message` alone.
+    pub(crate) fn serialize(message: impl Into<String>) -> Self {
+        LayerError::Serialize {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A [`LayerError::Serialize`] caused by the serializer's `source`.
+    pub(crate) fn serialize_with(
+        message: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        LayerError::Serialize {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
     }
 
     /// A [`LayerError::InvalidConfig`] for `field`.
@@ -325,20 +383,32 @@ impl BackendError {
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
-        match &self.source {
-            Some(source) => write!(f, ": {source}"),
-            None => Ok(()),
-        }
+        write_source(f, self.source.as_deref())
     }
 }
 
 impl StdError for BackendError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|source| source as &(dyn StdError + 'static))
+        as_source(self.source.as_deref())
     }
 }
+
+/// `": {source}"`, if there is a source: the layers' errors show their
+/// cause's message after their own, so that one log line says everything.
+fn write_source(f: &mut fmt::Formatter<'_>, source: Option<&SharedSource>) -> fmt::Result {
+    match source {
+        Some(source) => write!(f, ": {source}"),
+        None => Ok(()),
+    }
+}
+
+/// A kept cause as what [`StdError::source`] returns.
+fn as_source(source: Option<&SharedSource>) -> Option<&(dyn StdError + 'static)> {
+    source.map(|source| source as &(dyn StdError + 'static))
+}
+
+/// The cause an error keeps: shared, so that the error stays `Clone`.
+type SharedSource = dyn StdError + Send + Sync;
 
 impl fmt::Display for LayerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -397,8 +467,9 @@ impl fmt::Display for LayerError {
                 "a {type_name} is not a layer event: it must serialize to a JSON object \
                  with a string \"type\" field (add #[serde(tag = \"type\")])"
             ),
-            LayerError::Serialize(message) => {
-                write!(f, "cannot encode or decode a layer message: {message}")
+            LayerError::Serialize { message, source } => {
+                write!(f, "cannot encode or decode a layer message: {message}")?;
+                write_source(f, source.as_deref())
             }
             LayerError::MessageTooLarge { size, limit } => write!(
                 f,
@@ -416,7 +487,88 @@ impl StdError for LayerError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
             LayerError::Backend(err) => Some(err),
+            LayerError::Serialize { source, .. } => as_source(source.as_deref()),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::io;
+
+    use super::*;
+
+    /// The first error of type `T` in `err`'s chain of sources.
+    fn cause<'a, T: StdError + 'static>(err: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+        let mut next = err.source();
+        while let Some(source) = next {
+            if let Some(found) = source.downcast_ref::<T>() {
+                return Some(found);
+            }
+            next = source.source();
+        }
+        None
+    }
+
+    #[test]
+    fn a_backend_failure_keeps_its_cause() {
+        let refused = io::Error::new(io::ErrorKind::ConnectionRefused, "refused");
+        let err = LayerError::from(BackendError::with_source("Redis at h:1", refused));
+        assert!(err.is_outage());
+        assert_eq!(
+            cause::<io::Error>(&err).map(io::Error::kind),
+            Some(io::ErrorKind::ConnectionRefused)
+        );
+        assert_eq!(
+            err.to_string(),
+            "channel layer failed: Redis at h:1: refused"
+        );
+        // And through a consumer's error, where `?` puts it.
+        assert!(cause::<io::Error>(&crate::Error::from(err)).is_some());
+        // No cause is made up where there was none.
+        assert!(
+            BackendError::new("the layer was dropped")
+                .source()
+                .is_none()
+        );
+        let full = LayerError::ChannelFull {
+            channel: "c".into(),
+        };
+        assert!(full.source().is_none());
+    }
+
+    #[test]
+    fn a_value_that_does_not_serialize_keeps_serdes_error() {
+        let tuple_keys = BTreeMap::from([((1, 2), "not a JSON object key")]);
+        let err = to_layer_message(&tuple_keys).unwrap_err();
+        assert!(matches!(err, LayerError::Serialize { .. }), "{err}");
+        assert!(cause::<serde_json::Error>(&err).is_some(), "{err}");
+        assert!(
+            err.to_string().contains("key must be a string"),
+            "the cause's message is in the line: {err}"
+        );
+        let json = crate::Error::from(serde_json::from_str::<u8>("x").unwrap_err());
+        assert!(cause::<serde_json::Error>(&json).is_some(), "{json}");
+    }
+
+    /// Nothing listens on port 1: connecting fails at once, and the error
+    /// says why with redis's own error as its cause.
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn a_redis_failure_keeps_redis_error() {
+        use ::redis::RedisError;
+
+        use crate::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
+
+        let config = RedisConfig::new("redis://127.0.0.1:1");
+        let queue = RedisLayer::connect(config.clone()).await.err();
+        let pubsub = RedisPubSubLayer::connect(config).await.err();
+        for err in [queue, pubsub] {
+            let err = err.expect("nothing listens on port 1");
+            assert!(err.is_outage(), "{err}");
+            assert!(cause::<RedisError>(&err).is_some(), "{err:?}");
         }
     }
 }

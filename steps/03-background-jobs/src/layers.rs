@@ -20,10 +20,7 @@ pub fn setup() -> Layers {
 /// server that holds a connection and the workers that send it results.
 /// As in the original, `"chat"` is a pub/sub layer with the prefix `chat`.
 pub async fn setup_redis(url: &str) -> Result<Layers, String> {
-    let config = RedisConfig {
-        prefix: "chat".to_owned(),
-        ..RedisConfig::new(url)
-    };
+    let config = RedisConfig::new(url).with_prefix("chat");
     let chat = RedisPubSubLayer::connect(config)
         .await
         .map_err(|err| err.to_string())?;

@@ -30,16 +30,12 @@ const ANALYTICS_CAPACITY: usize = 5000;
 /// Every layer of the app, by alias, in this process. The two that keep
 /// messages on Redis get the same limits here.
 pub fn setup() -> Layers {
-    let queue = MemoryConfig {
-        expiry: QUEUE_EXPIRY,
-        capacity: QUEUE_CAPACITY,
-        ..MemoryConfig::default()
-    };
-    let analytics = MemoryConfig {
-        expiry: ANALYTICS_EXPIRY,
-        capacity: ANALYTICS_CAPACITY,
-        ..MemoryConfig::default()
-    };
+    let queue = MemoryConfig::default()
+        .with_expiry(QUEUE_EXPIRY)
+        .with_capacity(QUEUE_CAPACITY);
+    let analytics = MemoryConfig::default()
+        .with_expiry(ANALYTICS_EXPIRY)
+        .with_capacity(ANALYTICS_CAPACITY);
     Layers::new()
         .with("chat", InMemoryLayer::default())
         .with("queue", InMemoryLayer::new(queue))
@@ -54,30 +50,27 @@ pub fn setup() -> Layers {
 /// and any program that sends them messages. The prefixes and limits are the
 /// original's, so a Python process configured like it shares them too.
 pub async fn setup_redis(url: &str) -> Result<Layers, String> {
-    let on_redis = |prefix: &str| RedisConfig {
-        prefix: prefix.to_owned(),
-        ..RedisConfig::new(url)
-    };
+    let on_redis = |prefix: &str| RedisConfig::new(url).with_prefix(prefix);
     // The error as one line, as `main` prints it.
     let text = |err: LayerError| err.to_string();
     let chat = RedisPubSubLayer::connect(on_redis("chat"))
         .await
         .map_err(text)?;
-    let queue = RedisLayer::connect(RedisConfig {
-        expiry: QUEUE_EXPIRY,
-        capacity: QUEUE_CAPACITY,
-        ..on_redis("queue")
-    })
+    let queue = RedisLayer::connect(
+        on_redis("queue")
+            .with_expiry(QUEUE_EXPIRY)
+            .with_capacity(QUEUE_CAPACITY),
+    )
     .await
     .map_err(text)?;
     let notifications = RedisPubSubLayer::connect(on_redis("notify"))
         .await
         .map_err(text)?;
-    let analytics = RedisLayer::connect(RedisConfig {
-        expiry: ANALYTICS_EXPIRY,
-        capacity: ANALYTICS_CAPACITY,
-        ..on_redis("analytics")
-    })
+    let analytics = RedisLayer::connect(
+        on_redis("analytics")
+            .with_expiry(ANALYTICS_EXPIRY)
+            .with_capacity(ANALYTICS_CAPACITY),
+    )
     .await
     .map_err(text)?;
     Ok(Layers::new()

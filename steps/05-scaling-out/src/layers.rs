@@ -36,16 +36,12 @@ const ANALYTICS_CAPACITY: usize = 5000;
 /// Every layer of the app, by alias, in this process. The two that keep
 /// messages on Redis get the same limits here.
 pub fn setup() -> Layers {
-    let queue = MemoryConfig {
-        expiry: QUEUE_EXPIRY,
-        capacity: QUEUE_CAPACITY,
-        ..MemoryConfig::default()
-    };
-    let analytics = MemoryConfig {
-        expiry: ANALYTICS_EXPIRY,
-        capacity: ANALYTICS_CAPACITY,
-        ..MemoryConfig::default()
-    };
+    let queue = MemoryConfig::default()
+        .with_expiry(QUEUE_EXPIRY)
+        .with_capacity(QUEUE_CAPACITY);
+    let analytics = MemoryConfig::default()
+        .with_expiry(ANALYTICS_EXPIRY)
+        .with_capacity(ANALYTICS_CAPACITY);
     Layers::new()
         .with("chat", InMemoryLayer::default())
         .with("queue", InMemoryLayer::new(queue))
@@ -63,32 +59,32 @@ pub fn setup() -> Layers {
 /// `url` is `REDIS_URL`: one Redis, or several, comma-separated, each a
 /// shard. The queue layers' memberships last `group_expiry` unless renewed.
 pub async fn setup_redis(url: &str, group_expiry: Duration) -> Result<Layers, String> {
-    let on_redis = |prefix: &str| RedisConfig {
-        hosts: redis_hosts(url),
-        prefix: prefix.to_owned(),
-        group_expiry,
-        ..RedisConfig::default()
+    let on_redis = |prefix: &str| {
+        RedisConfig::default()
+            .with_hosts(redis_hosts(url))
+            .with_prefix(prefix)
+            .with_group_expiry(group_expiry)
     };
     // The error as one line, as `main` prints it.
     let text = |err: LayerError| err.to_string();
     let chat = RedisPubSubLayer::connect(on_redis("chat"))
         .await
         .map_err(text)?;
-    let queue = RedisLayer::connect(RedisConfig {
-        expiry: QUEUE_EXPIRY,
-        capacity: QUEUE_CAPACITY,
-        ..on_redis("queue")
-    })
+    let queue = RedisLayer::connect(
+        on_redis("queue")
+            .with_expiry(QUEUE_EXPIRY)
+            .with_capacity(QUEUE_CAPACITY),
+    )
     .await
     .map_err(text)?;
     let notifications = RedisPubSubLayer::connect(on_redis("notify"))
         .await
         .map_err(text)?;
-    let analytics = RedisLayer::connect(RedisConfig {
-        expiry: ANALYTICS_EXPIRY,
-        capacity: ANALYTICS_CAPACITY,
-        ..on_redis("analytics")
-    })
+    let analytics = RedisLayer::connect(
+        on_redis("analytics")
+            .with_expiry(ANALYTICS_EXPIRY)
+            .with_capacity(ANALYTICS_CAPACITY),
+    )
     .await
     .map_err(text)?;
     Ok(Layers::new()

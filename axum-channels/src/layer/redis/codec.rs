@@ -41,12 +41,12 @@ pub(crate) fn encode(
     limit: usize,
 ) -> Result<Vec<u8>, LayerError> {
     if !message.get("type").is_some_and(Json::is_string) {
-        return Err(LayerError::Serialize(
-            "a layer message needs a string \"type\" field, which receivers dispatch on".into(),
+        return Err(LayerError::serialize(
+            "a layer message needs a string \"type\" field, which receivers dispatch on",
         ));
     }
     if message.contains_key(ROUTING_FIELD) {
-        return Err(LayerError::Serialize(format!(
+        return Err(LayerError::serialize(format!(
             "a layer message must not contain {ROUTING_FIELD:?}: the layer sets it"
         )));
     }
@@ -67,7 +67,7 @@ pub(crate) fn encode(
         bytes.extend_from_slice(&rand::random::<[u8; RANDOM_PREFIX_LENGTH]>());
     }
     rmpv::encode::write_value(&mut bytes, &Pack::Map(entries))
-        .map_err(|err| LayerError::Serialize(err.to_string()))?;
+        .map_err(|err| LayerError::serialize_with("writing msgpack failed", err))?;
     if bytes.len() > limit {
         return Err(LayerError::MessageTooLarge {
             size: bytes.len(),
@@ -79,7 +79,7 @@ pub(crate) fn encode(
 
 fn to_pack(value: &Json, depth: usize) -> Result<Pack, LayerError> {
     if depth > MAX_DEPTH {
-        return Err(LayerError::Serialize(format!(
+        return Err(LayerError::serialize(format!(
             "the message nests deeper than {MAX_DEPTH} levels"
         )));
     }
@@ -446,12 +446,12 @@ mod tests {
         let untyped = msg(json!({"message": "hi"}));
         assert!(matches!(
             encode(&untyped, Route::None, false, limit),
-            Err(LayerError::Serialize(_))
+            Err(LayerError::Serialize { .. })
         ));
         let routed = msg(json!({"type": "t", "__asgi_channel__": "x"}));
         assert!(matches!(
             encode(&routed, Route::None, false, limit),
-            Err(LayerError::Serialize(_))
+            Err(LayerError::Serialize { .. })
         ));
     }
 }

@@ -32,7 +32,22 @@ use crate::layer::{LayerError, MAX_EXPIRY, names};
 /// `command_timeout` from 1 ms, to [`MAX_TIMEOUT`] (1 hour); capacities at
 /// least 1; `max_message_size` from 1 byte to [`MAX_MESSAGE_SIZE_LIMIT`]
 /// (512 MiB, the most Redis stores in one value).
+///
+/// `#[non_exhaustive]`: build it with [`new`](Self::new) (or `Default`)
+/// and change what you need, with the `with_*` methods or by assigning
+/// fields:
+///
+/// ```
+/// # use std::time::Duration;
+/// # use axum_channels::layer::redis::RedisConfig;
+/// let config = RedisConfig::new("redis://127.0.0.1:6379")
+///     .with_prefix("queue")
+///     .with_expiry(Duration::from_secs(900))
+///     .with_capacity(1000);
+/// # assert!(config.validate().is_ok());
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RedisConfig {
     /// Redis URLs, one per shard, e.g. `redis://127.0.0.1:6379/0` (default:
     /// `redis://localhost:6379`, as in Python). With several hosts, names are
@@ -102,6 +117,16 @@ impl Default for RedisConfig {
     }
 }
 
+setters!(RedisConfig {
+    with_hosts(hosts: Vec<String>),
+    with_expiry(expiry: Duration),
+    with_group_expiry(group_expiry: Duration),
+    with_capacity(capacity: usize),
+    with_block_timeout(block_timeout: Duration),
+    with_command_timeout(command_timeout: Duration),
+    with_max_message_size(max_message_size: usize),
+});
+
 impl RedisConfig {
     /// The defaults, on one Redis at `url` (e.g. from `REDIS_URL`).
     pub fn new(url: impl Into<String>) -> Self {
@@ -109,6 +134,22 @@ impl RedisConfig {
             hosts: vec![url.into()],
             ..RedisConfig::default()
         }
+    }
+
+    /// Sets [`prefix`](Self::prefix) and returns the configuration.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Adds a capacity for the channels whose names match `pattern`, after
+    /// the patterns already there (see
+    /// [`channel_capacity`](Self::channel_capacity)).
+    #[must_use]
+    pub fn with_channel_capacity(mut self, pattern: impl Into<String>, capacity: usize) -> Self {
+        self.channel_capacity.push((pattern.into(), capacity));
+        self
     }
 
     /// The capacity of `channel`: the first matching pattern's, or

@@ -56,17 +56,13 @@
 //!
 //! async fn layers() -> Result<Layers, LayerError> {
 //!     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-//!     let chat = RedisPubSubLayer::connect(RedisConfig {
-//!         prefix: "chat".into(),
-//!         ..RedisConfig::new(&url)
-//!     })
-//!     .await?;
-//!     let queue = RedisLayer::connect(RedisConfig {
-//!         prefix: "queue".into(),
-//!         expiry: Duration::from_secs(900),
-//!         capacity: 1000,
-//!         ..RedisConfig::new(&url)
-//!     })
+//!     let chat = RedisPubSubLayer::connect(RedisConfig::new(&url).with_prefix("chat")).await?;
+//!     let queue = RedisLayer::connect(
+//!         RedisConfig::new(&url)
+//!             .with_prefix("queue")
+//!             .with_expiry(Duration::from_secs(900))
+//!             .with_capacity(1000),
+//!     )
 //!     .await?;
 //!     Ok(Layers::new().with("chat", chat).with("queue", queue))
 //! }

@@ -210,6 +210,21 @@ impl Inner {
         channel_key(&self.config.prefix, channel)
     }
 
+    /// Takes `channel` out of `group`'s sorted set on Redis (`ZREM`).
+    async fn leave_group(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        let key = group_key(&self.config.prefix, group);
+        let shard = consistent_hash(group, self.shards());
+        self.links[shard]
+            .run(|mut conn| async move {
+                redis::cmd("ZREM")
+                    .arg(&key)
+                    .arg(channel)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
     fn is_shut_down(&self) -> bool {
         self.shut_down.load(Ordering::SeqCst)
     }
@@ -390,19 +405,11 @@ impl ChannelLayer for RedisLayer {
                 }
             }
         }
-        let key = group_key(&inner.config.prefix, group);
-        let shard = consistent_hash(group, inner.shards());
-        bounded("group_discard", inner.config.command_timeout, async {
-            inner.links[shard]
-                .run(|mut conn| async move {
-                    redis::cmd("ZREM")
-                        .arg(&key)
-                        .arg(channel)
-                        .query_async::<()>(&mut conn)
-                        .await
-                })
-                .await
-        })
+        bounded(
+            "group_discard",
+            inner.config.command_timeout,
+            inner.leave_group(group, channel),
+        )
         .await
     }
 
@@ -456,17 +463,7 @@ impl ChannelLayer for RedisLayer {
             // Left in a group, the channel would keep getting group
             // messages nobody reads until its membership expires.
             for group in groups {
-                let gkey = group_key(&inner.config.prefix, &group);
-                let shard = consistent_hash(&group, inner.shards());
-                inner.links[shard]
-                    .run(|mut conn| async move {
-                        redis::cmd("ZREM")
-                            .arg(&gkey)
-                            .arg(channel)
-                            .query_async::<()>(&mut conn)
-                            .await
-                    })
-                    .await?;
+                inner.leave_group(&group, channel).await?;
             }
             Ok(())
         })
