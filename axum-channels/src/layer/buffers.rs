@@ -76,6 +76,11 @@ impl Entry {
 }
 
 impl<X> Entry<X> {
+    /// The message as the buffers share it, its other marks dropped.
+    pub(crate) fn into_shared(self) -> Arc<LayerMessage> {
+        self.message
+    }
+
     /// The message itself, cloned only if another buffer still holds it.
     pub(crate) fn into_message(self) -> LayerMessage {
         Arc::unwrap_or_clone(self.message)
@@ -268,6 +273,22 @@ impl<X> Buffer<X> {
         self.tracked(|buffer| buffer.waiting = buffer.waiting.saturating_sub(1));
     }
 
+    /// Takes the next message that has not expired, for a caller that does
+    /// not wait (see [`ChannelLayer::try_receive`]): no receiver is counted,
+    /// so none stops waiting.
+    ///
+    /// [`ChannelLayer::try_receive`]: super::ChannelLayer::try_receive
+    pub(crate) fn take_ready(&mut self, now: Instant) -> Option<Entry<X>> {
+        self.tracked(|buffer| {
+            buffer.drop_expired(now);
+            let entry = buffer.queue.pop_front()?;
+            if buffer.queue.is_empty() {
+                buffer.behind.end();
+            }
+            Some(entry)
+        })
+    }
+
     /// Takes the next message that has not expired for a waiting receiver,
     /// which stops waiting in the same step (so that no one counts it as
     /// still wanting a message it has).
@@ -355,10 +376,16 @@ impl<X> LocalBuffers<X> {
         channel: &str,
         capacity: impl FnOnce() -> usize,
     ) -> &mut Buffer<X> {
-        let when_full = self.when_full;
+        // Looked up first: `entry` would need an owned name, an allocation
+        // on every receive and every group member's push, where the buffer
+        // nearly always exists already.
+        if !self.buffers.contains_key(channel) {
+            let buffer = Buffer::new(capacity(), self.when_full);
+            self.buffers.insert(channel.to_owned(), buffer);
+        }
         self.buffers
-            .entry(channel.to_owned())
-            .or_insert_with(|| Buffer::new(capacity(), when_full))
+            .get_mut(channel)
+            .expect("the buffer was just looked up or inserted")
     }
 
     /// The buffer of `channel`, made with `capacity` and counted in

@@ -268,19 +268,32 @@ impl InMemoryLayer {
     /// worker's plain channel, is created on demand, as in Django).
     fn push(
         &self,
-        state: &mut State,
+        buffers: &mut LocalBuffers,
         channel: &str,
         message: Arc<LayerMessage>,
         now: Instant,
     ) -> Result<(), LayerError> {
         let expires = deadline(now, self.config.expiry);
-        state
-            .buffers
+        buffers
             .open(channel, || self.config.capacity_of(channel))
             .push(channel, Entry::new(message, Some(expires)), now)
             .map_err(|Full| LayerError::ChannelFull {
                 channel: channel.to_owned(),
             })
+    }
+
+    /// Starts one receive on `channel`: what `receive` and
+    /// `receive_shared` wait on.
+    fn next_entry<'a>(
+        &'a self,
+        channel: &'a str,
+    ) -> Result<impl Future<Output = Entry> + 'a, LayerError> {
+        validate_channel_name(channel)?;
+        let mut state = self.state.lock();
+        let buffer = state
+            .buffers
+            .open(channel, || self.config.capacity_of(channel));
+        Ok(Receiver::new(&self.state, channel, buffer).next())
     }
 
     fn sweep_if_due(state: &mut State, now: Instant) {
@@ -340,19 +353,21 @@ impl ChannelLayer for InMemoryLayer {
             return Ok(());
         }
         Self::sweep_if_due(&mut state, now);
-        self.push(&mut state, channel, Arc::new(message), now)
+        self.push(&mut state.buffers, channel, Arc::new(message), now)
     }
 
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
-        validate_channel_name(channel)?;
-        let receiver = {
-            let mut state = self.state.lock();
-            let buffer = state
-                .buffers
-                .open(channel, || self.config.capacity_of(channel));
-            Receiver::new(&self.state, channel, buffer)
-        };
-        Ok(receiver.next().await.into_message())
+        Ok(self.next_entry(channel)?.await.into_message())
+    }
+
+    async fn receive_shared(&self, channel: &str) -> Result<Arc<LayerMessage>, LayerError> {
+        Ok(self.next_entry(channel)?.await.into_shared())
+    }
+
+    fn try_receive(&self, channel: &str) -> Option<Arc<LayerMessage>> {
+        let mut state = self.state.lock();
+        let buffer = state.buffers.get_mut(channel)?;
+        Some(buffer.take_ready(Instant::now())?.into_shared())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
@@ -386,18 +401,20 @@ impl ChannelLayer for InMemoryLayer {
         let now = Instant::now();
         let mut state = self.state.lock();
         Self::sweep_if_due(&mut state, now);
-        let members: Vec<String> = match state.groups.get_mut(group) {
-            Some(members) => {
-                members.retain(|_, lapses| *lapses > now);
-                members.keys().cloned().collect()
-            }
-            None => return Ok(()),
+        // Borrowed apart, so the members' names are read in place rather
+        // than copied out of the group for every message.
+        let State {
+            groups, buffers, ..
+        } = &mut *state;
+        let Some(members) = groups.get_mut(group) else {
+            return Ok(());
         };
+        members.retain(|_, lapses| *lapses > now);
         // One copy, whatever the number of members.
         let message = Arc::new(message);
-        for channel in members {
-            if let Err(err) = self.push(&mut state, &channel, Arc::clone(&message), now)
-                && let Some(buffer) = state.buffers.get_mut(&channel)
+        for channel in members.keys() {
+            if let Err(err) = self.push(buffers, channel, Arc::clone(&message), now)
+                && let Some(buffer) = buffers.get_mut(channel)
                 && buffer.falling_behind()
             {
                 tracing::warn!(

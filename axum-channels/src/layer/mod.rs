@@ -169,6 +169,31 @@ pub trait ChannelLayer: Send + Sync + 'static {
     /// nothing: a message is only taken out when it is returned.
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError>;
 
+    /// [`receive`](ChannelLayer::receive), with the message as the layer
+    /// holds it. A group message is one copy shared by every member's
+    /// channel: the runner reads each member's event out of that copy,
+    /// where `receive` would first copy the whole message for every member
+    /// but the last. The default wraps what `receive` returns; the layers of
+    /// this crate hand over their shared copy.
+    async fn receive_shared(&self, channel: &str) -> Result<Arc<LayerMessage>, LayerError> {
+        self.receive(channel).await.map(Arc::new)
+    }
+
+    /// The next message of `channel` if one is already waiting in this
+    /// process, without waiting; `None` if there is none (or the layer
+    /// cannot tell without waiting). It takes a message out exactly as
+    /// [`receive`](ChannelLayer::receive) would, so the two can be mixed.
+    ///
+    /// The runner uses it to hand a consumer, in one turn, the messages
+    /// that arrived while it was busy, without waiting on the client, the
+    /// timers and the layer again for each one. The default always says
+    /// `None`: a layer that keeps it is read through `receive` alone, one
+    /// message per turn.
+    fn try_receive(&self, channel: &str) -> Option<Arc<LayerMessage>> {
+        let _ = channel;
+        None
+    }
+
     /// Adds `channel` to `group` (again, if it was there: that renews its
     /// membership's expiry). A layer whose memberships live in this process
     /// (pub/sub) takes only a channel it holds (made by its `new_channel`,

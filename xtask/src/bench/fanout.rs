@@ -56,7 +56,8 @@ use crate::{Result, fail};
 pub(super) const INSTALL_REDIS: &str =
     "install redis-server (Debian/Ubuntu: `sudo apt-get install redis-server`)";
 
-/// The ratio of Redis pub/sub to in-memory fan-out that issue 7 aims for.
+/// The ratio of Redis pub/sub to in-memory fan-out the pub/sub layer aims
+/// for: a room on Redis should keep most of what one process does alone.
 const PUBSUB_GOAL: f64 = 0.7;
 
 /// Which server a measurement runs.
@@ -511,7 +512,7 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
             "NOT met"
         };
         println!(
-            "\n{} / {}: {ratio:.2} (median of {n} round{plural}; goal of issue 7: at least \
+            "\n{} / {}: {ratio:.2} (median of {n} round{plural}; goal: at least \
              {PUBSUB_GOAL:.2}, {verdict})",
             Target::PubSub.label(),
             Target::Memory.label(),

@@ -322,6 +322,33 @@ impl RedisPubSubLayer {
             }
         }
     }
+
+    /// One receive on `channel`, subscribing it first if it is new here:
+    /// what `receive` and `receive_shared` wait on.
+    async fn next_entry(&self, channel: &str) -> Result<Entry, LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        let shared = inner.shared();
+        let receiver = {
+            let mut state = shared.lock();
+            let buffer = state
+                .buffers
+                .open(channel, || shared.config.capacity_of(channel));
+            Receiver::new(&shared.state, channel, buffer)
+        };
+        let host = inner.host(channel);
+        // A name first seen here is subscribed now. If that fails, the
+        // supervisor subscribes it with everything else once it reconnects;
+        // either way this receive waits, since a consumer must not lose its
+        // channel over a passing outage.
+        if !host.is_subscribed(channel) && host.link().is_up() {
+            let result = bounded("subscribe", inner.timeout(), host.sync(channel));
+            if let Err(err) = result.await {
+                tracing::debug!(channel, %err, "subscribing failed; retried after reconnecting");
+            }
+        }
+        Ok(receiver.next().await)
+    }
 }
 
 impl Drop for RedisPubSubLayer {
@@ -444,28 +471,18 @@ impl ChannelLayer for RedisPubSubLayer {
     }
 
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
-        validate_channel_name(channel)?;
-        let inner = &self.inner;
-        let shared = inner.shared();
-        let receiver = {
-            let mut state = shared.lock();
-            let buffer = state
-                .buffers
-                .open(channel, || shared.config.capacity_of(channel));
-            Receiver::new(&shared.state, channel, buffer)
-        };
-        let host = inner.host(channel);
-        // A name first seen here is subscribed now. If that fails, the
-        // supervisor subscribes it with everything else once it reconnects;
-        // either way this receive waits, since a consumer must not lose its
-        // channel over a passing outage.
-        if !host.is_subscribed(channel) && host.link().is_up() {
-            let result = bounded("subscribe", inner.timeout(), host.sync(channel));
-            if let Err(err) = result.await {
-                tracing::debug!(channel, %err, "subscribing failed; retried after reconnecting");
-            }
-        }
-        Ok(receiver.next().await.into_message())
+        Ok(self.next_entry(channel).await?.into_message())
+    }
+
+    async fn receive_shared(&self, channel: &str) -> Result<Arc<LayerMessage>, LayerError> {
+        Ok(self.next_entry(channel).await?.into_shared())
+    }
+
+    fn try_receive(&self, channel: &str) -> Option<Arc<LayerMessage>> {
+        let shared = self.inner.shared();
+        let mut state = shared.lock();
+        let buffer = state.buffers.get_mut(channel)?;
+        Some(buffer.take_ready(Instant::now())?.into_shared())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {

@@ -83,7 +83,7 @@ use super::wire::{
     group_key, longer_prefix_of, non_local_name, now_secs, queue_channel_name, score_arg,
     uuid4_hex,
 };
-use crate::layer::buffers::{Buffer, Locked, Receiver};
+use crate::layer::buffers::{Buffer, Entry, Locked, Receiver};
 use crate::layer::{
     ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
 };
@@ -183,6 +183,28 @@ impl RedisLayer {
     #[doc(hidden)]
     pub fn inject_popper_panic(&self) {
         self.inner.injected_panics.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// One receive on `channel`, its message marked as read: what
+    /// `receive` and `receive_shared` wait on.
+    async fn next_entry(&self, channel: &str) -> Result<Entry<Extra>, LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        if inner.is_foreign(channel) {
+            // A caller's mistake, not an outage.
+            return Err(LayerError::ForeignChannel {
+                channel: channel.to_owned(),
+            });
+        }
+        let key = inner.key_of(channel);
+        let receiver = {
+            let mut state = inner.lock();
+            let buffer = inner.register(&mut state, channel, &key);
+            Receiver::new(&inner.state, channel, buffer)
+        };
+        let mut entry = receiver.next().await;
+        entry.extra.unread.clear();
+        Ok(entry)
     }
 }
 
@@ -336,23 +358,19 @@ impl ChannelLayer for RedisLayer {
     }
 
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
-        validate_channel_name(channel)?;
-        let inner = &self.inner;
-        if inner.is_foreign(channel) {
-            // A caller's mistake, not an outage.
-            return Err(LayerError::ForeignChannel {
-                channel: channel.to_owned(),
-            });
-        }
-        let key = inner.key_of(channel);
-        let receiver = {
-            let mut state = inner.lock();
-            let buffer = inner.register(&mut state, channel, &key);
-            Receiver::new(&inner.state, channel, buffer)
-        };
-        let mut entry = receiver.next().await;
+        Ok(self.next_entry(channel).await?.into_message())
+    }
+
+    async fn receive_shared(&self, channel: &str) -> Result<Arc<LayerMessage>, LayerError> {
+        Ok(self.next_entry(channel).await?.into_shared())
+    }
+
+    fn try_receive(&self, channel: &str) -> Option<Arc<LayerMessage>> {
+        let mut state = self.inner.lock();
+        let buffer = state.buffers.get_mut(channel)?;
+        let mut entry = buffer.take_ready(Instant::now())?;
         entry.extra.unread.clear();
-        Ok(entry.into_message())
+        Some(entry.into_shared())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
