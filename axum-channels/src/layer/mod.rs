@@ -333,6 +333,7 @@ impl LayerError {
     }
 
     /// A [`LayerError::Serialize`] described by `message` alone.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn serialize(message: impl Into<String>) -> Self {
         LayerError::Serialize {
             message: message.into(),
