@@ -306,7 +306,10 @@ async fn past_the_connection_limit_a_handshake_gets_503_and_the_others_carry_on(
     // hide the handshake's status), hears the same 503 and Retry-After.
     let plain = raw_get(&room, "").await;
     assert!(plain.starts_with("HTTP/1.1 503"), "{plain}");
-    assert!(plain.to_ascii_lowercase().contains("retry-after: 5"), "{plain}");
+    assert!(
+        plain.to_ascii_lowercase().contains("retry-after: 5"),
+        "{plain}"
+    );
 
     first.send(Message::text("hello")).await.unwrap();
     assert_eq!(next_text(&mut first).await, "hello");

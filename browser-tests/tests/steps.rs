@@ -506,14 +506,19 @@ async fn step_05_the_page_reconnects_to_the_other_server() {
     browser.wait_for_state("showcase", "open").await;
     browser.wait_for_state("room", "idle").await;
     let open = |servers: &[TestServer]| -> Vec<usize> {
-        servers.iter().map(|s| s.runtime().open_connections()).collect()
+        servers
+            .iter()
+            .map(|s| s.runtime().open_connections())
+            .collect()
     };
     let before = open(&servers);
     join_room(&browser, "lobby").await;
     browser.wait_for_state("room", "open").await;
     // nginx balances each WebSocket: the room's may be on either server.
     let after = open(&servers);
-    let a = (0..2).find(|&i| after[i] > before[i]).expect("the room's server");
+    let a = (0..2)
+        .find(|&i| after[i] > before[i])
+        .expect("the room's server");
     let b = 1 - a;
     let mut witness = servers[b].connect("/ws/room/lobby").await;
 
@@ -542,7 +547,9 @@ async fn step_05_the_page_reconnects_to_the_other_server() {
     assert!(
         states.as_array().expect("a list").iter().any(|s| {
             let s = s.as_str().unwrap_or("");
-            s.starts_with("reconnecting: Disconnected (code 1001): server shutting down · reconnecting in ")
+            s.starts_with(
+                "reconnecting: Disconnected (code 1001): server shutting down · reconnecting in ",
+            )
         }),
         "the panel said why and when: {states}"
     );

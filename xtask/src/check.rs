@@ -755,9 +755,8 @@ mod tests {
         assert_eq!(check_pictures(&ws, &mut problems).unwrap(), 1);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
-            problems[0].starts_with(
-                "docs/src/ch01-x.md:3: picture not found: docs/src/img/step-02.png"
-            ),
+            problems[0]
+                .starts_with("docs/src/ch01-x.md:3: picture not found: docs/src/img/step-02.png"),
             "{problems:?}"
         );
     }
