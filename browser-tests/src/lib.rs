@@ -27,6 +27,10 @@ const PATIENCE: Duration = Duration::from_secs(10);
 pub struct Browser {
     client: Client,
     driver: Child,
+    /// Chromium's profile, removed with the browser. Left to chromedriver,
+    /// it would be a `/tmp/org.chromium.Chromium.scoped_dir.*` of a few
+    /// MB that outlives every test run.
+    profile: std::path::PathBuf,
 }
 
 impl Browser {
@@ -51,6 +55,8 @@ impl Browser {
         }
 
         let port = free_port();
+        let profile =
+            std::env::temp_dir().join(format!("browser-tests-{}-{port}", std::process::id()));
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -66,6 +72,7 @@ impl Browser {
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
                     "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
                 ],
             }),
         );
@@ -85,7 +92,11 @@ impl Browser {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        Some(Browser { client, driver })
+        Some(Browser {
+            client,
+            driver,
+            profile,
+        })
     }
 
     /// Opens `url` in the current tab.
@@ -215,6 +226,7 @@ impl Browser {
         let _ = self.client.clone().close().await;
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -222,6 +234,7 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // A failed test never reaches `close`; don't leave a driver behind.
         let _ = self.driver.kill();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
