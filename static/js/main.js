@@ -312,9 +312,11 @@ function createChannel(options) {
       setState('missing', stepNotice(missingLead, step));
     } else if (status === 403) {
       setState('refused', 'Refused by the server (HTTP 403): see its log', manualAction());
-    } else if (status === 400 && ++refusedHandshakes >= 2) {
-      // Twice in a row the server was up and the handshake still failed:
-      // a refusal (another origin, or the endpoint's own decision), not a drop.
+    } else if (status === 400 && ++refusedHandshakes >= 3) {
+      // Three times in a row the server was up and the handshake still
+      // failed: a refusal (another origin, or the endpoint's own decision),
+      // not a drop. (Behind a proxy, the HTTP question may reach another
+      // server than the handshake did, hence more than one try.)
       setState('refused', 'The server refused the connection (another origin?): see its log',
         manualAction());
     } else {
