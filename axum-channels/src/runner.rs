@@ -51,6 +51,7 @@ use std::time::Duration;
 
 use axum::extract::RawPathParams;
 use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -155,7 +156,7 @@ fn route_with_layer<C: Consumer>(
     own_settings: Option<Arc<ConnectionSettings>>,
 ) -> MethodRouter {
     get(
-        move |upgrade: WebSocketUpgrade,
+        move |upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
               params: Result<RawPathParams, RawPathParamsRejection>,
               uri: Uri,
               headers: HeaderMap,
@@ -195,29 +196,40 @@ enum Refusal {
 
 impl Refusal {
     fn into_response(self) -> Response {
-        let (label, status, text) = match self {
+        metrics::counter!("axum_channels_handshakes_refused_total", "reason" => self.label())
+            .increment(1);
+        self.answer()
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::ShuttingDown => "shutdown",
+            Refusal::Origin => "origin",
+            Refusal::ConnectionLimit => "limit",
+            Refusal::NoRuntime => "runtime",
+        }
+    }
+
+    /// The HTTP answer, without counting it.
+    fn answer(self) -> Response {
+        let (status, text) = match self {
             Refusal::ShuttingDown => (
-                "shutdown",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the server is shutting down",
             ),
             Refusal::Origin => (
-                "origin",
                 StatusCode::FORBIDDEN,
                 "this origin may not open WebSockets here",
             ),
             Refusal::ConnectionLimit => (
-                "limit",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many connections; try again shortly",
             ),
             Refusal::NoRuntime => (
-                "runtime",
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "this server is not set up for WebSockets",
             ),
         };
-        metrics::counter!("axum_channels_handshakes_refused_total", "reason" => label).increment(1);
         if status == StatusCode::SERVICE_UNAVAILABLE {
             // Tells well-behaved clients when to try again.
             (status, [(header::RETRY_AFTER, "5")], text).into_response()
@@ -275,6 +287,28 @@ fn admit(
     })
 }
 
+/// Answers a plain request (no upgrade headers) on a WebSocket route: the
+/// 503 with `Retry-After` that a handshake would get now, while the server
+/// shuts down or is full, else the 400 of a request that is no handshake.
+/// Browsers hide the HTTP status of a failed handshake from the page, so a
+/// page can ask this way why its handshake failed and when to try again.
+fn not_a_handshake(runtime: Option<&Runtime>, rejection: WebSocketUpgradeRejection) -> Response {
+    let Some(runtime) = runtime else {
+        return rejection.into_response();
+    };
+    let full = runtime
+        .settings()
+        .max_connections
+        .is_some_and(|max| runtime.open_connections() >= max);
+    if runtime.is_shutting_down() {
+        Refusal::ShuttingDown.answer()
+    } else if full {
+        Refusal::ConnectionLimit.answer()
+    } else {
+        rejection.into_response()
+    }
+}
+
 /// The request's path, query, parameters and extensions, for `C::new`.
 fn scope_of(request: Request) -> Result<Scope, RawPathParamsRejection> {
     // The extensions carry what the app shares with its consumers through
@@ -297,11 +331,17 @@ fn scope_of(request: Request) -> Result<Scope, RawPathParamsRejection> {
 /// Answers one handshake: admits it, lets the consumer's `connect` decide in
 /// a task of its own, and upgrades the connection if it accepted.
 async fn handshake<C: Consumer>(
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     request: Request,
     layer: Option<Arc<dyn ChannelLayer>>,
     own_settings: Option<Arc<ConnectionSettings>>,
 ) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return not_a_handshake(request.extensions.get::<Runtime>(), rejection);
+        }
+    };
     let Some(runtime) = request.extensions.get::<Runtime>().cloned() else {
         tracing::error!(
             path = request.uri.path(),

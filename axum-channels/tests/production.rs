@@ -291,6 +291,8 @@ async fn only_the_pages_own_origin_may_connect_unless_allowed() {
 #[tokio::test]
 async fn past_the_connection_limit_a_handshake_gets_503_and_the_others_carry_on() {
     let room = Room::start(quick(|settings| settings.max_connections = Some(2))).await;
+    let plain = raw_get(&room, "").await;
+    assert!(plain.starts_with("HTTP/1.1 400"), "not full yet: {plain}");
     let mut first = room.join().await;
     let _second = room.join().await;
 
@@ -299,6 +301,14 @@ async fn past_the_connection_limit_a_handshake_gets_503_and_the_others_carry_on(
     assert!(
         response.to_ascii_lowercase().contains("retry-after: 5"),
         "{response}"
+    );
+    // A plain GET, as a page asks after its handshake failed (browsers
+    // hide the handshake's status), hears the same 503 and Retry-After.
+    let plain = raw_get(&room, "").await;
+    assert!(plain.starts_with("HTTP/1.1 503"), "{plain}");
+    assert!(
+        plain.to_ascii_lowercase().contains("retry-after: 5"),
+        "{plain}"
     );
 
     first.send(Message::text("hello")).await.unwrap();
@@ -319,11 +329,20 @@ async fn past_the_connection_limit_a_handshake_gets_503_and_the_others_carry_on(
 
 /// A raw WebSocket handshake, to read the refusal's headers.
 async fn reqwest_like_get(room: &Room) -> String {
+    raw_get(
+        room,
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    )
+    .await
+}
+
+/// `GET /room` with `headers` (each line ending in CRLF), the answer's head.
+async fn raw_get(room: &Room, headers: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(room.server.addr()).await.unwrap();
     let request = format!(
-        "GET /room HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        "GET /room HTTP/1.1\r\nHost: {}\r\n{headers}\r\n",
         room.server.addr()
     );
     stream.write_all(request.as_bytes()).await.unwrap();

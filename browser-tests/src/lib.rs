@@ -27,6 +27,10 @@ const PATIENCE: Duration = Duration::from_secs(10);
 pub struct Browser {
     client: Client,
     driver: Child,
+    /// Chromium's profile, removed with the browser. Left to chromedriver,
+    /// it would be a `/tmp/org.chromium.Chromium.scoped_dir.*` of a few
+    /// MB that outlives every test run.
+    profile: std::path::PathBuf,
 }
 
 impl Browser {
@@ -51,6 +55,8 @@ impl Browser {
         }
 
         let port = free_port();
+        let profile =
+            std::env::temp_dir().join(format!("browser-tests-{}-{port}", std::process::id()));
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -66,6 +72,7 @@ impl Browser {
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
                     "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
                 ],
             }),
         );
@@ -85,7 +92,11 @@ impl Browser {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        Some(Browser { client, driver })
+        Some(Browser {
+            client,
+            driver,
+            profile,
+        })
     }
 
     /// Opens `url` in the current tab.
@@ -112,10 +123,15 @@ impl Browser {
     /// Waits until a JavaScript expression is true; `what` names it for the
     /// failure message.
     pub async fn wait_until(&self, expression: &str, what: &str) {
+        self.wait_until_within(PATIENCE, expression, what).await;
+    }
+
+    /// [`wait_until`](Self::wait_until), with a patience of its own.
+    pub async fn wait_until_within(&self, patience: Duration, expression: &str, what: &str) {
         let started = Instant::now();
         while self.eval(expression).await != Value::Bool(true) {
-            if started.elapsed() > PATIENCE {
-                panic!("waited {PATIENCE:?} for {what} ({expression})");
+            if started.elapsed() > patience {
+                panic!("waited {patience:?} for {what} ({expression})");
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -177,11 +193,40 @@ impl Browser {
             .expect("type into the input");
     }
 
+    /// Takes a picture of the whole page for the book: the window is
+    /// made as tall as the page, at `width` px, and the picture is checked
+    /// to be a PNG. It is written to `docs/src/img/{name}.png` only when
+    /// `SCREENSHOTS=1` is set (`cargo xtask screenshots`), so a normal test
+    /// run, CI's included, never rewrites a committed file.
+    pub async fn picture(&self, name: &str, width: u32) {
+        // Nothing may be focused or scrolled: the picture shows the page
+        // as a reader first sees it.
+        self.eval("(document.activeElement && document.activeElement.blur(), window.scrollTo(0, 0), true)")
+            .await;
+        self.resize(width, 900).await;
+        // The window's height includes the browser's own bars.
+        let height = self
+            .eval("document.documentElement.scrollHeight + outerHeight - innerHeight")
+            .await;
+        let height = height.as_u64().expect("a height") as u32;
+        self.resize(width, height).await;
+        let png = self.client.screenshot().await.expect("take a screenshot");
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        if std::env::var_os("SCREENSHOTS").is_some_and(|value| value == "1") {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../docs/src/img")
+                .join(format!("{name}.png"));
+            std::fs::write(&path, png)
+                .unwrap_or_else(|err| panic!("write {}: {err}", path.display()));
+        }
+    }
+
     /// Ends the session and stops chromedriver.
     pub async fn close(mut self) {
         let _ = self.client.clone().close().await;
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 
@@ -189,6 +234,7 @@ impl Drop for Browser {
     fn drop(&mut self) {
         // A failed test never reaches `close`; don't leave a driver behind.
         let _ = self.driver.kill();
+        let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
 

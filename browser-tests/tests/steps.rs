@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum_channels::testing::TestServer;
 use browser_tests::Browser;
-use channels_testkit::RedisServer;
+use channels_testkit::{RedisServer, ReverseProxy};
 use step_03_background_jobs::{Backends, app_with};
 
 #[tokio::test]
@@ -27,7 +27,32 @@ async fn step_00_panels_say_which_step_adds_their_endpoint() {
             .await,
         true
     );
+    browser.wait_for_state("showcase", "missing").await;
+    no_failed_requests(&browser).await;
+    browser.picture("step-00", 1280).await;
     browser.close().await;
+}
+
+/// The page learns the step's endpoints from `/endpoints.json`: no request
+/// of its gets a 4xx or 5xx (each would be a red line in the console), and
+/// it never fetches a WebSocket path over plain HTTP.
+async fn no_failed_requests(browser: &Browser) {
+    let requests = browser
+        .eval(
+            "performance.getEntriesByType('resource').map(e =>              [new URL(e.name).pathname, e.responseStatus])",
+        )
+        .await;
+    let requests = requests.as_array().expect("a list");
+    assert!(
+        requests.iter().any(|r| r[0] == "/endpoints.json"),
+        "{requests:?}"
+    );
+    for request in requests {
+        let status = request[1].as_u64().unwrap_or(0);
+        assert!(status < 400, "a failed request: {request}");
+        let path = request[0].as_str().unwrap_or("");
+        assert!(!path.starts_with("/ws/"), "a probe: {request}");
+    }
 }
 
 #[tokio::test]
@@ -39,10 +64,8 @@ async fn step_01_echoes_what_you_type() {
     browser.open(&format!("http://{}/", server.addr())).await;
 
     browser.wait_for_state("system", "open").await;
-    assert_eq!(
-        browser.text("#system-status").await,
-        "🔧 System: Connection established!"
-    );
+    // The status says the state; the welcome is the log's first line, once.
+    assert_eq!(browser.text("#system-status").await, "Connected");
     browser.type_and_enter("#system-input", "hello").await;
     browser
         .wait_until(
@@ -58,6 +81,7 @@ async fn step_01_echoes_what_you_type() {
             "🔧 System Echo: hello",
         ]
     );
+    browser.picture("step-01", 1280).await;
     browser.close().await;
 }
 
@@ -144,6 +168,7 @@ async fn step_02_two_tabs_chat_in_one_room() {
         4,
         "alice heard another room"
     );
+    alice.picture("step-02", 1280).await;
     alice.close().await;
     bob.close().await;
 }
@@ -184,10 +209,7 @@ async fn step_03_runs_each_kind_of_job() {
     let server = TestServer::start(app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
     browser.wait_for_state("job", "open").await;
-    assert_eq!(
-        browser.text("#job-status").await,
-        "🔄 Background Job Processor: Connected!"
-    );
+    assert_eq!(browser.text("#job-status").await, "Connected");
 
     let jobs = [
         ("default", "hello", "✅ Processed: HELLO"),
@@ -242,6 +264,7 @@ async fn step_03_runs_each_kind_of_job() {
     .await;
     queue_job(&browser, "default", "still here").await;
     wait_for_entry(&browser, "#job-log", "✅ Processed: STILL HERE").await;
+    browser.picture("step-03", 1280).await;
     browser.close().await;
 }
 
@@ -332,6 +355,8 @@ async fn step_04_showcase_panels_talk_and_hear_an_outside_sender() {
         .eval("[...document.querySelectorAll('#notifications-log li')].map(li => li.dataset.type)")
         .await;
     assert_eq!(types, serde_json::json!(["system", "user", "broadcast"]));
+    no_failed_requests(&browser).await;
+    browser.picture("step-04", 1280).await;
     browser.close().await;
 }
 
@@ -400,4 +425,156 @@ async fn step_05_tabs_on_two_servers_share_a_room() {
     );
     alice.close().await;
     bob.close().await;
+}
+
+/// The rows of the grid matching `grid` whose children (`cells`) leave an
+/// empty space beside them: for each row, its left and right edges as
+/// fractions of the grid's width, when they are not 0 and 1.
+const ORPHANS: &str = "(grid, cells) => [...document.querySelectorAll(grid)].flatMap(g => { \
+    const style = getComputedStyle(g); \
+    const box = g.getBoundingClientRect(); \
+    const left = box.left + parseFloat(style.paddingLeft); \
+    const right = box.right - parseFloat(style.paddingRight); \
+    const rows = new Map(); \
+    for (const cell of g.querySelectorAll(cells)) { \
+      const r = cell.getBoundingClientRect(); \
+      const top = Math.round(r.top); \
+      const row = rows.get(top) || [Infinity, -Infinity]; \
+      rows.set(top, [Math.min(row[0], r.left), Math.max(row[1], r.right)]); \
+    } \
+    return [...rows.values()] \
+      .filter(([l, r]) => Math.abs(l - left) > 1 || Math.abs(r - right) > 1) \
+      .map(([l, r]) => [(l - left) / (right - left), (r - left) / (right - left)]); \
+  })";
+
+#[tokio::test]
+async fn no_panel_stands_alone_in_a_row() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let backends = step_04_showcase::Backends::in_memory(Some(Duration::ZERO), &Runtime::default());
+    let server = TestServer::start(step_04_showcase::app_with(backends)).await;
+    browser.open(&format!("http://{}/", server.addr())).await;
+    browser.wait_for_state("showcase", "open").await;
+    for width in [1280, 1000, 420] {
+        browser.resize(width, 900).await;
+        for (grid, cells) in [(".grid", ".panel"), (".subgrid", ".subpanel")] {
+            let orphans = browser
+                .eval(&format!("({ORPHANS})('{grid}', ':scope > {cells}')"))
+                .await;
+            assert_eq!(
+                orphans,
+                serde_json::json!([]),
+                "at {width} px, rows of {grid} with empty space beside them"
+            );
+        }
+    }
+    browser.close().await;
+}
+
+/// Step 05 behind nginx, as `cargo xtask cluster` runs it: when the server
+/// that holds the page's room stops (the shutdown SIGTERM starts: every
+/// WebSocket gets 1001, the port closes), the page reconnects by itself,
+/// through nginx, to the other server, and the room talks again.
+#[tokio::test]
+async fn step_05_the_page_reconnects_to_the_other_server() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let config = step_05_scaling_out::Config {
+        redis_url: Some(redis.url()),
+        ..step_05_scaling_out::Config::default()
+    };
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let runtime = Runtime::default();
+        let backends = step_05_scaling_out::Backends::from_config(&config, &runtime)
+            .await
+            .expect("connect to the test's Redis");
+        let app = step_05_scaling_out::app_with(backends);
+        servers.push(TestServer::start_with(runtime, app).await);
+    }
+    let addrs: Vec<_> = servers.iter().map(TestServer::addr).collect();
+    let nginx = include_str!("../../steps/05-scaling-out/deploy/nginx.conf");
+    let Some(proxy) = ReverseProxy::start(nginx, &addrs).await else {
+        return;
+    };
+    browser.open(&format!("http://{}/", proxy.addr())).await;
+    browser.wait_for_state("showcase", "open").await;
+    browser.wait_for_state("room", "idle").await;
+    let open = |servers: &[TestServer]| -> Vec<usize> {
+        servers
+            .iter()
+            .map(|s| s.runtime().open_connections())
+            .collect()
+    };
+    let before = open(&servers);
+    join_room(&browser, "lobby").await;
+    browser.wait_for_state("room", "open").await;
+    // nginx balances each WebSocket: the room's may be on either server.
+    let after = open(&servers);
+    let a = (0..2)
+        .find(|&i| after[i] > before[i])
+        .expect("the room's server");
+    let b = 1 - a;
+    let mut witness = servers[b].connect("/ws/room/lobby").await;
+
+    // Every state the room panel goes through, with its status line.
+    browser
+        .eval(
+            "(window.roomStates = [], new MutationObserver(() => window.roomStates.push( \
+               document.querySelector('#room-status').dataset.state + ': ' + \
+               document.querySelector('#room-status').textContent)) \
+             .observe(document.querySelector('#room-status'), \
+               {attributes: true, childList: true, subtree: true, characterData: true}), true)",
+        )
+        .await;
+    servers[a].runtime().shut_down().await;
+
+    let patience = Duration::from_secs(30);
+    browser
+        .wait_until_within(
+            patience,
+            "document.querySelector('#room-status').dataset.state === 'open' && \
+             window.roomStates.some(s => s.startsWith('reconnecting: '))",
+            "the room panel to reconnect",
+        )
+        .await;
+    let states = browser.eval("window.roomStates").await;
+    assert!(
+        states.as_array().expect("a list").iter().any(|s| {
+            let s = s.as_str().unwrap_or("");
+            s.starts_with(
+                "reconnecting: Disconnected (code 1001): server shutting down · reconnecting in ",
+            )
+        }),
+        "the panel said why and when: {states}"
+    );
+    // The room talks again, both ways, with a member on the other server.
+    browser
+        .type_and_enter("#room-input", "hello after the reconnect")
+        .await;
+    loop {
+        if witness.recv_text().await == "💬 hello after the reconnect" {
+            break;
+        }
+    }
+    witness.send_text("welcome back").await;
+    wait_for_entry(&browser, "#room-log", "💬 welcome back").await;
+    // Every other panel came back too, all of them on the other server.
+    browser
+        .wait_until_within(
+            patience,
+            "document.querySelector('#showcase-status').textContent === '4 of 4 connected' && \
+             document.querySelector('#system-status').dataset.state === 'open' && \
+             document.querySelector('#job-status').dataset.state === 'open'",
+            "every panel to reconnect",
+        )
+        .await;
+    assert_eq!(servers[b].runtime().open_connections(), 7 + 1);
+    browser.picture("step-05", 1280).await;
+    browser.close().await;
 }

@@ -2,12 +2,13 @@
  * Fast Channels · browser demo client.
  *
  * Wires the four panels of index.html to the server's WebSocket endpoints.
- * The same page is served by every tutorial step, so each connection first
- * probes its endpoint and shows a friendly "arrives in step NN" notice when
- * the running step does not have it yet. All panels share one helper,
- * createChannel(), which owns probing, the socket, the status line and the
- * close handling; the panel code below only decides what to send and how to
- * display what comes back.
+ * The same page is served by every tutorial step, so it first reads the
+ * list of endpoints the running step serves (/endpoints.json) and shows a
+ * friendly "arrives in step NN" notice on the panels whose endpoint is not
+ * there yet. All panels share one helper, createChannel(), which owns the
+ * socket, the status line, the close handling and reconnecting after a
+ * drop; the panel code below only decides what to send and how to display
+ * what comes back.
  *
  * Plain ES2020, no build step, no dependencies.
  */
@@ -26,10 +27,32 @@ function wsUrl(path) {
   return `${scheme}//${location.host}${path}`;
 }
 
-// A plain GET to a WebSocket route is rejected by axum with a 4xx that is
-// not 404 (the upgrade headers are missing), while a route that does not
-// exist in this step gives 404. That difference lets the page find out
-// which endpoints exist without opening (and failing) a WebSocket.
+// The WebSocket paths the running step serves, as it lists them in
+// /endpoints.json (route patterns such as '/ws/room/{room_name}').
+// Resolves to a Set, to null when the server has no such list (an older
+// server, or the original Python app: the panels then probe), or to
+// 'unreachable'. Fetched once, again after an unreachable server.
+let endpointList = null;
+function loadEndpoints() {
+  if (!endpointList) {
+    const loading = fetch('/endpoints.json', { cache: 'no-store' }).then(
+      (res) => {
+        if (!res.ok) return null;
+        return res.json().then((paths) => (Array.isArray(paths) ? new Set(paths) : null), () => null);
+      },
+      () => 'unreachable',
+    );
+    loading.then((result) => {
+      if (result === 'unreachable' && endpointList === loading) endpointList = null;
+    });
+    endpointList = loading;
+  }
+  return endpointList;
+}
+
+// The fallback without /endpoints.json: a plain GET to a WebSocket route
+// is rejected with a 4xx that is not 404 (the upgrade headers are
+// missing), while a route that does not exist gives 404.
 async function probe(path) {
   try {
     const res = await fetch(path, { cache: 'no-store' });
@@ -40,6 +63,43 @@ async function probe(path) {
     return 'unreachable';
   }
 }
+
+// Browsers hide why a WebSocket handshake failed (the close event says
+// 1006, whatever the HTTP answer was), so after a failed handshake the
+// page asks the same URL over plain HTTP. The server answers as it would
+// have answered the handshake, as far as it can tell without the upgrade:
+// 503 with Retry-After while it shuts down or is full, 404 for a route it
+// does not have, 400 ("not a WebSocket request") when it would have let
+// the handshake go on.
+async function diagnose(path) {
+  try {
+    const res = await fetch(path, { cache: 'no-store' });
+    if (res.body) res.body.cancel().catch(() => {});
+    const seconds = Number.parseInt(res.headers.get('Retry-After') || '', 10);
+    return { status: res.status, retryAfter: Number.isFinite(seconds) ? seconds * 1000 : 0 };
+  } catch {
+    return { status: 0, retryAfter: 0 };
+  }
+}
+
+// Reconnecting, as Phoenix's and Socket.IO's clients do: exponential
+// backoff from 0.5 s, doubling to at most 10 s, with "full jitter" (a
+// random delay between 0 and that bound), so that the tabs of a server
+// that went away do not all come back in the same instant.
+const BACKOFF_FIRST_MS = 500;
+const BACKOFF_MAX_MS = 10000;
+function backoff(attempt) {
+  const bound = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** attempt);
+  return Math.random() * bound;
+}
+
+// Close codes after which trying again makes sense: the server went away
+// (1001) or restarts (1012), asks to try later (1013), a proxy failed
+// (1014), it hit an error of its own (1011), or the connection dropped
+// without a close frame (1006). Every other code is a decision: 1000 (the
+// server ended it), 1008 (a policy: too fast, not reading), 1007 and 1009
+// (bad input), 4000-4999 (the app refused, e.g. an invalid room name).
+const RETRY_CODES = new Set([1001, 1006, 1011, 1012, 1013, 1014]);
 
 function timeStamp(date = new Date()) {
   return [date.getHours(), date.getMinutes(), date.getSeconds()]
@@ -119,24 +179,27 @@ function asText(value) {
 /*
  * States, mirrored as data-state on the status element and on the closest
  * [data-channel] container so CSS and tests can follow along:
- *   idle        probed, endpoint exists, not connected yet (manual panels)
- *   probing     checking whether the endpoint exists
- *   connecting  WebSocket created, waiting for open
- *   open        connected
- *   closed      disconnected (by the user or unexpectedly)
- *   refused     server closed with an application code 4000–4999
- *   missing     endpoint not part of the running step (404)
- *   unreachable the probe could not reach the server at all
+ *   idle         endpoint exists, not connected yet (manual panels)
+ *   probing      checking whether the endpoint exists
+ *   connecting   WebSocket created, waiting for open
+ *   open         connected
+ *   reconnecting the connection dropped; the next attempt is on a timer
+ *   closed       disconnected, by the user or by the server's decision
+ *   refused      the server refused: a close code 4000–4999, or a
+ *                handshake refused while the server is up
+ *   missing      endpoint not part of the running step
+ *   unreachable  the page could not reach the server at all
  */
 function createChannel(options) {
   const {
     path, // string, or function returning the path at connect time
-    probePath = typeof path === 'string' ? path : undefined,
+    endpoint = typeof path === 'string' ? path : undefined, // as /endpoints.json lists it
+    probePath = endpoint,
     missingLead, // e.g. 'Room chat arrives'
     step, // e.g. '02'
     statusEl,
     logEl,
-    actionBtn = null, // doubles as Retry (unreachable) and Reconnect (closed)
+    actionBtn = null, // Retry (unreachable), Reconnect (closed), Reconnect now
     controls = [], // enabled only while the socket is open
     offerReconnect = true,
     idleMessage = 'Not connected',
@@ -151,12 +214,19 @@ function createChannel(options) {
   let state = 'idle';
   let action = null;
   let socket = null;
-  // Bumped whenever a probe or socket is superseded, so late answers from
-  // an abandoned attempt cannot overwrite the current state.
+  // Bumped whenever a check, socket or timer is superseded, so late
+  // answers from an abandoned attempt cannot overwrite the current state.
   let generation = 0;
   let autoConnect = true;
+  // Reconnecting: attempts since the last open, the pending timer, and
+  // handshakes refused in a row while the server was up.
+  let attempt = 0;
+  let timer = null;
+  let refusedHandshakes = 0;
 
   const resolvePath = () => (typeof path === 'function' ? path() : path);
+  // The button offered when the page will not try again by itself.
+  const manualAction = () => (offerReconnect ? 'reconnect' : null);
 
   function setState(next, message, nextAction = null) {
     state = next;
@@ -170,9 +240,14 @@ function createChannel(options) {
 
     if (actionBtn) {
       actionBtn.hidden = action === null;
-      actionBtn.textContent = action === 'retry' ? 'Retry' : 'Reconnect';
+      actionBtn.textContent = { retry: 'Retry', now: 'Reconnect now' }[action] || 'Reconnect';
     }
     onStateChange(next, api);
+  }
+
+  function cancelTimer() {
+    if (timer !== null) clearInterval(timer);
+    timer = null;
   }
 
   // Resolves true when the endpoint exists; otherwise leaves the panel in
@@ -180,7 +255,11 @@ function createChannel(options) {
   async function check() {
     const gen = ++generation;
     setState('probing', 'Checking endpoint…');
-    const result = await probe(probePath !== undefined ? probePath : resolvePath());
+    const listed = await loadEndpoints();
+    let result;
+    if (listed === 'unreachable') result = 'unreachable';
+    else if (listed) result = listed.has(endpoint) ? 'available' : 'missing';
+    else result = await probe(probePath !== undefined ? probePath : resolvePath());
     if (gen !== generation) return false;
     if (result === 'missing') {
       setState('missing', stepNotice(missingLead, step));
@@ -193,31 +272,81 @@ function createChannel(options) {
     return true;
   }
 
-  // For panels that wait for the user: probe now so a missing endpoint is
+  // For panels that wait for the user: check now so a missing endpoint is
   // visible before anyone presses Connect.
   async function prepare() {
     autoConnect = false;
     if (await check()) setState('idle', idleMessage);
   }
 
-  async function connect() {
-    if (state === 'probing' || state === 'connecting' || state === 'open') return;
-    if (!(await check())) return;
+  // Waits, showing the countdown, then tries again. `why` says what
+  // happened, e.g. "Disconnected (code 1001): server shutting down".
+  function scheduleReconnect(why, atLeast = 0) {
+    cancelTimer();
+    const gen = ++generation;
+    const due = Date.now() + Math.max(atLeast, backoff(attempt));
+    attempt += 1;
+    const tick = () => {
+      if (gen !== generation) return;
+      const left = due - Date.now();
+      if (left <= 0) {
+        cancelTimer();
+        open();
+        return;
+      }
+      setState('reconnecting', `${why} · reconnecting in ${Math.ceil(left / 1000)} s`, 'now');
+    };
+    tick();
+    if (gen === generation && state === 'reconnecting') timer = setInterval(tick, 250);
+  }
 
+  // After a handshake that failed before the socket opened: find out why
+  // over HTTP, then wait, give up, or call the endpoint missing.
+  async function afterFailedHandshake(wsPath) {
+    const gen = generation;
+    setState('reconnecting', 'Connection failed · checking the server…', 'now');
+    const { status, retryAfter } = await diagnose(wsPath);
+    if (gen !== generation) return;
+    if (status === 404) {
+      endpointList = null; // another step may be running now
+      setState('missing', stepNotice(missingLead, step));
+    } else if (status === 403) {
+      setState('refused', 'Refused by the server (HTTP 403): see its log', manualAction());
+    } else if (status === 400 && ++refusedHandshakes >= 3) {
+      // Three times in a row the server was up and the handshake still
+      // failed: a refusal (another origin, or the endpoint's own decision),
+      // not a drop. (Behind a proxy, the HTTP question may reach another
+      // server than the handshake did, hence more than one try.)
+      setState('refused', 'The server refused the connection (another origin?): see its log',
+        manualAction());
+    } else {
+      const why = status ? `Connection failed (HTTP ${status})` : 'Server unreachable';
+      scheduleReconnect(why, retryAfter);
+    }
+  }
+
+  // Opens the socket, without checking the endpoint again.
+  function open() {
+    const wsPath = resolvePath();
     let ws;
     try {
-      ws = new WebSocket(wsUrl(resolvePath()));
+      ws = new WebSocket(wsUrl(wsPath));
     } catch (err) {
       setState('closed', `Could not open connection: ${err && err.message ? err.message : err}`,
-        offerReconnect ? 'reconnect' : null);
+        manualAction());
       return;
     }
+    generation++;
     ws.binaryType = 'arraybuffer';
     socket = ws;
-    setState('connecting', 'Connecting…');
+    let opened = false;
+    setState('connecting', attempt > 0 ? 'Reconnecting…' : 'Connecting…');
 
     ws.addEventListener('open', () => {
       if (ws !== socket) return;
+      opened = true;
+      attempt = 0;
+      refusedHandshakes = 0;
       setState('open', describeOpen());
       try {
         onOpen(api);
@@ -244,22 +373,35 @@ function createChannel(options) {
       if (ws !== socket) return;
       socket = null;
       const { code, reason } = event;
-      const next = offerReconnect ? 'reconnect' : null;
-      if (code >= 4000 && code <= 4999) {
+      const manual = manualAction();
+      if (!opened) {
+        afterFailedHandshake(wsPath);
+      } else if (code >= 4000 && code <= 4999) {
         let message = `Refused (code ${code})`;
         if (reason) message = /^refused\b/i.test(reason) ? reason : `Refused: ${reason}`;
-        setState('refused', message, next);
+        setState('refused', message, manual);
       } else {
         const message = reason
           ? `Disconnected (code ${code}): ${reason}`
           : `Disconnected (code ${code})`;
-        setState('closed', message, next);
+        if (RETRY_CODES.has(code)) scheduleReconnect(message);
+        else setState('closed', message, manual);
       }
     });
   }
 
+  async function connect() {
+    if (['probing', 'connecting', 'open'].includes(state)) return;
+    cancelTimer();
+    attempt = 0;
+    refusedHandshakes = 0;
+    if (!(await check())) return;
+    open();
+  }
+
   function disconnect(code = 1000, reason = 'Client disconnected') {
     generation++;
+    cancelTimer();
     const ws = socket;
     // Dropping the reference first means the socket's own close event is
     // ignored: the user asked for this, so it is not an error.
@@ -287,8 +429,16 @@ function createChannel(options) {
 
   if (actionBtn) {
     actionBtn.addEventListener('click', () => {
-      if (action === 'retry' && !autoConnect) prepare();
-      else connect();
+      if (action === 'retry') {
+        if (autoConnect) connect();
+        else prepare();
+      } else if (action === 'now') {
+        // For the impatient: the attempt the timer would have made, now.
+        cancelTimer();
+        open();
+      } else {
+        connect();
+      }
     });
   }
 
@@ -340,7 +490,6 @@ function bindComposer(form, input, channel, encode = (text) => text, afterSend =
 function setupSystem() {
   const logEl = $('system-log');
   const input = $('system-input');
-  let greeted = false;
 
   const channel = createChannel({
     path: '/ws/system',
@@ -350,18 +499,6 @@ function setupSystem() {
     logEl,
     actionBtn: $('system-reconnect'),
     controls: [input, $('system-send')],
-    onOpen: () => {
-      greeted = false;
-    },
-    onMessage: (text, api) => {
-      // The server's first frame is its welcome line; it doubles as the
-      // status so the panel header reads like the server's own voice.
-      if (!greeted) {
-        greeted = true;
-        api.status(text);
-      }
-      api.log(text);
-    },
   });
 
   bindComposer($('system-form'), input, channel, undefined, (text) => {
@@ -379,6 +516,7 @@ function setupRoom() {
 
   const channel = createChannel({
     path: () => `/ws/room/${encodeURIComponent(currentRoom)}`,
+    endpoint: '/ws/room/{room_name}',
     probePath: '/ws/room/general',
     missingLead: 'Room chat arrives',
     step: '02',
@@ -386,7 +524,7 @@ function setupRoom() {
     logEl: $('room-log'),
     actionBtn: $('room-retry'),
     controls: [input, $('room-send')],
-    // The Connect button is the way back in after a drop.
+    // After the server's refusal, the Connect button is the way back in.
     offerReconnect: false,
     idleMessage: 'Not connected. Pick a room and press Connect.',
     describeOpen: () => `Connected to room '${currentRoom}'`,
@@ -394,7 +532,7 @@ function setupRoom() {
       const canConnect = state === 'idle' || state === 'closed' || state === 'refused';
       connectBtn.disabled = !canConnect;
       nameInput.disabled = !canConnect;
-      disconnectBtn.disabled = !(state === 'open' || state === 'connecting');
+      disconnectBtn.disabled = !['open', 'connecting', 'reconnecting'].includes(state);
     },
   });
 
@@ -454,7 +592,6 @@ function setupJobs() {
       } else if (frame.status === 'error') {
         api.log(message, 'error', data);
       } else {
-        if (frame.status === 'connected') api.status(message);
         api.log(message, 'muted', data);
       }
     },
@@ -563,7 +700,7 @@ function init() {
   const jobs = setupJobs();
   const showcase = setupShowcase();
 
-  // Probes run in parallel; each panel settles on its own.
+  // One fetch of /endpoints.json serves every panel; each settles on its own.
   system.connect();
   room.prepare();
   jobs.connect();

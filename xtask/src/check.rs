@@ -14,6 +14,9 @@
 //!    heading about another file a few paragraphs up is not enough.
 //! 5. Snapshots are reviewed, asserted by a test, and say which test wrote
 //!    them (see [`crate::snapshots`]).
+//! 6. Every picture a page shows (`![what](img/step-01.png)`) exists: the
+//!    browser tests take them (`cargo xtask screenshots`), and a renamed
+//!    or forgotten one would be a broken image in the book.
 //!
 //! All problems are collected and reported together, one per line.
 
@@ -287,6 +290,81 @@ pub fn listing_captions(markdown: &str) -> Vec<(Include, bool)> {
         .collect()
 }
 
+/// One image link found in a markdown file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picture {
+    /// 1-based line of the link.
+    pub line: usize,
+    /// The path as written, relative to the markdown file's directory.
+    pub path: String,
+}
+
+/// The image links (`![alt](path)`, `![alt](path "title")`) of `markdown`,
+/// outside code blocks and inline code; links to other sites (`https:`,
+/// `data:` ...) are not files of the book and are left out.
+pub fn parse_pictures(markdown: &str) -> Vec<Picture> {
+    let lines: Vec<&str> = markdown.lines().collect();
+    let fences = enclosing_fences(&lines);
+    let mut found = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        if is_fence(line) || fences[index].is_some() {
+            continue;
+        }
+        // Inline code is every other piece between backticks.
+        let prose = line.split('`').step_by(2);
+        for piece in prose {
+            let mut rest = piece;
+            while let Some(start) = rest.find("![") {
+                rest = &rest[start + 2..];
+                let Some(close) = rest.find("](") else {
+                    break;
+                };
+                let target = &rest[close + 2..];
+                let Some(end) = target.find(')') else {
+                    break;
+                };
+                let inside = &target[..end];
+                // `<a path with spaces>`, or a path up to an optional title.
+                let path = match inside.strip_prefix('<') {
+                    Some(bracketed) => bracketed.split('>').next().unwrap_or(""),
+                    None => inside.split_whitespace().next().unwrap_or(""),
+                };
+                rest = &target[end..];
+                if path.contains(':') {
+                    continue;
+                }
+                found.push(Picture {
+                    line: index + 1,
+                    path: path.to_string(),
+                });
+            }
+        }
+    }
+    found
+}
+
+/// Rule 6: every picture the book shows exists. Returns how many do.
+fn check_pictures(ws: &Workspace, problems: &mut Vec<String>) -> Result<usize> {
+    let mut found = 0;
+    for md in markdown_files(&ws.root.join("docs/src")) {
+        let md_dir = md.parent().unwrap_or(&ws.root);
+        for picture in parse_pictures(&read_text(&md)?) {
+            let target = normalize(&md_dir.join(&picture.path));
+            if !picture.path.is_empty() && target.is_file() {
+                found += 1;
+                continue;
+            }
+            problems.push(format!(
+                "{}:{}: picture not found: {} (`cargo xtask screenshots` takes the pages' pictures)",
+                ws.display(&md),
+                picture.line,
+                ws.display(&target),
+            ));
+        }
+    }
+    Ok(found)
+}
+
 /// Every `.md` file under `dir`, sorted.
 fn markdown_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -432,6 +510,7 @@ pub fn run(ws: &Workspace, mut args: Args) -> Result<()> {
     let named = check_chapters(ws, &steps, &mut problems)?;
     let captioned = check_captions(ws, &mut problems)?;
     let snapshots = snapshots::check(ws, &mut problems)?;
+    let pictures = check_pictures(ws, &mut problems)?;
 
     if !problems.is_empty() {
         for p in &problems {
@@ -450,7 +529,8 @@ pub fn run(ws: &Workspace, mut args: Args) -> Result<()> {
     };
     println!(
         "check: {built}, {resolved} includes resolved, {named} changed files named in their \
-         chapters, {captioned} listings captioned, {snapshots} snapshots asserted by their tests"
+         chapters, {captioned} listings captioned, {snapshots} snapshots asserted by their tests, \
+         {pictures} pictures found"
     );
     Ok(())
 }
@@ -640,6 +720,48 @@ mod tests {
         assert_eq!(
             in_step("axum-channels/src/runner.rs"),
             "axum-channels/src/runner.rs"
+        );
+    }
+
+    #[test]
+    fn finds_the_pictures_a_page_shows() {
+        let markdown = "Open the page:\n\n![The page of step 01](img/step-01.png)\n\
+                        Two: ![a](a.png) and ![b](<b c.png> \"title\").\n\
+                        ```md\n![in a code block](no.png)\n```\n\
+                        Not `![inline code](no.png)`, not ![remote](https://x.org/y.png).\n\
+                        A [link](page.md) is no picture.\n";
+        let found: Vec<(usize, String)> = parse_pictures(markdown)
+            .into_iter()
+            .map(|p| (p.line, p.path))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (3, "img/step-01.png".to_string()),
+                (4, "a.png".to_string()),
+                (4, "b c.png".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_picture_is_a_problem() {
+        let tmp = TempDir::new("pictures");
+        let ws = Workspace {
+            root: tmp.path().to_path_buf(),
+        };
+        tmp.write("docs/src/img/step-01.png", "png");
+        tmp.write(
+            "docs/src/ch01-x.md",
+            "![there](img/step-01.png)\n\n![gone](img/step-02.png)\n",
+        );
+        let mut problems = Vec::new();
+        assert_eq!(check_pictures(&ws, &mut problems).unwrap(), 1);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0]
+                .starts_with("docs/src/ch01-x.md:3: picture not found: docs/src/img/step-02.png"),
+            "{problems:?}"
         );
     }
 

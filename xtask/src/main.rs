@@ -45,7 +45,13 @@ const TASKS: &[(&str, &str)] = &[
     ),
     (
         "check [--no-build]",
-        "Build everything; check the book's includes and their captions, that chapters name the files they change, and the snapshots",
+        "Build everything; check the book's includes and their captions, its pictures, that chapters name the files they change, and the snapshots",
+    ),
+    (
+        "screenshots",
+        "Take the book's pictures of each step's page again (docs/src/img/step-NN.png): the \
+         browser tests with SCREENSHOTS=1; needs chromium, chromium-driver, redis-server, \
+         nginx and fonts-noto-color-emoji",
     ),
     (
         "bench [echo|idle|fanout|storm|flood] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub]",
@@ -87,6 +93,26 @@ fn usage() -> String {
     out
 }
 
+/// `cargo xtask screenshots`: the browser tests, told to write their
+/// pictures. A plain `cargo test` takes them too but writes nothing, so CI
+/// never changes a committed file.
+fn screenshots(ws: &Workspace, args: Args) -> Result<()> {
+    args.positionals(0, 0)?;
+    let status = ws
+        .cargo()
+        .args(["test", "-p", "browser-tests"])
+        .env("SCREENSHOTS", "1")
+        // Missing chromium or nginx must fail, not skip a picture silently.
+        .env("CI", "true")
+        .status()
+        .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+    if !status.success() {
+        return Err(fail(format!("the browser tests failed ({status})")));
+    }
+    println!("screenshots: written to docs/src/img/; look at them before committing");
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let mut args: VecDeque<String> = std::env::args().skip(1).collect();
     let task = args.pop_front();
@@ -102,6 +128,7 @@ fn main() -> ExitCode {
         Some("cluster") => cluster::run(&ws, args),
         Some("diff") => diff::run(&ws, args),
         Some("check") => check::run(&ws, args),
+        Some("screenshots") => screenshots(&ws, args),
         Some("bench") => bench::run(&ws, args),
         Some(other) => {
             eprintln!("error: unknown task '{other}'\n\n{}", usage());
@@ -330,7 +357,16 @@ mod tests {
     #[test]
     fn usage_lists_every_task() {
         let text = usage();
-        for task in ["list", "step", "cluster", "diff", "check", "bench", "help"] {
+        for task in [
+            "list",
+            "step",
+            "cluster",
+            "diff",
+            "check",
+            "screenshots",
+            "bench",
+            "help",
+        ] {
             assert!(
                 text.lines()
                     .any(|l| l.trim_start().starts_with(&format!("{task} ")) || l.trim() == task),

@@ -16,10 +16,14 @@ use axum::routing::get;
 pub use config::Config;
 
 // ANCHOR: app
+/// The WebSocket paths of the routes below, for the page (`/endpoints.json`).
+const ENDPOINTS: &[&str] = &[];
+
 /// Builds the app: every route this step serves.
 pub fn app() -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::static_file))
+        .route("/endpoints.json", assets::endpoints(ENDPOINTS))
 }
 // ANCHOR_END: app

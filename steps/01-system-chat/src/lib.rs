@@ -19,11 +19,15 @@ pub use config::Config;
 pub use system_chat::SystemChat;
 
 // ANCHOR: app
+/// The WebSocket paths of the routes below, for the page (`/endpoints.json`).
+const ENDPOINTS: &[&str] = &["/ws/system"];
+
 /// Builds the app: every route this step serves.
 pub fn app() -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::static_file))
+        .route("/endpoints.json", assets::endpoints(ENDPOINTS))
         .route("/ws/system", route::<SystemChat>())
 }
 // ANCHOR_END: app

@@ -50,3 +50,20 @@ async fn page_shows_every_panel() {
         assert!(page.contains(expected), "the page lacks {expected:?}");
     }
 }
+
+/// `/endpoints.json` lists the step's WebSocket routes, and each one is
+/// there: a plain `GET` gets a WebSocket route's 400, not a 404.
+#[tokio::test]
+async fn endpoints_list_the_websocket_routes() {
+    let server = TestServer::start(step_01_system_chat::app()).await;
+    let listing = server.get("/endpoints.json").await;
+    let body = listing.text();
+    let mut lines = format!("{}\n{body}\n", listing.summary("/endpoints.json"));
+    let paths = body.trim_matches(['[', ']']).split(',');
+    for path in paths.filter(|path| !path.is_empty()) {
+        let path = path.trim_matches('"').replace("{room_name}", "general");
+        lines.push_str(&server.get(&path).await.summary(&path));
+        lines.push('\n');
+    }
+    assert_snapshot!("endpoints_list_the_websocket_routes", lines);
+}

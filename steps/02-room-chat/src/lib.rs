@@ -23,12 +23,16 @@ pub use room_chat::{RoomChat, RoomEvent};
 pub use system_chat::SystemChat;
 
 // ANCHOR: app
+/// The WebSocket paths of the routes below, for the page (`/endpoints.json`).
+const ENDPOINTS: &[&str] = &["/ws/system", "/ws/room/{room_name}"];
+
 /// Builds the app: every route this step serves.
 pub fn app() -> Router {
     let layers = layers::setup();
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::static_file))
+        .route("/endpoints.json", assets::endpoints(ENDPOINTS))
         .route("/ws/system", route::<SystemChat>())
         .route("/ws/room/{room_name}", layers.route::<RoomChat>())
 }

@@ -5,9 +5,11 @@
 //! beside it. Only files that were embedded can be served: a path such as
 //! `/static/../Cargo.toml` names no embedded file and gets a 404.
 
+use axum::Json;
 use axum::extract::Path;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get};
 use rust_embed::RustEmbed;
 
 // ANCHOR: embed
@@ -25,6 +27,15 @@ pub async fn index() -> Response {
 pub async fn static_file(Path(path): Path<String>) -> Response {
     serve(&path)
 }
+
+// ANCHOR: endpoints
+/// `GET /endpoints.json`: the WebSocket paths this step serves, as a JSON
+/// list. The page reads it to know which panels to connect, and which to
+/// label "arrives in step NN", without trying each endpoint.
+pub fn endpoints(paths: &'static [&'static str]) -> MethodRouter {
+    get(move || async move { Json(paths) })
+}
+// ANCHOR_END: endpoints
 
 // ANCHOR: serve
 fn serve(path: &str) -> Response {

@@ -30,6 +30,9 @@ pub use room_chat::{RoomChat, RoomEvent};
 pub use system_chat::SystemChat;
 
 // ANCHOR: app
+/// The WebSocket paths of the routes below, for the page (`/endpoints.json`).
+const ENDPOINTS: &[&str] = &["/ws/system", "/ws/room/{room_name}", "/ws/backgroundjob"];
+
 /// Builds the app: every route this step serves, with the job queue, its
 /// workers and the channel layer in this process, and the original's delays.
 pub fn app() -> Router {
@@ -43,6 +46,7 @@ pub fn app_with(backends: Backends) -> Router {
     Router::new()
         .route("/", get(assets::index))
         .route("/static/{*path}", get(assets::static_file))
+        .route("/endpoints.json", assets::endpoints(ENDPOINTS))
         .route("/ws/system", route::<SystemChat>())
         .route("/ws/room/{room_name}", layers.route::<RoomChat>())
         .route("/ws/backgroundjob", layers.route::<BackgroundJob>())
