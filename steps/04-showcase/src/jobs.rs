@@ -173,17 +173,24 @@ fn analyze(content: &str) -> String {
     )
 }
 
+// ANCHOR: compute
 /// How far `Compute` counts: about a second of work for one core in a
-/// debug build (a tenth of that with `--release`).
+/// debug build (far less with `--release`).
 const PRIMES_BELOW: u64 = 500_000;
 
 /// Counts the primes below `limit` the slow way, dividing each number by
 /// every candidate up to its square root: work for the CPU, with no
 /// `.await` in it.
 fn count_primes(limit: u64) -> usize {
-    let is_prime = |n: u64| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d));
+    let is_prime = |n: u64| {
+        n >= 2
+            && (2..)
+                .take_while(|d| d * d <= n)
+                .all(|d| !n.is_multiple_of(d))
+    };
     (0..limit).filter(|&n| is_prime(n)).count()
 }
+// ANCHOR_END: compute
 
 /// The first rule that matches wins. As in the original, `eat` also matches
 /// inside words: "great" and "seat" are about food.
