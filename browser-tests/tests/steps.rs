@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum_channels::testing::TestServer;
 use browser_tests::Browser;
 use channels_testkit::{RedisServer, ReverseProxy};
-use step_03_background_jobs::{Backends, app_with};
+use step_03_background_jobs::{Backends, Config, app_with};
 
 #[tokio::test]
 async fn step_00_panels_say_which_step_adds_their_endpoint() {
@@ -205,7 +205,11 @@ async fn step_03_runs_each_kind_of_job() {
         return;
     };
     // The original's jobs, without the original's seconds of waiting.
-    let backends = Backends::in_memory(Some(Duration::from_millis(50)), &Runtime::default());
+    let config = Config {
+        job_delay: Some(Duration::from_millis(50)),
+        ..Config::default()
+    };
+    let backends = Backends::in_memory(&config, &Runtime::default());
     let server = TestServer::start(app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
     browser.wait_for_state("job", "open").await;
@@ -290,7 +294,10 @@ async fn step_04_showcase_panels_talk_and_hear_an_outside_sender() {
         return;
     };
     // The test keeps the app's layers, to send as an outside program would.
-    let backends = step_04_showcase::Backends::in_memory(None, &Runtime::default());
+    let backends = step_04_showcase::Backends::in_memory(
+        &step_04_showcase::Config::default(),
+        &Runtime::default(),
+    );
     let layers = backends.layers.clone();
     let server = TestServer::start(step_04_showcase::app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
@@ -365,7 +372,11 @@ async fn step_04_keeps_the_earlier_panels() {
     let Some(browser) = Browser::launch().await else {
         return;
     };
-    let backends = step_04_showcase::Backends::in_memory(Some(Duration::ZERO), &Runtime::default());
+    let config = step_04_showcase::Config {
+        job_delay: Some(Duration::ZERO),
+        ..step_04_showcase::Config::default()
+    };
+    let backends = step_04_showcase::Backends::in_memory(&config, &Runtime::default());
     let server = TestServer::start(step_04_showcase::app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
     browser.wait_for_state("system", "open").await;
@@ -452,7 +463,11 @@ async fn no_panel_stands_alone_in_a_row() {
     let Some(browser) = Browser::launch().await else {
         return;
     };
-    let backends = step_04_showcase::Backends::in_memory(Some(Duration::ZERO), &Runtime::default());
+    let config = step_04_showcase::Config {
+        job_delay: Some(Duration::ZERO),
+        ..step_04_showcase::Config::default()
+    };
+    let backends = step_04_showcase::Backends::in_memory(&config, &Runtime::default());
     let server = TestServer::start(step_04_showcase::app_with(backends)).await;
     browser.open(&format!("http://{}/", server.addr())).await;
     browser.wait_for_state("showcase", "open").await;

@@ -8,6 +8,9 @@
 //! | `REDIS_URL` | unset | the Redis that holds the job queue and carries the results, e.g. `redis://127.0.0.1:6379`; unset keeps both in this process |
 //! | `JOB_DELAY_MS` | unset | how long every job pretends to work, in milliseconds; unset: the original's 1 to 4 s, by job type |
 //! | `WORKER_HEARTBEAT_SECS` | `5` | how often a `worker` tells Redis it is alive; one silent for 3 heartbeats is taken for dead, and its jobs run again |
+//! | `MAX_JOBS_PER_CONNECTION` | `10` | how many jobs one connection may have waiting for their results; past it, a job is refused with an error frame |
+//! | `MAX_QUEUED_JOBS` | `10000` | how many jobs may wait for a worker, from every connection together; past it, a job is refused with an error frame |
+//! | `JOB_RETENTION_SECS` | `60` | how long a finished job's data stays in Redis before a `worker` removes it |
 //!
 //! A bad value stops the server at start with one line that says what is
 //! wrong, rather than surprising you later.
@@ -31,6 +34,14 @@ pub struct Config {
     /// How often a worker tells Redis it is alive.
     pub worker_heartbeat: Duration,
     // ANCHOR_END: job_settings
+    // ANCHOR: job_limits
+    /// How many jobs one connection may have waiting for their results.
+    pub max_jobs_per_connection: usize,
+    /// How many jobs may wait for a worker, all connections together.
+    pub max_queued_jobs: usize,
+    /// How long a finished job's data stays in Redis.
+    pub job_retention: Duration,
+    // ANCHOR_END: job_limits
 }
 
 impl Default for Config {
@@ -89,7 +100,32 @@ impl Config {
             redis_url,
             job_delay,
             worker_heartbeat,
+            max_jobs_per_connection: at_least_one(&lookup, "MAX_JOBS_PER_CONNECTION", 10)?,
+            max_queued_jobs: at_least_one(&lookup, "MAX_QUEUED_JOBS", 10_000)?,
+            job_retention: match lookup("JOB_RETENTION_SECS") {
+                None => Duration::from_secs(60),
+                Some(secs) => Duration::from_secs(secs.parse().map_err(|_| {
+                    format!("JOB_RETENTION_SECS must be a whole number of seconds, not {secs:?}")
+                })?),
+            },
         })
+    }
+}
+
+/// The number in variable `name`, or `default` if it is unset.
+fn at_least_one(
+    lookup: impl Fn(&str) -> Option<String>,
+    name: &str,
+    default: usize,
+) -> Result<usize, String> {
+    match lookup(name) {
+        None => Ok(default),
+        Some(value) => match value.parse() {
+            Ok(number) if number > 0 => Ok(number),
+            _ => Err(format!(
+                "{name} must be a whole number, 1 or more, not {value:?}"
+            )),
+        },
     }
 }
 
@@ -113,6 +149,9 @@ mod tests {
             redis_url: None,
             job_delay: None,
             worker_heartbeat: Duration::from_secs(5),
+            max_jobs_per_connection: 10,
+            max_queued_jobs: 10_000,
+            job_retention: Duration::from_secs(60),
         };
         assert_eq!(config(&[]), Ok(expected));
     }
@@ -136,8 +175,14 @@ mod tests {
             ("REDIS_URL", "redis://127.0.0.1:6379"),
             ("JOB_DELAY_MS", "0"),
             ("WORKER_HEARTBEAT_SECS", "1"),
+            ("MAX_JOBS_PER_CONNECTION", "3"),
+            ("MAX_QUEUED_JOBS", "100"),
+            ("JOB_RETENTION_SECS", "0"),
         ])
         .unwrap();
+        assert_eq!(config.max_jobs_per_connection, 3);
+        assert_eq!(config.max_queued_jobs, 100);
+        assert_eq!(config.job_retention, Duration::ZERO);
         assert_eq!(config.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
         assert_eq!(config.job_delay, Some(Duration::ZERO));
         assert_eq!(config.worker_heartbeat, Duration::from_secs(1));
@@ -161,5 +206,11 @@ mod tests {
         );
         assert!(config(&[("JOB_DELAY_MS", "1s")]).is_err());
         assert!(config(&[("WORKER_HEARTBEAT_SECS", "0")]).is_err());
+        assert_eq!(
+            config(&[("MAX_QUEUED_JOBS", "0")]),
+            Err(r#"MAX_QUEUED_JOBS must be a whole number, 1 or more, not "0""#.into())
+        );
+        assert!(config(&[("MAX_JOBS_PER_CONNECTION", "ten")]).is_err());
+        assert!(config(&[("JOB_RETENTION_SECS", "-1")]).is_err());
     }
 }

@@ -25,7 +25,7 @@ use axum_channels::{Runtime, route};
 
 pub use background_job::{BackgroundJob, JobRequest, MAX_CONTENT};
 pub use config::Config;
-pub use jobs::{Backends, Job, JobEvent, JobKind, JobQueue, run_worker};
+pub use jobs::{Backends, Job, JobEvent, JobKind, JobQueue, PushError, run_worker};
 pub use room_chat::{RoomChat, RoomEvent};
 pub use system_chat::SystemChat;
 
@@ -34,9 +34,10 @@ pub use system_chat::SystemChat;
 const ENDPOINTS: &[&str] = &["/ws/system", "/ws/room/{room_name}", "/ws/backgroundjob"];
 
 /// Builds the app: every route this step serves, with the job queue, its
-/// workers and the channel layer in this process, and the original's delays.
+/// workers and the channel layer in this process, and the default settings
+/// (the original's delays among them).
 pub fn app() -> Router {
-    app_with(Backends::in_memory(None, &Runtime::default()))
+    app_with(Backends::in_memory(&Config::default(), &Runtime::default()))
 }
 
 /// Builds the app on the given layers and job queue (see

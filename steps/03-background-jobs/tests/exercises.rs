@@ -8,7 +8,7 @@ use axum_channels::Runtime;
 use axum_channels::testing::TestServer;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use step_03_background_jobs::{Backends, app_with};
+use step_03_background_jobs::{Backends, Config, app_with};
 use tokio_tungstenite::tungstenite::Message;
 
 /// What can go wrong, as text: this is an example, not a library.
@@ -45,7 +45,11 @@ async fn run_job(url: &str, kind: &str, content: &str) -> Result<String, Error> 
 // ANCHOR_END: client
 
 async fn server() -> TestServer {
-    let backends = Backends::in_memory(Some(Duration::ZERO), &Runtime::default());
+    let config = Config {
+        job_delay: Some(Duration::ZERO),
+        ..Config::default()
+    };
+    let backends = Backends::in_memory(&config, &Runtime::default());
     TestServer::start(app_with(backends)).await
 }
 

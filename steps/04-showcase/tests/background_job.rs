@@ -9,15 +9,20 @@ use axum_channels::Runtime;
 use std::time::{Duration, Instant};
 
 use insta::assert_snapshot;
-use step_04_showcase::{Backends, MAX_CONTENT, app_with};
+use step_04_showcase::{Backends, Config, MAX_CONTENT, app_with};
 use support::{Jobs, QUIET};
 
+/// The app in memory, its jobs taking `delay`.
+async fn jobs_taking(delay: Duration) -> Jobs {
+    let config = Config {
+        job_delay: Some(delay),
+        ..Config::default()
+    };
+    Jobs::start(app_with(Backends::in_memory(&config, &Runtime::default()))).await
+}
+
 async fn jobs() -> Jobs {
-    Jobs::start(app_with(Backends::in_memory(
-        Some(Duration::ZERO),
-        &Runtime::default(),
-    )))
-    .await
+    jobs_taking(Duration::ZERO).await
 }
 
 #[tokio::test]
@@ -179,11 +184,7 @@ async fn several_jobs_run_at_once() {
     // Real delays this time, but short: four one-second jobs that ran one
     // after the other would take four seconds.
     let delay = Duration::from_secs(1);
-    let jobs = Jobs::start(app_with(Backends::in_memory(
-        Some(delay),
-        &Runtime::default(),
-    )))
-    .await;
+    let jobs = jobs_taking(delay).await;
     let mut alice = jobs.connect("alice").await;
     let started = Instant::now();
     let mut ids = Vec::new();
@@ -212,11 +213,7 @@ async fn a_client_that_leaves_before_its_result_costs_nothing() {
     let logs = support::capture_logs();
     // Long enough for alice to be gone when her job ends.
     let delay = Duration::from_millis(300);
-    let jobs = Jobs::start(app_with(Backends::in_memory(
-        Some(delay),
-        &Runtime::default(),
-    )))
-    .await;
+    let jobs = jobs_taking(delay).await;
     let mut alice = jobs.connect("alice").await;
     alice
         .send_text(r#"{"type":"default","content":"bye"}"#)

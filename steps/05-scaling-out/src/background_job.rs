@@ -11,7 +11,7 @@ use axum_channels::{Error, InvalidMessage, JsonConsumer, Result, Scope, Socket};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::jobs::{Job, JobEvent, JobKind, JobQueue};
+use crate::jobs::{Job, JobEvent, JobKind, JobQueue, PushError};
 
 /// The longest `content` a job may have, in characters.
 pub const MAX_CONTENT: usize = 1000;
@@ -66,7 +66,8 @@ impl TryFrom<Value> for JobRequest {
                 describe(&value)
             ));
         };
-        let names = JobKind::ALL.map(JobKind::name).join(", ");
+        let names: Vec<&str> = JobKind::ALL.iter().map(|kind| kind.name()).collect();
+        let names = names.join(", ");
         let kind = match fields.remove("type") {
             None => JobKind::Default,
             Some(Value::String(name)) => JobKind::from_name(&name)
@@ -114,6 +115,8 @@ fn describe(value: &Value) -> &'static str {
 pub struct BackgroundJob {
     /// Where jobs go; the app shares it through axum's `Extension`.
     queue: Option<JobQueue>,
+    /// How many of this connection's jobs have not sent their result yet.
+    waiting: usize,
 }
 // ANCHOR_END: consumer
 
@@ -132,7 +135,7 @@ impl JsonConsumer for BackgroundJob {
     // ANCHOR: new
     fn new(scope: &Scope) -> Self {
         let queue = scope.extension::<JobQueue>().cloned();
-        BackgroundJob { queue }
+        BackgroundJob { queue, waiting: 0 }
     }
     // ANCHOR_END: new
 
@@ -150,6 +153,16 @@ impl JsonConsumer for BackgroundJob {
 
     // ANCHOR: receive
     async fn receive(&mut self, socket: &mut Socket, request: JobRequest) -> Result<()> {
+        let queue = self.queue.as_ref().ok_or_else(no_queue)?;
+        // ANCHOR: per_connection
+        if self.waiting >= queue.max_per_connection {
+            let status = Status::error(format!(
+                "Too many jobs waiting: {} of yours wait for their results. Try again when one is done",
+                self.waiting
+            ));
+            return socket.send_json(&status).await;
+        }
+        // ANCHOR_END: per_connection
         let JobRequest { kind, content } = request;
         let message = format!("⏳ Queuing {} job: {content}", kind.name());
         socket.send_json(&Status::Queuing { message }).await?;
@@ -161,15 +174,20 @@ impl JsonConsumer for BackgroundJob {
             content,
             reply_to,
         };
-        let queue = self.queue.as_ref().ok_or_else(no_queue)?;
         let status = match queue.push(job).await {
-            Ok(job_id) => Status::Queued {
-                message: format!(
-                    "📋 Job {job_id} queued successfully! Worker will process it shortly..."
-                ),
-                job_id,
-            },
-            Err(err) => {
+            Ok(job_id) => {
+                self.waiting += 1;
+                Status::Queued {
+                    message: format!(
+                        "📋 Job {job_id} queued successfully! Worker will process it shortly..."
+                    ),
+                    job_id,
+                }
+            }
+            Err(PushError::Full) => {
+                Status::error("Too many jobs waiting in the queue. Try again in a moment")
+            }
+            Err(PushError::Unavailable(err)) => {
                 tracing::warn!(%err, "could not queue a job");
                 Status::error("The job queue is not available right now; try again in a moment")
             }
@@ -180,6 +198,8 @@ impl JsonConsumer for BackgroundJob {
 
     // ANCHOR: event_handler
     async fn event(&mut self, socket: &mut Socket, event: JobEvent) -> Result<()> {
+        // One job fewer waiting for its result.
+        self.waiting = self.waiting.saturating_sub(1);
         // The worker's event is already the frame the page expects.
         socket.send_json(&event).await
     }

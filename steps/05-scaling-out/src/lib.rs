@@ -34,7 +34,7 @@ pub use analytics::{Analytics, AnalyticsEvent};
 pub use background_job::{BackgroundJob, JobRequest, MAX_CONTENT};
 pub use chat::{Chat, ChatEvent};
 pub use config::{Config, redis_hosts};
-pub use jobs::{Backends, Job, JobEvent, JobKind, JobQueue, run_worker};
+pub use jobs::{Backends, Job, JobEvent, JobKind, JobQueue, PushError, run_worker};
 pub use layers::setup_redis;
 pub use notifications::{Notification, NotificationEvent, NotificationRequest, Notifications};
 pub use reliable_chat::{ReliableChat, ReliableChatEvent};
@@ -54,9 +54,10 @@ const ENDPOINTS: &[&str] = &[
 ];
 
 /// Builds the app: every route this step serves, with the job queue, its
-/// workers and the channel layers in this process, and the original's delays.
+/// workers and the channel layers in this process, and the default settings
+/// (the original's delays among them).
 pub fn app() -> Router {
-    app_with(Backends::in_memory(None, &Runtime::default()))
+    app_with(Backends::in_memory(&Config::default(), &Runtime::default()))
 }
 
 /// Builds the app on the given layers and job queue (see

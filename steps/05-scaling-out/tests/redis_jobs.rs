@@ -35,10 +35,27 @@ fn config(redis: &RedisServer) -> Config {
 }
 
 async fn start_server(redis: &RedisServer) -> Jobs {
-    let backends = Backends::from_config(&config(redis), &Runtime::default())
+    start_server_with(config(redis)).await
+}
+
+async fn start_server_with(config: Config) -> Jobs {
+    let backends = Backends::from_config(&config, &Runtime::default())
         .await
         .expect("connect to the test's Redis");
     Jobs::start(app_with(backends)).await
+}
+
+/// How many keys the test's Redis holds.
+async fn keys_in(redis: &RedisServer) -> usize {
+    let client = redis::Client::open(redis.url()).expect("a valid URL");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test's Redis");
+    redis::cmd("DBSIZE")
+        .query_async(&mut connection)
+        .await
+        .expect("DBSIZE")
 }
 
 /// A `worker` process of this step, killed when dropped.
@@ -54,6 +71,8 @@ impl Worker {
             .env("REDIS_URL", redis.url())
             .env("JOB_DELAY_MS", delay.as_millis().to_string())
             .env("WORKER_HEARTBEAT_SECS", "1")
+            // Finished jobs leave Redis at the next heartbeat.
+            .env("JOB_RETENTION_SECS", "0")
             .env("RUST_LOG", "warn,step_05_scaling_out=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -237,5 +256,110 @@ fn the_worker_says_in_one_line_that_it_needs_redis_url() {
         stderr,
         "error: REDIS_URL is not set: a worker takes its jobs from Redis \
          (`cargo xtask step 05 --redis` starts one for you)\n"
+    );
+}
+
+#[tokio::test]
+async fn the_queue_in_redis_is_bounded() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let jobs = start_server_with(Config {
+        max_queued_jobs: 2,
+        ..config(&redis)
+    })
+    .await;
+    let mut alice = jobs.connect("alice").await;
+    let mut bob = jobs.connect("bob").await;
+    jobs.note("no worker runs: the jobs wait in Redis, two at most");
+    let first = alice.queue("default", "one").await;
+    let second = alice.queue("default", "two").await;
+    alice.send_text(r#"{"content":"three"}"#).await;
+    alice.expect_status("queuing").await;
+    alice.expect_status("error").await;
+    bob.send_text(r#"{"content":"mine"}"#).await;
+    bob.expect_status("queuing").await;
+    bob.expect_status("error").await;
+
+    jobs.note("a worker starts and empties the queue: there is room again");
+    let _worker = Worker::start(&redis, Duration::ZERO);
+    alice.set_timeout(RECOVERY);
+    alice.expect_result(&first).await;
+    alice.expect_result(&second).await;
+    bob.run("default", "mine").await;
+    assert_snapshot!("the_queue_in_redis_is_bounded", jobs.transcript());
+}
+
+#[tokio::test]
+async fn finished_jobs_leave_redis() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let jobs = start_server(&redis).await;
+    let mut worker = Worker::start(&redis, Duration::ZERO);
+    worker.wait_for("waiting for jobs").await;
+    let mut alice = jobs.connect("alice").await;
+    alice.set_timeout(RECOVERY);
+    // One job first, so that the queue's own keys exist before counting.
+    alice.run("default", "first").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = keys_in(&redis).await;
+
+    // 1000 jobs, ten at a time: as many as one connection may have waiting.
+    for round in 0..100 {
+        for n in 0..10 {
+            alice
+                .send_text(&format!(r#"{{"content":"job {round}.{n}"}}"#))
+                .await;
+        }
+        // Two answers for each job, then its result, in any order.
+        for _ in 0..30 {
+            let frame = alice.recv().await;
+            assert_ne!(frame["status"], "error", "{frame}");
+        }
+    }
+    let finished = keys_in(&redis).await;
+    // At the next heartbeat, the worker removes them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = keys_in(&redis).await;
+    while after > before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = keys_in(&redis).await;
+    }
+    eprintln!("keys: {before} before 1000 jobs, {finished} when they had finished, {after} after");
+    assert!(
+        after <= before,
+        "{before} keys before 1000 jobs, {after} after:\n{}",
+        worker.output()
+    );
+}
+
+#[tokio::test]
+async fn a_result_comes_within_its_delay_and_200_ms() {
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let jobs = start_server(&redis).await;
+    let delay = Duration::from_millis(100);
+    let mut worker = Worker::start(&redis, delay);
+    worker.wait_for("waiting for jobs").await;
+    let mut alice = jobs.connect("alice").await;
+    // The first job right after the worker started, then one by one.
+    let mut latencies = Vec::new();
+    for n in 0..50 {
+        let queued = Instant::now();
+        alice.run("default", &format!("job {n}")).await;
+        latencies.push(queued.elapsed());
+    }
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!(
+        "50 jobs of {delay:?} on Redis, queued to result: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        latencies[latencies.len() - 1]
+    );
+    assert!(
+        p99 <= delay + Duration::from_millis(200),
+        "p99 {p99:?} for jobs of {delay:?}"
     );
 }
