@@ -38,8 +38,11 @@ async fn departing_members_announce_themselves_without_timeouts() {
     let Some(server) = RedisServer::start().await else {
         return;
     };
-    let mut config = RedisConfig::new(server.url());
-    config.command_timeout = Duration::from_secs(1);
+    // The layer's own command timeout (2 s), as the step's servers run it;
+    // with it, step 05's storm lost three leaves in four before the fix. A
+    // shorter one also times out a few departures on a machine busy with
+    // other work, which is not the fault this test is about.
+    let config = RedisConfig::new(server.url());
     let layer = Arc::new(RedisPubSubLayer::connect(config).await.expect("connect"));
     let joins = (0..ROOMS * MEMBERS).map(|i| {
         let layer = Arc::clone(&layer);
