@@ -17,7 +17,11 @@
 //! - `storm`: a reconnect storm, 18,000 connections arriving at once in
 //!   step 05's rooms and then dropping at once, on the in-memory and the
 //!   Redis pub/sub layer: what opened, how long the handshakes took, and
-//!   whether every join and leave reached the rooms (see [`storm`]).
+//!   whether every join and leave reached the rooms (see [`storm`]);
+//! - `scale`: up to 100,000 connections in one group over several servers
+//!   of step 05 on one Redis: handshakes, memory, a broadcast, a sustained
+//!   load, a rolling restart, and (`--curve`) how these grow with N
+//!   (see [`scale`]).
 //!
 //! Which step and which endpoint are options (default: the newest step,
 //! `/ws/system`), so adding a step needs no change here; adding a scenario is
@@ -42,6 +46,7 @@ use crate::{Args, Error, Result, Workspace, fail};
 
 mod fanout;
 mod idle;
+mod scale;
 mod storm;
 
 /// How long a server may take to start accepting connections.
@@ -63,14 +68,17 @@ enum Scenario {
     Fanout,
     /// Many connections arriving in rooms at once, then leaving at once.
     Storm,
+    /// Many connections in one group over several servers.
+    Scale,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [
+    const ALL: [Scenario; 5] = [
         Scenario::Echo,
         Scenario::Idle,
         Scenario::Fanout,
         Scenario::Storm,
+        Scenario::Scale,
     ];
 
     fn name(self) -> &'static str {
@@ -79,6 +87,7 @@ impl Scenario {
             Scenario::Idle => "idle",
             Scenario::Fanout => "fanout",
             Scenario::Storm => "storm",
+            Scenario::Scale => "scale",
         }
     }
 
@@ -91,6 +100,7 @@ impl Scenario {
             Scenario::Idle => 10_000,
             Scenario::Fanout => 100,
             Scenario::Storm => 18_000,
+            Scenario::Scale => 100_000,
         }
     }
 
@@ -118,6 +128,7 @@ impl Scenario {
                 format!("{MESSAGE_SIZE}-byte messages, at most 16 that someone has not heard yet")
             }
             Scenario::Storm => "connections that arrive at once and leave at once".to_owned(),
+            Scenario::Scale => "connections in one group over several servers".to_owned(),
         }
     }
 
@@ -128,7 +139,7 @@ impl Scenario {
             Scenario::Fanout => ("bare-broadcast", "bare broadcast"),
             // It compares the layers with each other; `run` sends it to
             // `storm::run` before anything asks for a baseline.
-            Scenario::Storm => unreachable!("the storm has no baseline"),
+            Scenario::Storm | Scenario::Scale => unreachable!("{} has no baseline", self.name()),
         }
     }
 
@@ -136,8 +147,8 @@ impl Scenario {
     fn loadgen_args(self) -> Vec<&'static str> {
         match self {
             Scenario::Echo | Scenario::Idle | Scenario::Fanout => vec!["--size", MESSAGE_SIZE],
-            // The storm client sends nothing.
-            Scenario::Storm => vec![],
+            // They run clients of their own.
+            Scenario::Storm | Scenario::Scale => vec![],
         }
     }
 }
@@ -156,6 +167,8 @@ struct Options {
     clients: u32,
     /// The storm's own options; `Some` exactly for the storm.
     storm: Option<storm::Options>,
+    /// The scale scenario's own options; `Some` exactly for scale.
+    scale: Option<scale::Options>,
 }
 
 fn parse_options(mut args: Args) -> Result<Options> {
@@ -172,6 +185,10 @@ fn parse_options(mut args: Args) -> Result<Options> {
     let in_flight = args.value("--in-flight")?;
     let room_size = args.value("--room-size")?;
     let layers: Option<String> = args.value("--layers")?;
+    let layer: Option<String> = args.value("--layer")?;
+    let servers = args.value("--servers")?;
+    let curve = args.flag("--curve");
+    let rolling = args.flag("--rolling");
     let step: Option<String> = args.value("--step")?;
     let path: Option<String> = args.value("--path")?;
     if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
@@ -185,6 +202,47 @@ fn parse_options(mut args: Args) -> Result<Options> {
     };
     // Options that mean nothing to the scenario are refused rather than
     // ignored, so that nobody believes they measured what they asked for.
+    let scale_only = [
+        ("--layer", layer.is_some()),
+        ("--servers", servers.is_some()),
+        ("--curve", curve),
+        ("--rolling", rolling),
+    ];
+    if scenario == Scenario::Scale {
+        let stray = [
+            ("--clients", clients.is_some()),
+            ("--receivers", receivers.is_some()),
+            ("--step", step.is_some()),
+            ("--path", path.is_some()),
+            ("--seconds", seconds.is_some()),
+            ("--rounds", rounds.is_some()),
+            ("--room-size", room_size.is_some()),
+            ("--layers", layers.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(Error::Usage(format!(
+                "{name} does not apply to scale, which runs step {}'s servers                  (--connections, --servers, --layer pubsub|queue, --in-flight, --curve, --rolling)",
+                scale::STEP
+            )));
+        }
+        let scale = scale::options(connections, servers, layer, in_flight, curve, rolling)?;
+        return Ok(Options {
+            scenario,
+            step: Some(scale::STEP.to_owned()),
+            path: String::new(),
+            seconds: 0,
+            rounds: 1,
+            clients: scale.connections,
+            storm: None,
+            scale: Some(scale),
+        });
+    }
+    if let Some((name, _)) = scale_only.iter().find(|(_, given)| *given) {
+        return Err(Error::Usage(format!(
+            "{name} is for scale, not {}",
+            scenario.name()
+        )));
+    }
     if scenario == Scenario::Storm {
         let stray = [
             ("--clients", clients.is_some()),
@@ -210,6 +268,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
             rounds: 1,
             clients: storm.connections,
             storm: Some(storm),
+            scale: None,
         });
     }
     let storm_only = [
@@ -257,6 +316,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
         rounds,
         clients,
         storm: None,
+        scale: None,
     })
 }
 
@@ -513,9 +573,22 @@ fn release_dir(root: &Path) -> PathBuf {
 
 /// `cargo xtask bench [SCENARIO] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]`,
 /// or `cargo xtask bench fanout [--seconds S] [--rounds R] [--receivers N]`,
-/// or `cargo xtask bench storm [--connections N] [--in-flight K] [--room-size R] [--layers L]`
+/// or `cargo xtask bench storm [--connections N] [--in-flight K] [--room-size R] [--layers L]`,
+/// or `cargo xtask bench scale [--connections N] [--servers S] [--layer pubsub|queue] [--in-flight K] [--curve] [--rolling]`
 pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let options = parse_options(args)?;
+    if let Some(scale) = &options.scale {
+        let all_steps = steps::discover(&ws.root)?;
+        let step = steps::resolve_arg(&all_steps, scale::STEP)?;
+        let status = ws
+            .cargo()
+            .args(["build", "--release", "--package", "loadgen"])
+            .args(["--package", &step.package()])
+            .status()
+            .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+        crate::propagate(status)?;
+        return scale::run(&ws.root, &release_dir(&ws.root), step, scale);
+    }
     if let Some(storm) = &options.storm {
         let all_steps = steps::discover(&ws.root)?;
         let step = steps::resolve_arg(&all_steps, storm::STEP)?;
@@ -670,7 +743,8 @@ mod tests {
                 seconds: 5,
                 rounds: 3,
                 clients: 32,
-                storm: None
+                storm: None,
+                scale: None
             }
         );
         assert_eq!(
@@ -693,7 +767,8 @@ mod tests {
                 seconds: 2,
                 rounds: 5,
                 clients: 8,
-                storm: None
+                storm: None,
+                scale: None
             }
         );
         assert_eq!(
@@ -705,7 +780,8 @@ mod tests {
                 seconds: 5,
                 rounds: 3,
                 clients: 100,
-                storm: None
+                storm: None,
+                scale: None
             }
         );
         assert_eq!(
@@ -745,6 +821,12 @@ mod tests {
             &["storm", "--in-flight", "0"],
             &["--connections", "100"],
             &["fanout", "--layers", "memory"],
+            &["scale", "--clients", "10"],
+            &["scale", "--layers", "pubsub"],
+            &["scale", "--layer", "memory"],
+            &["scale", "--curve", "--connections", "10"],
+            &["storm", "--rolling"],
+            &["echo", "--servers", "2"],
         ] {
             assert!(
                 matches!(parse_options(args(bad)), Err(Error::Usage(_))),
@@ -767,6 +849,7 @@ mod tests {
             let value = match *option {
                 "--path" => "/ws/x",
                 "--layers" => "memory",
+                "--layer" => "queue",
                 "--connections" => "100",
                 "--room-size" => "2",
                 _ => "1",
@@ -775,10 +858,16 @@ mod tests {
             let scenario = match *option {
                 "--receivers" => "fanout",
                 "--connections" | "--in-flight" | "--room-size" | "--layers" => "storm",
+                "--servers" | "--layer" | "--curve" | "--rolling" => "scale",
                 _ => "echo",
             };
+            let given: &[&str] = if matches!(*option, "--curve" | "--rolling") {
+                &[scenario, option]
+            } else {
+                &[scenario, option, value]
+            };
             assert!(
-                parse_options(args(&[scenario, option, value])).is_ok(),
+                parse_options(args(given)).is_ok(),
                 "{option} is in the usage but not accepted"
             );
         }

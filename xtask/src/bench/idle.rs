@@ -21,7 +21,7 @@ use crate::{Result, fail};
 const SETTLE: Duration = Duration::from_secs(2);
 
 /// The server's resident memory in kB, from `/proc` (Linux only).
-fn resident_kb(pid: u32) -> Result<u64> {
+pub(super) fn resident_kb(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| {
         fail(format!(
             "cannot read the server's memory (needs Linux /proc): {e}"
