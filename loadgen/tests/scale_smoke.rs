@@ -110,7 +110,7 @@ fn three_hundred_members_hear_every_broadcast_and_come_back_after_a_restart() {
     }
     for client in &mut clients {
         let opened = client.hear();
-        assert_eq!(number(&opened, "open"), 150.0, "{opened}");
+        assert_eq!(number(&opened, "connected"), 150.0, "{opened}");
         assert_eq!(number(&opened, "handshakes"), 150.0, "{opened}");
         assert!(opened.contains("\"failed\":{}"), "{opened}");
         client.ask("mark");
@@ -139,7 +139,7 @@ fn three_hundred_members_hear_every_broadcast_and_come_back_after_a_restart() {
     for client in &mut clients {
         loop {
             let status = client.ask("status");
-            if number(&status, "open") == 150.0 {
+            if number(&status, "connected") == 150.0 {
                 assert!(number(&status, "ever_opened") == 150.0, "{status}");
                 // Every connection ended once, and came back once.
                 assert_eq!(number(&status, "handshakes"), 150.0, "{status}");

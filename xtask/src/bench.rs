@@ -221,7 +221,8 @@ fn parse_options(mut args: Args) -> Result<Options> {
         ];
         if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
             return Err(Error::Usage(format!(
-                "{name} does not apply to scale, which runs step {}'s servers                  (--connections, --servers, --layer pubsub|queue, --in-flight, --curve, --rolling)",
+                "{name} does not apply to scale, which runs step {}'s servers \
+                 (--connections, --servers, --layer pubsub|queue, --in-flight, --curve, --rolling)",
                 scale::STEP
             )));
         }

@@ -26,7 +26,7 @@
 //! - `open`: opens every connection, at most `--in-flight` handshakes at a
 //!   time, and answers once all are open (or `--open-wait` passed), with the
 //!   seconds it took and the counts of `status`.
-//! - `status`: connections open now, handshakes since the last `mark` (a
+//! - `status`: connections open now (`connected`), handshakes since the last `mark` (a
 //!   histogram of their times, from TCP connect to the `101`), failed
 //!   handshakes and ended connections by cause.
 //! - `mark`: starts a new period: resets those counts, and which
@@ -311,7 +311,7 @@ impl Shared {
     fn status(&self) -> String {
         let counts = self.counts();
         format!(
-            "\"open\":{},\"ever_opened\":{},\"handshakes\":{},\"handshake_max_us\":{},\
+            "\"connected\":{},\"ever_opened\":{},\"handshakes\":{},\"handshake_max_us\":{},\
              \"handshake_hist\":{},\"failed\":{},\"ended\":{}",
             self.open.load(Ordering::Relaxed),
             self.ever_opened.load(Ordering::Relaxed),
