@@ -36,7 +36,7 @@
 //!   0 is the sender): sends messages FIRST, FIRST+1, ... one every
 //!   INTERVAL_MS. A message counts as sent once the sender has heard it
 //!   back from the group; one not heard within 3 s is sent again (a member
-//!   keeps the first copy it gets).
+//!   keeps the first copy it gets), at most 5 times; then it is `unsent`.
 //! - `report FIRST COUNT WAIT_S`: waits until every connection connected
 //!   throughout has heard messages FIRST..FIRST+COUNT, at most WAIT_S, then
 //!   gives per message: how many connections heard it, how many connected
@@ -81,8 +81,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first and the longest wait before connecting again (before jitter).
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
-/// How long the sender waits to hear its own message before sending again.
+/// How long the sender waits to hear its own message before sending again,
+/// and how often it tries before it gives up on that message (a server
+/// whose `group_send` keeps failing must not hang the bench).
 const ECHO_WAIT: Duration = Duration::from_secs(3);
+const TRIES: u32 = 5;
 /// Open files kept for everything but the connections.
 const SPARE_FILES: usize = 64;
 
@@ -619,10 +622,10 @@ async fn run(o: Options) -> Result<(), String> {
                 }
                 let interval = Duration::from_millis(interval);
                 let started = Instant::now();
-                let mut resent = 0;
+                let (mut resent, mut unsent) = (0, 0);
                 for (k, seq) in (first..first + count).enumerate() {
                     tokio::time::sleep_until(started + interval * k as u32).await;
-                    loop {
+                    for tries in 1..=TRIES {
                         send_tx
                             .send(seq)
                             .map_err(|_| "the sender is gone".to_owned())?;
@@ -630,13 +633,19 @@ async fn run(o: Options) -> Result<(), String> {
                             shared.echoed.load(Ordering::Relaxed) > seq as u64
                         })
                         .await;
-                        if heard || shared.closing.load(Ordering::Relaxed) {
+                        if heard {
                             break;
                         }
-                        resent += 1;
+                        if tries == TRIES {
+                            unsent += 1;
+                        } else {
+                            resent += 1;
+                        }
                     }
                 }
-                format!("\"first\":{first},\"count\":{count},\"resent\":{resent}")
+                format!(
+                    "\"first\":{first},\"count\":{count},\"resent\":{resent},\"unsent\":{unsent}"
+                )
             }
             ["report", rest @ ..] => {
                 let Some((first, count, wait)) = three(rest) else {
