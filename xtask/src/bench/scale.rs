@@ -55,6 +55,12 @@ const DEFAULT_IN_FLIGHT: u32 = 1_000;
 const CURVE: [u32; 4] = [10_000, 25_000, 50_000, 100_000];
 /// Above this, `/ws/notifications`' join announcements are the whole run.
 const PUBSUB_MAX: u32 = 10_000;
+/// The most members of one group per server on the queue layer: its group
+/// message to a server carries the channel name of each of that server's
+/// members (about 76 bytes each), and must stay under the layer's 1 MiB
+/// `max_message_size`. At 14,286 a server (100,000 on 7) it was 1,085,916
+/// bytes, and every broadcast failed.
+const QUEUE_PER_SERVER: u32 = 13_000;
 /// Connections per `scale` process (its open-file limit less a margin).
 const PER_CLIENT: u32 = 15_000;
 /// A generous estimate of what one connection costs the machine: the
@@ -189,15 +195,27 @@ fn plan(
     }
     // Four fifths of the file limit: the server keeps a twentieth for its
     // own files, and the rest is headroom for the reconnections.
-    let server_cap = u32::try_from(files / 5 * 4).unwrap_or(u32::MAX).max(1);
+    let file_cap = u32::try_from(files / 5 * 4).unwrap_or(u32::MAX).max(1);
+    let server_cap = match layer {
+        Layer::Queue => file_cap.min(QUEUE_PER_SERVER),
+        Layer::PubSub => file_cap,
+    };
     let needed = connections.div_ceil(server_cap);
     let servers = servers.unwrap_or(needed);
     if servers < needed {
         return Err(fail(format!(
             "{connections} connections on {servers} server(s) is {} each, but one process may \
              hold at most {files} open files here (ulimit -Hn), so a server takes at most \
-             {server_cap} connections: use --servers {needed} or more (or fewer --connections)",
-            connections.div_ceil(servers)
+             {file_cap} connections{}: use --servers {needed} or more (or fewer --connections)",
+            connections.div_ceil(servers),
+            if server_cap < file_cap {
+                format!(
+                    ", and at most {server_cap} on the queue layer, whose group message names \
+                     every member of the server (1 MiB at most)"
+                )
+            } else {
+                String::new()
+            }
         )));
     }
     let client_cap = PER_CLIENT.min(u32::try_from(files.saturating_sub(1_000)).unwrap_or(0));
@@ -564,6 +582,16 @@ impl Measured {
             all.max = all.max.max(delivery.latency.max);
         }
         all
+    }
+
+    /// Whether some message of the broadcast never went out, or never
+    /// reached everyone: then its latencies describe nothing.
+    fn broadcast_failed(&self) -> bool {
+        self.unsent > 0
+            || self
+                .broadcast
+                .values()
+                .any(|d| d.heard < u64::from(self.connections))
     }
 
     fn lost(messages: &BTreeMap<u64, Delivery>) -> u64 {
@@ -1121,6 +1149,22 @@ fn curve_table(points: &[Measured]) -> String {
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for m in points {
+        if m.broadcast_failed() {
+            let _ = writeln!(
+                table,
+                "| {} | {} | {} | {} | {:.1} s | {:.0} ms | {:.0} ms | {:.2} | failed | failed | failed | not run | | | {:.0}% |",
+                thousands(u64::from(m.connections)),
+                m.servers,
+                thousands(m.opened),
+                m.failed.values().sum::<u64>(),
+                m.open_s,
+                m.handshake.ms(0.5),
+                m.handshake.ms(0.99),
+                m.kb_per_connection(),
+                m.returned() * 100.0
+            );
+            continue;
+        }
         let b = Measured::pooled(&m.broadcast);
         let s = Measured::pooled(&m.sustained);
         let failed: u64 = m.failed.values().sum();
@@ -1277,8 +1321,10 @@ fn write_curve(root: &Path, points: &[Measured]) -> Result<()> {
     table.push_str(&curve_table(points));
     std::fs::write(&table_path, table)
         .map_err(|e| fail(format!("cannot write {}: {e}", table_path.display())))?;
+    // A failed broadcast has no latency to plot: its point is left out.
     let series: Vec<(f64, [f64; 3])> = points
         .iter()
+        .filter(|m| !m.broadcast_failed())
         .map(|m| {
             (
                 f64::from(m.connections),
@@ -1382,11 +1428,17 @@ mod tests {
             p,
             Plan {
                 connections: 100_000,
-                servers: 7,
-                per_server: 14_286,
+                servers: 8,
+                per_server: 12_500,
                 clients: 7,
                 per_client: 14_286
             }
+        );
+        assert_eq!(
+            plan(10_000, None, Layer::PubSub, 20_000, gb)
+                .unwrap()
+                .servers,
+            1
         );
         assert_eq!(
             plan(10_000, None, Layer::Queue, 20_000, gb)
@@ -1400,8 +1452,8 @@ mod tests {
                 .servers,
             8
         );
-        let few = plan(100_000, Some(6), Layer::Queue, 20_000, gb).unwrap_err();
-        assert!(format!("{few:?}").contains("--servers 7"), "{few:?}");
+        let few = plan(100_000, Some(7), Layer::Queue, 20_000, gb).unwrap_err();
+        assert!(format!("{few:?}").contains("--servers 8"), "{few:?}");
         let memory = plan(100_000, None, Layer::Queue, 20_000, 1024 * 1024).unwrap_err();
         assert!(format!("{memory:?}").contains("memory"), "{memory:?}");
         assert!(plan(20_000, None, Layer::PubSub, 20_000, gb).is_err());
