@@ -20,7 +20,11 @@
 //!   whether every join and leave reached the rooms (see [`storm`]);
 //! - `flood`: one client sending large messages into a room whose other
 //!   members never read: how far the server's memory rises, and whether it
-//!   comes back (see [`flood`]).
+//!   comes back (see [`flood`]);
+//! - `scale`: up to 100,000 connections in one group over several servers
+//!   of step 05 on one Redis: handshakes, memory, a broadcast, a sustained
+//!   load, a rolling restart, and (`--curve`) how these grow with N
+//!   (see [`scale`]).
 //!
 //! Which step and which endpoint are options (default: the newest step,
 //! `/ws/system`), so adding a step needs no change here; adding a scenario is
@@ -46,6 +50,7 @@ use crate::{Args, Error, Result, Workspace, fail};
 mod fanout;
 mod flood;
 mod idle;
+mod scale;
 mod storm;
 
 /// How long a server may take to start accepting connections.
@@ -69,15 +74,18 @@ enum Scenario {
     Storm,
     /// Large messages into a room of members that never read.
     Flood,
+    /// Many connections in one group over several servers.
+    Scale,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Echo,
         Scenario::Idle,
         Scenario::Fanout,
         Scenario::Storm,
         Scenario::Flood,
+        Scenario::Scale,
     ];
 
     fn name(self) -> &'static str {
@@ -87,6 +95,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Storm => "storm",
             Scenario::Flood => "flood",
+            Scenario::Scale => "scale",
         }
     }
 
@@ -100,6 +109,7 @@ impl Scenario {
             Scenario::Fanout => 100,
             Scenario::Storm => 18_000,
             Scenario::Flood => 200,
+            Scenario::Scale => 100_000,
         }
     }
 
@@ -148,6 +158,7 @@ impl Scenario {
                 "{} KiB messages from one client, the other members never read",
                 flood::MESSAGE_SIZE / 1024
             ),
+            Scenario::Scale => "connections in one group over several servers".to_owned(),
         }
     }
 
@@ -158,7 +169,7 @@ impl Scenario {
             Scenario::Fanout => ("bare-broadcast", "bare broadcast"),
             // It compares the layers with each other; `run` sends it to
             // `storm::run` before anything asks for a baseline.
-            Scenario::Storm => unreachable!("the storm has no baseline"),
+            Scenario::Storm | Scenario::Scale => unreachable!("{} has no baseline", self.name()),
             // Its baseline is the server's own memory before the flood.
             Scenario::Flood => unreachable!("the flood has no baseline server"),
         }
@@ -168,8 +179,8 @@ impl Scenario {
     fn loadgen_args(self) -> Vec<&'static str> {
         match self {
             Scenario::Echo | Scenario::Idle | Scenario::Fanout => vec!["--size", MESSAGE_SIZE],
-            // The storm client sends nothing; the flood has its own.
-            Scenario::Storm | Scenario::Flood => vec![],
+            // They run clients of their own.
+            Scenario::Storm | Scenario::Flood | Scenario::Scale => vec![],
         }
     }
 }
@@ -188,6 +199,8 @@ struct Options {
     clients: u32,
     /// The storm's own options; `Some` exactly for the storm.
     storm: Option<storm::Options>,
+    /// The scale scenario's own options; `Some` exactly for scale.
+    scale: Option<scale::Options>,
 }
 
 fn parse_options(mut args: Args) -> Result<Options> {
@@ -204,6 +217,10 @@ fn parse_options(mut args: Args) -> Result<Options> {
     let in_flight = args.value("--in-flight")?;
     let room_size = args.value("--room-size")?;
     let layers: Option<String> = args.value("--layers")?;
+    let layer: Option<String> = args.value("--layer")?;
+    let servers = args.value("--servers")?;
+    let curve = args.flag("--curve");
+    let rolling = args.flag("--rolling");
     let step: Option<String> = args.value("--step")?;
     let path: Option<String> = args.value("--path")?;
     if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
@@ -217,6 +234,48 @@ fn parse_options(mut args: Args) -> Result<Options> {
     };
     // Options that mean nothing to the scenario are refused rather than
     // ignored, so that nobody believes they measured what they asked for.
+    let scale_only = [
+        ("--layer", layer.is_some()),
+        ("--servers", servers.is_some()),
+        ("--curve", curve),
+        ("--rolling", rolling),
+    ];
+    if scenario == Scenario::Scale {
+        let stray = [
+            ("--clients", clients.is_some()),
+            ("--receivers", receivers.is_some()),
+            ("--step", step.is_some()),
+            ("--path", path.is_some()),
+            ("--seconds", seconds.is_some()),
+            ("--rounds", rounds.is_some()),
+            ("--room-size", room_size.is_some()),
+            ("--layers", layers.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(Error::Usage(format!(
+                "{name} does not apply to scale, which runs step {}'s servers \
+                 (--connections, --servers, --layer pubsub|queue, --in-flight, --curve, --rolling)",
+                scale::STEP
+            )));
+        }
+        let scale = scale::options(connections, servers, layer, in_flight, curve, rolling)?;
+        return Ok(Options {
+            scenario,
+            step: Some(scale::STEP.to_owned()),
+            path: String::new(),
+            seconds: 0,
+            rounds: 1,
+            clients: scale.connections,
+            storm: None,
+            scale: Some(scale),
+        });
+    }
+    if let Some((name, _)) = scale_only.iter().find(|(_, given)| *given) {
+        return Err(Error::Usage(format!(
+            "{name} is for scale, not {}",
+            scenario.name()
+        )));
+    }
     if scenario == Scenario::Storm {
         let stray = [
             ("--clients", clients.is_some()),
@@ -242,6 +301,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
             rounds: 1,
             clients: storm.connections,
             storm: Some(storm),
+            scale: None,
         });
     }
     let storm_only = [
@@ -294,6 +354,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
         rounds,
         clients,
         storm: None,
+        scale: None,
     })
 }
 
@@ -550,9 +611,22 @@ fn release_dir(root: &Path) -> PathBuf {
 
 /// `cargo xtask bench [SCENARIO] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]`,
 /// or `cargo xtask bench fanout [--seconds S] [--rounds R] [--receivers N]`,
-/// or `cargo xtask bench storm [--connections N] [--in-flight K] [--room-size R] [--layers L]`
+/// or `cargo xtask bench storm [--connections N] [--in-flight K] [--room-size R] [--layers L]`,
+/// or `cargo xtask bench scale [--connections N] [--servers S] [--layer pubsub|queue] [--in-flight K] [--curve] [--rolling]`
 pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let options = parse_options(args)?;
+    if let Some(scale) = &options.scale {
+        let all_steps = steps::discover(&ws.root)?;
+        let step = steps::resolve_arg(&all_steps, scale::STEP)?;
+        let status = ws
+            .cargo()
+            .args(["build", "--release", "--package", "loadgen"])
+            .args(["--package", &step.package()])
+            .status()
+            .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+        crate::propagate(status)?;
+        return scale::run(&ws.root, &release_dir(&ws.root), step, scale);
+    }
     if let Some(storm) = &options.storm {
         let all_steps = steps::discover(&ws.root)?;
         let step = steps::resolve_arg(&all_steps, storm::STEP)?;
@@ -725,7 +799,8 @@ mod tests {
                 seconds: 5,
                 rounds: 3,
                 clients: 32,
-                storm: None
+                storm: None,
+                scale: None
             }
         );
         assert_eq!(
@@ -748,7 +823,8 @@ mod tests {
                 seconds: 2,
                 rounds: 5,
                 clients: 8,
-                storm: None
+                storm: None,
+                scale: None
             }
         );
         assert_eq!(
@@ -760,7 +836,8 @@ mod tests {
                 seconds: 5,
                 rounds: 3,
                 clients: 100,
-                storm: None
+                storm: None,
+                scale: None
             }
         );
         assert_eq!(
@@ -806,6 +883,12 @@ mod tests {
             &["--connections", "100"],
             &["fanout", "--layers", "memory"],
             &["flood", "--rounds", "2"],
+            &["scale", "--clients", "10"],
+            &["scale", "--layers", "pubsub"],
+            &["scale", "--layer", "memory"],
+            &["scale", "--curve", "--connections", "10"],
+            &["storm", "--rolling"],
+            &["echo", "--servers", "2"],
         ] {
             assert!(
                 matches!(parse_options(args(bad)), Err(Error::Usage(_))),
@@ -828,6 +911,7 @@ mod tests {
             let value = match *option {
                 "--path" => "/ws/x",
                 "--layers" => "memory",
+                "--layer" => "queue",
                 "--connections" => "100",
                 "--room-size" => "2",
                 _ => "1",
@@ -836,10 +920,16 @@ mod tests {
             let scenario = match *option {
                 "--receivers" => "fanout",
                 "--connections" | "--in-flight" | "--room-size" | "--layers" => "storm",
+                "--servers" | "--layer" | "--curve" | "--rolling" => "scale",
                 _ => "echo",
             };
+            let given: &[&str] = if matches!(*option, "--curve" | "--rolling") {
+                &[scenario, option]
+            } else {
+                &[scenario, option, value]
+            };
             assert!(
-                parse_options(args(&[scenario, option, value])).is_ok(),
+                parse_options(args(given)).is_ok(),
                 "{option} is in the usage but not accepted"
             );
         }

@@ -54,7 +54,7 @@ const TASKS: &[(&str, &str)] = &[
          nginx and fonts-noto-color-emoji",
     ),
     (
-        "bench [echo|idle|fanout|storm|flood] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub]",
+        "bench [echo|idle|fanout|storm|flood|scale] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub] [--servers S] [--layer pubsub|queue] [--curve] [--rolling]",
         "Compare a step's endpoint with a bare tokio-tungstenite server; echo: round trips \
          (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients); idle: memory per \
          idle connection and how much returns (10,000 clients); fanout: deliveries/s from one \
@@ -66,7 +66,13 @@ const TASKS: &[(&str, &str)] = &[
          dropping at once, on the in-memory and Redis pub/sub layers: opened, failures, \
          handshake p50/p99, joins and leaves heard, server log lines; flood: one client \
          sends 60 KiB messages for S s (12) into a room of C members (200) that never read: \
-         the server's memory before, at its peak and after, with and without the inbound budget",
+         the server's memory before, at its peak and after, with and without the inbound \
+         budget; scale: N connections \
+         (default 100,000) in one group of step 05 (/ws/analytics, the queue layer; or \
+         /ws/notifications, pub/sub, up to 10,000) over S servers (enough for the open-file \
+         limit) on one Redis, 1,000 handshakes in flight: handshakes, memory per connection and \
+         returned, a broadcast, 60 s of 1 message/s, Redis's CPU; --rolling: restart the servers \
+         one by one; --curve: 10k to 100k, written into the book as a table and an SVG",
     ),
     ("help", "Show this help"),
 ];

@@ -241,6 +241,11 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The redis-server's process id, to read its CPU time.
+    pub(super) fn pid(&self) -> u32 {
+        self.server.child.id()
+    }
+
     /// Starts redis-server on a free port (pinned with the server) and
     /// waits until it answers `PING`. Another process may take the free
     /// port first: then it tries another.

@@ -186,7 +186,7 @@ struct Report {
 }
 
 /// The counts of the flat object `"key":{"a":1,"b":2}` in `json`.
-fn json_counts(json: &str, key: &str) -> Option<Vec<(String, u64)>> {
+pub(super) fn json_counts(json: &str, key: &str) -> Option<Vec<(String, u64)>> {
     let pattern = format!("\"{key}\":{{");
     let rest = &json[json.find(&pattern)? + pattern.len()..];
     let body = &rest[..rest.find('}')?];
