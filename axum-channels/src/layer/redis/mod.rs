@@ -81,6 +81,7 @@
 //! layers). Messages wait for `receive` in the local buffers all layers
 //! share (`layer/buffers.rs`).
 
+mod cluster;
 mod codec;
 mod config;
 mod host;
