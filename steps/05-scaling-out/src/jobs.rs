@@ -313,7 +313,12 @@ impl Backends {
     /// Jobs wait in Redis for `worker` processes; results come back through
     /// Redis pub/sub.
     async fn redis(url: &str, config: &Config) -> Result<Backends, String> {
-        let layers = layers::setup_redis(url, config.group_expiry).await?;
+        let layers = layers::setup_redis(
+            url,
+            config.redis_cluster_url.as_deref(),
+            config.group_expiry,
+        )
+        .await?;
         let queue = queue_host(url);
         let connection = apalis_redis::connect(queue.as_str())
             .await
@@ -376,7 +381,12 @@ pub async fn run_worker(config: &Config) -> Result<(), String> {
                     (`cargo xtask step 05 --redis` starts one for you)"
             .into());
     };
-    let layers = layers::setup_redis(url, config.group_expiry).await?;
+    let layers = layers::setup_redis(
+        url,
+        config.redis_cluster_url.as_deref(),
+        config.group_expiry,
+    )
+    .await?;
     let results = layers.get("chat").map_err(|e| e.to_string())?;
     let storage = redis_worker_storage(&queue_host(url), config.worker_heartbeat).await?;
     // Every worker has a name of its own in Redis, which keeps its

@@ -12,7 +12,8 @@
 //!
 //! On Redis, the layers may spread over several servers (shards): every
 //! group and channel lives on one of them, picked by a hash of its name that
-//! every process, Rust or Python, computes the same way.
+//! every process, Rust or Python, computes the same way. Or the pub/sub
+//! layers go on a Redis Cluster, where each lives on the node of its slot.
 
 use std::time::Duration;
 
@@ -61,8 +62,14 @@ pub fn setup() -> Layers {
 /// original's, so a Python process configured like it shares them too.
 ///
 /// `url` is `REDIS_URL`: one Redis, or several, comma-separated, each a
-/// shard. The queue layers' memberships last `group_expiry` unless renewed.
-pub async fn setup_redis(url: &str, group_expiry: Duration) -> Result<Layers, String> {
+/// shard. `cluster` is `REDIS_CLUSTER_URL`: with it, the two pub/sub layers
+/// go on that Redis Cluster instead. The queue layers' memberships last
+/// `group_expiry` unless renewed.
+pub async fn setup_redis(
+    url: &str,
+    cluster: Option<&str>,
+    group_expiry: Duration,
+) -> Result<Layers, String> {
     let on_redis = |prefix: &str| RedisConfig {
         hosts: redis_hosts(url),
         prefix: prefix.to_owned(),
@@ -71,9 +78,17 @@ pub async fn setup_redis(url: &str, group_expiry: Duration) -> Result<Layers, St
     };
     // The error as one line, as `main` prints it.
     let text = |err: LayerError| err.to_string();
-    let chat = RedisPubSubLayer::connect(on_redis("chat"))
-        .await
-        .map_err(text)?;
+    let pubsub = async |prefix: &str| match cluster {
+        None => RedisPubSubLayer::connect(on_redis(prefix)).await,
+        Some(nodes) => {
+            let on_cluster = RedisConfig {
+                hosts: redis_hosts(nodes),
+                ..on_redis(prefix)
+            };
+            RedisPubSubLayer::connect_cluster(on_cluster).await
+        }
+    };
+    let chat = pubsub("chat").await.map_err(text)?;
     let queue = RedisLayer::connect(RedisConfig {
         expiry: QUEUE_EXPIRY,
         capacity: QUEUE_CAPACITY,
@@ -81,9 +96,7 @@ pub async fn setup_redis(url: &str, group_expiry: Duration) -> Result<Layers, St
     })
     .await
     .map_err(text)?;
-    let notifications = RedisPubSubLayer::connect(on_redis("notify"))
-        .await
-        .map_err(text)?;
+    let notifications = pubsub("notify").await.map_err(text)?;
     let analytics = RedisLayer::connect(RedisConfig {
         expiry: ANALYTICS_EXPIRY,
         capacity: ANALYTICS_CAPACITY,
