@@ -34,6 +34,11 @@
 //! With redis-py 8, give the Python queue layer a `socket_timeout` above 5 s
 //! (channels_redis#422).
 //!
+//! **On a Redis Cluster**, [`RedisPubSubLayer::connect_cluster`] uses
+//! sharded pub/sub and follows slots that move and masters that fail over
+//! (Redis 7.0 or newer; a Python peer cannot join it). The queue layer does
+//! not run on a cluster yet. The book's appendix has a section on both.
+//!
 //! What these layers do better than channels_redis, without changing the
 //! wire: a cancelled `receive` never loses a message, buffers are bounded
 //! and freed when a consumer leaves, a send to a specific channel reaches it
@@ -72,7 +77,8 @@
 //! }
 //! ```
 //!
-//! The modules: `config` ([`RedisConfig`]), `wire` (key names, the
+//! The modules: `config` ([`RedisConfig`]), `cluster` (the cluster client
+//! and the sharded subscriptions), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
 //! supervised connection per host, which reports outages and announces
 //! reconnections), `host` (the pub/sub layer's object per host: its link,
