@@ -1280,6 +1280,13 @@ conformance_tests!(redis_pubsub, Backend::redis_pubsub().await, expiry = none);
 // The same checks on a six-node Redis Cluster of their own per test.
 #[cfg(feature = "redis")]
 conformance_tests!(
+    redis_queue_cluster,
+    Backend::redis_queue_cluster().await,
+    expiry = real_time
+);
+
+#[cfg(feature = "redis")]
+conformance_tests!(
     redis_pubsub_cluster,
     Backend::redis_pubsub_cluster().await,
     expiry = none
@@ -1288,7 +1295,9 @@ conformance_tests!(
 /// The Redis backends: each test on a redis-server of its own.
 #[cfg(feature = "redis")]
 mod redis_backends {
-    use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
+    use axum_channels::layer::redis::{
+        RedisClusterLayer, RedisConfig, RedisLayer, RedisPubSubLayer,
+    };
     use channels_testkit::{RedisCluster, RedisServer};
 
     use super::*;
@@ -1348,6 +1357,32 @@ mod redis_backends {
                     })
                 }),
                 _server: Some(Box::new(server)),
+            })
+        }
+
+        pub(crate) async fn redis_queue_cluster() -> Option<Backend> {
+            let cluster = RedisCluster::start().await?;
+            let urls = cluster.urls();
+            Some(Backend {
+                name: "redis_queue_cluster",
+                caps: Capabilities {
+                    name_prefix: "",
+                    capacity: true,
+                    keeps_unreceived: true,
+                    expiry: Expiry::WallClock,
+                    group_expiry: Expiry::WallClock,
+                },
+                build: Box::new(move |limits| {
+                    let config = RedisConfig {
+                        hosts: urls.clone(),
+                        ..config(&urls[0], limits)
+                    };
+                    Box::pin(async move {
+                        let layer = RedisClusterLayer::connect(config).await;
+                        Arc::new(layer.expect("connect to the test's Redis Cluster")) as Layer
+                    })
+                }),
+                _server: Some(Box::new(cluster)),
             })
         }
 

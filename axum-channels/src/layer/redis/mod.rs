@@ -100,6 +100,7 @@ mod wire;
 use std::future::Future;
 use std::time::Duration;
 
+pub use cluster::RedisClusterLayer;
 pub use config::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, MAX_TIMEOUT, RedisConfig};
 pub use link::Reconnected;
 pub use pubsub::RedisPubSubLayer;

@@ -9,6 +9,7 @@
 //! following a sharded subscription to a slot's new owner, is done in
 //! `subscriber.rs`.
 
+mod queue;
 mod subscriber;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use redis::aio::AsyncPushSender;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 
+pub use queue::RedisClusterLayer;
 pub(crate) use subscriber::ClusterSubscriber;
 
 use super::config::RedisConfig;
