@@ -10,6 +10,10 @@
 //! the slot leaving its node and the layer subscribing again on the new
 //! owner, which the tests bound.
 //!
+//! The queue layer (`RedisClusterLayer`) keeps messages in Redis, so it
+//! must lose nothing when a slot moves; its `group_send` reaches members
+//! whose keys are in different slots, one script call per slot.
+//!
 //! Without redis-server and redis-cli every test says so on stderr and
 //! passes; under `CI=true` it fails.
 #![cfg(feature = "redis")]
@@ -19,7 +23,9 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum_channels::layer::redis::{RedisConfig, RedisPubSubLayer};
+use axum_channels::layer::redis::{
+    RedisClusterLayer, RedisConfig, RedisPubSubLayer, non_local_name,
+};
 use axum_channels::layer::{ChannelLayer, LayerMessage};
 use channels_testkit::RedisCluster;
 use serde_json::json;
@@ -264,4 +270,157 @@ async fn pubsub_survives_a_killed_master() {
     sleep(Duration::from_secs(2)).await;
     let (got, last) = traffic.finish(&sender).await;
     report("killed master", &got, last, changed);
+}
+
+async fn queue(cluster: &RedisCluster) -> Arc<RedisClusterLayer> {
+    Arc::new(
+        RedisClusterLayer::connect(config(cluster))
+            .await
+            .expect("connect the queue layer to the cluster"),
+    )
+}
+
+/// The cluster layout's key of a queue channel (`{prefix}{{non-local}}`).
+fn queue_key(channel: &str) -> String {
+    format!("asgi{{{}}}", non_local_name(channel))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_send_reaches_members_in_every_slot() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    // Six processes, each with a member: six keys, in slots of their own.
+    let mut members = Vec::new();
+    let mut masters = BTreeSet::new();
+    for _ in 0..6 {
+        let layer = queue(&cluster).await;
+        let channel = layer.new_channel("specific").await.expect("new_channel");
+        layer.group_add("room", &channel).await.expect("group_add");
+        let slot = keyslot(&cluster, &queue_key(&channel)).await;
+        masters.insert(cluster.master_of(slot).await.port);
+        members.push((layer, channel));
+    }
+    assert!(
+        masters.len() >= 2,
+        "the members' keys should span several masters, not {masters:?}"
+    );
+    let sender = queue(&cluster).await;
+    for n in 1..=3 {
+        sender
+            .group_send("room", numbered(n))
+            .await
+            .expect("group_send");
+    }
+    for (layer, channel) in &members {
+        for n in 1..=3 {
+            let message = timeout(RECOVERY, layer.receive(channel))
+                .await
+                .expect("a member got the group message")
+                .expect("receive");
+            assert_eq!(message["n"], n);
+        }
+    }
+    say(format!(
+        "cluster: queue group_send reached 6 members on {} masters",
+        masters.len()
+    ));
+}
+
+/// Sends `count` numbered messages to `channel` at `PACE` while `change`
+/// runs, then receives: the queue layer must deliver every one, in order.
+async fn queue_keeps_everything_while(
+    cluster: &mut RedisCluster,
+    what: &str,
+    change: impl AsyncFnOnce(&mut RedisCluster, u16),
+) {
+    let receiver = queue(cluster).await;
+    let sender = queue(cluster).await;
+    let channel = receiver.new_channel("specific").await.expect("new_channel");
+    receiver
+        .group_add("room", &channel)
+        .await
+        .expect("group_add");
+    let slot = keyslot(cluster, &queue_key(&channel)).await;
+    let count: u64 = 200;
+    let sending = {
+        let sender = Arc::clone(&sender);
+        tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for n in 1..=count {
+                // A send that fails is the caller's to retry; count it.
+                if sender.group_send("room", numbered(n)).await.is_err() {
+                    failed.push(n);
+                }
+                sleep(PACE).await;
+            }
+            failed
+        })
+    };
+    let receiving = {
+        let receiver = Arc::clone(&receiver);
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Ok(Ok(message)) = timeout(RECOVERY * 2, receiver.receive(&channel)).await {
+                let n = message["n"].as_u64().expect("numbered");
+                got.push(n);
+                if n == count {
+                    break;
+                }
+            }
+            got
+        })
+    };
+    sleep(Duration::from_millis(300)).await;
+    change(cluster, slot).await;
+    let failed = sending.await.expect("the sender");
+    let got = receiving.await.expect("the receiver");
+    let expected: Vec<u64> = (1..=count).filter(|n| !failed.contains(n)).collect();
+    say(format!(
+        "cluster: queue, {what}: received {} of {count}; {} sends failed and were not retried ({failed:?})",
+        got.len(),
+        failed.len()
+    ));
+    assert_eq!(
+        got, expected,
+        "{what}: every accepted message, once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_loses_nothing_when_its_slot_moves() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    queue_keeps_everything_while(&mut cluster, "slot move", async |cluster, slot| {
+        let from = cluster.master_of(slot).await.port;
+        let to = other_master(cluster, from).await;
+        cluster.move_slot(slot, to).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_loses_nothing_in_a_planned_failover() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    queue_keeps_everything_while(&mut cluster, "CLUSTER FAILOVER", async |cluster, slot| {
+        let master = cluster.master_of(slot).await.port;
+        cluster.failover(master).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_across_a_killed_master() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    queue_keeps_everything_while(&mut cluster, "killed master", async |cluster, slot| {
+        let master = cluster.master_of(slot).await.port;
+        cluster.kill(master).await;
+        cluster.wait_for_takeover(master, RECOVERY * 2).await;
+    })
+    .await;
 }
