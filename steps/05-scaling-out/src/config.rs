@@ -6,7 +6,7 @@
 //! | `PORT`     | `8080`      | port to listen on (0: any free) |
 //! | `RUST_LOG` | `info`      | what to log (`tracing` filter) |
 //! | `REDIS_URL` | unset | the Redis that holds the job queue and carries the results, e.g. `redis://127.0.0.1:6379`; unset keeps both in this process. Several, comma-separated (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`), are shards: the channel layers spread their groups and channels over them, and the job queue stays on the first. Every process lists them in the same order |
-//! | `REDIS_CLUSTER_URL` | unset | a Redis Cluster for the pub/sub layers (`"chat"`, `"notifications"`), e.g. `redis://10.0.0.1:7000,redis://10.0.0.2:7001`: some or all of its nodes, comma-separated; the client finds the others. Needs `REDIS_URL` too, which keeps the job queue and the queue layers |
+//! | `REDIS_CLUSTER_URL` | unset | a Redis Cluster for the four channel layers instead of `REDIS_URL`, e.g. `redis://10.0.0.1:7000,redis://10.0.0.2:7001`: some or all of its nodes, comma-separated; the client finds the others. Needs `REDIS_URL` too, which keeps the job queue |
 //! | `JOB_DELAY_MS` | unset | how long every job pretends to work, in milliseconds; unset: the original's 1 to 4 s, by job type |
 //! | `WORKER_HEARTBEAT_SECS` | `5` | how often a `worker` tells Redis it is alive; one silent for 3 heartbeats is taken for dead, and its jobs run again |
 //! | `GROUP_EXPIRY_SECS` | `300` | how long a membership of the `"queue"` and `"analytics"` layers lasts in Redis unless its server renews it (every half of it); a server that died is a member for at most this long |
@@ -30,7 +30,7 @@ pub struct Config {
     /// The Redis that holds the job queue and carries the results, or `None`
     /// to keep both in this process.
     pub redis_url: Option<String>,
-    /// Nodes of a Redis Cluster for the pub/sub layers, or `None`.
+    /// Nodes of a Redis Cluster for the channel layers, or `None`.
     pub redis_cluster_url: Option<String>,
     /// How long every job pretends to work, or `None` for the original's
     /// delays (1 to 4 s, by job type). Tests set it to zero.
@@ -91,8 +91,7 @@ impl Config {
             None => None,
             Some(_) if redis_url.is_none() => {
                 return Err(
-                    "REDIS_CLUSTER_URL needs REDIS_URL too: the job queue and the \
-                            queue layers stay on one Redis"
+                    "REDIS_CLUSTER_URL needs REDIS_URL too: the job queue stays on one Redis"
                         .into(),
                 );
             }

@@ -1,8 +1,9 @@
-//! This step's servers with `REDIS_CLUSTER_URL`: the pub/sub layers on a
+//! This step's servers with `REDIS_CLUSTER_URL`: the channel layers on a
 //! real six-node Redis Cluster (`channels_testkit::RedisCluster`), the job
-//! queue and the queue layers on a Redis of their own (`REDIS_URL`).
+//! queue on a Redis of its own (`REDIS_URL`).
 //!
-//! What must hold: a room spans two servers through the cluster, and when
+//! What must hold: the four showcase layers (two pub/sub, two queue) span
+//! two servers through the cluster; a room spans them too, and when
 //! the master that holds the room's group is killed, its replica takes over
 //! and the room talks again within 5 s, with no change to the app's code.
 //! What was said in between is lost (pub/sub), and the test says how much.
@@ -37,14 +38,8 @@ async fn keyslot(port: u16, name: &str) -> u16 {
         .expect("a slot")
 }
 
-#[tokio::test]
-async fn a_room_on_a_cluster_talks_again_after_its_master_dies() {
-    let Some(mut cluster) = RedisCluster::start().await else {
-        return;
-    };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
+/// Two servers of this step on `cluster`, with `redis` for the jobs.
+async fn servers(cluster: &RedisCluster, redis: &RedisServer) -> (ServerProcess, ServerProcess) {
     let env = [
         ("REDIS_URL", redis.url()),
         ("REDIS_CLUSTER_URL", cluster.url()),
@@ -54,6 +49,51 @@ async fn a_room_on_a_cluster_talks_again_after_its_master_dies() {
     let binary = env!("CARGO_BIN_EXE_step-05-scaling-out");
     let a = ServerProcess::start(binary, &env).await;
     let b = ServerProcess::start(binary, &env).await;
+    (a, b)
+}
+
+#[tokio::test]
+async fn the_showcase_groups_span_two_servers_on_a_cluster() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (a, b) = servers(&cluster, &redis).await;
+    let transcript = Transcript::default();
+    // (endpoint, what A's client sends, what everyone then hears)
+    let cases = [
+        ("/ws/chat", "from A", "💬 from A"),
+        ("/ws/reliable", "from A", "📨 from A"),
+        (
+            "/ws/notifications",
+            r#"{"message": "from A"}"#,
+            r#"{"type":"user","message":"🔔 Notification: from A"}"#,
+        ),
+        ("/ws/analytics", "from A", "📊 Analytics: from A"),
+    ];
+    for (path, said, heard) in cases {
+        let mut on_a = a.connect_as("A", path, &transcript).await;
+        let mut on_b = b.connect_as("B", path, &transcript).await;
+        // Greetings, and B's join where the endpoint announces one.
+        while on_a.try_recv(Duration::from_millis(300)).await.is_some() {}
+        while on_b.try_recv(Duration::from_millis(300)).await.is_some() {}
+        on_a.send_text(said).await;
+        assert_eq!(on_a.recv_text().await, heard, "{path} on A");
+        assert_eq!(on_b.recv_text().await, heard, "{path} on B");
+    }
+}
+
+#[tokio::test]
+async fn a_room_on_a_cluster_talks_again_after_its_master_dies() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let (a, b) = servers(&cluster, &redis).await;
 
     let transcript = Transcript::default();
     let mut alice = a.connect_as("alice@A", ROOM, &transcript).await;

@@ -36,8 +36,9 @@
 //!
 //! **On a Redis Cluster**, [`RedisPubSubLayer::connect_cluster`] uses
 //! sharded pub/sub and follows slots that move and masters that fail over
-//! (Redis 7.0 or newer; a Python peer cannot join it). The queue layer does
-//! not run on a cluster yet. The book's appendix has a section on both.
+//! (Redis 7.0 or newer), and [`RedisClusterLayer`] is the queue layer with a
+//! key layout whose every script touches one slot. A Python peer cannot
+//! join either. The book's appendix has a section on both.
 //!
 //! What these layers do better than channels_redis, without changing the
 //! wire: a cancelled `receive` never loses a message, buffers are bounded
@@ -77,8 +78,8 @@
 //! }
 //! ```
 //!
-//! The modules: `config` ([`RedisConfig`]), `cluster` (the cluster client
-//! and the sharded subscriptions), `wire` (key names, the
+//! The modules: `config` ([`RedisConfig`]), `cluster` (the cluster client,
+//! the sharded subscriptions, and the cluster queue layer), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
 //! supervised connection per host, which reports outages and announces
 //! reconnections), `host` (the pub/sub layer's object per host: its link,
