@@ -415,6 +415,9 @@ impl Inner {
     }
 }
 
+/// What `BZPOPMIN` returns: the key, the member, its score.
+type Popped = (Vec<u8>, Vec<u8>, f64);
+
 /// One popper: pops `key` while a receiver of it waits on an empty buffer,
 /// until the key has no local channel (or the layer is dropped).
 async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: Arc<Demand>) {
@@ -464,7 +467,7 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
                 }
             },
         };
-        let popped: Result<Option<(Vec<u8>, Vec<u8>, f64)>, _> = redis::cmd("BZPOPMIN")
+        let popped: Result<Option<Popped>, _> = redis::cmd("BZPOPMIN")
             .arg(&key)
             .arg(block_secs)
             .query_async(active)
