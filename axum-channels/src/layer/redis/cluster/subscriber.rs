@@ -156,9 +156,14 @@ impl ClusterSubscriber {
         }
         let mut conn = self.subscriber.clone();
         if wants {
-            conn.ssubscribe(name)
-                .await
-                .map_err(|err| backend("SSUBSCRIBE failed", err))?;
+            if let Err(err) = conn.ssubscribe(name).await {
+                // Retried with backoff by the resubscribing task for as
+                // long as the layer still wants it (a `receive` keeps
+                // waiting; a failed `new_channel` or `group_add` has undone
+                // itself, so its name is skipped there).
+                let _ = self.lost.send(Lost::Name(name.to_owned()));
+                return Err(backend("SSUBSCRIBE failed", err));
+            }
             self.subscribed.lock().insert(name.to_owned());
         } else {
             // Forgotten first: if the command fails, the name is not
