@@ -113,9 +113,9 @@ pub struct Backend {
     name: &'static str,
     caps: Capabilities,
     build: Build,
-    /// Keeps the backend's server alive for the test.
+    /// Keeps the backend's server (or cluster) alive for the test.
     #[cfg(feature = "redis")]
-    _server: Option<channels_testkit::RedisServer>,
+    _server: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Backend {
@@ -1277,11 +1277,28 @@ conformance_tests!(
 #[cfg(feature = "redis")]
 conformance_tests!(redis_pubsub, Backend::redis_pubsub().await, expiry = none);
 
+// The same checks on a six-node Redis Cluster of their own per test.
+#[cfg(feature = "redis")]
+conformance_tests!(
+    redis_queue_cluster,
+    Backend::redis_queue_cluster().await,
+    expiry = real_time
+);
+
+#[cfg(feature = "redis")]
+conformance_tests!(
+    redis_pubsub_cluster,
+    Backend::redis_pubsub_cluster().await,
+    expiry = none
+);
+
 /// The Redis backends: each test on a redis-server of its own.
 #[cfg(feature = "redis")]
 mod redis_backends {
-    use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
-    use channels_testkit::RedisServer;
+    use axum_channels::layer::redis::{
+        RedisClusterLayer, RedisConfig, RedisLayer, RedisPubSubLayer,
+    };
+    use channels_testkit::{RedisCluster, RedisServer};
 
     use super::*;
 
@@ -1314,7 +1331,7 @@ mod redis_backends {
                         Arc::new(layer.expect("connect to the test's redis-server")) as Layer
                     })
                 }),
-                _server: Some(server),
+                _server: Some(Box::new(server)),
             })
         }
 
@@ -1337,7 +1354,53 @@ mod redis_backends {
                         Arc::new(layer.expect("connect to the test's redis-server")) as Layer
                     })
                 }),
-                _server: Some(server),
+                _server: Some(Box::new(server)),
+            })
+        }
+
+        pub(crate) async fn redis_queue_cluster() -> Option<Backend> {
+            let cluster = RedisCluster::start().await?;
+            let urls = cluster.urls();
+            Some(Backend {
+                name: "redis_queue_cluster",
+                caps: Capabilities {
+                    name_prefix: "",
+                    capacity: true,
+                    keeps_unreceived: true,
+                    expiry: Expiry::WallClock,
+                    group_expiry: Expiry::WallClock,
+                },
+                build: Box::new(move |limits| {
+                    let config = config(&urls[0], limits).with_hosts(urls.clone());
+                    Box::pin(async move {
+                        let layer = RedisClusterLayer::connect(config).await;
+                        Arc::new(layer.expect("connect to the test's Redis Cluster")) as Layer
+                    })
+                }),
+                _server: Some(Box::new(cluster)),
+            })
+        }
+
+        pub(crate) async fn redis_pubsub_cluster() -> Option<Backend> {
+            let cluster = RedisCluster::start().await?;
+            let urls = cluster.urls();
+            Some(Backend {
+                name: "redis_pubsub_cluster",
+                caps: Capabilities {
+                    name_prefix: "asgi",
+                    capacity: false,
+                    keeps_unreceived: false,
+                    expiry: Expiry::Never,
+                    group_expiry: Expiry::Never,
+                },
+                build: Box::new(move |limits| {
+                    let config = config(&urls[0], limits).with_hosts(urls.clone());
+                    Box::pin(async move {
+                        let layer = RedisPubSubLayer::connect_cluster(config).await;
+                        Arc::new(layer.expect("connect to the test's Redis Cluster")) as Layer
+                    })
+                }),
+                _server: Some(Box::new(cluster)),
             })
         }
     }

@@ -6,6 +6,7 @@
 //! | `PORT`     | `8080`      | port to listen on (0: any free) |
 //! | `RUST_LOG` | `info`      | what to log (`tracing` filter) |
 //! | `REDIS_URL` | unset | the Redis that holds the job queue and carries the results, e.g. `redis://127.0.0.1:6379`; unset keeps both in this process. Several, comma-separated (`redis://10.0.0.1:6379,redis://10.0.0.2:6379`), are shards: the channel layers spread their groups and channels over them, and the job queue stays on the first. Every process lists them in the same order |
+//! | `REDIS_CLUSTER_URL` | unset | a Redis Cluster for the four channel layers instead of `REDIS_URL`, e.g. `redis://10.0.0.1:7000,redis://10.0.0.2:7001`: some or all of its nodes, comma-separated; the client finds the others. Needs `REDIS_URL` too, which keeps the job queue |
 //! | `JOB_DELAY_MS` | unset | how long every job pretends to work, in milliseconds; unset: the original's 1 to 4 s, by job type |
 //! | `WORKER_HEARTBEAT_SECS` | `5` | how often a `worker` tells Redis it is alive; one silent for 3 heartbeats is taken for dead, and its jobs run again |
 //! | `MAX_JOBS_PER_CONNECTION` | `10` | how many jobs one connection may have waiting for their results; past it, a job is refused with an error frame |
@@ -32,6 +33,8 @@ pub struct Config {
     /// The Redis that holds the job queue and carries the results, or `None`
     /// to keep both in this process.
     pub redis_url: Option<String>,
+    /// Nodes of a Redis Cluster for the channel layers, or `None`.
+    pub redis_cluster_url: Option<String>,
     /// How long every job pretends to work, or `None` for the original's
     /// delays (1 to 4 s, by job type). Tests set it to zero.
     pub job_delay: Option<Duration>,
@@ -95,6 +98,22 @@ impl Config {
                 ));
             }
         };
+        let redis_cluster_url = match lookup("REDIS_CLUSTER_URL") {
+            None => None,
+            Some(_) if redis_url.is_none() => {
+                return Err(
+                    "REDIS_CLUSTER_URL needs REDIS_URL too: the job queue stays on one Redis"
+                        .into(),
+                );
+            }
+            Some(url) if redis_hosts(&url).iter().all(|host| host.contains("://")) => Some(url),
+            Some(url) => {
+                return Err(format!(
+                    "REDIS_CLUSTER_URL must list nodes of a Redis Cluster like \
+                     redis://127.0.0.1:7000, separated by commas, not {url:?}"
+                ));
+            }
+        };
         // ANCHOR_END: redis_urls
         let job_delay = match lookup("JOB_DELAY_MS") {
             None => None,
@@ -134,6 +153,7 @@ impl Config {
             host,
             port,
             redis_url,
+            redis_cluster_url,
             job_delay,
             worker_heartbeat,
             max_jobs_per_connection: at_least_one(&lookup, "MAX_JOBS_PER_CONNECTION", 10)?,
@@ -193,6 +213,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port: 8080,
             redis_url: None,
+            redis_cluster_url: None,
             job_delay: None,
             worker_heartbeat: Duration::from_secs(5),
             max_jobs_per_connection: 10,
@@ -277,6 +298,25 @@ mod tests {
         );
         assert_eq!(redis_hosts("redis://a"), ["redis://a"]);
         assert_eq!(config.group_expiry, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_cluster_is_read_next_to_redis_url() {
+        let nodes = "redis://10.0.0.1:7000,redis://10.0.0.2:7001";
+        let both = config(&[
+            ("REDIS_URL", "redis://10.0.0.9:6379"),
+            ("REDIS_CLUSTER_URL", nodes),
+        ])
+        .unwrap();
+        assert_eq!(both.redis_cluster_url.as_deref(), Some(nodes));
+        assert!(config(&[("REDIS_CLUSTER_URL", nodes)]).is_err());
+        assert!(
+            config(&[
+                ("REDIS_URL", "redis://10.0.0.9:6379"),
+                ("REDIS_CLUSTER_URL", "10.0.0.1:7000")
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -411,7 +411,12 @@ impl Backends {
     /// Jobs wait in Redis for `worker` processes; results come back through
     /// Redis pub/sub.
     async fn redis(url: &str, config: &Config) -> Result<Backends, String> {
-        let layers = layers::setup_redis(url, config.group_expiry).await?;
+        let layers = layers::setup_redis(
+            url,
+            config.redis_cluster_url.as_deref(),
+            config.group_expiry,
+        )
+        .await?;
         let storage = redis_storage(&queue_host(url), config.worker_heartbeat).await?;
         let queue = JobQueue {
             store: Store::Redis(Box::new(storage)),
@@ -471,7 +476,12 @@ pub async fn run_worker(config: &Config) -> Result<(), String> {
                     (`cargo xtask step 05 --redis` starts one for you)"
             .into());
     };
-    let layers = layers::setup_redis(url, config.group_expiry).await?;
+    let layers = layers::setup_redis(
+        url,
+        config.redis_cluster_url.as_deref(),
+        config.group_expiry,
+    )
+    .await?;
     let results = layers.get("chat").map_err(|e| e.to_string())?;
     let storage = redis_storage(&queue_host(url), config.worker_heartbeat).await?;
     // Finished jobs leave Redis after a while (see `remove_finished_jobs`).

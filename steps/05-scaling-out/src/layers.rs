@@ -12,12 +12,15 @@
 //!
 //! On Redis, the layers may spread over several servers (shards): every
 //! group and channel lives on one of them, picked by a hash of its name that
-//! every process, Rust or Python, computes the same way.
+//! every process, Rust or Python, computes the same way. Or they go on a
+//! Redis Cluster, where each name lives on the master that owns its slot.
 
 use std::time::Duration;
 
-use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
-use axum_channels::layer::{InMemoryLayer, LayerError, Layers, MemoryConfig};
+use std::sync::Arc;
+
+use axum_channels::layer::redis::{RedisClusterLayer, RedisConfig, RedisLayer, RedisPubSubLayer};
+use axum_channels::layer::{ChannelLayer, InMemoryLayer, LayerError, Layers, MemoryConfig};
 
 use crate::config::redis_hosts;
 
@@ -57,30 +60,49 @@ pub fn setup() -> Layers {
 /// original's, so a Python process configured like it shares them too.
 ///
 /// `url` is `REDIS_URL`: one Redis, or several, comma-separated, each a
-/// shard. The queue layers' memberships last `group_expiry` unless renewed.
-pub async fn setup_redis(url: &str, group_expiry: Duration) -> Result<Layers, String> {
+/// shard. `cluster` is `REDIS_CLUSTER_URL`: with it, the four layers go on
+/// that Redis Cluster instead. The queue layers' memberships last
+/// `group_expiry` unless renewed.
+pub async fn setup_redis(
+    url: &str,
+    cluster: Option<&str>,
+    group_expiry: Duration,
+) -> Result<Layers, String> {
+    let hosts = redis_hosts(cluster.unwrap_or(url));
     let on_redis = |prefix: &str| {
         RedisConfig::default()
-            .with_hosts(redis_hosts(url))
+            .with_hosts(hosts.clone())
             .with_prefix(prefix)
             .with_group_expiry(group_expiry)
     };
     // The error as one line, as `main` prints it.
     let text = |err: LayerError| err.to_string();
-    let chat = RedisPubSubLayer::connect(on_redis("chat"))
-        .await
-        .map_err(text)?;
-    let queue = RedisLayer::connect(
+    // One constructor or the other; the layers they make are the same to
+    // the consumers, which only name the aliases.
+    let pubsub = async |config: RedisConfig| -> Result<Arc<dyn ChannelLayer>, LayerError> {
+        let layer: Arc<dyn ChannelLayer> = match cluster {
+            None => Arc::new(RedisPubSubLayer::connect(config).await?),
+            Some(_) => Arc::new(RedisPubSubLayer::connect_cluster(config).await?),
+        };
+        Ok(layer)
+    };
+    let queue = async |config: RedisConfig| -> Result<Arc<dyn ChannelLayer>, LayerError> {
+        let layer: Arc<dyn ChannelLayer> = match cluster {
+            None => Arc::new(RedisLayer::connect(config).await?),
+            Some(_) => Arc::new(RedisClusterLayer::connect(config).await?),
+        };
+        Ok(layer)
+    };
+    let chat = pubsub(on_redis("chat")).await.map_err(text)?;
+    let reliable = queue(
         on_redis("queue")
             .with_expiry(QUEUE_EXPIRY)
             .with_capacity(QUEUE_CAPACITY),
     )
     .await
     .map_err(text)?;
-    let notifications = RedisPubSubLayer::connect(on_redis("notify"))
-        .await
-        .map_err(text)?;
-    let analytics = RedisLayer::connect(
+    let notifications = pubsub(on_redis("notify")).await.map_err(text)?;
+    let analytics = queue(
         on_redis("analytics")
             .with_expiry(ANALYTICS_EXPIRY)
             .with_capacity(ANALYTICS_CAPACITY),
@@ -88,9 +110,9 @@ pub async fn setup_redis(url: &str, group_expiry: Duration) -> Result<Layers, St
     .await
     .map_err(text)?;
     Ok(Layers::new()
-        .with("chat", chat)
-        .with("queue", queue)
-        .with("notifications", notifications)
-        .with("analytics", analytics))
+        .with_shared("chat", chat)
+        .with_shared("queue", reliable)
+        .with_shared("notifications", notifications)
+        .with_shared("analytics", analytics))
 }
 // ANCHOR_END: setup_redis

@@ -40,7 +40,7 @@ async fn each_room_lives_on_one_shard_and_the_rooms_spread() {
         return;
     };
     let urls = vec![first.url(), second.url()];
-    let layers = setup_redis(&urls.join(","), Duration::from_secs(60))
+    let layers = setup_redis(&urls.join(","), None, Duration::from_secs(60))
         .await
         .expect("the step's layers");
     let chat = layers.get("chat").expect("the chat layer");

@@ -36,7 +36,7 @@ async fn fall_behind<E: LayerEvent>(
     event: impl Fn(String) -> E,
 ) -> String {
     let group_expiry = Config::default().group_expiry;
-    let layers = setup_redis(url, group_expiry)
+    let layers = setup_redis(url, None, group_expiry)
         .await
         .expect("the step's layers");
     let layer = layers.get(alias).expect("the alias");

@@ -40,6 +40,9 @@ pub(crate) trait Interest: Send + Sync + 'static {
     fn wants(&self, name: &str) -> bool;
     /// Every name of host `shard` that should be subscribed now.
     fn wanted_on(&self, shard: usize) -> Vec<String>;
+    /// Every name that should be subscribed now (on a cluster, where
+    /// the slot map, not the layer, says which node has it).
+    fn wanted_all(&self) -> Vec<String>;
 }
 
 /// One caller waiting for its name to be brought in step.

@@ -34,6 +34,12 @@
 //! With redis-py 8, give the Python queue layer a `socket_timeout` above 5 s
 //! (channels_redis#422).
 //!
+//! **On a Redis Cluster**, [`RedisPubSubLayer::connect_cluster`] uses
+//! sharded pub/sub and follows slots that move and masters that fail over
+//! (Redis 7.0 or newer), and [`RedisClusterLayer`] is the queue layer with a
+//! key layout whose every script touches one slot. A Python peer cannot
+//! join either. The book's appendix has a section on both.
+//!
 //! What these layers do better than channels_redis, without changing the
 //! wire: a cancelled `receive` never loses a message, buffers are bounded
 //! and freed when a consumer leaves, a send to a specific channel reaches it
@@ -68,7 +74,8 @@
 //! }
 //! ```
 //!
-//! The modules: `config` ([`RedisConfig`]), `wire` (key names, the
+//! The modules: `config` ([`RedisConfig`]), `cluster` (the cluster client,
+//! the sharded subscriptions, and the cluster queue layer), `wire` (key names, the
 //! consistent hash, the Lua scripts), `codec` (msgpack), `link` (a
 //! supervised connection per host, which reports outages and announces
 //! reconnections), `host` (the pub/sub layer's object per host: its link,
@@ -77,6 +84,7 @@
 //! layers). Messages wait for `receive` in the local buffers all layers
 //! share (`layer/buffers.rs`).
 
+mod cluster;
 mod codec;
 mod config;
 mod host;
@@ -89,6 +97,7 @@ mod wire;
 use std::future::Future;
 use std::time::Duration;
 
+pub use cluster::RedisClusterLayer;
 pub use config::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, MAX_TIMEOUT, RedisConfig};
 pub use link::Reconnected;
 pub use pubsub::RedisPubSubLayer;

@@ -28,6 +28,10 @@
 //! [`RedisPubSubLayer::reconnected`] tells the application. What was
 //! published meanwhile is lost: that is what pub/sub means. A slow reply
 //! alone does not replace the connection (`link.rs`).
+//!
+//! On a Redis Cluster ([`RedisPubSubLayer::connect_cluster`]) the same
+//! local state is kept in step with sharded subscriptions instead, by
+//! `cluster/subscriber.rs`; only [`Transport`] tells the two apart.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, MutexGuard};
@@ -38,6 +42,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::bounded;
+use super::cluster::{self, ClusterSubscriber};
 use super::codec::{self, Route};
 use super::config::RedisConfig;
 use super::host::{Interest, SubscribedHost};
@@ -57,8 +62,15 @@ pub struct RedisPubSubLayer {
 
 struct Inner {
     shared: Arc<Shared>,
-    hosts: Vec<Arc<SubscribedHost>>,
+    transport: Transport,
     reconnected: broadcast::Sender<Reconnected>,
+}
+
+/// Where the subscriptions live: independent hosts (one, or several picked
+/// by consistent hash), or one Redis Cluster (sharded pub/sub).
+enum Transport {
+    Hosts(Vec<Arc<SubscribedHost>>),
+    Cluster(Arc<ClusterSubscriber>),
 }
 
 /// What the connections' readers need too (they exist before the links).
@@ -162,7 +174,8 @@ impl Shared {
     /// A push from a connection's reader: hands a published message to its
     /// channel, or to every local member of its group.
     fn on_push(&self, info: PushInfo) {
-        if info.kind != PushKind::Message {
+        // `SMessage`: a sharded message, on a cluster.
+        if info.kind != PushKind::Message && info.kind != PushKind::SMessage {
             return;
         }
         let Some(msg) = Msg::from_push_info(info) else {
@@ -217,6 +230,22 @@ impl Interest for Shared {
                     .map(|(name, _)| name.as_str()),
             )
             .filter(|name| self.shard(name) == shard)
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn wanted_all(&self) -> Vec<String> {
+        let state = self.lock();
+        state
+            .buffers
+            .channels()
+            .chain(
+                state
+                    .groups
+                    .iter()
+                    .filter(|(_, group)| !group.members.is_empty())
+                    .map(|(name, _)| name.as_str()),
+            )
             .map(str::to_owned)
             .collect()
     }
@@ -275,7 +304,57 @@ impl RedisPubSubLayer {
         Ok(RedisPubSubLayer {
             inner: Arc::new(Inner {
                 shared,
-                hosts,
+                transport: Transport::Hosts(hosts),
+                reconnected,
+            }),
+        })
+    }
+
+    /// Connects to the Redis Cluster whose nodes (some or all of them) are
+    /// `config.hosts`, and uses sharded pub/sub (`SSUBSCRIBE`,
+    /// `SPUBLISH`): each channel and group lives on the master that owns
+    /// its slot, and the layer follows it when the slot moves or the
+    /// master fails over (what was published in between is lost, and
+    /// [`reconnected`](Self::reconnected) says so). Needs Redis 7.0 or
+    /// newer. The names on the wire are the same as on one Redis, but a
+    /// Python peer cannot join: channels_redis has no sharded pub/sub.
+    pub async fn connect_cluster(config: RedisConfig) -> Result<Self, LayerError> {
+        config.validate()?;
+        let shared = Arc::new(Shared {
+            config,
+            state: Locked::default(),
+        });
+        let (lost, lost_receiver) = tokio::sync::mpsc::unbounded_channel();
+        let reader = Arc::downgrade(&shared);
+        let control = lost.clone();
+        // Called by redis-rs's push task for every push of every node.
+        let pushes = move |info: PushInfo| -> Result<(), ()> {
+            if !ClusterSubscriber::on_control_push(&info, &control)
+                && let Some(shared) = reader.upgrade()
+            {
+                shared.on_push(info);
+            }
+            Ok(())
+        };
+        let because = "sharded pub/sub, SSUBSCRIBE and SPUBLISH, came with 7.0";
+        let client = cluster::client(&shared.config, Some(pushes))?;
+        let subscriber = cluster::connect(&client, Version(7, 0), because).await?;
+        let client = cluster::client(&shared.config, None::<fn(PushInfo) -> Result<(), ()>>)?;
+        let publisher = cluster::connect(&client, Version(7, 0), because).await?;
+        let interest: std::sync::Weak<dyn Interest> =
+            Arc::downgrade(&shared) as std::sync::Weak<Shared>;
+        let (reconnected, _) = broadcast::channel(RECONNECTED_BACKLOG);
+        let subscriber = ClusterSubscriber::start(
+            subscriber,
+            publisher,
+            interest,
+            reconnected.clone(),
+            (lost, lost_receiver),
+        );
+        Ok(RedisPubSubLayer {
+            inner: Arc::new(Inner {
+                shared,
+                transport: Transport::Cluster(subscriber),
                 reconnected,
             }),
         })
@@ -313,7 +392,11 @@ impl RedisPubSubLayer {
     /// flight) while the supervisor reconnects and subscribes again.
     #[doc(hidden)]
     pub fn force_reconnect(&self) {
-        for host in &self.inner.hosts {
+        let hosts = match &self.inner.transport {
+            Transport::Hosts(hosts) => hosts,
+            Transport::Cluster(cluster) => return cluster.force_resubscribe(),
+        };
+        for host in hosts {
             if let Some(lingering) = host.link().abandon("forced by a test") {
                 tokio::spawn(async move {
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
@@ -336,13 +419,12 @@ impl RedisPubSubLayer {
                 .open(channel, || shared.config.capacity_of(channel));
             Receiver::new(&shared.state, channel, buffer)
         };
-        let host = inner.host(channel);
         // A name first seen here is subscribed now. If that fails, the
         // supervisor subscribes it with everything else once it reconnects;
         // either way this receive waits, since a consumer must not lose its
         // channel over a passing outage.
-        if !host.is_subscribed(channel) && host.link().is_up() {
-            let result = bounded("subscribe", inner.timeout(), host.sync(channel));
+        if inner.should_subscribe(channel) {
+            let result = bounded("subscribe", inner.timeout(), inner.sync_one(channel));
             if let Err(err) = result.await {
                 tracing::debug!(channel, %err, "subscribing failed; retried after reconnecting");
             }
@@ -353,8 +435,11 @@ impl RedisPubSubLayer {
 
 impl Drop for RedisPubSubLayer {
     fn drop(&mut self) {
-        for host in &self.inner.hosts {
-            host.link().close();
+        // A cluster's connections close when the last clone is dropped.
+        if let Transport::Hosts(hosts) = &self.inner.transport {
+            for host in hosts {
+                host.link().close();
+            }
         }
     }
 }
@@ -368,8 +453,36 @@ impl Inner {
         self.shared.config.command_timeout
     }
 
-    fn host(&self, name: &str) -> &SubscribedHost {
-        &self.hosts[self.shared.shard(name)]
+    fn host<'a>(&self, hosts: &'a [Arc<SubscribedHost>], name: &str) -> &'a SubscribedHost {
+        &hosts[self.shared.shard(name)]
+    }
+
+    /// Brings one name's subscription in step, in its host's next batch.
+    async fn sync_one(&self, name: &str) -> Result<(), LayerError> {
+        match &self.transport {
+            Transport::Hosts(hosts) => self.host(hosts, name).sync(name).await,
+            Transport::Cluster(cluster) => cluster.sync(name).await,
+        }
+    }
+
+    /// [`sync_one`](Self::sync_one) without waiting, for a `Drop`.
+    fn nudge(&self, name: &str) {
+        match &self.transport {
+            Transport::Hosts(hosts) => self.host(hosts, name).nudge(name),
+            Transport::Cluster(cluster) => cluster.nudge(name),
+        }
+    }
+
+    /// Whether `receive` should subscribe `name` now: it is not, and its
+    /// connection is up (else the reconnection will).
+    fn should_subscribe(&self, name: &str) -> bool {
+        match &self.transport {
+            Transport::Hosts(hosts) => {
+                let host = self.host(hosts, name);
+                !host.is_subscribed(name) && host.link().is_up()
+            }
+            Transport::Cluster(cluster) => !cluster.is_subscribed(name),
+        }
     }
 
     /// Publishes `message` on the Redis channel `name`, on the host its
@@ -383,9 +496,15 @@ impl Inner {
     ) -> Result<u64, LayerError> {
         let config = &self.shared.config;
         let payload = codec::encode(message, Route::None, false, config.max_message_size)?;
+        let hosts = match &self.transport {
+            Transport::Hosts(hosts) => hosts,
+            Transport::Cluster(cluster) => {
+                return bounded(call, self.timeout(), cluster.publish(name, payload)).await;
+            }
+        };
         let shard = self.shared.shard(name);
         bounded(call, self.timeout(), async {
-            self.hosts[shard]
+            hosts[shard]
                 .link()
                 .run(|mut conn| async move {
                     redis::cmd("PUBLISH")
@@ -403,8 +522,7 @@ impl Inner {
     /// (see `host.rs`): all of them in the batches of their hosts.
     async fn sync(&self, names: &[&str]) -> Result<(), LayerError> {
         let synced =
-            futures_util::future::join_all(names.iter().map(|name| self.host(name).sync(name)))
-                .await;
+            futures_util::future::join_all(names.iter().map(|name| self.sync_one(name))).await;
         synced.into_iter().collect()
     }
 }
@@ -420,7 +538,7 @@ impl Drop for Unmade<'_> {
         if let Some(channel) = self.channel {
             self.inner.shared.lock().buffers.remove(channel);
             // Its batch may still subscribe it; the next one undoes that.
-            self.inner.host(channel).nudge(channel);
+            self.inner.nudge(channel);
         }
     }
 }
@@ -507,7 +625,7 @@ impl ChannelLayer for RedisPubSubLayer {
             let mut state = shared.lock();
             if new_member && state.leave(&name, channel) {
                 drop(state);
-                inner.host(&name).nudge(&name);
+                inner.nudge(&name);
             }
         }
         joined
@@ -542,13 +660,18 @@ impl ChannelLayer for RedisPubSubLayer {
             // pushes in order with replies, so every message that reached
             // this process before the flush is in a buffer by now, and is
             // dropped below rather than delivered after the flush.
-            let links = inner.hosts.iter().map(|host| host.link());
-            let pings = links.filter(|link| link.is_up()).map(|link| {
-                link.run(
-                    |mut conn| async move { redis::cmd("PING").query_async::<()>(&mut conn).await },
-                )
-            });
-            let barrier = futures_util::future::join_all(pings).await;
+            let barrier = match &inner.transport {
+                Transport::Hosts(hosts) => {
+                    let links = hosts.iter().map(|host| host.link());
+                    let pings = links.filter(|link| link.is_up()).map(|link| {
+                        link.run(|mut conn| async move {
+                            redis::cmd("PING").query_async::<()>(&mut conn).await
+                        })
+                    });
+                    futures_util::future::join_all(pings).await
+                }
+                Transport::Cluster(cluster) => vec![cluster.ping().await],
+            };
             let groups: Vec<String> = {
                 let mut state = inner.shared().lock();
                 for (_, buffer) in state.buffers.iter_mut() {

@@ -44,7 +44,13 @@ async fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let layers = match setup_redis(&url, config.group_expiry).await {
+    let layers = match setup_redis(
+        &url,
+        config.redis_cluster_url.as_deref(),
+        config.group_expiry,
+    )
+    .await
+    {
         Ok(layers) => layers,
         Err(err) => {
             eprintln!("error: {err}; start Redis, or set REDIS_URL to the server's");

@@ -1,0 +1,624 @@
+//! [`RedisClusterLayer`]: the queue layer on a Redis Cluster. Messages wait
+//! in Redis sorted sets until received or expired, as with [`RedisLayer`]
+//! (`super::super::RedisLayer`), with capacity, expiry and group expiry
+//! meaning the same; only the key layout differs, so that every command and
+//! script touches one slot:
+//!
+//! | what | one Redis (Python's layout) | cluster (ours) |
+//! |---|---|---|
+//! | a channel's messages | `{prefix}{non-local name}` | `{prefix}{{non-local name}}`: the hash tag keeps the key whole in one slot, and the channels of one process share it |
+//! | a group's members | `{prefix}:group:{group}` | the same: one key, its own slot |
+//!
+//! `group_send` reads the members (one command on the group's slot),
+//! groups their channel keys by slot, and runs Python's group-send script
+//! once per slot, concurrently, so a room whose members are spread over
+//! many processes costs one script call per slot they occupy. A Python
+//! process cannot share this layout: its scripts touch several slots, and
+//! redis-py's cluster client refuses them.
+//!
+//! Receiving: one popper task per key this process reads, each on a
+//! cluster connection of its own (a blocking `BZPOPMIN` would stall every
+//! other command to that node on a shared connection), popping only while a
+//! receiver waits on an empty buffer, so that messages nobody waits for stay
+//! in Redis where capacity and expiry apply. The popper follows its slot
+//! through moves and failovers as any cluster command does (`MOVED`, slot
+//! map refresh, retries), and backs off while the cluster refuses.
+//!
+//! Simpler than the single-Redis queue layer, and said so in the book: no
+//! grace period or spare connections for poppers (a popper ends when its
+//! key has no local channel left), a plain channel's message popped for a
+//! receiver that went away meanwhile is lost rather than given back, and
+//! memberships are not written again after a failover (the runner renews
+//! them every half `group_expiry`, which restores them).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Script;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use tokio::time::Instant;
+
+use super::{backend, slot};
+use crate::layer::buffers::{
+    Demand, Entry, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull,
+};
+use crate::layer::episode::Episode;
+use crate::layer::redis::bounded;
+use crate::layer::redis::codec::{self, Route};
+use crate::layer::redis::config::RedisConfig;
+use crate::layer::redis::link::{BACKOFF_MAX, BACKOFF_MIN};
+use crate::layer::redis::wire::{
+    GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
+    queue_channel_name, score_arg, uuid4_hex,
+};
+use crate::layer::{
+    ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
+};
+
+/// The queue layer on a Redis Cluster. See the module documentation, and
+/// [`RedisLayer`](super::super::RedisLayer) for what a queue layer is.
+pub struct RedisClusterLayer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    client_prefix: String,
+    conn: ClusterConnection,
+    /// For poppers' connections: no response timeout at or below the block.
+    popper_client: ClusterClient,
+    group_send: Script,
+    state: Locked<State>,
+}
+
+struct State {
+    buffers: LocalBuffers,
+    /// Channel key → its local channels and the demand its popper reads.
+    keys: HashMap<String, Key>,
+    /// Local channel → the groups it joined here (left on close).
+    memberships: HashMap<String, HashSet<String>>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            buffers: LocalBuffers::new(WhenFull::DropOldest),
+            keys: HashMap::new(),
+            memberships: HashMap::new(),
+        }
+    }
+}
+
+struct Key {
+    channels: usize,
+    demand: Arc<Demand>,
+}
+
+impl HoldsBuffers for State {
+    type Extra = ();
+
+    fn buffers(&mut self) -> &mut LocalBuffers {
+        &mut self.buffers
+    }
+}
+
+/// The cluster layout's key for a channel: `{prefix}{{non-local name}}`.
+pub(crate) fn cluster_channel_key(prefix: &str, channel: &str) -> String {
+    format!("{prefix}{{{}}}", non_local_name(channel))
+}
+
+impl RedisClusterLayer {
+    /// Connects to the Redis Cluster whose nodes (some or all) are
+    /// `config.hosts`; needs Redis 5.0 or newer (`BZPOPMIN`).
+    pub async fn connect(config: RedisConfig) -> Result<Self, LayerError> {
+        config.validate()?;
+        let because = "the queue layer pops with BZPOPMIN";
+        let client = super::client(&config, None::<fn(redis::PushInfo) -> Result<(), ()>>)?;
+        let conn = super::connect(&client, Version(5, 0), because).await?;
+        let popper_config = RedisConfig {
+            command_timeout: config.block_timeout + config.command_timeout,
+            ..config.clone()
+        };
+        let popper_client = super::client(
+            &popper_config,
+            None::<fn(redis::PushInfo) -> Result<(), ()>>,
+        )?;
+        Ok(RedisClusterLayer {
+            inner: Arc::new(Inner {
+                config,
+                client_prefix: uuid4_hex(),
+                conn,
+                popper_client,
+                group_send: Script::new(GROUP_SEND_LUA),
+                state: Locked::default(),
+            }),
+        })
+    }
+
+    /// The configuration this layer runs with.
+    pub fn config(&self) -> &RedisConfig {
+        &self.inner.config
+    }
+
+    /// How many local channels have a buffer here right now.
+    pub fn local_channels(&self) -> usize {
+        self.inner.lock().buffers.len()
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
+    }
+
+    fn key(&self, channel: &str) -> String {
+        cluster_channel_key(&self.config.prefix, channel)
+    }
+
+    /// Opens `channel`'s buffer if it has none, counted in its key's
+    /// demand, and starts the key's popper if it has none.
+    fn open<'s>(
+        self: &Arc<Self>,
+        state: &'s mut State,
+        channel: &str,
+    ) -> &'s mut crate::layer::buffers::Buffer {
+        if !state.buffers.contains(channel) {
+            let key = self.key(channel);
+            let entry = state.keys.entry(key.clone()).or_insert_with(|| {
+                let demand = Arc::new(Demand::default());
+                let plain = (!channel.contains('!')).then(|| channel.to_owned());
+                tokio::spawn(popper(
+                    Arc::downgrade(self),
+                    key.clone(),
+                    plain,
+                    Arc::clone(&demand),
+                ));
+                Key {
+                    channels: 0,
+                    demand,
+                }
+            });
+            entry.channels += 1;
+            let demand = Arc::clone(&entry.demand);
+            let capacity = self.config.capacity_of(channel);
+            state.buffers.open_counted(channel, capacity, || demand);
+        }
+        state.buffers.get_mut(channel).expect("opened above")
+    }
+
+    /// Removes `channel`'s buffer; its key's popper stops when it was the
+    /// last.
+    fn close(&self, state: &mut State, channel: &str) {
+        if state.buffers.remove(channel).is_none() {
+            return;
+        }
+        let key = self.key(channel);
+        if let Some(entry) = state.keys.get_mut(&key) {
+            entry.channels = entry.channels.saturating_sub(1);
+            if entry.channels == 0 {
+                entry.demand.bell().notify_waiters();
+            }
+        }
+    }
+
+    /// When a message sent at `score` expires on this process's clock.
+    fn expires(&self, score: f64, now: Instant) -> Option<Instant> {
+        let expiry = self.config.expiry_secs() as f64;
+        let left = (expiry - (now_secs() - score)).clamp(0.0, expiry);
+        now.checked_add(Duration::try_from_secs_f64(left).ok()?)
+    }
+
+    fn deliver(&self, key: &str, plain: Option<&str>, member: &[u8], score: f64) {
+        let Some(decoded) = codec::read(member, true, self.config.max_message_size, key) else {
+            return;
+        };
+        let now = Instant::now();
+        let expires = self.expires(score, now);
+        let message = Arc::new(decoded.message);
+        let mut state = self.lock();
+        let names: Vec<String> = match (plain, decoded.route) {
+            (Some(name), _) => vec![name.to_owned()],
+            (None, Some(route)) => route,
+            (None, None) => {
+                tracing::warn!(key, "dropped a message without __asgi_channel__");
+                return;
+            }
+        };
+        for name in &names {
+            match state.buffers.get_mut(name) {
+                Some(buffer) => {
+                    let _ = buffer.push(name, Entry::new(Arc::clone(&message), expires), now);
+                }
+                None => tracing::debug!(channel = name, "dropped a message for a closed channel"),
+            }
+        }
+    }
+
+    async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
+        let route = if channel.contains('!') {
+            Route::One(channel)
+        } else {
+            Route::None
+        };
+        let payload = codec::encode(&message, route, true, self.config.max_message_size)?;
+        let key = self.key(channel);
+        let capacity = self.config.capacity_of(channel);
+        let expiry = self.config.expiry_secs();
+        let mut conn = self.conn.clone();
+        let now = now_secs();
+        let (count,): (usize,) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&key)
+            .arg(0)
+            .arg(purge_below(now, expiry))
+            .ignore()
+            .cmd("ZCOUNT")
+            .arg(&key)
+            .arg("-inf")
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| backend("send failed", err))?;
+        if count >= capacity {
+            metrics::counter!("axum_channels_layer_channel_full_total").increment(1);
+            return Err(LayerError::ChannelFull {
+                channel: channel.to_owned(),
+            });
+        }
+        redis::pipe()
+            .cmd("ZADD")
+            .arg(&key)
+            .arg(score_arg(now))
+            .arg(payload)
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(&key)
+            .arg(expiry)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|err| backend("send failed", err))
+    }
+
+    async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
+        codec::encode(&message, Route::None, true, self.config.max_message_size)?;
+        let gkey = group_key(&self.config.prefix, group);
+        let mut conn = self.conn.clone();
+        let (members,): (Vec<String>,) = redis::pipe()
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&gkey)
+            .arg(0)
+            .arg(purge_below(now_secs(), self.config.group_expiry_secs()))
+            .ignore()
+            .cmd("ZRANGE")
+            .arg(&gkey)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| backend("group_send failed", err))?;
+        // Channel key → its member channels, then slot → its keys.
+        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for member in members {
+            by_key.entry(self.key(&member)).or_default().push(member);
+        }
+        let mut by_slot: BTreeMap<u16, Vec<(String, Vec<String>)>> = BTreeMap::new();
+        for (key, channels) in by_key {
+            by_slot
+                .entry(slot(key.as_bytes()))
+                .or_default()
+                .push((key, channels));
+        }
+        let now = score_arg(now_secs());
+        let expiry = self.config.expiry_secs();
+        let mut calls = Vec::with_capacity(by_slot.len());
+        for writes in by_slot.into_values() {
+            let mut invocation = self.group_send.prepare_invoke();
+            for (key, _) in &writes {
+                invocation.key(key);
+            }
+            for (_, channels) in &writes {
+                let payload = codec::encode(
+                    &message,
+                    Route::Many(channels),
+                    true,
+                    self.config.max_message_size,
+                )?;
+                invocation.arg(payload);
+            }
+            for (_, channels) in &writes {
+                invocation.arg(self.config.capacity_of(&channels[0]));
+            }
+            invocation.arg(&now).arg(expiry);
+            let mut conn = self.conn.clone();
+            calls.push(async move { invocation.invoke_async::<usize>(&mut conn).await });
+        }
+        let mut over = 0;
+        for result in futures_util::future::join_all(calls).await {
+            over += result.map_err(|err| backend("group_send failed", err))?;
+        }
+        if over > 0 {
+            metrics::counter!("axum_channels_layer_channel_full_total").increment(over as u64);
+            tracing::debug!(group, over, "group_send skipped members at capacity");
+        }
+        Ok(())
+    }
+
+    /// Deletes every key of this layer's prefix on every master (`SCAN`
+    /// on each, by address), and empties the local buffers and groups.
+    async fn flush(&self) -> Result<(), LayerError> {
+        let mut conn = self.conn.clone();
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut conn)
+            .await
+            .map_err(|err| backend("CLUSTER NODES failed", err))?;
+        let pattern = format!("{}*", escape_glob(&self.config.prefix));
+        let prefix = &self.config.prefix;
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split(' ').collect();
+            if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let address = fields[1].split('@').next().unwrap_or_default();
+            let Some((host, port)) = address.rsplit_once(':') else {
+                continue;
+            };
+            let Ok(port) = port.parse::<u16>() else {
+                continue;
+            };
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.to_owned(),
+                port,
+            });
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(500);
+                let reply = conn
+                    .route_command(scan, route.clone())
+                    .await
+                    .map_err(|err| backend("SCAN failed", err))?;
+                let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)
+                    .map_err(|err| backend("SCAN failed", err.into()))?;
+                for key in keys {
+                    let ours = key[prefix.len()..].starts_with('{')
+                        || key[prefix.len()..].starts_with(":group:");
+                    if ours {
+                        redis::cmd("UNLINK")
+                            .arg(&key)
+                            .query_async::<()>(&mut conn)
+                            .await
+                            .map_err(|err| backend("UNLINK failed", err))?;
+                    }
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        let mut state = self.lock();
+        for (_, buffer) in state.buffers.iter_mut() {
+            buffer.clear();
+        }
+        state.memberships.clear();
+        Ok(())
+    }
+}
+
+/// What `BZPOPMIN` returns: the key, the member, its score.
+type Popped = (Vec<u8>, Vec<u8>, f64);
+
+/// One popper: pops `key` while a receiver of it waits on an empty buffer,
+/// until the key has no local channel (or the layer is dropped).
+async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: Arc<Demand>) {
+    let mut conn: Option<ClusterConnection> = None;
+    let mut backoff = BACKOFF_MIN;
+    let mut episode = Episode::default();
+    loop {
+        // Until a receiver is hungry; a look every second, to stop.
+        loop {
+            let rung = demand.bell().notified();
+            let Some(layer) = inner.upgrade() else {
+                return;
+            };
+            {
+                let mut state = layer.lock();
+                if state.keys.get(&key).is_none_or(|entry| entry.channels == 0) {
+                    state.keys.remove(&key);
+                    return;
+                }
+            }
+            drop(layer);
+            if demand.hungry() > 0 {
+                break;
+            }
+            tokio::select! {
+                () = rung => {}
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        let Some(layer) = inner.upgrade() else {
+            return;
+        };
+        let block_secs = layer.config.block_secs();
+        let client = layer.popper_client.clone();
+        drop(layer);
+        let active = match conn.as_mut() {
+            Some(active) => active,
+            None => match client.get_async_connection().await {
+                Ok(opened) => conn.insert(opened),
+                Err(err) => {
+                    if episode.start() {
+                        tracing::warn!(key, %err, "cannot reach the Redis Cluster to receive; retrying");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            },
+        };
+        let popped: Result<Option<Popped>, _> = redis::cmd("BZPOPMIN")
+            .arg(&key)
+            .arg(block_secs)
+            .query_async(active)
+            .await;
+        match popped {
+            Ok(one) => {
+                backoff = BACKOFF_MIN;
+                if let Some(lasted) = episode.end() {
+                    tracing::info!(key, ?lasted, "receiving from the Redis Cluster again");
+                }
+                if let Some((_, member, score)) = one {
+                    let Some(layer) = inner.upgrade() else {
+                        return;
+                    };
+                    layer.deliver(&key, plain.as_deref(), &member, score);
+                }
+            }
+            Err(err) => {
+                conn = None;
+                if episode.start() {
+                    tracing::warn!(key, %err, "receiving from the Redis Cluster failed; retrying");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ChannelLayer for RedisClusterLayer {
+    async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
+        let name = queue_channel_name(prefix, &self.inner.client_prefix);
+        validate_channel_name(&name)?;
+        let mut state = self.inner.lock();
+        self.inner.open(&mut state, &name);
+        Ok(name)
+    }
+
+    async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        bounded(
+            "send",
+            inner.config.command_timeout,
+            inner.send(channel, message),
+        )
+        .await
+    }
+
+    async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        let receiver = {
+            let mut state = inner.lock();
+            let buffer = inner.open(&mut state, channel);
+            Receiver::new(&inner.state, channel, buffer)
+        };
+        Ok(receiver.next().await.into_message())
+    }
+
+    async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        let gkey = group_key(&inner.config.prefix, group);
+        let mut conn = inner.conn.clone();
+        bounded("group_add", inner.config.command_timeout, async {
+            redis::pipe()
+                .cmd("ZADD")
+                .arg(&gkey)
+                .arg(score_arg(now_secs()))
+                .arg(channel)
+                .ignore()
+                .cmd("EXPIRE")
+                .arg(&gkey)
+                .arg(inner.config.group_expiry_secs())
+                .ignore()
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|err| backend("group_add failed", err))
+        })
+        .await?;
+        if inner.lock().buffers.contains(channel) {
+            inner
+                .lock()
+                .memberships
+                .entry(channel.to_owned())
+                .or_default()
+                .insert(group.to_owned());
+        }
+        Ok(())
+    }
+
+    async fn group_discard(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        if let Some(groups) = inner.lock().memberships.get_mut(channel) {
+            groups.remove(group);
+        }
+        let gkey = group_key(&inner.config.prefix, group);
+        let mut conn = inner.conn.clone();
+        bounded("group_discard", inner.config.command_timeout, async {
+            redis::cmd("ZREM")
+                .arg(&gkey)
+                .arg(channel)
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(|err| backend("group_discard failed", err))
+        })
+        .await
+    }
+
+    async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
+        validate_group_name(group)?;
+        let inner = &self.inner;
+        bounded(
+            "group_send",
+            inner.config.command_timeout,
+            inner.group_send(group, message),
+        )
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), LayerError> {
+        let inner = &self.inner;
+        bounded("flush", inner.config.command_timeout, inner.flush()).await
+    }
+
+    async fn close_channel(&self, channel: &str) -> Result<(), LayerError> {
+        validate_channel_name(channel)?;
+        let inner = &self.inner;
+        let groups = {
+            let mut state = inner.lock();
+            match state.buffers.get(channel) {
+                None => return Ok(()),
+                Some(buffer) if buffer.is_waited_on() => return Ok(()),
+                Some(_) => {}
+            }
+            inner.close(&mut state, channel);
+            state.memberships.remove(channel).unwrap_or_default()
+        };
+        for group in groups {
+            self.group_discard(&group, channel).await?;
+        }
+        Ok(())
+    }
+
+    /// Memberships lapse after `group_expiry`: the runner renews them.
+    fn group_expiry(&self) -> Option<Duration> {
+        Some(self.inner.config.group_expiry)
+    }
+}

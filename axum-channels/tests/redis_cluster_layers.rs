@@ -1,0 +1,424 @@
+//! The Redis layers on a real Redis Cluster (six nodes that
+//! `channels_testkit::RedisCluster` starts per test) while the cluster
+//! changes under them: a slot moved to another master, a master failed over
+//! on purpose (`CLUSTER FAILOVER`), and a master killed. The conformance
+//! suite runs on a cluster too (`layer_conformance.rs`,
+//! `redis_pubsub_cluster`); these are the faults it cannot show.
+//!
+//! Each test sends numbered messages at a steady pace throughout, and
+//! states on stderr what was lost: on pub/sub, what was published between
+//! the slot leaving its node and the layer subscribing again on the new
+//! owner, which the tests bound.
+//!
+//! The queue layer (`RedisClusterLayer`) keeps messages in Redis, so it
+//! must lose nothing when a slot moves; its `group_send` reaches members
+//! whose keys are in different slots, one script call per slot.
+//!
+//! Without redis-server and redis-cli every test says so on stderr and
+//! passes; under `CI=true` it fails.
+#![cfg(feature = "redis")]
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_channels::layer::redis::{
+    RedisClusterLayer, RedisConfig, RedisPubSubLayer, non_local_name,
+};
+use axum_channels::layer::{ChannelLayer, LayerMessage};
+use channels_testkit::RedisCluster;
+use serde_json::json;
+use tokio::time::{Instant, sleep, timeout};
+
+/// One message every `PACE` while a test runs.
+const PACE: Duration = Duration::from_millis(10);
+
+/// How soon messages must flow again after the cluster changed.
+const RECOVERY: Duration = Duration::from_secs(5);
+
+fn numbered(n: u64) -> LayerMessage {
+    json!({"type": "test.message", "n": n})
+        .as_object()
+        .expect("an object")
+        .clone()
+}
+
+fn config(cluster: &RedisCluster) -> RedisConfig {
+    RedisConfig::default()
+        .with_hosts(cluster.urls())
+        .with_block_timeout(Duration::from_secs(1))
+}
+
+async fn pubsub(cluster: &RedisCluster) -> Arc<RedisPubSubLayer> {
+    Arc::new(
+        RedisPubSubLayer::connect_cluster(config(cluster))
+            .await
+            .expect("connect the pub/sub layer to the cluster"),
+    )
+}
+
+/// `CLUSTER KEYSLOT name`, asked of the cluster.
+async fn keyslot(cluster: &RedisCluster, name: &str) -> u16 {
+    let client = redis::Client::open(cluster.urls()[0].as_str()).expect("a URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to a node");
+    redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(name)
+        .query_async(&mut conn)
+        .await
+        .expect("CLUSTER KEYSLOT")
+}
+
+/// Another master than the one on `port`.
+async fn other_master(cluster: &RedisCluster, port: u16) -> u16 {
+    cluster
+        .nodes()
+        .await
+        .into_iter()
+        .find(|node| node.master && node.port != port && !node.slots.is_empty())
+        .expect("three masters")
+        .port
+}
+
+fn say(line: String) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// A room's traffic: `receiver` is in group `room` through one channel;
+/// a task group-sends numbered messages from `sender` every `PACE` until
+/// stopped. Returns what the receiver got.
+struct Traffic {
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    sender: tokio::task::JoinHandle<()>,
+    receiver: tokio::task::JoinHandle<Vec<(u64, Instant)>>,
+}
+
+impl Traffic {
+    async fn start(sender: Arc<RedisPubSubLayer>, receiver: Arc<RedisPubSubLayer>) -> Traffic {
+        let channel = receiver.new_channel("test").await.expect("new_channel");
+        receiver
+            .group_add("room", &channel)
+            .await
+            .expect("group_add");
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let counter = Arc::clone(&sent);
+        let sending = tokio::spawn(async move {
+            let mut n = 0;
+            while !*stopped.borrow() {
+                n += 1;
+                // A send may fail while the slot's owner is away: it counts
+                // as sent (and lost), as an app would see it.
+                let _ = sender.group_send("room", numbered(n)).await;
+                counter.store(n, std::sync::atomic::Ordering::SeqCst);
+                sleep(PACE).await;
+            }
+        });
+        let receiving = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Ok(Ok(message)) = timeout(RECOVERY * 2, receiver.receive(&channel)).await {
+                let n = message["n"].as_u64().expect("numbered");
+                got.push((n, Instant::now()));
+                if n == u64::MAX {
+                    break;
+                }
+            }
+            got
+        });
+        Traffic {
+            sent,
+            stop,
+            sender: sending,
+            receiver: receiving,
+        }
+    }
+
+    /// Stops sending, waits for the last message to arrive, and returns
+    /// the numbers received and the last number sent.
+    async fn finish(self, sender: &RedisPubSubLayer) -> (Vec<(u64, Instant)>, u64) {
+        let _ = self.stop.send(true);
+        let last_sent = Arc::clone(&self.sent);
+        self.sender.await.expect("the sender");
+        let last = last_sent.load(std::sync::atomic::Ordering::SeqCst);
+        sender
+            .group_send("room", numbered(u64::MAX))
+            .await
+            .expect("the last send");
+        let got = self.receiver.await.expect("the receiver");
+        (got, last)
+    }
+}
+
+/// What a change of the cluster cost the room: asserts that messages
+/// flowed again within `RECOVERY` of `changed`, and that nothing sent
+/// after they did was lost; says how many were lost.
+fn report(what: &str, got: &[(u64, Instant)], last: u64, changed: Instant) -> usize {
+    let received: BTreeSet<u64> = got.iter().map(|(n, _)| *n).collect();
+    assert!(
+        received.contains(&u64::MAX),
+        "{what}: the last message arrived"
+    );
+    // The longest silence the receiver saw: the cost of the change.
+    let mut arrivals: Vec<Instant> = got.iter().map(|(_, at)| *at).collect();
+    arrivals.insert(0, changed);
+    let gap = arrivals
+        .windows(2)
+        .filter(|pair| pair[1] >= changed)
+        .map(|pair| pair[1].saturating_duration_since(pair[0]))
+        .max()
+        .unwrap_or_default();
+    assert!(gap < RECOVERY, "{what}: no message for {gap:?}");
+    let lost: Vec<u64> = (1..=last).filter(|n| !received.contains(n)).collect();
+    // Once flowing again, nothing more is lost: every number after the
+    // last lost one arrived.
+    if let Some(&newest_lost) = lost.last() {
+        assert!(
+            newest_lost < last,
+            "{what}: the most recent message was lost: {lost:?}"
+        );
+    }
+    say(format!(
+        "cluster: {what}: pub/sub lost {} of {last} messages sent every {PACE:?} \
+         (numbers {:?}); longest silence {gap:?}",
+        lost.len(),
+        lost
+    ));
+    lost.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_follows_a_group_whose_slot_moves() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let sender = pubsub(&cluster).await;
+    let receiver = pubsub(&cluster).await;
+    let mut reconnected = receiver.reconnected();
+    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
+    sleep(Duration::from_millis(300)).await;
+
+    let slot = keyslot(&cluster, "asgi__group__room").await;
+    let from = cluster.master_of(slot).await.port;
+    let to = other_master(&cluster, from).await;
+    let changed = Instant::now();
+    cluster.move_slot(slot, to).await;
+    assert_eq!(cluster.master_of(slot).await.port, to);
+
+    // The layer saw its subscription end and subscribed again.
+    let event = timeout(RECOVERY, reconnected.recv())
+        .await
+        .expect("a Reconnected event within 5 s of the slot move")
+        .expect("an event");
+    say(format!(
+        "cluster: slot move: resubscribed after {:?}",
+        event.down_for
+    ));
+    sleep(Duration::from_millis(500)).await;
+    let (got, last) = traffic.finish(&sender).await;
+    let lost = report("slot move", &got, last, changed);
+    // At most what was sent in the resubscription window.
+    assert!(lost <= 100, "lost {lost}: more than 1 s of traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_follows_a_planned_failover() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let sender = pubsub(&cluster).await;
+    let receiver = pubsub(&cluster).await;
+    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
+    sleep(Duration::from_millis(300)).await;
+
+    let slot = keyslot(&cluster, "asgi__group__room").await;
+    let master = cluster.master_of(slot).await.port;
+    let changed = Instant::now();
+    cluster.failover(master).await;
+    cluster.wait_until_ok(RECOVERY).await;
+    sleep(Duration::from_millis(1500)).await;
+    let (got, last) = traffic.finish(&sender).await;
+    let lost = report("CLUSTER FAILOVER", &got, last, changed);
+    assert!(lost <= 300, "lost {lost}: more than 3 s of traffic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_survives_a_killed_master() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let sender = pubsub(&cluster).await;
+    let receiver = pubsub(&cluster).await;
+    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
+    sleep(Duration::from_millis(300)).await;
+
+    let slot = keyslot(&cluster, "asgi__group__room").await;
+    let master = cluster.master_of(slot).await.port;
+    let changed = Instant::now();
+    cluster.kill(master).await;
+    cluster.wait_for_takeover(master, RECOVERY * 2).await;
+    say(format!(
+        "cluster: killed master: a replica took over after {:?}",
+        changed.elapsed()
+    ));
+    sleep(Duration::from_secs(2)).await;
+    let (got, last) = traffic.finish(&sender).await;
+    report("killed master", &got, last, changed);
+}
+
+async fn queue(cluster: &RedisCluster) -> Arc<RedisClusterLayer> {
+    Arc::new(
+        RedisClusterLayer::connect(config(cluster))
+            .await
+            .expect("connect the queue layer to the cluster"),
+    )
+}
+
+/// The cluster layout's key of a queue channel (`{prefix}{{non-local}}`).
+fn queue_key(channel: &str) -> String {
+    format!("asgi{{{}}}", non_local_name(channel))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_send_reaches_members_in_every_slot() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    // Six processes, each with a member: six keys, in slots of their own.
+    let mut members = Vec::new();
+    let mut masters = BTreeSet::new();
+    for _ in 0..6 {
+        let layer = queue(&cluster).await;
+        let channel = layer.new_channel("specific").await.expect("new_channel");
+        layer.group_add("room", &channel).await.expect("group_add");
+        let slot = keyslot(&cluster, &queue_key(&channel)).await;
+        masters.insert(cluster.master_of(slot).await.port);
+        members.push((layer, channel));
+    }
+    assert!(
+        masters.len() >= 2,
+        "the members' keys should span several masters, not {masters:?}"
+    );
+    let sender = queue(&cluster).await;
+    for n in 1..=3 {
+        sender
+            .group_send("room", numbered(n))
+            .await
+            .expect("group_send");
+    }
+    for (layer, channel) in &members {
+        for n in 1..=3 {
+            let message = timeout(RECOVERY, layer.receive(channel))
+                .await
+                .expect("a member got the group message")
+                .expect("receive");
+            assert_eq!(message["n"], n);
+        }
+    }
+    say(format!(
+        "cluster: queue group_send reached 6 members on {} masters",
+        masters.len()
+    ));
+}
+
+/// Sends `count` numbered messages to `channel` at `PACE` while `change`
+/// runs, then receives: the queue layer must deliver every one, in order.
+async fn queue_keeps_everything_while(
+    cluster: &mut RedisCluster,
+    what: &str,
+    change: impl AsyncFnOnce(&mut RedisCluster, u16),
+) {
+    let receiver = queue(cluster).await;
+    let sender = queue(cluster).await;
+    let channel = receiver.new_channel("specific").await.expect("new_channel");
+    receiver
+        .group_add("room", &channel)
+        .await
+        .expect("group_add");
+    let slot = keyslot(cluster, &queue_key(&channel)).await;
+    let count: u64 = 200;
+    let sending = {
+        let sender = Arc::clone(&sender);
+        tokio::spawn(async move {
+            let mut failed = Vec::new();
+            for n in 1..=count {
+                // A send that fails is the caller's to retry; count it.
+                if sender.group_send("room", numbered(n)).await.is_err() {
+                    failed.push(n);
+                }
+                sleep(PACE).await;
+            }
+            failed
+        })
+    };
+    let receiving = {
+        let receiver = Arc::clone(&receiver);
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Ok(Ok(message)) = timeout(RECOVERY * 2, receiver.receive(&channel)).await {
+                let n = message["n"].as_u64().expect("numbered");
+                got.push(n);
+                if n == count {
+                    break;
+                }
+            }
+            got
+        })
+    };
+    sleep(Duration::from_millis(300)).await;
+    change(cluster, slot).await;
+    let failed = sending.await.expect("the sender");
+    let got = receiving.await.expect("the receiver");
+    let expected: Vec<u64> = (1..=count).filter(|n| !failed.contains(n)).collect();
+    say(format!(
+        "cluster: queue, {what}: received {} of {count}; {} sends failed and were not retried ({failed:?})",
+        got.len(),
+        failed.len()
+    ));
+    assert_eq!(
+        got, expected,
+        "{what}: every accepted message, once, in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_loses_nothing_when_its_slot_moves() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    queue_keeps_everything_while(&mut cluster, "slot move", async |cluster, slot| {
+        let from = cluster.master_of(slot).await.port;
+        let to = other_master(cluster, from).await;
+        cluster.move_slot(slot, to).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_loses_nothing_in_a_planned_failover() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    queue_keeps_everything_while(&mut cluster, "CLUSTER FAILOVER", async |cluster, slot| {
+        let master = cluster.master_of(slot).await.port;
+        cluster.failover(master).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_across_a_killed_master() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    queue_keeps_everything_while(&mut cluster, "killed master", async |cluster, slot| {
+        let master = cluster.master_of(slot).await.port;
+        cluster.kill(master).await;
+        cluster.wait_for_takeover(master, RECOVERY * 2).await;
+    })
+    .await;
+}
