@@ -107,6 +107,49 @@ pub(crate) fn purge_below(now: f64, lifetime_secs: u64) -> i64 {
     (now as i64).saturating_sub(lifetime)
 }
 
+/// A plain send, as Python's layer does it: purge `key`'s expired messages,
+/// and add `payload` unless the key already holds `capacity` of them.
+/// `false` when it was full. Two round trips, not a script: the check and
+/// the add are not atomic, in Python either, so a burst may overshoot the
+/// capacity by a few.
+pub(crate) async fn push_within_capacity<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    payload: Vec<u8>,
+    capacity: usize,
+    expiry: u64,
+) -> redis::RedisResult<bool> {
+    let now = now_secs();
+    let (count,): (usize,) = redis::pipe()
+        .cmd("ZREMRANGEBYSCORE")
+        .arg(key)
+        .arg(0)
+        .arg(purge_below(now, expiry))
+        .ignore()
+        .cmd("ZCOUNT")
+        .arg(key)
+        .arg("-inf")
+        .arg("+inf")
+        .query_async(conn)
+        .await?;
+    if count >= capacity {
+        return Ok(false);
+    }
+    redis::pipe()
+        .cmd("ZADD")
+        .arg(key)
+        .arg(score_arg(now))
+        .arg(payload)
+        .ignore()
+        .cmd("EXPIRE")
+        .arg(key)
+        .arg(expiry)
+        .ignore()
+        .query_async::<()>(conn)
+        .await?;
+    Ok(true)
+}
+
 /// 32 lowercase hex digits of a random version-4 UUID, as Python's
 /// `uuid.uuid4().hex`.
 pub(crate) fn uuid4_hex() -> String {

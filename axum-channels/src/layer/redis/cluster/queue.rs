@@ -53,7 +53,7 @@ use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MAX, BACKOFF_MIN};
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
-    queue_channel_name, score_arg, uuid4_hex,
+    push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
 };
 use crate::layer::{
     ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
@@ -249,39 +249,17 @@ impl Inner {
         let capacity = self.config.capacity_of(channel);
         let expiry = self.config.expiry_secs();
         let mut conn = self.conn.clone();
-        let now = now_secs();
-        let (count,): (usize,) = redis::pipe()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(&key)
-            .arg(0)
-            .arg(purge_below(now, expiry))
-            .ignore()
-            .cmd("ZCOUNT")
-            .arg(&key)
-            .arg("-inf")
-            .arg("+inf")
-            .query_async(&mut conn)
+        let added = push_within_capacity(&mut conn, &key, payload, capacity, expiry)
             .await
             .map_err(|err| backend("send failed", err))?;
-        if count >= capacity {
+        if added {
+            Ok(())
+        } else {
             metrics::counter!("axum_channels_layer_channel_full_total").increment(1);
-            return Err(LayerError::ChannelFull {
+            Err(LayerError::ChannelFull {
                 channel: channel.to_owned(),
-            });
+            })
         }
-        redis::pipe()
-            .cmd("ZADD")
-            .arg(&key)
-            .arg(score_arg(now))
-            .arg(payload)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(expiry)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|err| backend("send failed", err))
     }
 
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {

@@ -16,7 +16,8 @@ use super::Inner;
 use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::wire::{
-    channel_key, consistent_hash, group_key, non_local_name, now_secs, purge_below, score_arg,
+    channel_key, consistent_hash, group_key, non_local_name, now_secs, purge_below,
+    push_within_capacity, score_arg,
 };
 use crate::layer::{LayerError, LayerMessage};
 
@@ -68,35 +69,7 @@ impl Inner {
         let added = bounded("send", self.config.command_timeout, async {
             self.links[shard]
                 .run(|mut conn| async move {
-                    let now = now_secs();
-                    let (count,): (usize,) = redis::pipe()
-                        .cmd("ZREMRANGEBYSCORE")
-                        .arg(&key)
-                        .arg(0)
-                        .arg(purge_below(now, expiry))
-                        .ignore()
-                        .cmd("ZCOUNT")
-                        .arg(&key)
-                        .arg("-inf")
-                        .arg("+inf")
-                        .query_async(&mut conn)
-                        .await?;
-                    if count >= capacity {
-                        return Ok(false);
-                    }
-                    redis::pipe()
-                        .cmd("ZADD")
-                        .arg(&key)
-                        .arg(score_arg(now))
-                        .arg(payload)
-                        .ignore()
-                        .cmd("EXPIRE")
-                        .arg(&key)
-                        .arg(expiry)
-                        .ignore()
-                        .query_async::<()>(&mut conn)
-                        .await?;
-                    Ok(true)
+                    push_within_capacity(&mut conn, &key, payload, capacity, expiry).await
                 })
                 .await
         })
