@@ -37,6 +37,10 @@ const PACE: Duration = Duration::from_millis(10);
 /// How soon messages must flow again after the cluster changed.
 const RECOVERY: Duration = Duration::from_secs(5);
 
+/// Messages sent at `PACE` in the moment between a master accepting them and
+/// its replica copying them, which a killed master may take with it: 100 ms.
+const LAST_MOMENT: usize = 10;
+
 fn numbered(n: u64) -> LayerMessage {
     json!({"type": "test.message", "n": n})
         .as_object()
@@ -379,10 +383,26 @@ async fn queue_keeps_everything_while(
         got.len(),
         failed.len()
     ));
-    assert_eq!(
-        got, expected,
-        "{what}: every accepted message, once, in order"
-    );
+    if what == "killed master" {
+        // Replication is asynchronous: what the master accepted in its last
+        // moment, before its replica copied it, may die with it (Redis
+        // promises no more). The rest arrives once, in order.
+        let mut rest = expected.iter();
+        assert!(
+            got.iter().all(|n| rest.any(|e| e == n)),
+            "{what}: what arrives is accepted, once, in order: {got:?}"
+        );
+        let lost = expected.len() - got.len();
+        assert!(
+            lost <= LAST_MOMENT,
+            "{what}: {lost} accepted messages lost, more than a last moment's"
+        );
+    } else {
+        assert_eq!(
+            got, expected,
+            "{what}: every accepted message, once, in order"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,11 +148,17 @@ impl RedisCluster {
     pub async fn wait_for_takeover(&self, port: u16, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
+            // Taken over once every slot has a master again, none of them
+            // the dead node (which drops out of the list once it is marked
+            // as failed, before its replica is promoted).
             let nodes = self.nodes().await;
-            let still_owner = nodes
+            let served: u32 = nodes
                 .iter()
-                .any(|node| node.port == port && node.master && !node.slots.is_empty());
-            if !still_owner {
+                .filter(|node| node.master && node.port != port)
+                .flat_map(|node| &node.slots)
+                .map(|(a, b)| u32::from(b - a) + 1)
+                .sum();
+            if served == 16_384 {
                 self.wait_until_ok(deadline.saturating_duration_since(Instant::now()))
                     .await;
                 return;
