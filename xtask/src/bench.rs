@@ -24,7 +24,9 @@
 //! - `scale`: up to 100,000 connections in one group over several servers
 //!   of step 05 on one Redis: handshakes, memory, a broadcast, a sustained
 //!   load, a rolling restart, and (`--curve`) how these grow with N
-//!   (see [`scale`]).
+//!   (see [`scale`]);
+//! - `jobs`: background jobs on Redis, each timed from its request to its
+//!   result, against the job's own delay (see [`jobs`]).
 //!
 //! Which step and which endpoint are options (default: the newest step,
 //! `/ws/system`), so adding a step needs no change here; adding a scenario is
@@ -50,6 +52,7 @@ use crate::{Args, Error, Result, Workspace, fail};
 mod fanout;
 mod flood;
 mod idle;
+mod jobs;
 mod scale;
 mod storm;
 
@@ -76,16 +79,19 @@ enum Scenario {
     Flood,
     /// Many connections in one group over several servers.
     Scale,
+    /// Background jobs on Redis, timed from request to result.
+    Jobs,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::Echo,
         Scenario::Idle,
         Scenario::Fanout,
         Scenario::Storm,
         Scenario::Flood,
         Scenario::Scale,
+        Scenario::Jobs,
     ];
 
     fn name(self) -> &'static str {
@@ -96,6 +102,7 @@ impl Scenario {
             Scenario::Storm => "storm",
             Scenario::Flood => "flood",
             Scenario::Scale => "scale",
+            Scenario::Jobs => "jobs",
         }
     }
 
@@ -109,6 +116,7 @@ impl Scenario {
             Scenario::Fanout => 100,
             Scenario::Storm => 18_000,
             Scenario::Flood => 200,
+            Scenario::Jobs => 1,
             Scenario::Scale => 100_000,
         }
     }
@@ -159,6 +167,7 @@ impl Scenario {
                 flood::MESSAGE_SIZE / 1024
             ),
             Scenario::Scale => "connections in one group over several servers".to_owned(),
+            Scenario::Jobs => "jobs on Redis, one after another, timed to their results".to_owned(),
         }
     }
 
@@ -172,6 +181,8 @@ impl Scenario {
             Scenario::Storm | Scenario::Scale => unreachable!("{} has no baseline", self.name()),
             // Its baseline is the server's own memory before the flood.
             Scenario::Flood => unreachable!("the flood has no baseline server"),
+            // Its baseline is the job's own delay.
+            Scenario::Jobs => unreachable!("the jobs bench has no baseline server"),
         }
     }
 
@@ -180,7 +191,7 @@ impl Scenario {
         match self {
             Scenario::Echo | Scenario::Idle | Scenario::Fanout => vec!["--size", MESSAGE_SIZE],
             // They run clients of their own.
-            Scenario::Storm | Scenario::Flood | Scenario::Scale => vec![],
+            Scenario::Storm | Scenario::Flood | Scenario::Scale | Scenario::Jobs => vec![],
         }
     }
 }
@@ -315,6 +326,21 @@ fn parse_options(mut args: Args) -> Result<Options> {
             "{name} is for storm, not {}",
             scenario.name()
         )));
+    }
+    if scenario == Scenario::Jobs {
+        let stray = [
+            ("--clients", clients.is_some()),
+            ("--receivers", receivers.is_some()),
+            ("--path", path.is_some()),
+            ("--seconds", seconds.is_some()),
+            ("--rounds", rounds.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(Error::Usage(format!(
+                "{name} does not apply to jobs, which times 50 jobs on the step's \
+                 /ws/backgroundjob (--step chooses the step)"
+            )));
+        }
     }
     let seconds = positive("--seconds", seconds, scenario.default_seconds())?;
     if scenario == Scenario::Flood && rounds.is_some() {
@@ -673,6 +699,15 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     crate::propagate(status)?;
 
     let pin = pinning();
+    if options.scenario == Scenario::Jobs {
+        println!(
+            "jobs: step {} ({}), {}",
+            step.id,
+            step.dir_name(),
+            options.scenario.describe()
+        );
+        return jobs::run(&release_dir(&ws.root), step);
+    }
     if options.scenario == Scenario::Flood {
         println!(
             "flood: step {} ({}) at {}, {} silent members, {} s, {}",
@@ -846,6 +881,7 @@ mod tests {
                 .clients,
             10
         );
+        assert!(parse_options(args(&["jobs", "--step", "03"])).is_ok());
         let flood = parse_options(args(&["flood"])).unwrap();
         assert_eq!(
             (flood.clients, flood.seconds, flood.path.as_str()),
@@ -883,6 +919,8 @@ mod tests {
             &["--connections", "100"],
             &["fanout", "--layers", "memory"],
             &["flood", "--rounds", "2"],
+            &["jobs", "--clients", "3"],
+            &["jobs", "--seconds", "3"],
             &["scale", "--clients", "10"],
             &["scale", "--layers", "pubsub"],
             &["scale", "--layer", "memory"],
