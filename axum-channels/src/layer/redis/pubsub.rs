@@ -163,6 +163,25 @@ struct Group {
 }
 
 impl Shared {
+    /// The names this process must be subscribed to (its channels, and the
+    /// groups with a member here) that `keep` accepts.
+    fn wanted_where(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let state = self.lock();
+        state
+            .buffers
+            .channels()
+            .chain(
+                state
+                    .groups
+                    .iter()
+                    .filter(|(_, group)| !group.members.is_empty())
+                    .map(|(name, _)| name.as_str()),
+            )
+            .filter(|name| keep(name))
+            .map(str::to_owned)
+            .collect()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock()
     }
@@ -218,36 +237,11 @@ impl Interest for Shared {
     }
 
     fn wanted_on(&self, shard: usize) -> Vec<String> {
-        let state = self.lock();
-        state
-            .buffers
-            .channels()
-            .chain(
-                state
-                    .groups
-                    .iter()
-                    .filter(|(_, group)| !group.members.is_empty())
-                    .map(|(name, _)| name.as_str()),
-            )
-            .filter(|name| self.shard(name) == shard)
-            .map(str::to_owned)
-            .collect()
+        self.wanted_where(|name| self.shard(name) == shard)
     }
 
     fn wanted_all(&self) -> Vec<String> {
-        let state = self.lock();
-        state
-            .buffers
-            .channels()
-            .chain(
-                state
-                    .groups
-                    .iter()
-                    .filter(|(_, group)| !group.members.is_empty())
-                    .map(|(name, _)| name.as_str()),
-            )
-            .map(str::to_owned)
-            .collect()
+        self.wanted_where(|_| true)
     }
 }
 

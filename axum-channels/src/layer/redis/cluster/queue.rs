@@ -529,9 +529,9 @@ impl ChannelLayer for RedisClusterLayer {
                 .map_err(|err| backend("group_add failed", err))
         })
         .await?;
-        if inner.lock().buffers.contains(channel) {
-            inner
-                .lock()
+        let mut state = inner.lock();
+        if state.buffers.contains(channel) {
+            state
                 .memberships
                 .entry(channel.to_owned())
                 .or_default()
