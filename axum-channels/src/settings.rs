@@ -93,8 +93,13 @@ pub struct ConnectionSettings {
     /// all. A message larger than the buffer is still read whole, in
     /// several reads.
     pub read_buffer_size: usize,
-    /// Bytes of outgoing frames gathered before writing (default 0: each
-    /// frame is written at once, and no buffer is kept per connection).
+    /// Bytes of outgoing frames gathered before writing (default 16 KiB).
+    /// A frame sent on its own is written at once, whatever this is; it
+    /// matters when the runner hands a connection several layer messages in
+    /// one turn: their frames are gathered, up to this many bytes, and
+    /// written together. `0` writes each frame on its own (a system call
+    /// each). It also bounds what waits for a client that stops reading:
+    /// this, plus one frame.
     pub write_buffer_size: usize,
     /// How long a connection may be silent before the server pings it
     /// (default 20 s, `None` never pings).
@@ -157,7 +162,7 @@ impl Default for ConnectionSettings {
     fn default() -> Self {
         ConnectionSettings {
             read_buffer_size: 2 * 1024,
-            write_buffer_size: 0,
+            write_buffer_size: 16 * 1024,
             ping_interval: Some(Duration::from_secs(20)),
             pong_timeout: Duration::from_secs(20),
             write_timeout: Duration::from_secs(10),

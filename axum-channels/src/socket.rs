@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::SinkExt;
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -57,6 +58,11 @@ pub struct Socket {
     write_timeout: Duration,
     /// How long the client has to answer our close frame.
     close_timeout: Duration,
+    /// Data frames are gathered rather than written one by one (see
+    /// [`Socket::gather`]).
+    gathering: bool,
+    /// Frames were gathered that have not been written yet.
+    unflushed: bool,
 }
 
 // ANCHOR: inbox
@@ -107,6 +113,8 @@ impl Socket {
             membership: None,
             write_timeout: settings.write_timeout,
             close_timeout: settings.close_timeout,
+            gathering: false,
+            unflushed: false,
         }
     }
 
@@ -307,33 +315,80 @@ impl Socket {
                 Ok(())
             }
             Phase::Open(ws) => {
-                match tokio::time::timeout(self.write_timeout, ws.send(message)).await {
-                    Ok(Ok(())) => {
-                        metrics::counter!("axum_channels_frames_out_total").increment(1);
-                        Ok(())
-                    }
-                    Ok(Err(_)) => {
-                        // The peer is gone; the runner learns the details from
-                        // its next read, so there is nothing more to report here.
-                        self.phase = Phase::Closed;
-                        Err(Error::Closed)
-                    }
-                    Err(_) => {
-                        // Its socket buffers are full: the client stopped
-                        // reading. Waiting longer would hold this consumer (and
-                        // its channel's backlog) for as long as the client
-                        // pleases, so the connection ends here, with 1008.
-                        tracing::warn!(
-                            timeout = ?self.write_timeout,
-                            "closing a connection whose client stopped reading"
-                        );
-                        self.phase = Phase::Closed;
-                        self.closing = Some(close_code::POLICY_VIOLATION);
-                        Err(Error::Closed)
-                    }
+                // While gathering, a data frame joins the others in the
+                // write buffer (tungstenite writes it out once the buffer
+                // passes `write_buffer_size`); anything else, a close frame
+                // or a ping, goes out at once with everything before it.
+                let gather =
+                    self.gathering && matches!(message, Message::Text(_) | Message::Binary(_));
+                let written = if gather {
+                    tokio::time::timeout(self.write_timeout, ws.feed(message)).await
+                } else {
+                    tokio::time::timeout(self.write_timeout, ws.send(message)).await
+                };
+                self.unflushed = gather;
+                let outcome = self.after_write(written);
+                if outcome.is_ok() {
+                    metrics::counter!("axum_channels_frames_out_total").increment(1);
                 }
+                outcome
             }
             Phase::Refused { .. } | Phase::Closed => Err(Error::Closed),
+        }
+    }
+
+    /// From now on data frames are gathered and written together, until
+    /// [`flush`](Socket::flush): the runner does this for a run of layer
+    /// messages, so a member that has several waiting gets them in one
+    /// write to its socket, not one write (one system call) each.
+    pub(crate) fn gather(&mut self) {
+        self.gathering = true;
+    }
+
+    /// Writes what was gathered, and stops gathering.
+    pub(crate) async fn flush(&mut self) -> Result<()> {
+        self.gathering = false;
+        if !std::mem::take(&mut self.unflushed) {
+            return Ok(());
+        }
+        match &mut self.phase {
+            Phase::Open(ws) => {
+                let written = tokio::time::timeout(self.write_timeout, ws.flush()).await;
+                self.after_write(written)
+            }
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// What a write's outcome means for the connection.
+    fn after_write(
+        &mut self,
+        written: std::result::Result<
+            std::result::Result<(), axum::Error>,
+            tokio::time::error::Elapsed,
+        >,
+    ) -> Result<()> {
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => {
+                // The peer is gone; the runner learns the details from
+                // its next read, so there is nothing more to report here.
+                self.phase = Phase::Closed;
+                Err(Error::Closed)
+            }
+            Err(_) => {
+                // Its socket buffers are full: the client stopped
+                // reading. Waiting longer would hold this consumer (and
+                // its channel's backlog) for as long as the client
+                // pleases, so the connection ends here, with 1008.
+                tracing::warn!(
+                    timeout = ?self.write_timeout,
+                    "closing a connection whose client stopped reading"
+                );
+                self.phase = Phase::Closed;
+                self.closing = Some(close_code::POLICY_VIOLATION);
+                Err(Error::Closed)
+            }
         }
     }
 
