@@ -2,6 +2,12 @@
 //! server tokio-tungstenite and `tokio::sync::broadcast` allow, with no
 //! framework and no channel layer. Every text a client sends goes to every
 //! connected client, the sender included, as a room does.
+//!
+//! With `--batch true` a client's writer takes every message already
+//! waiting for it (up to 32) and writes them in one go, as the
+//! axum-channels runner does, rather than one write each: the bench runs
+//! both, so the layers are compared with a bare server that writes the
+//! same way as well as with the plainest one.
 
 #[path = "../args.rs"]
 mod args;
@@ -9,6 +15,7 @@ mod args;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 /// Messages a slow client may fall behind before it misses some: the same
@@ -16,8 +23,15 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 /// buffers no more than the servers it is compared with.
 const CAPACITY: usize = 100;
 
+/// With `--batch true`: the most messages written in one go, and the bytes
+/// gathered before a write, as in axum-channels (`LAYER_BATCH` and the
+/// default `write_buffer_size`).
+const BATCH: usize = 32;
+const WRITE_BUFFER: usize = 16 * 1024;
+
 fn main() {
     let port: u16 = args::arg("port", 9002);
+    let batch: bool = args::arg("batch", false);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,7 +49,14 @@ fn main() {
             let _ = stream.set_nodelay(true);
             let room = room.clone();
             tokio::spawn(async move {
-                let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+                let config = WebSocketConfig::default().write_buffer_size(if batch {
+                    WRITE_BUFFER
+                } else {
+                    0
+                });
+                let Ok(ws) =
+                    tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+                else {
                     return;
                 };
                 // Subscribed before reading, so a client hears its own first
@@ -45,6 +66,19 @@ fn main() {
                 let writer = tokio::spawn(async move {
                     loop {
                         match hears.recv().await {
+                            Ok(text) if batch => {
+                                let mut written = to_client.feed(Message::Text(text)).await;
+                                for _ in 1..BATCH {
+                                    let Ok(text) = hears.try_recv() else { break };
+                                    if written.is_err() {
+                                        break;
+                                    }
+                                    written = to_client.feed(Message::Text(text)).await;
+                                }
+                                if written.is_err() || to_client.flush().await.is_err() {
+                                    break;
+                                }
+                            }
                             Ok(text) => {
                                 if to_client.send(Message::Text(text)).await.is_err() {
                                     break;

@@ -4,7 +4,11 @@
 //! broadcast server, all in one run:
 //!
 //! - **bare broadcast** (the baseline): loadgen's `bare-broadcast`, plain
-//!   tokio-tungstenite and `tokio::sync::broadcast`;
+//!   tokio-tungstenite and `tokio::sync::broadcast`, one write per frame;
+//! - **bare, batched**: the same server writing every message already
+//!   waiting for a client in one go (`--batch true`), as the axum-channels
+//!   runner does: the layers gain from that too, so the report gives their
+//!   ratio to it as well, the cost of the library alone;
 //! - **memory**, **redis pub/sub**, **redis queue**: loadgen's
 //!   `room-server`, one room consumer written against axum-channels, on the
 //!   in-memory layer, `RedisPubSubLayer` and `RedisLayer`;
@@ -60,10 +64,21 @@ pub(super) const INSTALL_REDIS: &str =
 /// for: a room on Redis should keep most of what one process does alone.
 const PUBSUB_GOAL: f64 = 0.7;
 
+/// What each layer aims for against the bare broadcast server: the
+/// library's per-member work should cost little next to the writes
+/// themselves.
+const GOALS: [(Target, f64); 3] = [
+    (Target::Memory, 0.9),
+    (Target::PubSub, 0.85),
+    (Target::Queue, 0.7),
+];
+
 /// Which server a measurement runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Target {
     Baseline,
+    /// The baseline, writing what waits for a client in one go.
+    BareBatched,
     Memory,
     PubSub,
     Queue,
@@ -72,8 +87,9 @@ enum Target {
 }
 
 impl Target {
-    const ALL: [Target; 5] = [
+    const ALL: [Target; 6] = [
         Target::Baseline,
+        Target::BareBatched,
         Target::Memory,
         Target::PubSub,
         Target::Queue,
@@ -83,6 +99,7 @@ impl Target {
     fn label(self) -> &'static str {
         match self {
             Target::Baseline => Scenario::Fanout.baseline().1,
+            Target::BareBatched => "bare, batched",
             Target::Memory => "memory",
             Target::PubSub => "redis pub/sub",
             Target::Queue => "redis queue",
@@ -101,7 +118,7 @@ impl Target {
     /// `room-server --layer` for this target; `None` for the baseline.
     fn layer(self) -> Option<&'static str> {
         match self {
-            Target::Baseline => None,
+            Target::Baseline | Target::BareBatched => None,
             Target::Memory => Some("memory"),
             Target::PubSub | Target::Cluster => Some("pubsub"),
             Target::Queue => Some("queue"),
@@ -328,11 +345,17 @@ impl Fanout<'_> {
         let label = target.label();
         let port = free_port()?;
         let mut cmd = match target.layer() {
-            None => command(
-                &self.release.join(exe(Scenario::Fanout.baseline().0)),
-                "0",
-                self.pin,
-            ),
+            None => {
+                let mut cmd = command(
+                    &self.release.join(exe(Scenario::Fanout.baseline().0)),
+                    "0",
+                    self.pin,
+                );
+                if target == Target::BareBatched {
+                    cmd.args(["--batch", "true"]);
+                }
+                cmd
+            }
             Some(layer) => {
                 let mut cmd = command(&self.release.join(exe("room-server")), "0", self.pin);
                 cmd.args(["--layer", layer]).env("RUST_LOG", "warn");
@@ -494,18 +517,33 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
     let plural = if n == 1 { "" } else { "s" };
     println!("\nmedian of {n} round{plural}");
     println!(
-        "  {:<16} {:>13} {:>18}",
+        "  {:<16} {:>13} {:>18} {:>15}",
         "server",
         "deliveries/s",
-        format!("vs {}", Target::Baseline.label())
+        format!("vs {}", Target::Baseline.label()),
+        format!("vs {}", Target::BareBatched.label()),
     );
     for &target in targets {
         let figures: Vec<f64> = rounds.iter().filter_map(|r| figure(r, target)).collect();
         let ratio = median(&ratios(rounds, target, Target::Baseline));
+        let batched = median(&ratios(rounds, target, Target::BareBatched));
         println!(
-            "  {:<16} {:>13.0} {ratio:>18.2}",
+            "  {:<16} {:>13.0} {ratio:>18.2} {batched:>15.2}",
             target.label(),
             median(&figures)
+        );
+    }
+    for (target, goal) in GOALS {
+        let ratios = ratios(rounds, target, Target::Baseline);
+        if ratios.is_empty() {
+            continue;
+        }
+        let ratio = median(&ratios);
+        let verdict = if ratio >= goal { "met" } else { "NOT met" };
+        println!(
+            "{} / {}: {ratio:.2} (goal: at least {goal:.2}, {verdict})",
+            target.label(),
+            Target::Baseline.label()
         );
     }
     let pubsub = ratios(rounds, Target::PubSub, Target::Memory);
@@ -660,6 +698,7 @@ mod tests {
                 Target::Queue,
                 Target::PubSub,
                 Target::Memory,
+                Target::BareBatched,
                 Target::Baseline
             ]
         );
