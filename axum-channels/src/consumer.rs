@@ -113,11 +113,7 @@ pub trait Consumer: Sized + Send + 'static {
         socket: &mut Socket,
         too_fast: TooFast,
     ) -> impl Future<Output = Result<()>> + Send {
-        async move {
-            socket
-                .close(crate::close_code::POLICY_VIOLATION, &too_fast.to_string())
-                .await
-        }
+        close_too_fast(socket, too_fast)
     }
 
     /// A message arrived from the channel layer, decoded by its `"type"`.
@@ -227,4 +223,12 @@ impl Scope {
     pub fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
         self.extensions.get::<T>()
     }
+}
+
+/// What [`Consumer::too_fast`] does by default: close with 1008 and a
+/// reason that says the limit.
+pub(crate) async fn close_too_fast(socket: &mut Socket, too_fast: TooFast) -> Result<()> {
+    socket
+        .close(crate::close_code::POLICY_VIOLATION, &too_fast.to_string())
+        .await
 }

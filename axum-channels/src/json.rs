@@ -21,7 +21,7 @@ use std::future::Future;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-use crate::consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, Scope};
+use crate::consumer::{Consumer, DEFAULT_MAX_MESSAGE_SIZE, Scope, TooFast, close_too_fast};
 use crate::error::Result;
 use crate::layer::LayerEvent;
 use crate::socket::{Frame, Socket};
@@ -37,6 +37,9 @@ pub trait JsonConsumer: Sized + Send + 'static {
 
     /// As [`Consumer::MAX_MESSAGE_SIZE`].
     const MAX_MESSAGE_SIZE: usize = DEFAULT_MAX_MESSAGE_SIZE;
+
+    /// As [`Consumer::CLOSE_ON_LAYER_OUTAGE`].
+    const CLOSE_ON_LAYER_OUTAGE: bool = false;
 
     /// As [`Consumer::LAYER`].
     const LAYER: Option<&'static str> = None;
@@ -82,6 +85,16 @@ pub trait JsonConsumer: Sized + Send + 'static {
     fn disconnect(&mut self, socket: &mut Socket, code: u16) -> impl Future<Output = ()> + Send {
         let _ = (socket, code);
         async {}
+    }
+
+    /// As [`Consumer::too_fast`]: by default the connection is closed with
+    /// 1008 and a reason that says the limit.
+    fn too_fast(
+        &mut self,
+        socket: &mut Socket,
+        too_fast: TooFast,
+    ) -> impl Future<Output = Result<()>> + Send {
+        close_too_fast(socket, too_fast)
     }
 
     /// As [`Consumer::event`].
@@ -156,6 +169,7 @@ impl<C: JsonConsumer> Consumer for C {
     type Event = C::Event;
     const MAX_MESSAGE_SIZE: usize = C::MAX_MESSAGE_SIZE;
     const LAYER: Option<&'static str> = C::LAYER;
+    const CLOSE_ON_LAYER_OUTAGE: bool = C::CLOSE_ON_LAYER_OUTAGE;
 
     fn new(scope: &Scope) -> Self {
         JsonConsumer::new(scope)
@@ -174,6 +188,14 @@ impl<C: JsonConsumer> Consumer for C {
             Ok(message) => JsonConsumer::receive(self, socket, message).await,
             Err(problem) => self.invalid_message(socket, problem).await,
         }
+    }
+
+    fn too_fast(
+        &mut self,
+        socket: &mut Socket,
+        too_fast: TooFast,
+    ) -> impl Future<Output = Result<()>> + Send {
+        JsonConsumer::too_fast(self, socket, too_fast)
     }
 
     fn disconnect(&mut self, socket: &mut Socket, code: u16) -> impl Future<Output = ()> + Send {

@@ -13,8 +13,8 @@ use axum::routing::get;
 use axum::{Extension, Router};
 use axum_channels::testing::{Received, TestServer};
 use axum_channels::{
-    ConnectionSettings, Consumer, Frame, NoEvents, Result, Runtime, Scope, Settings, Socket,
-    TooFast, route, route_with,
+    ConnectionSettings, Consumer, Frame, JsonConsumer, NoEvents, Result, Runtime, Scope, Settings,
+    Socket, TooFast, route, route_with,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -90,7 +90,32 @@ impl Consumer for Patient {
     }
 }
 
-/// Serves `/talk` (a `Talker`) and `/patient`, and `GET /` for plain HTTP,
+/// `Patient` as a [`JsonConsumer`]: its `too_fast` reaches the runner
+/// through the blanket `Consumer` implementation.
+struct PatientJson;
+
+impl JsonConsumer for PatientJson {
+    type Message = serde_json::Value;
+    type Event = NoEvents;
+
+    fn new(_scope: &Scope) -> Self {
+        PatientJson
+    }
+
+    async fn connect(&mut self, socket: &mut Socket) -> Result<()> {
+        socket.accept().await
+    }
+
+    async fn receive(&mut self, socket: &mut Socket, message: serde_json::Value) -> Result<()> {
+        socket.send_json(&message).await
+    }
+
+    async fn too_fast(&mut self, socket: &mut Socket, too_fast: TooFast) -> Result<()> {
+        socket.send_text(format!("error: {too_fast}")).await
+    }
+}
+
+/// Serves `/talk` (a `Talker`), `/patient` and `/patient-json`, and `GET /` for plain HTTP,
 /// with `settings`.
 async fn serve(settings: Settings) -> (TestServer, mpsc::UnboundedReceiver<u16>) {
     let (tx, departures) = mpsc::unbounded_channel();
@@ -98,6 +123,7 @@ async fn serve(settings: Settings) -> (TestServer, mpsc::UnboundedReceiver<u16>)
         .route("/", get(|| async { "hello" }))
         .route("/talk", route::<Talker>())
         .route("/patient", route::<Patient>())
+        .route("/patient-json", route::<PatientJson>())
         .layer(Extension(Departures(tx)));
     let runtime = Runtime::new(settings).expect("valid settings");
     (TestServer::start_with(runtime, app).await, departures)
@@ -215,11 +241,22 @@ async fn a_client_that_floods_is_closed_with_1008() {
 /// served again, on the same connection.
 #[tokio::test]
 async fn a_consumer_may_warn_and_pause_a_client_that_floods() {
+    warns_and_pauses("/patient").await;
+}
+
+/// The same for a `JsonConsumer`, which could not override `too_fast`
+/// before.
+#[tokio::test]
+async fn a_json_consumer_may_warn_and_pause_a_client_that_floods() {
+    warns_and_pauses("/patient-json").await;
+}
+
+async fn warns_and_pauses(path: &str) {
     let (server, _departures) = serve(settings(|settings| {
         settings.connection.inbound.frames_per_second = std::num::NonZeroU32::new(20);
     }))
     .await;
-    let mut client = server.connect("/patient").await;
+    let mut client = server.connect(path).await;
     for n in 0..60 {
         client.send_text(&format!("{n}")).await;
     }
@@ -239,8 +276,9 @@ async fn a_consumer_may_warn_and_pause_a_client_that_floods() {
     );
     // Once the budget has refilled, the same connection is served again.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    client.send_text("still open").await;
-    assert_eq!(client.recv_text().await, "still open");
+    // (A number: the same text whether echoed as text or as JSON.)
+    client.send_text("61").await;
+    assert_eq!(client.recv_text().await, "61");
 }
 
 /// Connects and sends `bytes`.
