@@ -29,7 +29,7 @@ const FORMING: Duration = Duration::from_secs(20);
 
 /// Each node's settings besides the test server's own: a short node
 /// timeout, so that a failover in a test takes a second or two, not 15.
-const NODE_ARGS: [&str; 8] = [
+const NODE_ARGS: [&str; 10] = [
     "--cluster-enabled",
     "yes",
     "--cluster-config-file",
@@ -38,6 +38,12 @@ const NODE_ARGS: [&str; 8] = [
     "1000",
     // A replica takes over however long it was cut off from its master.
     "--cluster-replica-validity-factor",
+    "0",
+    // A replica's first copy of its master starts at once. Redis 7 waits
+    // 5 s by default (for more replicas to share one diskless transfer):
+    // a master killed in those 5 s left a replica with nothing, and a
+    // test saw a room's members vanish, not a last moment's writes.
+    "--repl-diskless-sync-delay",
     "0",
 ];
 
@@ -96,6 +102,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout)
         );
         cluster.wait_until_ok(FORMING).await;
+        cluster.wait_for_replicas(FORMING).await;
         Some(cluster)
     }
 
@@ -273,6 +280,34 @@ impl RedisCluster {
             }
             if Instant::now() >= deadline {
                 panic!("the cluster is not ok after {within:?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running replica has copied its master and
+    /// follows it (`master_link_status:up`), so that a master killed from
+    /// then on loses at most its last moment's writes (replication is
+    /// asynchronous), not everything; panics after `within`.
+    /// `cluster_state:ok` does not say this: a cluster serves every slot
+    /// before any replica has synced.
+    pub async fn wait_for_replicas(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut synced = true;
+            for node in &self.nodes {
+                if let Ok(info) = cli(node.port(), &["info", "replication"]).await
+                    && info.contains("role:slave")
+                    && !info.contains("master_link_status:up")
+                {
+                    synced = false;
+                }
+            }
+            if synced {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("the replicas have not synced with their masters after {within:?}");
             }
             sleep(Duration::from_millis(50)).await;
         }

@@ -279,6 +279,7 @@ impl Inner {
             .query_async(&mut conn)
             .await
             .map_err(|err| backend("group_send failed", err))?;
+        tracing::trace!(group, members = members.len(), "group_send");
         // Channel key → its member channels, then slot → its keys.
         let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for member in members {
@@ -445,11 +446,18 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
                 }
             },
         };
+        let asked = Instant::now();
         let popped: Result<Option<Popped>, _> = redis::cmd("BZPOPMIN")
             .arg(&key)
             .arg(block_secs)
             .query_async(active)
             .await;
+        tracing::trace!(
+            key,
+            took = ?asked.elapsed(),
+            popped = ?popped.as_ref().map(Option::is_some),
+            "BZPOPMIN"
+        );
         match popped {
             Ok(one) => {
                 backoff = BACKOFF_MIN;
