@@ -388,23 +388,32 @@ async fn queue_keeps_everything_while(
         let receiver = Arc::clone(&receiver);
         tokio::spawn(async move {
             let mut got = Vec::new();
+            let mut longest = Duration::ZERO;
+            let mut last = Instant::now();
             while let Ok(Ok(message)) = timeout(RECOVERY * 2, receiver.receive(&channel)).await {
                 let n = message["n"].as_u64().expect("numbered");
                 got.push(n);
+                longest = longest.max(last.elapsed());
+                last = Instant::now();
                 if n == count {
                     break;
                 }
             }
-            got
+            (got, longest)
         })
     };
     sleep(Duration::from_millis(300)).await;
     change(cluster, slot).await;
     let failed = sending.await.expect("the sender");
-    let got = receiving.await.expect("the receiver");
+    let (got, longest) = receiving.await.expect("the receiver");
+    assert!(
+        longest < RECOVERY,
+        "{what}: the receiver heard nothing for {longest:?}"
+    );
     let expected: Vec<u64> = (1..=count).filter(|n| !failed.contains(n)).collect();
     say(format!(
-        "cluster: queue, {what}: received {} of {count}; {} sends failed and were not retried ({failed:?})",
+        "cluster: queue, {what}: received {} of {count}; {} sends failed and were not retried ({failed:?}); \
+         longest silence {longest:?}",
         got.len(),
         failed.len()
     ));

@@ -43,7 +43,11 @@ async fn servers(cluster: &RedisCluster, redis: &RedisServer) -> (ServerProcess,
     let env = [
         ("REDIS_URL", redis.url()),
         ("REDIS_CLUSTER_URL", cluster.url()),
-        ("RUST_LOG", "warn,step_05_scaling_out=info".to_owned()),
+        // `SERVER_LOG` shows more of the servers' log in a failure.
+        (
+            "RUST_LOG",
+            std::env::var("SERVER_LOG").unwrap_or_else(|_| "warn,step_05_scaling_out=info".into()),
+        ),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let binary = env!("CARGO_BIN_EXE_step-05-scaling-out");
@@ -85,11 +89,10 @@ async fn the_showcase_groups_span_two_servers_on_a_cluster() {
     }
 }
 
-// A known fault, not yet found: in 2 of 8 runs on 2026-12-06 the room stayed
-// silent for the whole 10 s after its master died, while the library's own
-// `pubsub_survives_a_killed_master` recovered every time. Run it with
-// `cargo test -- --ignored`.
-#[ignore = "the room does not always talk again after its master dies"]
+// Ignored once for 2 silent runs of 8, a fault never reproduced since (24
+// runs, some two at a time, after the harness began waiting for replicas to
+// sync). A failure prints both servers' log; `SERVER_LOG=warn,
+// step_05_scaling_out=info,axum_channels=debug` shows the layer's recovery.
 #[tokio::test]
 async fn a_room_on_a_cluster_talks_again_after_its_master_dies() {
     let Some(mut cluster) = RedisCluster::start().await else {
@@ -121,8 +124,11 @@ async fn a_room_on_a_cluster_talks_again_after_its_master_dies() {
     let heard = loop {
         assert!(
             killed.elapsed() < RECOVERY * 2,
-            "the room stayed silent for {:?} after its master died",
-            killed.elapsed()
+            "the room stayed silent for {:?} after its master died\n\
+             server A:\n{}\nserver B:\n{}",
+            killed.elapsed(),
+            a.output(),
+            b.output()
         );
         said += 1;
         alice.send_text(&format!("after {said}")).await;
