@@ -486,3 +486,119 @@ async fn queue_across_a_killed_master() {
     })
     .await;
 }
+
+/// A cluster that refuses every call (`CLUSTERDOWN`: a master and its
+/// replica both killed, so a slot has no live owner and, with
+/// `cluster-require-full-coverage` on as by default, every node refuses):
+///
+/// - a call made meanwhile is retried with backoff and succeeds once the
+///   cluster serves again, if that is within the layer's `command_timeout`
+///   (layer `b`, 20 s); redis-rs alone gives up after about 4 s of retries;
+/// - calls that run out of time fail with `Backend`, and however many fail,
+///   the log says it once when it starts and once when it is over (layer
+///   `a`, 1 s).
+///
+/// On the current-thread runtime, so that the layers' log is this test's.
+#[tokio::test]
+async fn a_refusing_cluster_is_retried_and_logged_once() {
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let (logs, _guard) = channels_testkit::Logs::capture(tracing::Level::INFO);
+    let short = RedisClusterLayer::connect(
+        config(&cluster)
+            .with_prefix("a")
+            .with_command_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .expect("connect layer a");
+    let patient = RedisClusterLayer::connect(
+        config(&cluster)
+            .with_prefix("b")
+            .with_command_timeout(Duration::from_secs(20)),
+    )
+    .await
+    .expect("connect layer b");
+    let member = patient.new_channel("specific").await.expect("new_channel");
+    patient.group_add("room", &member).await.expect("group_add");
+
+    // A master that holds none of layer b's keys (a restarted node comes
+    // back empty), and its replica.
+    let mut keep = BTreeSet::new();
+    for key in [
+        "b:group:room".to_owned(),
+        format!("b{{{}}}", non_local_name(&member)),
+    ] {
+        keep.insert(cluster.master_of(keyslot(&cluster, &key).await).await.port);
+    }
+    let master = cluster
+        .nodes()
+        .await
+        .into_iter()
+        .find(|node| node.master && !node.slots.is_empty() && !keep.contains(&node.port))
+        .expect("three masters, b's keys on at most two")
+        .port;
+    let replica = cluster.replica_port(master).await.expect("a replica");
+    cluster.kill(master).await;
+    cluster.kill(replica).await;
+    cluster.wait_until_down(RECOVERY * 2).await;
+    let down = Instant::now();
+
+    // b's call starts while every node refuses.
+    let waiting = tokio::spawn(async move {
+        let sent = patient.group_send("room", numbered(1)).await;
+        (patient, sent)
+    });
+    // a's calls fail, each after its 1 s.
+    let mut errors = Vec::new();
+    for n in 0..5 {
+        match short.group_send("room", numbered(n)).await {
+            Err(err) => errors.push(err.to_string()),
+            Ok(()) => panic!("a group_send succeeded on a cluster that is down"),
+        }
+    }
+    assert!(
+        errors.iter().any(|err| err.contains("ClusterDown")),
+        "the cluster refused with CLUSTERDOWN: {errors:?}"
+    );
+
+    cluster.restart(master).await;
+    cluster.restart(replica).await;
+    cluster.wait_until_ok(RECOVERY * 4).await;
+    say(format!(
+        "cluster: refused for {:?} (CLUSTERDOWN), then served again",
+        down.elapsed()
+    ));
+    let (patient, sent) = waiting.await.expect("b's group_send");
+    sent.expect("a call made while the cluster refused succeeds once it serves again");
+    let message = timeout(RECOVERY, patient.receive(&member))
+        .await
+        .expect("the member got it")
+        .expect("receive");
+    assert_eq!(message["n"], 1);
+
+    // a serves again: after a quiet second, a success ends its episode.
+    sleep(Duration::from_millis(1100)).await;
+    short
+        .group_send("room", numbered(9))
+        .await
+        .expect("a group_send once the cluster serves");
+    let lines = logs.lines().join("\n");
+    let warned = |prefix: &str| {
+        logs.lines()
+            .iter()
+            .filter(|l| l.contains(" WARN ") && l.contains("refuses") && l.contains(prefix))
+            .count()
+    };
+    assert_eq!(
+        warned("prefix=\"a\""),
+        1,
+        "five failed calls, one warning:\n{lines}"
+    );
+    assert_eq!(warned("prefix=\"b\""), 0, "b's call did not fail:\n{lines}");
+    assert_eq!(
+        logs.count_at("INFO", "serves this layer's calls again"),
+        1,
+        "one line when it is over:\n{lines}"
+    );
+}

@@ -313,6 +313,38 @@ impl RedisCluster {
         }
     }
 
+    /// The port of a replica of the master on `master_port`, if it has one.
+    pub async fn replica_port(&self, master_port: u16) -> Option<u16> {
+        let nodes = self.nodes().await;
+        let master = nodes.iter().find(|node| node.port == master_port)?;
+        self.replica_of(&master.id).await
+    }
+
+    /// Waits until every running node says `cluster_state:fail` (a slot
+    /// has no live master, and `cluster-require-full-coverage` is on, as
+    /// by default): from then on every command meets `CLUSTERDOWN`. Panics
+    /// after `within`.
+    pub async fn wait_until_down(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all_down = true;
+            for node in &self.nodes {
+                if let Ok(info) = cli(node.port(), &["cluster", "info"]).await
+                    && !info.contains("cluster_state:fail")
+                {
+                    all_down = false;
+                }
+            }
+            if all_down {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("the cluster still serves after {within:?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn replica_of(&self, master_id: &str) -> Option<u16> {
         for node in &self.nodes {
             if let Ok(text) = cli(node.port(), &["cluster", "nodes"]).await {
