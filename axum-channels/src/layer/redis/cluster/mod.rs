@@ -176,6 +176,41 @@ pub(crate) const SETTLE: Duration = Duration::from_millis(50);
 mod tests {
     use super::*;
 
+    fn server_error(line: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .expect("an error reply")
+            .extract_error()
+            .expect_err("an error")
+    }
+
+    #[test]
+    fn refusals_are_what_ran_nothing() {
+        for line in [
+            "CLUSTERDOWN The cluster is down",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "MASTERDOWN Link with MASTER is down",
+            "LOADING Redis is loading the dataset in memory",
+        ] {
+            assert!(refused(&server_error(line)), "{line}");
+        }
+        let refused_connection =
+            RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(refused(&refused_connection));
+        // These may have run, or will fail again: not retried here.
+        for line in [
+            "ERR wrong number of arguments",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOSCRIPT No matching script",
+        ] {
+            assert!(!refused(&server_error(line)), "{line}");
+        }
+        let reset = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(
+            !refused(&reset),
+            "a reset connection may have run the command"
+        );
+    }
+
     #[test]
     fn slots_are_redis_slots() {
         // Values from `CLUSTER KEYSLOT` on Redis 7.
