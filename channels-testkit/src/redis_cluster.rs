@@ -19,33 +19,11 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 use tokio::time::sleep;
 
+use crate::cluster_recipe::{self, MASTERS, NODE_ARGS};
 use crate::{RedisServer, skip_or_fail};
-
-/// Masters, and one replica for each.
-const MASTERS: usize = 3;
 
 /// How long the cluster may take to agree that every slot is served.
 const FORMING: Duration = Duration::from_secs(20);
-
-/// Each node's settings besides the test server's own: a short node
-/// timeout, so that a failover in a test takes a second or two, not 15.
-const NODE_ARGS: [&str; 10] = [
-    "--cluster-enabled",
-    "yes",
-    "--cluster-config-file",
-    "nodes.conf",
-    "--cluster-node-timeout",
-    "1000",
-    // A replica takes over however long it was cut off from its master.
-    "--cluster-replica-validity-factor",
-    "0",
-    // A replica's first copy of its master starts at once. Redis 7 waits
-    // 5 s by default (for more replicas to share one diskless transfer):
-    // a master killed in those 5 s left a replica with nothing, and a
-    // test saw a room's members vanish, not a last moment's writes.
-    "--repl-diskless-sync-delay",
-    "0",
-];
 
 /// Six nodes of one Redis Cluster, every one killed on drop.
 pub struct RedisCluster {
@@ -78,20 +56,17 @@ impl RedisCluster {
             return None;
         }
         let mut nodes = Vec::new();
+        // Each server runs in a directory of its own, where its relative
+        // `nodes.conf` lands.
+        let mut args = NODE_ARGS.to_vec();
+        args.extend(["--cluster-config-file", "nodes.conf"]);
         for _ in 0..MASTERS * 2 {
-            nodes.push(RedisServer::start_with(&NODE_ARGS).await?);
+            nodes.push(RedisServer::start_with(&args).await?);
         }
         let cluster = RedisCluster { nodes };
-        let addresses: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|node| format!("127.0.0.1:{}", node.port()))
-            .collect();
+        let ports: Vec<u16> = cluster.nodes.iter().map(RedisServer::port).collect();
         let output = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(cluster_recipe::create_args(&ports))
             .stdin(Stdio::null())
             .output()
             .await
@@ -270,7 +245,7 @@ impl RedisCluster {
                 let info = cli(node.port(), &["cluster", "info"]).await;
                 // A killed node does not answer; the others must agree.
                 if let Ok(info) = info
-                    && !info.contains("cluster_state:ok")
+                    && !cluster_recipe::serves(&info)
                 {
                     all_ok = false;
                 }
@@ -297,8 +272,7 @@ impl RedisCluster {
             let mut synced = true;
             for node in &self.nodes {
                 if let Ok(info) = cli(node.port(), &["info", "replication"]).await
-                    && info.contains("role:slave")
-                    && !info.contains("master_link_status:up")
+                    && cluster_recipe::replica_behind(&info)
                 {
                     synced = false;
                 }
