@@ -49,7 +49,7 @@ use crate::{Args, Error, Result, Workspace, fail};
 /// The recipe of a throwaway Redis Cluster, shared with the test harness
 /// as a file rather than a dependency (this crate stays std-only).
 #[path = "../../channels-testkit/src/cluster_recipe.rs"]
-mod cluster_recipe;
+pub(crate) mod cluster_recipe;
 
 /// The most servers, or shards, one machine is asked to run: more shows
 /// nothing new, and each costs a process.
@@ -285,38 +285,34 @@ fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// Starts six cluster nodes (each out of reach of Ctrl+C, as
-/// [`steps::start_redis`] starts any Redis), forms the cluster, and waits
-/// until every node serves every slot and every replica has synced.
-/// Returns the nodes' URLs and process ids.
-fn start_redis_cluster(children: &mut Children) -> Result<(Vec<String>, Vec<u32>)> {
-    let mut urls = Vec::new();
-    let mut pids = Vec::new();
-    let mut ports = Vec::new();
-    for _ in 0..cluster_recipe::MASTERS * 2 {
-        let (url, pid) = steps::start_redis_with(children, |port| {
-            let conf = std::env::temp_dir().join(format!("redis-cluster-{port}.conf"));
-            // A node reads its file at start: one from an earlier run on
-            // the same port would make it a member of that old cluster.
-            let _ = std::fs::remove_file(&conf);
-            let mut args: Vec<String> = cluster_recipe::NODE_ARGS.map(str::to_owned).to_vec();
-            args.extend([
-                "--cluster-config-file".to_owned(),
-                conf.display().to_string(),
-            ]);
-            args
-        })?;
-        ports.push(
-            url.rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .expect("a port"),
-        );
-        urls.push(url);
-        pids.push(pid);
-    }
+/// Where the cluster node on `port` keeps its view of the cluster.
+pub(crate) fn cluster_node_conf(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("redis-cluster-{port}.conf"))
+}
+
+/// A cluster node's arguments besides a plain throwaway server's, for the
+/// node on `port`.
+pub(crate) fn cluster_node_args(port: u16) -> Vec<String> {
+    let conf = cluster_node_conf(port);
+    // A node reads its file at start: one from an earlier run on the same
+    // port would make it a member of that old cluster.
+    let _ = std::fs::remove_file(&conf);
+    let mut args: Vec<String> = cluster_recipe::NODE_ARGS.map(str::to_owned).to_vec();
+    args.extend([
+        "--cluster-config-file".to_owned(),
+        conf.display().to_string(),
+    ]);
+    args
+}
+
+/// Forms one Redis Cluster of the fresh cluster nodes on `ports`
+/// (`redis-cli --cluster create`), and waits until every node serves every
+/// slot and every replica has synced; returns how long that took. The
+/// benches form theirs with it too.
+pub(crate) fn form_redis_cluster(ports: &[u16]) -> Result<Duration> {
+    let started = Instant::now();
     let created = Command::new("redis-cli")
-        .args(cluster_recipe::create_args(&ports))
+        .args(cluster_recipe::create_args(ports))
         .stdin(Stdio::null())
         .output()
         .map_err(|e| fail(format!("cannot run redis-cli: {e}")))?;
@@ -326,7 +322,6 @@ fn start_redis_cluster(children: &mut Children) -> Result<(Vec<String>, Vec<u32>
             String::from_utf8_lossy(&created.stdout)
         )));
     }
-    let started = Instant::now();
     loop {
         let ready = ports.iter().all(|&port| {
             redis_cli(port, &["cluster", "info"]).is_some_and(|info| cluster_recipe::serves(&info))
@@ -334,7 +329,7 @@ fn start_redis_cluster(children: &mut Children) -> Result<(Vec<String>, Vec<u32>
                     .is_some_and(|info| !cluster_recipe::replica_behind(&info))
         });
         if ready {
-            break;
+            return Ok(started.elapsed());
         }
         if started.elapsed() > CLUSTER_FORMING {
             return Err(fail(format!(
@@ -344,9 +339,31 @@ fn start_redis_cluster(children: &mut Children) -> Result<(Vec<String>, Vec<u32>
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Starts six cluster nodes (each out of reach of Ctrl+C, as
+/// [`steps::start_redis`] starts any Redis), forms the cluster, and waits
+/// until every node serves every slot and every replica has synced.
+/// Returns the nodes' URLs and process ids.
+fn start_redis_cluster(children: &mut Children) -> Result<(Vec<String>, Vec<u32>)> {
+    let mut urls = Vec::new();
+    let mut pids = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..cluster_recipe::MASTERS * 2 {
+        let (url, pid) = steps::start_redis_with(children, cluster_node_args)?;
+        ports.push(
+            url.rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("a port"),
+        );
+        urls.push(url);
+        pids.push(pid);
+    }
+    let formed = form_redis_cluster(&ports)?;
     println!(
         "Redis Cluster: six throwaway nodes (three masters, a replica each), formed in {:.1} s",
-        started.elapsed().as_secs_f64()
+        formed.as_secs_f64()
     );
     Ok((urls, pids))
 }
