@@ -496,7 +496,8 @@ async fn queue_across_a_killed_master() {
 ///   (layer `b`, 20 s); redis-rs alone gives up after about 4 s of retries;
 /// - calls that run out of time fail with `Backend`, and however many fail,
 ///   the log says it once when it starts and once when it is over (layer
-///   `a`, 1 s).
+///   `a`, 1 s; and the pub/sub layer `p`, 1 s, whose publishes fail the
+///   same way).
 ///
 /// On the current-thread runtime, so that the layers' log is this test's.
 #[tokio::test]
@@ -521,6 +522,13 @@ async fn a_refusing_cluster_is_retried_and_logged_once() {
     .expect("connect layer b");
     let member = patient.new_channel("specific").await.expect("new_channel");
     patient.group_add("room", &member).await.expect("group_add");
+    let pubsub = RedisPubSubLayer::connect_cluster(
+        config(&cluster)
+            .with_prefix("p")
+            .with_command_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .expect("connect layer p");
 
     // A master that holds none of layer b's keys (a restarted node comes
     // back empty), and its replica.
@@ -539,6 +547,26 @@ async fn a_refusing_cluster_is_retried_and_logged_once() {
         .expect("three masters, b's keys on at most two")
         .port;
     let replica = cluster.replica_port(master).await.expect("a replica");
+    // Rooms of layer p: one whose sharded channel is on the master about
+    // to die, one on a master that lives.
+    let mut dead_room = None;
+    let mut live_room = None;
+    for i in 0.. {
+        let room = format!("room{i}");
+        let owner = cluster
+            .master_of(keyslot(&cluster, &format!("p__group__{room}")).await)
+            .await
+            .port;
+        if owner == master {
+            dead_room.get_or_insert(room);
+        } else {
+            live_room.get_or_insert(room);
+        }
+        if dead_room.is_some() && live_room.is_some() {
+            break;
+        }
+    }
+    let (dead_room, live_room) = (dead_room.expect("found"), live_room.expect("found"));
     cluster.kill(master).await;
     cluster.kill(replica).await;
     cluster.wait_until_down(RECOVERY * 2).await;
@@ -561,6 +589,18 @@ async fn a_refusing_cluster_is_retried_and_logged_once() {
         errors.iter().any(|err| err.contains("ClusterDown")),
         "the cluster refused with CLUSTERDOWN: {errors:?}"
     );
+    for n in 0..3 {
+        assert!(
+            pubsub.group_send(&dead_room, numbered(n)).await.is_err(),
+            "a publish to a room whose master is dead succeeded"
+        );
+    }
+    // Redis 7 serves sharded pub/sub on a live master while the cluster is
+    // down (`cluster-allow-pubsubshard-when-down`, on by default).
+    pubsub
+        .group_send(&live_room, numbered(0))
+        .await
+        .expect("a room on a live master keeps talking while the cluster is down");
 
     cluster.restart(master).await;
     cluster.restart(replica).await;
@@ -583,6 +623,10 @@ async fn a_refusing_cluster_is_retried_and_logged_once() {
         .group_send("room", numbered(9))
         .await
         .expect("a group_send once the cluster serves");
+    pubsub
+        .group_send(&dead_room, numbered(9))
+        .await
+        .expect("a publish once the cluster serves");
     let lines = logs.lines().join("\n");
     let warned = |prefix: &str| {
         logs.lines()
@@ -597,8 +641,13 @@ async fn a_refusing_cluster_is_retried_and_logged_once() {
     );
     assert_eq!(warned("prefix=\"b\""), 0, "b's call did not fail:\n{lines}");
     assert_eq!(
-        logs.count_at("INFO", "serves this layer's calls again"),
+        warned("prefix=\"p\""),
         1,
-        "one line when it is over:\n{lines}"
+        "three failed publishes, one warning:\n{lines}"
+    );
+    assert_eq!(
+        logs.count_at("INFO", "serves this layer's calls again"),
+        2,
+        "one line for each layer when it is over:\n{lines}"
     );
 }

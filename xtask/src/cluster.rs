@@ -33,8 +33,8 @@
 //! which the servers read from `REDIS_CLUSTER_URL`; one more redis-server
 //! keeps the job queue (`REDIS_URL`), which apalis keeps on one Redis. The
 //! nodes are made as the tests make theirs (`cluster_recipe`, shared with
-//! `channels-testkit`): `redis-cli -p PORT debug sleep 30` on a master, or
-//! killing one, shows a failover under the rooms.
+//! `channels-testkit`): stopping a master (`redis-cli -p PORT shutdown
+//! nosave`) shows a failover under the rooms.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

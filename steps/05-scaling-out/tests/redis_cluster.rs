@@ -203,6 +203,7 @@ async fn a_reliable_room_on_a_cluster_keeps_what_it_accepted_when_its_master_die
             .clone()
     };
 
+    // ANCHOR: reliable_kill
     let first = cluster.nodes().await[0].port;
     let slot = keyslot(first, RELIABLE_GROUP_KEY).await;
     let master = cluster.master_of(slot).await.port;
@@ -221,6 +222,7 @@ async fn a_reliable_room_on_a_cluster_keeps_what_it_accepted_when_its_master_die
         }
         (accepted, killed_at.expect("killed"), cluster)
     });
+    // ANCHOR_END: reliable_kill
     let hear = |mut client: axum_channels::testing::TestClient| async move {
         let mut heard: Vec<(u64, Instant)> = Vec::new();
         while let Some(frame) = client.try_recv(RECOVERY * 2).await {
