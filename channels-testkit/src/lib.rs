@@ -68,6 +68,7 @@
 
 use std::path::PathBuf;
 
+pub mod cluster_recipe;
 mod logs;
 mod nginx;
 pub mod paths;

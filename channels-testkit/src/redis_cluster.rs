@@ -19,27 +19,11 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 use tokio::time::sleep;
 
+use crate::cluster_recipe::{self, MASTERS, NODE_ARGS};
 use crate::{RedisServer, skip_or_fail};
-
-/// Masters, and one replica for each.
-const MASTERS: usize = 3;
 
 /// How long the cluster may take to agree that every slot is served.
 const FORMING: Duration = Duration::from_secs(20);
-
-/// Each node's settings besides the test server's own: a short node
-/// timeout, so that a failover in a test takes a second or two, not 15.
-const NODE_ARGS: [&str; 8] = [
-    "--cluster-enabled",
-    "yes",
-    "--cluster-config-file",
-    "nodes.conf",
-    "--cluster-node-timeout",
-    "1000",
-    // A replica takes over however long it was cut off from its master.
-    "--cluster-replica-validity-factor",
-    "0",
-];
 
 /// Six nodes of one Redis Cluster, every one killed on drop.
 pub struct RedisCluster {
@@ -72,20 +56,17 @@ impl RedisCluster {
             return None;
         }
         let mut nodes = Vec::new();
+        // Each server runs in a directory of its own, where its relative
+        // `nodes.conf` lands.
+        let mut args = NODE_ARGS.to_vec();
+        args.extend(["--cluster-config-file", "nodes.conf"]);
         for _ in 0..MASTERS * 2 {
-            nodes.push(RedisServer::start_with(&NODE_ARGS).await?);
+            nodes.push(RedisServer::start_with(&args).await?);
         }
         let cluster = RedisCluster { nodes };
-        let addresses: Vec<String> = cluster
-            .nodes
-            .iter()
-            .map(|node| format!("127.0.0.1:{}", node.port()))
-            .collect();
+        let ports: Vec<u16> = cluster.nodes.iter().map(RedisServer::port).collect();
         let output = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addresses)
-            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .args(cluster_recipe::create_args(&ports))
             .stdin(Stdio::null())
             .output()
             .await
@@ -96,6 +77,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&output.stdout)
         );
         cluster.wait_until_ok(FORMING).await;
+        cluster.wait_for_replicas(FORMING).await;
         Some(cluster)
     }
 
@@ -263,7 +245,7 @@ impl RedisCluster {
                 let info = cli(node.port(), &["cluster", "info"]).await;
                 // A killed node does not answer; the others must agree.
                 if let Ok(info) = info
-                    && !info.contains("cluster_state:ok")
+                    && !cluster_recipe::serves(&info)
                 {
                     all_ok = false;
                 }
@@ -273,6 +255,65 @@ impl RedisCluster {
             }
             if Instant::now() >= deadline {
                 panic!("the cluster is not ok after {within:?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running replica has copied its master and
+    /// follows it (`master_link_status:up`), so that a master killed from
+    /// then on loses at most its last moment's writes (replication is
+    /// asynchronous), not everything; panics after `within`.
+    /// `cluster_state:ok` does not say this: a cluster serves every slot
+    /// before any replica has synced.
+    pub async fn wait_for_replicas(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut synced = true;
+            for node in &self.nodes {
+                if let Ok(info) = cli(node.port(), &["info", "replication"]).await
+                    && cluster_recipe::replica_behind(&info)
+                {
+                    synced = false;
+                }
+            }
+            if synced {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("the replicas have not synced with their masters after {within:?}");
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The port of a replica of the master on `master_port`, if it has one.
+    pub async fn replica_port(&self, master_port: u16) -> Option<u16> {
+        let nodes = self.nodes().await;
+        let master = nodes.iter().find(|node| node.port == master_port)?;
+        self.replica_of(&master.id).await
+    }
+
+    /// Waits until every running node says `cluster_state:fail` (a slot
+    /// has no live master, and `cluster-require-full-coverage` is on, as
+    /// by default): from then on every command meets `CLUSTERDOWN`. Panics
+    /// after `within`.
+    pub async fn wait_until_down(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let mut all_down = true;
+            for node in &self.nodes {
+                if let Ok(info) = cli(node.port(), &["cluster", "info"]).await
+                    && !info.contains("cluster_state:fail")
+                {
+                    all_down = false;
+                }
+            }
+            if all_down {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("the cluster still serves after {within:?}");
             }
             sleep(Duration::from_millis(50)).await;
         }

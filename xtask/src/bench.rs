@@ -10,8 +10,9 @@
 //!   comes back once they close (see [`idle`]);
 //! - `fanout`: one sender and 100 receivers in one room, in deliveries per
 //!   second, through the in-memory, Redis pub/sub and Redis queue channel
-//!   layers, and with the room split across two servers on one Redis,
-//!   compared with a bare tokio broadcast server (see [`fanout`]).
+//!   layers, and with the room split across two servers on one Redis and
+//!   on a three-master Redis Cluster, compared with a bare tokio broadcast
+//!   server (see [`fanout`]).
 //!   It measures the layers with a room server of its own, so it takes no
 //!   step and no endpoint;
 //! - `storm`: a reconnect storm, 18,000 connections arriving at once in

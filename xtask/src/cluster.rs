@@ -27,6 +27,14 @@
 //!
 //! Ports are free ones the system picks, unless `--port P` asks for the
 //! proxy on P and the servers on P+1, P+2, ...
+//!
+//! With `--redis-cluster` (instead of `--shards`), the channel layers go on
+//! a throwaway Redis Cluster of six nodes, three masters and a replica each,
+//! which the servers read from `REDIS_CLUSTER_URL`; one more redis-server
+//! keeps the job queue (`REDIS_URL`), which apalis keeps on one Redis. The
+//! nodes are made as the tests make theirs (`cluster_recipe`, shared with
+//! `channels-testkit`): stopping a master (`redis-cli -p PORT shutdown
+//! nosave`) shows a failover under the rooms.
 
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -37,6 +45,11 @@ use std::time::{Duration, Instant};
 
 use crate::steps::{self, Children, Step};
 use crate::{Args, Error, Result, Workspace, fail};
+
+/// The recipe of a throwaway Redis Cluster, shared with the test harness
+/// as a file rather than a dependency (this crate stays std-only).
+#[path = "../../channels-testkit/src/cluster_recipe.rs"]
+pub(crate) mod cluster_recipe;
 
 /// The most servers, or shards, one machine is asked to run: more shows
 /// nothing new, and each costs a process.
@@ -57,10 +70,15 @@ const SERVER_STARTUP: Duration = Duration::from_secs(60);
 /// Where a step keeps the reverse proxy's configuration.
 const PROXY_CONFIG: &str = "deploy/nginx.conf";
 
+/// How long a new Redis Cluster may take to serve every slot, its
+/// replicas synced.
+const CLUSTER_FORMING: Duration = Duration::from_secs(30);
+
 #[derive(Debug, PartialEq)]
 struct Options {
     servers: u16,
     shards: u16,
+    redis_cluster: bool,
     step: Option<String>,
     port: Option<u16>,
 }
@@ -74,7 +92,14 @@ fn parse_options(mut args: Args) -> Result<Options> {
         ))),
     };
     let servers = within("--servers", args.value("--servers")?, 2)?;
-    let shards = within("--shards", args.value("--shards")?, 1)?;
+    let shards: Option<u16> = args.value("--shards")?;
+    let redis_cluster = args.flag("--redis-cluster");
+    if redis_cluster && shards.is_some() {
+        return Err(Error::Usage(
+            "--redis-cluster and --shards are two ways to spread the layers: pick one".to_owned(),
+        ));
+    }
+    let shards = within("--shards", shards, 1)?;
     let step = args.value("--step")?;
     let port: Option<u16> = args.value("--port")?;
     if port.is_some_and(|p| p == 0 || u32::from(p) + u32::from(servers) > 65_535) {
@@ -86,6 +111,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
     Ok(Options {
         servers,
         shards,
+        redis_cluster,
         step,
         port,
     })
@@ -239,6 +265,109 @@ fn wait_for_ports(ports: &[u16], children: &mut Children) -> Result<()> {
 }
 
 /// `cargo xtask cluster`.
+/// Whether a step reads `REDIS_CLUSTER_URL` (step 05 on).
+fn reads_redis_cluster_url(step: &Step) -> bool {
+    std::fs::read_to_string(step.dir.join("src/config.rs"))
+        .is_ok_and(|config| config.contains("REDIS_CLUSTER_URL"))
+}
+
+/// `redis-cli -p PORT ARGS...`, its output as text, if it ran.
+fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Where the cluster node on `port` keeps its view of the cluster.
+pub(crate) fn cluster_node_conf(port: u16) -> PathBuf {
+    std::env::temp_dir().join(format!("redis-cluster-{port}.conf"))
+}
+
+/// A cluster node's arguments besides a plain throwaway server's, for the
+/// node on `port`.
+pub(crate) fn cluster_node_args(port: u16) -> Vec<String> {
+    let conf = cluster_node_conf(port);
+    // A node reads its file at start: one from an earlier run on the same
+    // port would make it a member of that old cluster.
+    let _ = std::fs::remove_file(&conf);
+    let mut args: Vec<String> = cluster_recipe::NODE_ARGS.map(str::to_owned).to_vec();
+    args.extend([
+        "--cluster-config-file".to_owned(),
+        conf.display().to_string(),
+    ]);
+    args
+}
+
+/// Forms one Redis Cluster of the fresh cluster nodes on `ports`
+/// (`redis-cli --cluster create`), and waits until every node serves every
+/// slot and every replica has synced; returns how long that took. The
+/// benches form theirs with it too.
+pub(crate) fn form_redis_cluster(ports: &[u16]) -> Result<Duration> {
+    let started = Instant::now();
+    let created = Command::new("redis-cli")
+        .args(cluster_recipe::create_args(ports))
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| fail(format!("cannot run redis-cli: {e}")))?;
+    if !created.status.success() {
+        return Err(fail(format!(
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        )));
+    }
+    loop {
+        let ready = ports.iter().all(|&port| {
+            redis_cli(port, &["cluster", "info"]).is_some_and(|info| cluster_recipe::serves(&info))
+                && redis_cli(port, &["info", "replication"])
+                    .is_some_and(|info| !cluster_recipe::replica_behind(&info))
+        });
+        if ready {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > CLUSTER_FORMING {
+            return Err(fail(format!(
+                "the Redis Cluster did not form within {} s",
+                CLUSTER_FORMING.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Starts six cluster nodes (each out of reach of Ctrl+C, as
+/// [`steps::start_redis`] starts any Redis), forms the cluster, and waits
+/// until every node serves every slot and every replica has synced.
+/// Returns the nodes' URLs and process ids.
+fn start_redis_cluster(children: &mut Children) -> Result<(Vec<String>, Vec<u32>)> {
+    let mut urls = Vec::new();
+    let mut pids = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..cluster_recipe::MASTERS * 2 {
+        let (url, pid) = steps::start_redis_with(children, cluster_node_args)?;
+        ports.push(
+            url.rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("a port"),
+        );
+        urls.push(url);
+        pids.push(pid);
+    }
+    let formed = form_redis_cluster(&ports)?;
+    println!(
+        "Redis Cluster: six throwaway nodes (three masters, a replica each), formed in {:.1} s",
+        formed.as_secs_f64()
+    );
+    Ok((urls, pids))
+}
+
 pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let options = parse_options(args)?;
     let all = steps::discover(&ws.root)?;
@@ -258,6 +387,12 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
             "redis-server is not installed: install it with `sudo apt-get install redis-server` \
              (Debian, Ubuntu) or `brew install redis` (macOS)",
         ));
+    }
+    if options.redis_cluster && !reads_redis_cluster_url(step) {
+        return Err(Error::Usage(format!(
+            "steps/{} does not read REDIS_CLUSTER_URL: --redis-cluster needs step 05 or later",
+            step.dir_name()
+        )));
     }
     let template = std::fs::read_to_string(step.dir.join(PROXY_CONFIG)).ok();
     let nginx = find_nginx();
@@ -284,12 +419,20 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     // Every process lists the same hosts in the same order, as the layers'
     // consistent hash requires.
     let redis_url = urls.join(",");
+    let cluster_url = if options.redis_cluster {
+        let (nodes, pids) = start_redis_cluster(&mut children)?;
+        redis_pids.extend(pids);
+        Some(nodes.join(","))
+    } else {
+        None
+    };
     let mut others = Vec::new();
     let mut run = |name: &'static str, bin: &str, envs: &[(&str, String)]| -> Result<()> {
         let child = ws
             .cargo()
             .args(["run", "--quiet", "--package", &package, "--bin", bin])
             .env("REDIS_URL", &redis_url)
+            .envs(cluster_url.iter().map(|url| ("REDIS_CLUSTER_URL", url)))
             .envs(envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .spawn()
@@ -342,6 +485,9 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
         urls.len()
     );
     println!("  Redis:     REDIS_URL={redis_url}");
+    if let Some(url) = &cluster_url {
+        println!("  Cluster:   REDIS_CLUSTER_URL={url}   (the four channel layers)");
+    }
     for (i, port) in server_ports.iter().enumerate() {
         let metrics = if metrics {
             format!("   (metrics: http://127.0.0.1:{port}/metrics)")
@@ -450,9 +596,15 @@ mod tests {
             Options {
                 servers: 2,
                 shards: 1,
+                redis_cluster: false,
                 step: None,
                 port: None
             }
+        );
+        assert!(
+            parse_options(args(&["--redis-cluster"]))
+                .unwrap()
+                .redis_cluster
         );
         let options =
             parse_options(args(&["--servers", "3", "--shards=2", "--step", "05"])).unwrap();
@@ -465,6 +617,7 @@ mod tests {
             &["--port", "0"],
             &["extra"],
             &["--servers", "two"],
+            &["--redis-cluster", "--shards", "2"],
         ] {
             assert!(parse_options(args(bad)).is_err(), "{bad:?}");
         }

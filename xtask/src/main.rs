@@ -33,11 +33,12 @@ const TASKS: &[(&str, &str)] = &[
          sender if it has one",
     ),
     (
-        "cluster [--servers N] [--shards S] [--step N] [--port P]",
+        "cluster [--servers N] [--shards S | --redis-cluster] [--step N] [--port P]",
         "Run a step as a cluster on this machine: S throwaway redis-servers (default 1), N \
          servers on consecutive ports (default 2), two workers, and nginx in front of them when \
          it is installed; free ports unless --port P (proxy on P, servers above it); default: \
-         the newest step",
+         the newest step. --redis-cluster: the channel layers on a throwaway six-node Redis \
+         Cluster (REDIS_CLUSTER_URL), the jobs on one redis-server (step 05 on)",
     ),
     (
         "diff [A] B",

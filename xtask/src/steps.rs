@@ -346,11 +346,21 @@ fn run_with_redis(ws: &Workspace, step: &Step, port: Option<u16>) -> Result<()> 
 /// (see [`stop_redis_last`]), adds it to `children`, waits until it answers,
 /// and says where it is. Returns its URL and process id.
 pub(crate) fn start_redis(children: &mut Children) -> Result<(String, u32)> {
+    start_redis_with(children, |_| Vec::new())
+}
+
+/// [`start_redis`] with more arguments, which `extra` makes from the port
+/// (a cluster node's configuration file is named after it).
+pub(crate) fn start_redis_with(
+    children: &mut Children,
+    extra: impl FnOnce(u16) -> Vec<String>,
+) -> Result<(String, u32)> {
     let redis_port = free_port()?;
     let log = std::env::temp_dir().join(format!("redis-{redis_port}.log"));
     let mut redis = Command::new("redis-server");
     redis
         .args(redis_args(redis_port, &log))
+        .args(extra(redis_port))
         .stdin(Stdio::null());
     out_of_reach_of_ctrl_c(&mut redis);
     let redis = redis

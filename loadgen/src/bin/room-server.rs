@@ -4,10 +4,14 @@
 //!
 //! - `memory`: the in-memory layer, as steps 00 to 02 use;
 //! - `pubsub`: the Redis pub/sub layer, on the Redis at `--redis URL`;
-//! - `queue`: the Redis queue layer, on the same.
+//! - `queue`: the Redis queue layer, on the same;
+//! - `pubsub-cluster`, `queue-cluster`: the same two on a Redis Cluster
+//!   (`RedisPubSubLayer::connect_cluster`, `RedisClusterLayer`), whose
+//!   nodes `--redis` lists, comma-separated.
 //!
 //! ```text
 //! room-server --layer pubsub --redis redis://127.0.0.1:PORT --port 9003
+//! room-server --layer queue-cluster --redis redis://127.0.0.1:P1,redis://127.0.0.1:P2
 //! ```
 //!
 //! Every connection joins the group `bench`; every text a client sends goes
@@ -26,7 +30,7 @@ mod args;
 use std::process::ExitCode;
 
 use axum::Router;
-use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer};
+use axum_channels::layer::redis::{RedisClusterLayer, RedisConfig, RedisLayer, RedisPubSubLayer};
 use axum_channels::layer::{BackendError, InMemoryLayer, LayerError, Layers};
 use axum_channels::{Consumer, Frame, LayerEvent, Result, Scope, Socket};
 use serde::{Deserialize, Serialize};
@@ -99,12 +103,23 @@ async fn layers(kind: &str, redis: &str) -> Result<Layers, LayerError> {
             RedisPubSubLayer::connect(RedisConfig::new(redis)).await?,
         ),
         "queue" => layers.with("room", RedisLayer::connect(RedisConfig::new(redis)).await?),
+        "pubsub-cluster" => layers.with(
+            "room",
+            RedisPubSubLayer::connect_cluster(cluster(redis)).await?,
+        ),
+        "queue-cluster" => layers.with("room", RedisClusterLayer::connect(cluster(redis)).await?),
         other => {
             return Err(LayerError::Backend(BackendError::new(format!(
-                "unknown --layer {other:?}: use memory, pubsub or queue"
+                "unknown --layer {other:?}: use memory, pubsub, queue, pubsub-cluster or \
+                 queue-cluster"
             ))));
         }
     })
+}
+
+/// A cluster's nodes, from `--redis url1,url2,...`.
+fn cluster(nodes: &str) -> RedisConfig {
+    RedisConfig::default().with_hosts(nodes.split(',').map(str::to_owned).collect::<Vec<_>>())
 }
 
 fn main() -> ExitCode {

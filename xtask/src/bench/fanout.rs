@@ -15,7 +15,13 @@
 //! - **2 servers pubsub**: the room split across two `room-server`
 //!   processes on one Redis, through `RedisPubSubLayer`, the receivers
 //!   taking turns between them (what step 05 runs); the report gives its
-//!   ratio to the single server in memory.
+//!   ratio to the single server in memory;
+//! - **2 servers queue**: the same through `RedisLayer`;
+//! - **cluster pubsub**, **cluster queue**: the same two-server room on a
+//!   throwaway Redis Cluster of six nodes (three masters, a replica each),
+//!   through `RedisPubSubLayer::connect_cluster` (sharded pub/sub) and
+//!   `RedisClusterLayer`; the report gives each one's ratio to the same
+//!   room on one Redis, in the same round (goal: at least 0.8).
 //!
 //! The load is loadgen's `fanout` client (see its documentation): a closed
 //! loop with a small window, so a slower server shows as fewer deliveries,
@@ -39,11 +45,19 @@
 //! Without `redis-server` on PATH, the in-memory and baseline runs still
 //! happen and the report says loudly that the Redis runs were skipped.
 //!
-//! The split room is the one [`Target`] with two servers: it starts a
-//! second `room-server` on the same Redis, and loadgen's `fanout` spreads
-//! its receivers over their URLs. Both servers are pinned to CPU 0 with
-//! Redis, like every other server side, so the comparison is of the same
-//! one core doing the work of two processes and the Redis between them.
+//! The split rooms are the [`Target`]s with two servers: a second
+//! `room-server` on the same Redis, and loadgen's `fanout` spreads its
+//! receivers over their URLs. Both servers are pinned to CPU 0 with Redis,
+//! like every other server side, so the comparison is of the same one core
+//! doing the work of two processes and the Redis between them.
+//!
+//! **Cluster.** A cluster run starts six redis-servers as
+//! `cargo xtask cluster --redis-cluster` does (`cluster::form_redis_cluster`,
+//! the tests' recipe), all pinned to CPU 0 with the servers: the one core
+//! then also carries replication to three replicas, which a production
+//! cluster spreads over machines. It is the pessimistic view again; the
+//! ratio says what the cluster costs on one core, not what it gains on
+//! several. Without `redis-cli` the cluster runs are skipped, loudly.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -53,8 +67,7 @@ use super::{
     STARTUP_TIMEOUT, Scenario, Server, command, exe, free_port, json_number, median, on_path,
     wait_for_port,
 };
-use crate::steps;
-use crate::{Result, fail};
+use crate::{Result, cluster, fail, steps};
 
 /// How to get redis-server, for the note when it is missing.
 pub(super) const INSTALL_REDIS: &str =
@@ -73,6 +86,10 @@ const GOALS: [(Target, f64); 3] = [
     (Target::Queue, 0.7),
 ];
 
+/// The ratio of a room on a Redis Cluster to the same room on one Redis
+/// the cluster layers aim for (issue 18).
+const CLUSTER_GOAL: f64 = 0.8;
+
 /// Which server a measurement runs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Target {
@@ -83,17 +100,32 @@ enum Target {
     PubSub,
     Queue,
     /// The pub/sub room split across two servers on one Redis.
-    Cluster,
+    SplitPubSub,
+    /// The queue room split across two servers on one Redis.
+    SplitQueue,
+    /// The pub/sub room on two servers over a Redis Cluster.
+    ClusterPubSub,
+    /// The queue room on two servers over a Redis Cluster.
+    ClusterQueue,
 }
 
 impl Target {
-    const ALL: [Target; 6] = [
+    const ALL: [Target; 9] = [
         Target::Baseline,
         Target::BareBatched,
         Target::Memory,
         Target::PubSub,
         Target::Queue,
-        Target::Cluster,
+        Target::SplitPubSub,
+        Target::SplitQueue,
+        Target::ClusterPubSub,
+        Target::ClusterQueue,
+    ];
+
+    /// Each cluster target and the same room on one Redis, for the ratio.
+    const ON_ONE_REDIS: [(Target, Target); 2] = [
+        (Target::ClusterPubSub, Target::SplitPubSub),
+        (Target::ClusterQueue, Target::SplitQueue),
     ];
 
     fn label(self) -> &'static str {
@@ -103,14 +135,20 @@ impl Target {
             Target::Memory => "memory",
             Target::PubSub => "redis pub/sub",
             Target::Queue => "redis queue",
-            Target::Cluster => "2 servers pubsub",
+            Target::SplitPubSub => "2 servers pubsub",
+            Target::SplitQueue => "2 servers queue",
+            Target::ClusterPubSub => "cluster pubsub",
+            Target::ClusterQueue => "cluster queue",
         }
     }
 
     /// How many server processes share the room.
     fn servers(self) -> usize {
         match self {
-            Target::Cluster => 2,
+            Target::SplitPubSub
+            | Target::SplitQueue
+            | Target::ClusterPubSub
+            | Target::ClusterQueue => 2,
             _ => 1,
         }
     }
@@ -120,13 +158,23 @@ impl Target {
         match self {
             Target::Baseline | Target::BareBatched => None,
             Target::Memory => Some("memory"),
-            Target::PubSub | Target::Cluster => Some("pubsub"),
-            Target::Queue => Some("queue"),
+            Target::PubSub | Target::SplitPubSub => Some("pubsub"),
+            Target::Queue | Target::SplitQueue => Some("queue"),
+            Target::ClusterPubSub => Some("pubsub-cluster"),
+            Target::ClusterQueue => Some("queue-cluster"),
         }
     }
 
     fn needs_redis(self) -> bool {
-        matches!(self, Target::PubSub | Target::Queue | Target::Cluster)
+        !matches!(
+            self,
+            Target::Baseline | Target::BareBatched | Target::Memory
+        )
+    }
+
+    /// Whether it runs on a Redis Cluster (which needs `redis-cli` too).
+    fn on_cluster(self) -> bool {
+        matches!(self, Target::ClusterPubSub | Target::ClusterQueue)
     }
 }
 
@@ -267,9 +315,15 @@ impl Redis {
     /// waits until it answers `PING`. Another process may take the free
     /// port first: then it tries another.
     pub(super) fn start(pin: bool) -> Result<Redis> {
+        Redis::start_with(pin, |_| Vec::new())
+    }
+
+    /// [`start`](Self::start) with more arguments, made from the port.
+    fn start_with(pin: bool, extra: impl Fn(u16) -> Vec<String>) -> Result<Redis> {
         let mut last_error = String::new();
         for _ in 0..3 {
-            match Redis::start_on(free_port()?, pin) {
+            let port = free_port()?;
+            match Redis::start_on(port, pin, &extra(port)) {
                 Ok(redis) => return Ok(redis),
                 Err(why) => last_error = why,
             }
@@ -277,7 +331,7 @@ impl Redis {
         Err(fail(format!("cannot start redis-server: {last_error}")))
     }
 
-    fn start_on(port: u16, pin: bool) -> Result<Redis, String> {
+    fn start_on(port: u16, pin: bool, extra: &[String]) -> Result<Redis, String> {
         let log = std::env::temp_dir().join(format!(
             "xtask-bench-redis-{}-{port}.log",
             std::process::id()
@@ -287,6 +341,7 @@ impl Redis {
         let child = command(Path::new("redis-server"), "0", pin)
             .args(steps::redis_args(port, &log))
             .args(["--daemonize", "no"])
+            .args(extra)
             .arg("--dir")
             .arg(std::env::temp_dir())
             .stdin(Stdio::null())
@@ -330,6 +385,40 @@ impl Drop for Redis {
     }
 }
 
+/// A throwaway Redis Cluster of six nodes, each a [`Redis`] (pinned with
+/// the servers); every node is killed, and its cluster file removed, when
+/// dropped.
+struct Cluster {
+    nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    fn start(pin: bool) -> Result<Cluster> {
+        let mut nodes = Vec::new();
+        for _ in 0..cluster::cluster_recipe::MASTERS * 2 {
+            nodes.push(Redis::start_with(pin, cluster::cluster_node_args)?);
+        }
+        let cluster = Cluster { nodes };
+        let ports: Vec<u16> = cluster.nodes.iter().map(|node| node.port).collect();
+        cluster::form_redis_cluster(&ports)?;
+        Ok(cluster)
+    }
+
+    /// Every node's URL, comma-separated: what `--redis` takes.
+    fn urls(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(Redis::url).collect();
+        urls.join(",")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            let _ = std::fs::remove_file(cluster::cluster_node_conf(node.port));
+        }
+    }
+}
+
 /// What every measurement shares.
 struct Fanout<'a> {
     release: &'a Path,
@@ -341,7 +430,7 @@ struct Fanout<'a> {
 impl Fanout<'_> {
     /// Starts one server of `target` on a free port (on `redis`, if it
     /// has one) and waits until it listens; returns it and its room's URL.
-    fn start_server(&self, target: Target, redis: Option<&Redis>) -> Result<(Server, String)> {
+    fn start_server(&self, target: Target, redis: Option<&str>) -> Result<(Server, String)> {
         let label = target.label();
         let port = free_port()?;
         let mut cmd = match target.layer() {
@@ -361,7 +450,7 @@ impl Fanout<'_> {
                 cmd.args(["--layer", layer]).env("RUST_LOG", "warn");
                 super::unlimited_inbound(&mut cmd);
                 if let Some(redis) = redis {
-                    cmd.args(["--redis", &redis.url()]);
+                    cmd.args(["--redis", redis]);
                 }
                 cmd
             }
@@ -380,15 +469,25 @@ impl Fanout<'_> {
     /// client against them, stops them.
     fn measure(&self, target: Target) -> Result<Report> {
         let label = target.label();
-        let redis = if target.needs_redis() {
+        let cluster = if target.on_cluster() {
+            Some(Cluster::start(self.pin)?)
+        } else {
+            None
+        };
+        let redis = if target.needs_redis() && cluster.is_none() {
             Some(Redis::start(self.pin)?)
         } else {
             None
         };
+        let redis_url = match (&redis, &cluster) {
+            (Some(redis), _) => Some(redis.url()),
+            (_, Some(cluster)) => Some(cluster.urls()),
+            _ => None,
+        };
         let mut servers = Vec::new();
         let mut urls = Vec::new();
         for _ in 0..target.servers() {
-            let (server, url) = self.start_server(target, redis.as_ref())?;
+            let (server, url) = self.start_server(target, redis_url.as_deref())?;
             servers.push(server);
             urls.push(url);
         }
@@ -397,6 +496,9 @@ impl Fanout<'_> {
         let urls = urls.join(",");
         let mut side: Vec<u32> = servers.iter().map(|s| s.child.id()).collect();
         side.extend(redis.as_ref().map(|r| r.server.child.id()));
+        if let Some(cluster) = &cluster {
+            side.extend(cluster.nodes.iter().map(Redis::pid));
+        }
         let (ticks_before, started) = (side_ticks(&side), Instant::now());
         let output = command(&self.release.join(exe("fanout")), "1", self.pin)
             .args(["--url", &urls])
@@ -414,6 +516,7 @@ impl Fanout<'_> {
         };
         drop(servers);
         drop(redis);
+        drop(cluster);
         if !output.status.success() {
             return Err(fail(format!(
                 "the fanout client against {label} failed ({}); its error is above",
@@ -499,16 +602,21 @@ fn print_round(round: &Round) {
             pubsub / memory
         );
     }
-    if let (Some(cluster), Some(memory)) = (
-        figure(round, Target::Cluster),
+    if let (Some(split), Some(memory)) = (
+        figure(round, Target::SplitPubSub),
         figure(round, Target::Memory),
     ) {
         println!(
             "  {} / {}: {:.2}",
-            Target::Cluster.label(),
+            Target::SplitPubSub.label(),
             Target::Memory.label(),
-            cluster / memory
+            split / memory
         );
+    }
+    for (cluster, one) in Target::ON_ONE_REDIS {
+        if let (Some(c), Some(o)) = (figure(round, cluster), figure(round, one)) {
+            println!("  {} / {}: {:.2}", cluster.label(), one.label(), c / o);
+        }
     }
 }
 
@@ -561,14 +669,33 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
             Target::Memory.label(),
         );
     }
-    let cluster = ratios(rounds, Target::Cluster, Target::Memory);
-    if !cluster.is_empty() {
+    let split = ratios(rounds, Target::SplitPubSub, Target::Memory);
+    if !split.is_empty() {
         println!(
             "{} / {} (one room on two servers through Redis, against one server in memory): \
              {:.2} (median of {n} round{plural})",
-            Target::Cluster.label(),
+            Target::SplitPubSub.label(),
             Target::Memory.label(),
-            median(&cluster),
+            median(&split),
+        );
+    }
+    for (cluster, one) in Target::ON_ONE_REDIS {
+        let ratio = ratios(rounds, cluster, one);
+        if ratio.is_empty() {
+            continue;
+        }
+        let ratio = median(&ratio);
+        let verdict = if ratio >= CLUSTER_GOAL {
+            "met"
+        } else {
+            "NOT met"
+        };
+        println!(
+            "{} / {} (the two-server room on a three-master Redis Cluster, against one \
+             Redis): {ratio:.2} (median of {n} round{plural}; goal: at least \
+             {CLUSTER_GOAL:.2}, {verdict})",
+            cluster.label(),
+            one.label(),
         );
     }
 }
@@ -583,13 +710,20 @@ pub(super) fn run(
     pin: bool,
 ) -> Result<()> {
     let redis = on_path("redis-server");
+    let redis_cli = on_path("redis-cli");
     let targets: Vec<Target> = Target::ALL
         .into_iter()
         .filter(|t| redis || !t.needs_redis())
+        .filter(|t| redis_cli || !t.on_cluster())
         .collect();
     let skipped_note = format!(
-        "note: the Redis runs (redis pub/sub, redis queue, 2 servers pubsub) were SKIPPED: redis-server is not \
-         on PATH; {INSTALL_REDIS} and run again"
+        "note: the Redis runs (redis pub/sub, redis queue, 2 servers pubsub and queue, cluster \
+         pubsub and queue) were SKIPPED: redis-server is not on PATH; {INSTALL_REDIS} and run \
+         again"
+    );
+    let cluster_note = format!(
+        "note: the Redis Cluster runs (cluster pubsub, cluster queue) were SKIPPED: redis-cli \
+         is not on PATH; {INSTALL_REDIS} and run again"
     );
     println!(
         "fanout: one sender and {receivers} receivers in one room, {} s per run, {rounds} \
@@ -604,9 +738,15 @@ pub(super) fn run(
          were; near 100% on the client, the figure is the load generator's limit"
     );
     if redis {
-        println!("each Redis run starts its own redis-server, pinned with the server to CPU 0");
+        println!(
+            "each Redis run starts its own redis-server (six for a cluster run), pinned with the \
+             server to CPU 0"
+        );
     } else {
         println!("{skipped_note}");
+    }
+    if redis && !redis_cli {
+        println!("{cluster_note}");
     }
 
     let bench = Fanout {
@@ -630,6 +770,8 @@ pub(super) fn run(
     print_summary(&results, &targets);
     if !redis {
         println!("\n{skipped_note}");
+    } else if !redis_cli {
+        println!("\n{cluster_note}");
     }
     Ok(())
 }
@@ -691,17 +833,10 @@ mod tests {
     fn rounds_alternate_their_order() {
         let all = Target::ALL;
         assert_eq!(order(0, &all), all);
-        assert_eq!(
-            order(1, &all),
-            [
-                Target::Cluster,
-                Target::Queue,
-                Target::PubSub,
-                Target::Memory,
-                Target::BareBatched,
-                Target::Baseline
-            ]
-        );
+        let mut reversed = all;
+        reversed.reverse();
+        assert_eq!(order(1, &all), reversed);
+        assert_eq!(order(1, &all)[0], Target::ClusterQueue);
         assert_eq!(order(2, &all), all);
     }
 
@@ -729,9 +864,17 @@ mod tests {
             .into_iter()
             .filter(|t| t.needs_redis())
             .collect();
-        assert_eq!(needing, [Target::PubSub, Target::Queue, Target::Cluster]);
-        assert_eq!(Target::Cluster.layer(), Some("pubsub"));
-        assert_eq!(Target::Cluster.servers(), 2);
+        assert_eq!(needing, &Target::ALL[3..]);
+        assert_eq!(Target::SplitPubSub.layer(), Some("pubsub"));
+        assert_eq!(Target::SplitPubSub.servers(), 2);
+        assert_eq!(Target::ClusterQueue.layer(), Some("queue-cluster"));
+        assert_eq!(Target::ClusterPubSub.servers(), 2);
+        let on_cluster: Vec<Target> = Target::ALL.into_iter().filter(|t| t.on_cluster()).collect();
+        assert_eq!(on_cluster, [Target::ClusterPubSub, Target::ClusterQueue]);
+        for (cluster, one) in Target::ON_ONE_REDIS {
+            assert!(cluster.on_cluster() && !one.on_cluster());
+            assert_eq!(cluster.servers(), one.servers(), "the same room");
+        }
         assert_eq!(Target::PubSub.servers(), 1);
         assert_eq!(Target::Baseline.layer(), None);
         assert_eq!(Target::Memory.layer(), Some("memory"));

@@ -344,6 +344,7 @@ impl RedisPubSubLayer {
             interest,
             reconnected.clone(),
             (lost, lost_receiver),
+            &shared.config.prefix,
         );
         Ok(RedisPubSubLayer {
             inner: Arc::new(Inner {
@@ -493,7 +494,10 @@ impl Inner {
         let hosts = match &self.transport {
             Transport::Hosts(hosts) => hosts,
             Transport::Cluster(cluster) => {
-                return bounded(call, self.timeout(), cluster.publish(name, payload)).await;
+                let within = self.timeout();
+                let result = bounded(call, within, cluster.publish(name, payload, within)).await;
+                cluster.outage.observe(&result);
+                return result;
             }
         };
         let shard = self.shared.shard(name);

@@ -115,7 +115,7 @@ pub(crate) fn purge_below(now: f64, lifetime_secs: u64) -> i64 {
 pub(crate) async fn push_within_capacity<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     key: &str,
-    payload: Vec<u8>,
+    payload: &[u8],
     capacity: usize,
     expiry: u64,
 ) -> redis::RedisResult<bool> {

@@ -9,34 +9,41 @@
 //! following a sharded subscription to a slot's new owner, is done in
 //! `subscriber.rs`.
 
+mod outage;
 mod queue;
 mod subscriber;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::time::Duration;
 
-use redis::ProtocolVersion;
 use redis::aio::AsyncPushSender;
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
+use redis::{ErrorKind, ProtocolVersion, RedisError, ServerErrorKind};
 
+pub(crate) use outage::Outage;
 pub use queue::RedisClusterLayer;
 pub(crate) use subscriber::ClusterSubscriber;
 
 use super::config::RedisConfig;
+use super::link::{BACKOFF_MAX, BACKOFF_MIN};
 use super::wire::{Version, check_server_version};
 use crate::layer::{BackendError, LayerError};
 
-/// How many times redis-rs retries one command (a `MOVED` it follows, a
-/// node that refuses with `TRYAGAIN`/`CLUSTERDOWN`, a lost connection)
-/// before the call fails. Each retry waits a little longer; the layer's
-/// `command_timeout` bounds the whole call anyway.
+/// How many times redis-rs retries one command (a `MOVED` or `ASK` it
+/// follows, a node that refuses with `TRYAGAIN`/`CLUSTERDOWN`, a lost
+/// connection) before the call fails.
 const RETRIES: u32 = 6;
 
-/// The least and most a retry waits, in milliseconds: a failover with a
-/// short `cluster-node-timeout` takes one to a few seconds.
-const RETRY_WAIT_MIN_MS: u64 = 50;
-const RETRY_WAIT_MAX_MS: u64 = 1000;
+/// The least and most redis-rs waits between two of those tries, in
+/// milliseconds: short, so that a refusal reaches the layer within half a
+/// second. The layer's own [`retrying`] then backs off from 50 ms to 1 s
+/// until `command_timeout`, so a short `command_timeout` fails with the
+/// cluster's reason (`CLUSTERDOWN`), not with "did not answer", and a long
+/// one carries a call through a failover.
+const RETRY_WAIT_MIN_MS: u64 = 10;
+const RETRY_WAIT_MAX_MS: u64 = 100;
 
 /// A cluster client for `config`'s seed nodes. With `pushes`, the
 /// connections speak RESP3 and hand every push (sharded messages,
@@ -85,6 +92,48 @@ pub(crate) async fn connect(
     Ok(conn)
 }
 
+/// Whether the cluster refused a command before running it: no slot
+/// owner (`CLUSTERDOWN`), a slot's keys half moved (`TRYAGAIN`), a master
+/// cut off from its replicas (`MASTERDOWN`), a node still loading, or a
+/// node that refused the connection. Running such a command again cannot
+/// run it twice.
+pub(crate) fn refused(err: &RedisError) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ClusterDown
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+        ) | ErrorKind::ClusterConnectionNotFound
+    ) || err.is_connection_refusal()
+}
+
+/// Runs `attempt` until the cluster stops refusing it ([`refused`]), with a
+/// backoff from 50 ms to 1 s, for as long as `within` allows another try.
+/// redis-rs retries each command a few times itself (`RETRIES`, within
+/// half a second); this carries a call through a refusal that lasts
+/// longer, a failover's election, up to the layer's `command_timeout`.
+/// Any other outcome is returned as it is.
+pub(crate) async fn retrying<T, F, Fut>(within: Duration, mut attempt: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match attempt().await {
+            Err(err) if refused(&err) && tokio::time::Instant::now() + backoff < deadline => {
+                tracing::debug!(%err, ?backoff, "the Redis Cluster refused a command; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 pub(crate) fn backend(what: &str, err: redis::RedisError) -> LayerError {
     BackendError::with_source(format!("{what}: {err}"), err).into()
 }
@@ -126,6 +175,41 @@ pub(crate) const SETTLE: Duration = Duration::from_millis(50);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server_error(line: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{line}\r\n").as_bytes())
+            .expect("an error reply")
+            .extract_error()
+            .expect_err("an error")
+    }
+
+    #[test]
+    fn refusals_are_what_ran_nothing() {
+        for line in [
+            "CLUSTERDOWN The cluster is down",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "MASTERDOWN Link with MASTER is down",
+            "LOADING Redis is loading the dataset in memory",
+        ] {
+            assert!(refused(&server_error(line)), "{line}");
+        }
+        let refused_connection =
+            RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(refused(&refused_connection));
+        // These may have run, or will fail again: not retried here.
+        for line in [
+            "ERR wrong number of arguments",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+            "NOSCRIPT No matching script",
+        ] {
+            assert!(!refused(&server_error(line)), "{line}");
+        }
+        let reset = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(
+            !refused(&reset),
+            "a reset connection may have run the command"
+        );
+    }
 
     #[test]
     fn slots_are_redis_slots() {

@@ -42,7 +42,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use tokio::time::Instant;
 
-use super::{backend, slot};
+use super::{Outage, backend, retrying, slot};
 use crate::layer::buffers::{
     Demand, Entry, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull,
 };
@@ -73,6 +73,8 @@ struct Inner {
     popper_client: ClusterClient,
     group_send: Script,
     state: Locked<State>,
+    /// One warning while the cluster refuses calls, not one per call.
+    outage: Outage,
 }
 
 struct State {
@@ -129,6 +131,7 @@ impl RedisClusterLayer {
         )?;
         Ok(RedisClusterLayer {
             inner: Arc::new(Inner {
+                outage: Outage::new("queue", &config.prefix),
                 config,
                 client_prefix: uuid4_hex(),
                 conn,
@@ -248,10 +251,13 @@ impl Inner {
         let key = self.key(channel);
         let capacity = self.config.capacity_of(channel);
         let expiry = self.config.expiry_secs();
-        let mut conn = self.conn.clone();
-        let added = push_within_capacity(&mut conn, &key, payload, capacity, expiry)
-            .await
-            .map_err(|err| backend("send failed", err))?;
+        let added = retrying(self.config.command_timeout, || {
+            let mut conn = self.conn.clone();
+            let (key, payload) = (&key, &payload);
+            async move { push_within_capacity(&mut conn, key, payload, capacity, expiry).await }
+        })
+        .await
+        .map_err(|err| backend("send failed", err))?;
         if added {
             Ok(())
         } else {
@@ -265,20 +271,25 @@ impl Inner {
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
         codec::encode(&message, Route::None, true, self.config.max_message_size)?;
         let gkey = group_key(&self.config.prefix, group);
-        let mut conn = self.conn.clone();
-        let (members,): (Vec<String>,) = redis::pipe()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(&gkey)
-            .arg(0)
-            .arg(purge_below(now_secs(), self.config.group_expiry_secs()))
-            .ignore()
-            .cmd("ZRANGE")
-            .arg(&gkey)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await
-            .map_err(|err| backend("group_send failed", err))?;
+        let within = self.config.command_timeout;
+        let (members,): (Vec<String>,) = retrying(within, || {
+            let mut conn = self.conn.clone();
+            let pipe = redis::pipe()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&gkey)
+                .arg(0)
+                .arg(purge_below(now_secs(), self.config.group_expiry_secs()))
+                .ignore()
+                .cmd("ZRANGE")
+                .arg(&gkey)
+                .arg(0)
+                .arg(-1)
+                .to_owned();
+            async move { pipe.query_async(&mut conn).await }
+        })
+        .await
+        .map_err(|err| backend("group_send failed", err))?;
+        tracing::trace!(group, members = members.len(), "group_send");
         // Channel key → its member channels, then slot → its keys.
         let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for member in members {
@@ -312,8 +323,15 @@ impl Inner {
                 invocation.arg(self.config.capacity_of(&channels[0]));
             }
             invocation.arg(&now).arg(expiry);
-            let mut conn = self.conn.clone();
-            calls.push(async move { invocation.invoke_async::<usize>(&mut conn).await });
+            let conn = &self.conn;
+            calls.push(async move {
+                let invocation = &invocation;
+                retrying(within, || {
+                    let mut conn = conn.clone();
+                    async move { invocation.invoke_async::<usize>(&mut conn).await }
+                })
+                .await
+            });
         }
         let mut over = 0;
         for result in futures_util::future::join_all(calls).await {
@@ -445,11 +463,18 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
                 }
             },
         };
+        let asked = Instant::now();
         let popped: Result<Option<Popped>, _> = redis::cmd("BZPOPMIN")
             .arg(&key)
             .arg(block_secs)
             .query_async(active)
             .await;
+        tracing::trace!(
+            key,
+            took = ?asked.elapsed(),
+            popped = ?popped.as_ref().map(Option::is_some),
+            "BZPOPMIN"
+        );
         match popped {
             Ok(one) => {
                 backoff = BACKOFF_MIN;
@@ -488,12 +513,14 @@ impl ChannelLayer for RedisClusterLayer {
     async fn send(&self, channel: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_channel_name(channel)?;
         let inner = &self.inner;
-        bounded(
+        let result = bounded(
             "send",
             inner.config.command_timeout,
             inner.send(channel, message),
         )
-        .await
+        .await;
+        inner.outage.observe(&result);
+        result
     }
 
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
@@ -512,23 +539,29 @@ impl ChannelLayer for RedisClusterLayer {
         validate_channel_name(channel)?;
         let inner = &self.inner;
         let gkey = group_key(&inner.config.prefix, group);
-        let mut conn = inner.conn.clone();
-        bounded("group_add", inner.config.command_timeout, async {
-            redis::pipe()
-                .cmd("ZADD")
-                .arg(&gkey)
-                .arg(score_arg(now_secs()))
-                .arg(channel)
-                .ignore()
-                .cmd("EXPIRE")
-                .arg(&gkey)
-                .arg(inner.config.group_expiry_secs())
-                .ignore()
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|err| backend("group_add failed", err))
+        let within = inner.config.command_timeout;
+        let added = bounded("group_add", within, async {
+            retrying(within, || {
+                let mut conn = inner.conn.clone();
+                let pipe = redis::pipe()
+                    .cmd("ZADD")
+                    .arg(&gkey)
+                    .arg(score_arg(now_secs()))
+                    .arg(channel)
+                    .ignore()
+                    .cmd("EXPIRE")
+                    .arg(&gkey)
+                    .arg(inner.config.group_expiry_secs())
+                    .ignore()
+                    .to_owned();
+                async move { pipe.query_async::<()>(&mut conn).await }
+            })
+            .await
+            .map_err(|err| backend("group_add failed", err))
         })
-        .await?;
+        .await;
+        inner.outage.observe(&added);
+        added?;
         let mut state = inner.lock();
         if state.buffers.contains(channel) {
             state
@@ -548,27 +581,32 @@ impl ChannelLayer for RedisClusterLayer {
             groups.remove(group);
         }
         let gkey = group_key(&inner.config.prefix, group);
-        let mut conn = inner.conn.clone();
-        bounded("group_discard", inner.config.command_timeout, async {
-            redis::cmd("ZREM")
-                .arg(&gkey)
-                .arg(channel)
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(|err| backend("group_discard failed", err))
+        let within = inner.config.command_timeout;
+        let result = bounded("group_discard", within, async {
+            retrying(within, || {
+                let mut conn = inner.conn.clone();
+                let command = redis::cmd("ZREM").arg(&gkey).arg(channel).to_owned();
+                async move { command.query_async::<()>(&mut conn).await }
+            })
+            .await
+            .map_err(|err| backend("group_discard failed", err))
         })
-        .await
+        .await;
+        inner.outage.observe(&result);
+        result
     }
 
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
         validate_group_name(group)?;
         let inner = &self.inner;
-        bounded(
+        let result = bounded(
             "group_send",
             inner.config.command_timeout,
             inner.group_send(group, message),
         )
-        .await
+        .await;
+        inner.outage.observe(&result);
+        result
     }
 
     async fn flush(&self) -> Result<(), LayerError> {

@@ -37,7 +37,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{Mutex, broadcast, mpsc};
 use tokio::time::Instant;
 
-use super::{SETTLE, backend, slot};
+use super::{Outage, SETTLE, backend, retrying, slot};
 use crate::layer::LayerError;
 use crate::layer::buffers::Locked;
 use crate::layer::episode::Episode;
@@ -67,6 +67,8 @@ pub(crate) struct ClusterSubscriber {
     generation: AtomicU64,
     /// For a test's forced resubscription.
     lost: mpsc::UnboundedSender<Lost>,
+    /// One warning while the cluster refuses publishes, not one per call.
+    pub(crate) outage: Outage,
 }
 
 impl ClusterSubscriber {
@@ -79,6 +81,7 @@ impl ClusterSubscriber {
         interest: Weak<dyn Interest>,
         reconnected: broadcast::Sender<Reconnected>,
         lost: (mpsc::UnboundedSender<Lost>, mpsc::UnboundedReceiver<Lost>),
+        prefix: &str,
     ) -> Arc<Self> {
         let (sender, receiver) = lost;
         let this = Arc::new(ClusterSubscriber {
@@ -90,6 +93,7 @@ impl ClusterSubscriber {
             reconnected,
             generation: AtomicU64::new(0),
             lost: sender,
+            outage: Outage::new("pub/sub", prefix),
         });
         tokio::spawn(follow(Arc::downgrade(&this), receiver));
         this
@@ -121,13 +125,21 @@ impl ClusterSubscriber {
 
     /// Publishes on the sharded channel `name`; returns how many
     /// subscribers (processes) got it.
-    pub(crate) async fn publish(&self, name: &str, payload: Vec<u8>) -> Result<u64, LayerError> {
-        redis::cmd("SPUBLISH")
-            .arg(name)
-            .arg(payload)
-            .query_async::<u64>(&mut self.publisher.clone())
-            .await
-            .map_err(|err| backend("SPUBLISH failed", err))
+    /// A refusing cluster is retried for up to `within` (see [`retrying`]).
+    pub(crate) async fn publish(
+        &self,
+        name: &str,
+        payload: Vec<u8>,
+        within: std::time::Duration,
+    ) -> Result<u64, LayerError> {
+        let command = redis::cmd("SPUBLISH").arg(name).arg(payload).to_owned();
+        retrying(within, || {
+            let mut conn = self.publisher.clone();
+            let command = &command;
+            async move { command.query_async::<u64>(&mut conn).await }
+        })
+        .await
+        .map_err(|err| backend("SPUBLISH failed", err))
     }
 
     /// A round trip to any node: what `flush` waits for. Pushes come

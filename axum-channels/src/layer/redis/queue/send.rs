@@ -69,7 +69,7 @@ impl Inner {
         let added = bounded("send", self.config.command_timeout, async {
             self.links[shard]
                 .run(|mut conn| async move {
-                    push_within_capacity(&mut conn, &key, payload, capacity, expiry).await
+                    push_within_capacity(&mut conn, &key, &payload, capacity, expiry).await
                 })
                 .await
         })
