@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use axum_channels::room::PresenceConfig;
 use channels_testkit::{RedisServer, ServerProcess};
 use insta::assert_snapshot;
-use rooms::{Log, Member};
+use rooms::{Log, Member, Members};
 
 const HEARTBEAT: Duration = Duration::from_millis(200);
 const TTL: Duration = Duration::from_millis(1000);
@@ -45,50 +45,6 @@ async fn start() -> Option<(RedisServer, ServerProcess, ServerProcess)> {
 
 fn base(server: &ServerProcess) -> String {
     format!("ws://{}", server.addr())
-}
-
-/// What a client believes about the room's members, built only from the
-/// frames it gets, by the protocol's rule: a name's change is applied only
-/// if its diff's version is above the one held for that name.
-#[derive(Default)]
-struct Members {
-    state_version: u64,
-    names: std::collections::BTreeMap<String, (u64, bool)>,
-}
-
-impl Members {
-    fn apply(&mut self, frame: &serde_json::Value) {
-        let version = frame["version"].as_u64().unwrap();
-        match frame["type"].as_str() {
-            Some("presence_state") => {
-                self.state_version = version;
-                for name in frame["members"].as_array().unwrap() {
-                    self.names
-                        .insert(name.as_str().unwrap().to_owned(), (version, true));
-                }
-            }
-            Some("presence_diff") => {
-                for (key, here) in [("joins", true), ("leaves", false)] {
-                    for name in frame[key].as_array().unwrap() {
-                        let name = name.as_str().unwrap().to_owned();
-                        let held = self.names.get(&name).map_or(self.state_version, |e| e.0);
-                        if version > held {
-                            self.names.insert(name, (version, here));
-                        }
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn present(&self) -> BTreeSet<String> {
-        self.names
-            .iter()
-            .filter(|(_, (_, here))| *here)
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
 }
 
 /// Reads frames until the member's list is `want`, or fails after `within`.
@@ -255,7 +211,10 @@ async fn a_client_back_through_the_other_server_gets_exactly_what_it_missed() {
     alice.say("welcome back").await;
     let frame = next_message(&mut carol).await;
     assert_eq!(frame["offset"], offset + 21);
-    assert_snapshot!(carol_lines(&log.text()));
+    assert_snapshot!(
+        "a_client_back_through_the_other_server_gets_exactly_what_it_missed",
+        carol_lines(&log.text())
+    );
 }
 
 /// Carol's lines and the notes: hers are in one order on every run. The

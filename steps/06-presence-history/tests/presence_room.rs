@@ -57,7 +57,7 @@ async fn two_members_see_each_other_and_talk() {
     bob.close().await;
     assert_eq!(alice.diff().await, (vec![], vec!["bob".into()]));
     alice.expect_silence(QUIET).await;
-    assert_snapshot!(log.text());
+    assert_snapshot!("two_members_see_each_other_and_talk", log.text());
 }
 
 #[tokio::test]
@@ -80,7 +80,10 @@ async fn a_new_member_gets_the_history_then_live_messages() {
     alice.expect("message").await;
     let four = carol.expect("message").await;
     assert_eq!(four["offset"], 4);
-    assert_snapshot!(log.text());
+    assert_snapshot!(
+        "a_new_member_gets_the_history_then_live_messages",
+        log.text()
+    );
 }
 
 #[tokio::test]
@@ -134,7 +137,7 @@ async fn a_client_that_comes_back_gets_what_it_missed() {
     let mut erin = Member::connect(&base, "erin", path, &log).await;
     let (_, history) = erin.joined().await;
     assert_eq!(history["recovered"], false);
-    assert_snapshot!(log.text());
+    assert_snapshot!("a_client_that_comes_back_gets_what_it_missed", log.text());
 }
 
 #[tokio::test]
@@ -159,7 +162,7 @@ async fn two_tabs_of_one_name_are_one_member() {
     bob.expect_silence(QUIET).await;
     tab2.close().await;
     assert_eq!(bob.diff().await, (vec![], vec!["alice".into()]));
-    assert_snapshot!(log.text());
+    assert_snapshot!("two_tabs_of_one_name_are_one_member", log.text());
 }
 
 #[tokio::test]
@@ -195,5 +198,8 @@ async fn bad_names_positions_and_messages_are_refused_clearly() {
     alice.expect("error").await;
     alice.say("still here").await;
     alice.expect("message").await;
-    assert_snapshot!(log.text());
+    assert_snapshot!(
+        "bad_names_positions_and_messages_are_refused_clearly",
+        log.text()
+    );
 }

@@ -5,6 +5,7 @@
 //! per room) replaced by `<epoch>`, so snapshots are the same on every run.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -191,3 +192,57 @@ impl Member {
         self.inner.drop_connection();
     }
 }
+
+// ANCHOR: members
+/// What a client believes about the room's members, built only from the
+/// frames it gets, by the protocol's rule: a name's change is applied only
+/// if its diff's version is above the one held for that name (from an
+/// earlier diff, or else from the `presence_state`). Diffs sent by two
+/// servers may arrive in either order; versions make the result the same.
+#[derive(Debug, Default)]
+pub struct Members {
+    /// The version of the `presence_state`.
+    state_version: u64,
+    /// name → (the version of what we know of it, whether it is here).
+    names: BTreeMap<String, (u64, bool)>,
+}
+
+impl Members {
+    /// Takes in a `presence_state` or a `presence_diff`; ignores other frames.
+    pub fn apply(&mut self, frame: &serde_json::Value) {
+        let Some(version) = frame["version"].as_u64() else {
+            return;
+        };
+        match frame["type"].as_str() {
+            Some("presence_state") => {
+                self.state_version = version;
+                for name in frame["members"].as_array().unwrap() {
+                    self.names
+                        .insert(name.as_str().unwrap().to_owned(), (version, true));
+                }
+            }
+            Some("presence_diff") => {
+                for (key, here) in [("joins", true), ("leaves", false)] {
+                    for name in frame[key].as_array().unwrap() {
+                        let name = name.as_str().unwrap().to_owned();
+                        let held = self.names.get(&name).map_or(self.state_version, |e| e.0);
+                        if version > held {
+                            self.names.insert(name, (version, here));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The names here now.
+    pub fn present(&self) -> BTreeSet<String> {
+        self.names
+            .iter()
+            .filter(|(_, (_, here))| *here)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+// ANCHOR_END: members
