@@ -587,8 +587,8 @@ async fn send_diffs(
             .collect()
     };
     for (room, names) in work {
-        // The store says what is true now: a name that joined and left
-        // within one flush is not announced at all.
+        // The store says what is true now, not what happened: a name that
+        // joined and left within one flush goes out as a leave.
         let (version, present, expired) = match store.present(&room, &names).await {
             Ok(answer) => answer,
             Err(err) => {

@@ -172,6 +172,7 @@ impl JsonConsumer for PresenceRoom {
         // now on is missed: what the history below already holds, the
         // cursor drops.
         let membership = rooms.presence.join(group, name).await?;
+        tracing::debug!(room = %group, %name, "joined");
         self.presence = Some(membership.guard);
         socket
             .send_json(&json!({
