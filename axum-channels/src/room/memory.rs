@@ -13,15 +13,23 @@ use super::{Entry, HistoryStore, Joined, Position, PresenceStore, Recovery, rand
 use crate::layer::LayerError;
 
 /// A ring of the last `size` messages per room.
+///
+/// One epoch for all its rooms, drawn when it is made: the history lives
+/// exactly as long as this value (the process), so a new process is a new
+/// epoch, and a room's offsets never start again under the same one. A room
+/// gets a ring at its first message, not when somebody only asks, so
+/// clients that join rooms and say nothing cost nothing here. Rings are
+/// never dropped (that would restart a room's offsets within the epoch):
+/// the memory is bounded per room, not in the number of rooms.
 #[derive(Debug)]
 pub struct MemoryHistory {
     size: usize,
+    epoch: String,
     rooms: Mutex<HashMap<String, Ring>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Ring {
-    epoch: String,
     top: u64,
     entries: VecDeque<Entry>,
 }
@@ -31,64 +39,53 @@ impl MemoryHistory {
     pub fn new(size: usize) -> MemoryHistory {
         MemoryHistory {
             size: size.max(1),
+            epoch: random_id(),
             rooms: Mutex::default(),
         }
-    }
-
-    fn with_ring<T>(&self, room: &str, f: impl FnOnce(&mut Ring) -> T) -> T {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        let ring = rooms.entry(room.to_owned()).or_insert_with(|| Ring {
-            epoch: random_id(),
-            top: 0,
-            entries: VecDeque::new(),
-        });
-        f(ring)
     }
 }
 
 #[async_trait]
 impl HistoryStore for MemoryHistory {
     async fn append(&self, room: &str, data: Map<String, Value>) -> Result<Entry, LayerError> {
-        let size = self.size;
-        Ok(self.with_ring(room, |ring| {
-            ring.top += 1;
-            let entry = Entry {
-                offset: ring.top,
-                epoch: ring.epoch.clone(),
-                data,
-            };
-            if ring.entries.len() == size {
-                ring.entries.pop_front();
-            }
-            ring.entries.push_back(entry.clone());
-            entry
-        }))
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let ring = rooms.entry(room.to_owned()).or_default();
+        ring.top += 1;
+        let entry = Entry {
+            offset: ring.top,
+            epoch: self.epoch.clone(),
+            data,
+        };
+        if ring.entries.len() == self.size {
+            ring.entries.pop_front();
+        }
+        ring.entries.push_back(entry.clone());
+        Ok(entry)
     }
 
     async fn recover(&self, room: &str, since: Option<&Position>) -> Result<Recovery, LayerError> {
-        Ok(self.with_ring(room, |ring| {
-            let first_kept = ring.entries.front().map_or(ring.top + 1, |e| e.offset);
-            let recovered = since.is_some_and(|since| {
-                since.epoch == ring.epoch
-                    && since.offset <= ring.top
-                    && since.offset + 1 >= first_kept
-            });
-            let entries = match since {
-                Some(since) if recovered => ring
-                    .entries
-                    .iter()
-                    .filter(|e| e.offset > since.offset)
-                    .cloned()
-                    .collect(),
-                _ => ring.entries.iter().cloned().collect(),
-            };
-            Recovery {
-                epoch: ring.epoch.clone(),
-                top: ring.top,
-                recovered,
-                entries,
-            }
-        }))
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let empty = Ring::default();
+        let ring = rooms.get(room).unwrap_or(&empty);
+        let first_kept = ring.entries.front().map_or(ring.top + 1, |e| e.offset);
+        let recovered = since.is_some_and(|since| {
+            since.epoch == self.epoch && since.offset <= ring.top && since.offset + 1 >= first_kept
+        });
+        let entries = match since {
+            Some(since) if recovered => ring
+                .entries
+                .iter()
+                .filter(|e| e.offset > since.offset)
+                .cloned()
+                .collect(),
+            _ => ring.entries.iter().cloned().collect(),
+        };
+        Ok(Recovery {
+            epoch: self.epoch.clone(),
+            top: ring.top,
+            recovered,
+            entries,
+        })
     }
 }
 

@@ -31,9 +31,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-type Socket = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// How long any one wait may take before the run is called failed.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -161,7 +160,12 @@ async fn joining(url: &str, kind: Kind, joins: usize) -> Result<(f64, f64), Stri
     Ok(percentiles(times))
 }
 
-async fn talking(url: &str, kind: Kind, members: usize, messages: usize) -> Result<(f64, f64), String> {
+async fn talking(
+    url: &str,
+    kind: Kind,
+    members: usize,
+    messages: usize,
+) -> Result<(f64, f64), String> {
     // The others only read, so the server never waits on them.
     let mut others = Vec::new();
     for n in 1..members {

@@ -52,7 +52,10 @@ pub(super) fn run(release: &Path, room: &Step, presence: &Step, pin: bool) -> Re
             pin,
         )?;
         let line = |what: &str, step: &Step, (p50, p99): (f64, f64)| {
-            println!("  {what:<10} step {}: p50 {p50:.2} ms, p99 {p99:.2} ms", step.id);
+            println!(
+                "  {what:<10} step {}: p50 {p50:.2} ms, p99 {p99:.2} ms",
+                step.id
+            );
         };
         line("join", room, before.join);
         line("join", presence, after.join);
