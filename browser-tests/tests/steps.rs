@@ -644,7 +644,7 @@ async fn step_06_presence_list_and_recovery_after_its_server_is_killed() {
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let binary = binary.to_str().expect("a UTF-8 path");
-    let mut servers = vec![
+    let mut servers = [
         ServerProcess::start(binary, &env).await,
         ServerProcess::start(binary, &env).await,
     ];
