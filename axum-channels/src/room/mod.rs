@@ -36,7 +36,9 @@
 mod memory;
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +49,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
 use crate::layer::{ChannelLayer, LayerError};
+use crate::runtime::Runtime;
 
 pub use memory::{MemoryHistory, MemoryPresence};
 
@@ -423,7 +426,31 @@ impl Presence {
     ) -> Result<Presence, LayerError> {
         config.validate()?;
         let (commands, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(Arc::clone(&store), layer, config, receiver));
+        tokio::spawn(run(Arc::clone(&store), layer, config, receiver, None));
+        Ok(Presence { store, commands })
+    }
+
+    /// As [`new`](Presence::new), with the task on `runtime`, so that a
+    /// graceful shutdown waits for it: once the shutdown begins, the task
+    /// records the leaves of the closing connections and sends them in one
+    /// last diff, instead of leaving their entries to expire (a server that
+    /// stops politely leaves no member behind, even for a moment).
+    pub fn on_runtime(
+        runtime: &Runtime,
+        store: Arc<dyn PresenceStore>,
+        layer: Arc<dyn ChannelLayer>,
+        config: PresenceConfig,
+    ) -> Result<Presence, LayerError> {
+        config.validate()?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let stopping = Box::pin(runtime.shutting_down());
+        runtime.spawn_background(run(
+            Arc::clone(&store),
+            layer,
+            config,
+            receiver,
+            Some(stopping),
+        ));
         Ok(Presence { store, commands })
     }
 
@@ -434,6 +461,16 @@ impl Presence {
         config: PresenceConfig,
     ) -> Result<Presence, LayerError> {
         Presence::new(Arc::new(MemoryPresence::default()), layer, config)
+    }
+
+    /// [`in_memory`](Presence::in_memory), on `runtime` (see
+    /// [`on_runtime`](Presence::on_runtime)).
+    pub fn in_memory_on(
+        runtime: &Runtime,
+        layer: Arc<dyn ChannelLayer>,
+        config: PresenceConfig,
+    ) -> Result<Presence, LayerError> {
+        Presence::on_runtime(runtime, Arc::new(MemoryPresence::default()), layer, config)
     }
 
     /// Adds a connection of `name` to `room` (the room's group name). Its
@@ -476,19 +513,27 @@ struct Local {
     changed: BTreeSet<String>,
 }
 
+/// Resolves when the server starts shutting down.
+type Stopping = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// The presence task: applies commands, renews and sweeps on each
-/// heartbeat, and on each flush sends one diff per room that changed.
+/// heartbeat, and on each flush sends one diff per room that changed. Once
+/// `stopping` resolves, it ends as soon as this process has no connection
+/// left in any room, after sending their leaves.
 async fn run(
     store: Arc<dyn PresenceStore>,
     layer: Arc<dyn ChannelLayer>,
     config: PresenceConfig,
     mut commands: mpsc::UnboundedReceiver<Command>,
+    stopping: Option<Stopping>,
 ) {
     let rooms: Mutex<HashMap<String, Local>> = Mutex::default();
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut flush = tokio::time::interval(config.flush);
     flush.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut stopping = stopping.unwrap_or_else(|| Box::pin(std::future::pending()));
+    let mut draining = false;
     loop {
         tokio::select! {
             command = commands.recv() => {
@@ -497,6 +542,18 @@ async fn run(
             }
             _ = heartbeat.tick() => renew(&*store, &rooms).await,
             _ = flush.tick() => send_diffs(&*store, &*layer, &rooms).await,
+            _ = &mut stopping, if !draining => draining = true,
+        }
+        let empty = || {
+            rooms
+                .lock()
+                .unwrap()
+                .values()
+                .all(|local| local.conns.is_empty())
+        };
+        if draining && empty() {
+            send_diffs(&*store, &*layer, &rooms).await;
+            return;
         }
     }
 }

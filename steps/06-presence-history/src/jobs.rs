@@ -366,7 +366,7 @@ impl Backends {
     pub async fn from_config(config: &Config, runtime: &Runtime) -> Result<Backends, String> {
         match &config.redis_url {
             None => Ok(Backends::in_memory(config, runtime)),
-            Some(url) => Backends::redis(url, config).await,
+            Some(url) => Backends::redis(url, config, runtime).await,
         }
     }
 
@@ -377,7 +377,7 @@ impl Backends {
         let results = layers
             .get("chat")
             .expect("layers::setup registers \"chat\"");
-        let rooms = Rooms::in_memory(config, Arc::clone(&results))
+        let rooms = Rooms::in_memory(config, runtime, Arc::clone(&results))
             .expect("Config::from_env checked the presence settings");
         let (sender, storage) = memory_queue(config.max_queued_jobs);
         let delay = config.job_delay;
@@ -419,7 +419,7 @@ impl Backends {
 
     /// Jobs wait in Redis for `worker` processes; results come back through
     /// Redis pub/sub.
-    async fn redis(url: &str, config: &Config) -> Result<Backends, String> {
+    async fn redis(url: &str, config: &Config, runtime: &Runtime) -> Result<Backends, String> {
         let layers = layers::setup_redis(
             url,
             config.redis_cluster_url.as_deref(),
@@ -427,7 +427,7 @@ impl Backends {
         )
         .await?;
         let chat = layers.get("chat").map_err(|err| err.to_string())?;
-        let rooms = Rooms::redis(url, config, chat)
+        let rooms = Rooms::redis(url, config, runtime, chat)
             .await
             .map_err(|err| err.to_string())?;
         let storage = redis_storage(&queue_host(url), config.worker_heartbeat).await?;

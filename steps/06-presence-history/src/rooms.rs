@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum_channels::Runtime;
 use axum_channels::layer::redis::{RedisConfig, RedisHistory, RedisPresence};
 use axum_channels::layer::{ChannelLayer, LayerError};
 use axum_channels::room::{History, Presence};
@@ -30,10 +31,15 @@ pub struct Rooms {
 
 impl Rooms {
     /// Both in this process: a ring of messages per room, and the names of
-    /// this process's connections. `layer` carries the presence diffs.
-    pub fn in_memory(config: &Config, layer: Arc<dyn ChannelLayer>) -> Result<Rooms, LayerError> {
+    /// this process's connections. `layer` carries the presence diffs; a
+    /// shutdown of `runtime` waits for the last of them.
+    pub fn in_memory(
+        config: &Config,
+        runtime: &Runtime,
+        layer: Arc<dyn ChannelLayer>,
+    ) -> Result<Rooms, LayerError> {
         Ok(Rooms {
-            presence: Presence::in_memory(layer, config.presence)?,
+            presence: Presence::in_memory_on(runtime, layer, config.presence)?,
             history: History::in_memory(config.history_size),
         })
     }
@@ -43,6 +49,7 @@ impl Rooms {
     pub async fn redis(
         url: &str,
         config: &Config,
+        runtime: &Runtime,
         layer: Arc<dyn ChannelLayer>,
     ) -> Result<Rooms, LayerError> {
         let on_redis = RedisConfig::default()
@@ -51,7 +58,7 @@ impl Rooms {
         let store = RedisPresence::connect(&on_redis, config.presence.ttl).await?;
         let history = RedisHistory::connect(&on_redis, config.history_size, HISTORY_TTL).await?;
         Ok(Rooms {
-            presence: Presence::new(Arc::new(store), layer, config.presence)?,
+            presence: Presence::on_runtime(runtime, Arc::new(store), layer, config.presence)?,
             history: History::new(Arc::new(history)),
         })
     }

@@ -27,11 +27,16 @@ const FLUSH: Duration = Duration::from_millis(50);
 
 /// A redis-server and two servers, "A" and "B", on it.
 async fn start() -> Option<(RedisServer, ServerProcess, ServerProcess)> {
+    start_with_ttl(TTL).await
+}
+
+/// The same, with entries living `ttl`.
+async fn start_with_ttl(ttl: Duration) -> Option<(RedisServer, ServerProcess, ServerProcess)> {
     let redis = RedisServer::start().await?;
     let env = [
         ("REDIS_URL", redis.url()),
         ("PRESENCE_HEARTBEAT_MS", HEARTBEAT.as_millis().to_string()),
-        ("PRESENCE_TTL_MS", TTL.as_millis().to_string()),
+        ("PRESENCE_TTL_MS", ttl.as_millis().to_string()),
         ("PRESENCE_FLUSH_MS", FLUSH.as_millis().to_string()),
         ("HISTORY_SIZE", "50".to_owned()),
         ("RUST_LOG", "warn,step_06_presence_history=info".to_owned()),
@@ -147,6 +152,47 @@ async fn a_killed_servers_members_leave_within_the_bound() {
     let took = killed.elapsed();
     eprintln!("a killed server's 3 members left A's list after {took:?} (bound {bound:?})");
     drop(bobs);
+}
+
+/// A server stopped politely (SIGTERM) sends its members' leaves on its way
+/// out: the other server's clients see them go at once, not after the
+/// entries' lifetime (a minute here).
+#[tokio::test]
+async fn a_server_stopped_with_sigterm_sends_its_members_leaves() {
+    let Some((_redis, a, mut b)) = start_with_ttl(Duration::from_secs(60)).await else {
+        return;
+    };
+    let log = Log::default();
+    let mut alice =
+        Member::connect(&base(&a), "alice@A", "/ws/presence/lobby?name=alice", &log).await;
+    let mut list = Members::default();
+    let (state, _) = alice.joined().await;
+    list.apply(&state);
+    let mut bob = Member::connect(&base(&b), "bob@B", "/ws/presence/lobby?name=bob", &log).await;
+    bob.joined().await;
+    let within = Duration::from_secs(5);
+    until_members(&mut alice, &mut list, &["alice", "bob"], within).await;
+    b.terminate();
+    // Bob reads his close frame (1001), which answers it, as a browser does.
+    loop {
+        let frame = bob.recv().await;
+        if frame.get("close").is_some() {
+            assert_eq!(frame["close"], 1001, "{frame}");
+            break;
+        }
+    }
+    // Reading on sends the reply to the close, and sees the end.
+    bob.recv().await;
+    let stopped = Instant::now();
+    until_members(&mut alice, &mut list, &["alice"], within).await;
+    eprintln!(
+        "bob left alice's list {:?} after B closed him",
+        stopped.elapsed()
+    );
+    assert!(
+        b.wait(Duration::from_secs(10)).await.is_some(),
+        "B exits after its last diff"
+    );
 }
 
 #[tokio::test]
