@@ -28,7 +28,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::Script;
+use redis::{FromRedisValue, Script, ScriptInvocation};
 use serde_json::{Map, Value};
 
 use super::RedisConfig;
@@ -217,10 +217,8 @@ impl PresenceStore for RedisPresence {
             .arg(self.ttl_ms())
             .arg(name)
             .arg(member(name, conn));
-        let (first, version, mut members, expired): (u8, u64, Vec<String>, Vec<String>) = self
-            .link
-            .run(|mut conn| async move { script.invoke_async(&mut conn).await })
-            .await?;
+        let (first, version, mut members, expired): (u8, u64, Vec<String>, Vec<String>) =
+            invoke(&self.link, script).await?;
         members.sort();
         Ok(Joined {
             first: first == 1,
@@ -242,10 +240,7 @@ impl PresenceStore for RedisPresence {
             .arg(self.ttl_ms())
             .arg(name)
             .arg(member(name, conn));
-        let (last, expired): (u8, Vec<String>) = self
-            .link
-            .run(|mut conn| async move { script.invoke_async(&mut conn).await })
-            .await?;
+        let (last, expired): (u8, Vec<String>) = invoke(&self.link, script).await?;
         Ok((last == 1, expired))
     }
 
@@ -259,9 +254,7 @@ impl PresenceStore for RedisPresence {
         for (name, conn) in conns {
             script.arg(name).arg(member(name, conn));
         }
-        self.link
-            .run(|mut conn| async move { script.invoke_async(&mut conn).await })
-            .await
+        invoke(&self.link, script).await
     }
 
     async fn present(
@@ -274,10 +267,8 @@ impl PresenceStore for RedisPresence {
             .key(self.keys(room).as_slice())
             .arg(self.ttl_ms())
             .arg(names);
-        let (version, here, expired): (u64, Vec<u8>, Vec<String>) = self
-            .link
-            .run(|mut conn| async move { script.invoke_async(&mut conn).await })
-            .await?;
+        let (version, here, expired): (u64, Vec<u8>, Vec<String>) =
+            invoke(&self.link, script).await?;
         Ok((version, here.into_iter().map(|h| h == 1).collect(), expired))
     }
 }
@@ -351,10 +342,7 @@ impl HistoryStore for RedisHistory {
             .arg(self.size)
             .arg(self.ttl_ms())
             .arg(random_id());
-        let (offset, epoch): (u64, String) = self
-            .link
-            .run(|mut conn| async move { script.invoke_async(&mut conn).await })
-            .await?;
+        let (offset, epoch): (u64, String) = invoke(&self.link, script).await?;
         Ok(Entry {
             offset,
             epoch,
@@ -376,10 +364,8 @@ impl HistoryStore for RedisHistory {
                 .arg(format!("{}-1", since.offset.saturating_add(1)))
                 .arg(since.offset);
         }
-        let (epoch, top, recovered, raw): (String, u64, u8, Vec<RawEntry>) = self
-            .link
-            .run(|mut conn| async move { script.invoke_async(&mut conn).await })
-            .await?;
+        let (epoch, top, recovered, raw): (String, u64, u8, Vec<RawEntry>) =
+            invoke(&self.link, script).await?;
         let entries = decode(room, &epoch, raw);
         Ok(Recovery {
             epoch,
@@ -388,6 +374,15 @@ impl HistoryStore for RedisHistory {
             entries,
         })
     }
+}
+
+/// Runs a prepared script on `link`.
+async fn invoke<T: FromRedisValue>(
+    link: &Arc<Link>,
+    script: ScriptInvocation<'static>,
+) -> Result<T, LayerError> {
+    link.run(|mut conn| async move { script.invoke_async(&mut conn).await })
+        .await
 }
 
 /// A supervised link to the first host (streams' exclusive ranges need 6.2).
