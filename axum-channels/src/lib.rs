@@ -41,6 +41,9 @@
 //!   close, and to talk to its channel layer; and [`Frame`], a message from
 //!   the client.
 //! - [`consumer`]: the [`Consumer`] trait you implement. Start here.
+//! - [`room`]: presence and history for rooms: who is here across every
+//!   server (heartbeated entries, batched diffs), the room's last messages,
+//!   and recovery of what a reconnecting client missed.
 //! - [`json`]: [`JsonConsumer`], a consumer whose client sends JSON of one
 //!   shape, decoded for you, with a clear error frame for anything else.
 //! - [`runner`]: [`route()`], which turns a consumer type into an axum
@@ -102,6 +105,7 @@ pub mod json;
 pub mod layer;
 mod membership;
 pub mod origin;
+pub mod room;
 pub mod runner;
 pub mod runtime;
 pub mod server;

@@ -4,9 +4,9 @@
 use axum_channels::Runtime;
 use std::time::Duration;
 
-use axum_channels::testing::TestServer;
+use axum_channels::testing::{TestServer, Transcript};
 use browser_tests::Browser;
-use channels_testkit::{RedisServer, ReverseProxy};
+use channels_testkit::{RedisServer, ReverseProxy, ServerProcess};
 use step_03_background_jobs::{Backends, Config, app_with};
 
 #[tokio::test]
@@ -591,5 +591,148 @@ async fn step_05_the_page_reconnects_to_the_other_server() {
         .await;
     assert_eq!(servers[b].runtime().open_connections(), 7 + 1);
     browser.picture("step-05", 1280).await;
+    browser.close().await;
+}
+
+/// Step 06's server binary, built by cargo if it is not yet (a no-op when
+/// it is): the presence test kills a real process, which an in-process
+/// server cannot stand in for.
+fn step_06_binary() -> std::path::PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "step-06-presence-history",
+            "--bin",
+        ])
+        .arg("step-06-presence-history")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build of step 06's server failed");
+    let exe = std::env::current_exe().expect("the test's own path");
+    // <target>/<profile>/deps/<test> → <target>/<profile>/<binary>
+    let profile = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("a target dir");
+    profile.join("step-06-presence-history")
+}
+
+/// Step 06 behind nginx on one Redis: the presence panel lists who is in
+/// the room, on either server; when the server that holds the page's room
+/// is killed (SIGKILL), the page reconnects through nginx to the other one,
+/// asks for what it missed with its last position, and shows it marked as
+/// recovered; the killed server's other member leaves the list.
+#[tokio::test]
+async fn step_06_presence_list_and_recovery_after_its_server_is_killed() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let binary = step_06_binary();
+    let env = [
+        ("REDIS_URL", redis.url()),
+        ("PRESENCE_HEARTBEAT_MS", "200".to_owned()),
+        ("PRESENCE_TTL_MS", "1000".to_owned()),
+        ("PRESENCE_FLUSH_MS", "50".to_owned()),
+        ("RUST_LOG", "warn,step_06_presence_history=debug".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let binary = binary.to_str().expect("a UTF-8 path");
+    let mut servers = [
+        ServerProcess::start(binary, &env).await,
+        ServerProcess::start(binary, &env).await,
+    ];
+    let addrs: Vec<_> = servers.iter().map(ServerProcess::addr).collect();
+    let nginx = include_str!("../../steps/06-presence-history/deploy/nginx.conf");
+    let Some(proxy) = ReverseProxy::start(nginx, &addrs).await else {
+        return;
+    };
+    // The proxy's origin is the page's; the servers must accept it.
+    browser.open(&format!("http://{}/", proxy.addr())).await;
+    browser.wait_for_state("presence", "idle").await;
+    browser.fill("#presence-room", "lobby").await;
+    browser.fill("#presence-name", "alice").await;
+    browser.click("#presence-connect").await;
+    browser.wait_for_state("presence", "open").await;
+    let members = |names: &str| {
+        format!(
+            "[...document.querySelectorAll('#presence-members li')].map(li => li.textContent).join(',') === '{names}'"
+        )
+    };
+    browser
+        .wait_until(&members("alice"), "alice in the list")
+        .await;
+    // The server that holds the page's room logs its join.
+    let page = (0..2)
+        .find(|&i| servers[i].output().contains("name=alice"))
+        .expect("a server logged alice's join");
+    let other = 1 - page;
+    // Carol shares the page's server, and dies with it; bob is on the other.
+    let transcript = Transcript::default();
+    let carol = servers[page]
+        .connect_as("carol", "/ws/presence/lobby?name=carol", &transcript)
+        .await;
+    let mut bob = servers[other]
+        .connect_as("bob", "/ws/presence/lobby?name=bob", &transcript)
+        .await;
+    browser
+        .wait_until(&members("alice,bob,carol"), "bob and carol in the list")
+        .await;
+    bob.send_text(r#"{"type":"message","text":"first"}"#).await;
+    wait_for_entry(&browser, "#presence-log", "bob: first").await;
+
+    // The page's first reconnect then waits its longest (495 ms of 500):
+    // time for bob to say three things it must recover.
+    browser.eval("(Math.random = () => 0.99, true)").await;
+    servers[page].kill().await;
+    browser
+        .wait_until(
+            "document.querySelector('#presence-status').dataset.state === 'reconnecting'",
+            "the presence panel to notice",
+        )
+        .await;
+    for n in 1..=3 {
+        bob.send_text(&format!(r#"{{"type":"message","text":"while away {n}"}}"#))
+            .await;
+    }
+    let patience = Duration::from_secs(30);
+    browser
+        .wait_until_within(
+            patience,
+            "document.querySelectorAll('#presence-log li.log-recovered').length === 3",
+            "the three missed messages, marked as recovered",
+        )
+        .await;
+    let log = browser.log("#presence-log").await;
+    let away: Vec<&String> = log
+        .iter()
+        .filter(|l| l.starts_with("bob: while away"))
+        .collect();
+    assert_eq!(
+        away,
+        [
+            "bob: while away 1",
+            "bob: while away 2",
+            "bob: while away 3"
+        ],
+        "{log:?}"
+    );
+    assert_eq!(
+        log.iter().filter(|l| *l == "bob: first").count(),
+        1,
+        "{log:?}"
+    );
+    // Carol's server died with her in the room: she leaves the list.
+    browser
+        .wait_until_within(patience, &members("alice,bob"), "carol to leave the list")
+        .await;
+    drop(carol);
+    browser.picture("step-06", 1280).await;
     browser.close().await;
 }

@@ -1,7 +1,7 @@
 /*
  * Fast Channels · browser demo client.
  *
- * Wires the four panels of index.html to the server's WebSocket endpoints.
+ * Wires the five panels of index.html to the server's WebSocket endpoints.
  * The same page is served by every tutorial step, so it first reads the
  * list of endpoints the running step serves (/endpoints.json) and shows a
  * friendly "arrives in step NN" notice on the panels whose endpoint is not
@@ -690,6 +690,144 @@ function setupShowcase() {
   return channels;
 }
 
+// The room of step 06: who is here, the room's history on join, and on a
+// reconnect (the channel's jittered backoff) what was missed, asked for
+// with the position of the last message seen and marked as recovered.
+function setupPresence() {
+  const roomInput = $('presence-room');
+  const nameInput = $('presence-name');
+  const joinBtn = $('presence-connect');
+  const leaveBtn = $('presence-disconnect');
+  const input = $('presence-input');
+  const logEl = $('presence-log');
+  const membersEl = $('presence-members');
+  let room = '';
+  let name = '';
+  // The position of the last message shown: sent again on a reconnect.
+  let last = null;
+  // name -> [version, here]: a diff changes a name only if its version is
+  // newer than what the page holds for it (diffs from two servers may
+  // arrive out of order).
+  let members = new Map();
+  let stateVersion = 0;
+  let reconnecting = false;
+
+  const path = () => {
+    let p = `/ws/presence/${encodeURIComponent(room)}?name=${encodeURIComponent(name)}`;
+    if (last) p += `&offset=${last.offset}&epoch=${encodeURIComponent(last.epoch)}`;
+    return p;
+  };
+
+  function showMembers() {
+    const here = [...members].filter(([, [, present]]) => present).map(([who]) => who).sort();
+    membersEl.replaceChildren(...here.map((who) => {
+      const li = document.createElement('li');
+      li.textContent = who;
+      return li;
+    }));
+    membersEl.dataset.count = String(here.length);
+  }
+
+  function showMessage(message, recovered) {
+    const li = appendLog(logEl, `${message.name}: ${message.text}`, recovered ? 'recovered' : undefined,
+      { offset: message.offset });
+    last = { offset: message.offset, epoch: message.epoch };
+    return li;
+  }
+
+  function onFrame(text) {
+    const frame = parseObject(text);
+    if (!frame) {
+      appendLog(logEl, text, 'raw');
+      return;
+    }
+    switch (frame.type) {
+      case 'presence_state':
+        stateVersion = frame.version;
+        members = new Map(frame.members.map((who) => [who, [frame.version, true]]));
+        showMembers();
+        break;
+      case 'presence_diff':
+        for (const [key, present] of [['joins', true], ['leaves', false]]) {
+          for (const who of frame[key]) {
+            const held = members.has(who) ? members.get(who)[0] : stateVersion;
+            if (frame.version > held) members.set(who, [frame.version, present]);
+          }
+        }
+        showMembers();
+        break;
+      case 'history':
+        if (frame.recovered === false) {
+          appendLog(logEl, 'Some messages are no longer kept; here are the latest', 'muted');
+        }
+        for (const message of frame.messages) showMessage(message, reconnecting);
+        if (reconnecting && frame.recovered) {
+          appendLog(logEl, `Recovered ${frame.messages.length} missed message(s)`, 'muted');
+        }
+        reconnecting = false;
+        break;
+      case 'message':
+        showMessage(frame, false);
+        break;
+      case 'error':
+        appendLog(logEl, frame.message, 'error');
+        break;
+      default:
+        appendLog(logEl, text, 'raw');
+    }
+  }
+
+  const channel = createChannel({
+    path,
+    endpoint: '/ws/presence/{room_name}',
+    missingLead: 'The presence room arrives',
+    step: '06',
+    statusEl: $('presence-status'),
+    logEl,
+    actionBtn: $('presence-retry'),
+    controls: [input, $('presence-send')],
+    offerReconnect: false,
+    idleMessage: 'Not connected. Pick a room and a name, and press Join.',
+    describeOpen: () => `In room '${room}' as ${name}`,
+    onMessage: onFrame,
+    onStateChange: (state) => {
+      const canJoin = state === 'idle' || state === 'closed' || state === 'refused';
+      joinBtn.disabled = !canJoin;
+      roomInput.disabled = !canJoin;
+      nameInput.disabled = !canJoin;
+      leaveBtn.disabled = !['open', 'connecting', 'reconnecting'].includes(state);
+      if (state === 'reconnecting') reconnecting = true;
+    },
+  });
+
+  onSubmit($('presence-connect-form'), () => {
+    if (joinBtn.disabled) return;
+    if (roomInput.value === '' || nameInput.value === '') {
+      channel.status('Enter a room and a name first.');
+      (roomInput.value === '' ? roomInput : nameInput).focus();
+      return;
+    }
+    // A new join starts afresh: the history on join replaces what was shown.
+    if (roomInput.value !== room || nameInput.value !== name) last = null;
+    room = roomInput.value;
+    name = nameInput.value;
+    if (!last) logEl.replaceChildren();
+    reconnecting = last !== null;
+    channel.connect();
+  });
+
+  leaveBtn.addEventListener('click', () => {
+    channel.disconnect(1000, 'User left the room');
+    members = new Map();
+    showMembers();
+    joinBtn.focus();
+  });
+
+  bindComposer($('presence-form'), input, channel,
+    (text) => JSON.stringify({ type: 'message', text }));
+  return channel;
+}
+
 /* ------------------------------------------------------------------ */
 /* Start-up                                                            */
 /* ------------------------------------------------------------------ */
@@ -699,12 +837,14 @@ function init() {
   const room = setupRoom();
   const jobs = setupJobs();
   const showcase = setupShowcase();
+  const presence = setupPresence();
 
   // One fetch of /endpoints.json serves every panel; each settles on its own.
   system.connect();
   room.prepare();
   jobs.connect();
   for (const channel of showcase) channel.connect();
+  presence.prepare();
 }
 
 if (document.readyState === 'loading') {

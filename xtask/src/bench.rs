@@ -27,7 +27,10 @@
 //!   load, a rolling restart, and (`--curve`) how these grow with N
 //!   (see [`scale`]);
 //! - `jobs`: background jobs on Redis, each timed from its request to its
-//!   result, against the job's own delay (see [`jobs`]).
+//!   result, against the job's own delay (see [`jobs`]);
+//! - `presence`: what presence and history cost on a join and on a message,
+//!   step 06's presence room against step 05's room in the same run, and
+//!   the presence frames of a join storm of 5,000 (see [`presence`]).
 //!
 //! Which step and which endpoint are options (default: the newest step,
 //! `/ws/system`), so adding a step needs no change here; adding a scenario is
@@ -54,6 +57,7 @@ mod fanout;
 mod flood;
 mod idle;
 mod jobs;
+mod presence;
 mod scale;
 mod storm;
 
@@ -82,10 +86,12 @@ enum Scenario {
     Scale,
     /// Background jobs on Redis, timed from request to result.
     Jobs,
+    /// Presence and history on join and on a message, and a join storm.
+    Presence,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Echo,
         Scenario::Idle,
         Scenario::Fanout,
@@ -93,6 +99,7 @@ impl Scenario {
         Scenario::Flood,
         Scenario::Scale,
         Scenario::Jobs,
+        Scenario::Presence,
     ];
 
     fn name(self) -> &'static str {
@@ -104,6 +111,7 @@ impl Scenario {
             Scenario::Flood => "flood",
             Scenario::Scale => "scale",
             Scenario::Jobs => "jobs",
+            Scenario::Presence => "presence",
         }
     }
 
@@ -118,6 +126,7 @@ impl Scenario {
             Scenario::Storm => 18_000,
             Scenario::Flood => 200,
             Scenario::Jobs => 1,
+            Scenario::Presence => presence::STORM as u32,
             Scenario::Scale => 100_000,
         }
     }
@@ -169,6 +178,9 @@ impl Scenario {
             ),
             Scenario::Scale => "connections in one group over several servers".to_owned(),
             Scenario::Jobs => "jobs on Redis, one after another, timed to their results".to_owned(),
+            Scenario::Presence => {
+                "joins and messages timed one after another, and a join storm".to_owned()
+            }
         }
     }
 
@@ -184,6 +196,8 @@ impl Scenario {
             Scenario::Flood => unreachable!("the flood has no baseline server"),
             // Its baseline is the job's own delay.
             Scenario::Jobs => unreachable!("the jobs bench has no baseline server"),
+            // Its baseline is step 05's room, run by `presence::run`.
+            Scenario::Presence => unreachable!("the presence bench runs its own servers"),
         }
     }
 
@@ -192,7 +206,11 @@ impl Scenario {
         match self {
             Scenario::Echo | Scenario::Idle | Scenario::Fanout => vec!["--size", MESSAGE_SIZE],
             // They run clients of their own.
-            Scenario::Storm | Scenario::Flood | Scenario::Scale | Scenario::Jobs => vec![],
+            Scenario::Storm
+            | Scenario::Flood
+            | Scenario::Scale
+            | Scenario::Jobs
+            | Scenario::Presence => vec![],
         }
     }
 }
@@ -327,6 +345,22 @@ fn parse_options(mut args: Args) -> Result<Options> {
             "{name} is for storm, not {}",
             scenario.name()
         )));
+    }
+    if scenario == Scenario::Presence {
+        let stray = [
+            ("--clients", clients.is_some()),
+            ("--receivers", receivers.is_some()),
+            ("--step", step.is_some()),
+            ("--path", path.is_some()),
+            ("--seconds", seconds.is_some()),
+            ("--rounds", rounds.is_some()),
+        ];
+        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(Error::Usage(format!(
+                "{name} does not apply to presence, which runs step 05's room and step 06's \
+                 presence room in memory and on Redis"
+            )));
+        }
     }
     if scenario == Scenario::Jobs {
         let stray = [
@@ -666,6 +700,26 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
             .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
         crate::propagate(status)?;
         return storm::run(&release_dir(&ws.root), step, storm, pinning());
+    }
+    if options.scenario == Scenario::Presence {
+        let all_steps = steps::discover(&ws.root)?;
+        let room = steps::resolve_arg(&all_steps, "05")?;
+        let presence = steps::resolve_arg(&all_steps, "06")?;
+        let status = ws
+            .cargo()
+            .args(["build", "--release", "--package", "loadgen"])
+            .args(["--package", &room.package()])
+            .args(["--package", &presence.package()])
+            .status()
+            .map_err(|e| fail(format!("cannot run cargo: {e}")))?;
+        crate::propagate(status)?;
+        println!(
+            "presence: step {} against step {}, {}",
+            presence.id,
+            room.id,
+            options.scenario.describe()
+        );
+        return presence::run(&release_dir(&ws.root), room, presence, pinning());
     }
     if options.scenario == Scenario::Fanout {
         // Its servers and its client are all binaries of loadgen.

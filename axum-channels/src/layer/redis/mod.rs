@@ -91,6 +91,7 @@ mod host;
 mod link;
 mod pubsub;
 mod queue;
+mod room;
 mod task;
 mod wire;
 
@@ -102,6 +103,7 @@ pub use config::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT, MAX_TIMEOUT, 
 pub use link::Reconnected;
 pub use pubsub::RedisPubSubLayer;
 pub use queue::RedisLayer;
+pub use room::{RedisHistory, RedisPresence};
 pub use wire::{consistent_hash, non_local_name};
 
 use crate::layer::{BackendError, LayerError};
