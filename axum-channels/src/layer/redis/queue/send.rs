@@ -1,8 +1,14 @@
 //! The queue layer's sends: `send` and `group_send`, exactly as Python's
-//! layer writes them (the wire specification, §1.4), with two fixes that
-//! change nothing on the wire: a specific channel is written on the host
-//! its receiver reads (Python hashes the full name there), and a member
-//! over capacity is one warning per episode.
+//! layer writes them (the wire specification, §1.4), with three fixes that
+//! a Python reader cannot tell from its own layer's writes: a specific
+//! channel is written on the host its receiver reads (Python hashes the
+//! full name there); a member over capacity is one warning per episode;
+//! and a key whose members' names would make its group message larger than
+//! `max_message_size` gets several messages, each routed to some of them
+//! (one message would fail the whole `group_send`: at about 13,000 members
+//! of one group in one process, with the default 1 MiB). Several entries
+//! in one key, each with its list in `__asgi_channel__`, are what a Python
+//! receiver already fans out, each on its own.
 //!
 //! Capacity is counted per Redis key, as Python counts it: the key of a
 //! process-specific channel is shared by every channel of its layer
@@ -124,16 +130,18 @@ impl Inner {
                 .collect();
 
             let mut per_shard: Vec<Vec<Write>> = vec![Vec::new(); self.shards()];
-            for (key, names) in by_key(&self.config.prefix, members) {
-                let payload = codec::encode(
-                    &message,
-                    Route::Many(&names),
-                    true,
-                    self.config.max_message_size,
-                )?;
+            for (key, mut names) in by_key(&self.config.prefix, members) {
+                // A key with more members than one payload can name (a
+                // server's share of a large group) gets several, each
+                // under the size limit.
+                let payloads = codec::encode_many(&message, &names, self.config.max_message_size)?;
                 let capacity = self.config.capacity_of(&names[0]);
                 let shard = consistent_hash(non_local_name(&names[0]), self.shards());
-                per_shard[shard].push((key, payload, capacity, names));
+                for (payload, count) in payloads {
+                    let rest = names.split_off(count);
+                    let these = std::mem::replace(&mut names, rest);
+                    per_shard[shard].push((key.clone(), payload, capacity, these));
+                }
             }
             let sends = per_shard
                 .into_iter()
