@@ -104,12 +104,18 @@ pub(crate) fn encode_many(
     names: &[String],
     limit: usize,
 ) -> Result<Vec<(Vec<u8>, usize)>, LayerError> {
-    // The common case, in one encoding: everything fits.
-    match encode(message, Route::Many(names), true, limit) {
-        Err(LayerError::MessageTooLarge { .. }) if names.len() > 1 => {}
-        whole => return whole.map(|payload| vec![(payload, names.len())]),
-    }
+    let cost = |name: &String| str_header(name.len()) + name.len();
     let base = encode(message, Route::None, true, usize::MAX)?.len();
+    let routed = base + 1 + ROUTING_FIELD.len() + names.iter().map(cost).sum::<usize>();
+    // The common case, in one encoding, unless it cannot fit (the routing
+    // field's key and at least a byte of array header, besides the names):
+    // a message to 14,000 names is a megabyte, not worth writing twice.
+    if routed <= limit || names.len() <= 1 {
+        match encode(message, Route::Many(names), true, limit) {
+            Err(LayerError::MessageTooLarge { .. }) if names.len() > 1 => {}
+            whole => return whole.map(|payload| vec![(payload, names.len())]),
+        }
+    }
     // What the routing field adds besides its names, at most: its key
     // (a fixstr of 16), the array's header (array32 at worst), and the
     // map's header growing from fixmap to map16.
@@ -121,7 +127,7 @@ pub(crate) fn encode_many(
         let mut end = start;
         let mut size = 0;
         while end < names.len() {
-            let cost = str_header(names[end].len()) + names[end].len();
+            let cost = cost(&names[end]);
             if end > start && size + cost > budget {
                 break;
             }
