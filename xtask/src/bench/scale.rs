@@ -1053,7 +1053,7 @@ fn print_report(m: &Measured) {
     }
     if m.resent > 0 {
         println!(
-            "  the sender sent {} message(s) again (not heard back within 3 s)",
+            "  the sender sent {} message(s) again (not heard back within 10 s)",
             m.resent
         );
     }
