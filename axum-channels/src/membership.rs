@@ -74,6 +74,9 @@ impl Membership {
     /// Joins `group`.
     pub(crate) async fn add(&mut self, group: &str) -> Result<(), LayerError> {
         if !self.groups.iter().any(|joined| joined == group) {
+            // Room for this one only: most connections join one group, and
+            // a Vec's first push makes room for four.
+            self.groups.reserve_exact(1);
             self.groups.push(group.to_owned());
         }
         let added = self.layer.group_add(group, &self.channel).await;

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum_channels::layer::redis::{RedisConfig, RedisLayer, RedisPubSubLayer, consistent_hash};
-use axum_channels::layer::{ChannelLayer, LayerEvent, LayerMessage, Layers};
+use axum_channels::layer::{ChannelLayer, LayerError, LayerEvent, LayerMessage, Layers};
 use axum_channels::testing::TestServer;
 use axum_channels::{Consumer, Frame, Result, Scope, Socket};
 use channels_testkit::RedisServer;
@@ -619,4 +619,83 @@ async fn consistent_hash_agrees_with_python() {
         spread.iter().all(|&count| count > 0),
         "spread over 5: {spread:?}"
     );
+}
+
+/// A Rust `group_send` whose message, naming every member of one Python
+/// process, would pass `max_message_size` is split into several messages
+/// in that process's key, each naming some of them: each Python package
+/// reads them as it reads any group message, and each of its channels gets
+/// the message once.
+async fn a_split_group_send_reaches_python_channels_once(test: &str, imp: Impl) {
+    let Some(python) = python(test).await else {
+        return;
+    };
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let (config, py) = sandbox(imp, Kind::Queue, vec![server.url()]);
+    let group = "chat_room";
+    let channels = 6;
+    let mut listener = py.listen(python, &[group], channels, channels);
+    let message = rich("rust group_send, split");
+    // The size of the message routed to one channel (75 bytes of name),
+    // as the layer's refusal of it at a limit of 1 byte says.
+    let probe = RedisLayer::connect(config.clone().with_max_message_size(1))
+        .await
+        .expect("connect the Rust queue layer");
+    let one = match probe
+        .send(
+            "specific.d0a712bf8a1f4369ba8d0a9a466b4511!56d0c51210de4166a46dc93a92d52605",
+            as_message(&message),
+        )
+        .await
+    {
+        Err(LayerError::MessageTooLarge { size, .. }) => size,
+        other => panic!("a 1-byte limit refuses the message: {other:?}"),
+    };
+    // Room for two names in a message: six channels take three.
+    let rust = RedisLayer::connect(config.with_max_message_size(one + 90))
+        .await
+        .expect("connect the Rust queue layer");
+    let ready = listener.ready().await;
+    rust.group_send(group, as_message(&message))
+        .await
+        .expect("Rust group_send, split");
+    let mut reached = Vec::new();
+    for _ in 0..channels {
+        let (channel, received) = listener.message().await;
+        assert_eq!(
+            received,
+            message,
+            "as {} received it on {channel}",
+            py.class()
+        );
+        reached.push(channel);
+    }
+    reached.sort();
+    let mut expected = ready.channels;
+    expected.sort();
+    assert_eq!(
+        reached, expected,
+        "each Python channel gets the message once"
+    );
+    listener.exited().await;
+}
+
+#[tokio::test]
+async fn a_split_group_send_reaches_fast_channels_once() {
+    a_split_group_send_reaches_python_channels_once(
+        "a_split_group_send_reaches_fast_channels_once",
+        Impl::Fast,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_split_group_send_reaches_channels_redis_once() {
+    a_split_group_send_reaches_python_channels_once(
+        "a_split_group_send_reaches_channels_redis_once",
+        Impl::Django,
+    )
+    .await;
 }

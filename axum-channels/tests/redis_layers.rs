@@ -476,6 +476,58 @@ mod sharding {
         }
     }
 
+    /// A process with more members of a group than one message can name
+    /// (a server's share of 100,000 connections) gets several messages in
+    /// its key, each under `max_message_size` and routed to some of them,
+    /// as a Python reader reads any group message; each member gets its
+    /// copy once. With one message, the send failed as too large.
+    #[tokio::test]
+    async fn a_group_too_large_for_one_message_gets_several() {
+        let Some(server) = RedisServer::start().await else {
+            return;
+        };
+        let limit = 600;
+        let small = || config(&[server.url()]).with_max_message_size(limit);
+        let members = RedisLayer::connect(small()).await.unwrap();
+        let mut channels = Vec::new();
+        for _ in 0..20 {
+            let channel = members.new_channel("specific").await.unwrap();
+            members.group_add("crowd", &channel).await.unwrap();
+            channels.push(channel);
+        }
+        let sender = RedisLayer::connect(small()).await.unwrap();
+        sender.group_send("crowd", numbered(1)).await.unwrap();
+
+        // Nobody receives yet, so the messages wait in Redis to be looked at.
+        let key = format!("asgi{}", non_local_name(&channels[0]));
+        let mut conn = raw(&server.url()).await;
+        let payloads: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            payloads.len() >= 3,
+            "20 names of 75 bytes in 600-byte messages: {}",
+            payloads.len()
+        );
+        for payload in &payloads {
+            assert!(
+                payload.len() <= limit,
+                "a message of {} bytes",
+                payload.len()
+            );
+        }
+        for channel in &channels {
+            assert_eq!(recv(&members, channel).await, numbered(1));
+        }
+        for channel in &channels {
+            assert_nothing_queued(&members, channel, "each member got one copy").await;
+        }
+    }
+
     #[tokio::test]
     async fn pubsub_subscribes_where_the_hash_says_and_reaches_every_host() {
         let Some((_a, _b, urls)) = two().await else {

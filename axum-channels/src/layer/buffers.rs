@@ -202,10 +202,16 @@ impl<X> Buffer<X> {
         self.waiting > 0 && self.queue.is_empty()
     }
 
-    /// Runs `change`, keeping the buffer's [`Demand`] right.
+    /// Runs `change`, keeping the buffer's [`Demand`] right, and frees the
+    /// queue's room once it is empty: most channels are idle most of the
+    /// time, and a server of 15,000 members that each once held a message
+    /// would otherwise keep room for four apiece (some 400 bytes each).
     fn tracked<R>(&mut self, change: impl FnOnce(&mut Self) -> R) -> R {
         let was_hungry = self.is_hungry();
         let result = change(self);
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
         if let Some(demand) = &self.demand {
             demand.changed(was_hungry, self.is_hungry());
         }
@@ -241,6 +247,10 @@ impl<X> Buffer<X> {
                     WhenFull::DropOldest => {
                         buffer.queue.pop_front();
                         metrics::counter!("axum_channels_layer_buffer_dropped_total").increment(1);
+                        tracing::debug!(
+                            channel,
+                            "dropped the oldest message of a full local buffer"
+                        );
                         if buffer.behind.start() {
                             tracing::warn!(
                                 channel,
@@ -400,20 +410,33 @@ impl<X> LocalBuffers<X> {
         capacity: usize,
         demand: impl FnOnce() -> Arc<Demand>,
     ) -> &mut Buffer<X> {
-        let when_full = self.when_full;
+        // Looked up first, as in `open`.
+        if !self.buffers.contains_key(channel) {
+            let buffer = Buffer::new(capacity, self.when_full).with_demand(demand());
+            self.buffers.insert(channel.to_owned(), buffer);
+        }
         self.buffers
-            .entry(channel.to_owned())
-            .or_insert_with(|| Buffer::new(capacity, when_full).with_demand(demand()))
+            .get_mut(channel)
+            .expect("the buffer was just looked up or inserted")
     }
 
     /// Removes the buffer of `channel`, returning it.
     pub(crate) fn remove(&mut self, channel: &str) -> Option<Buffer<X>> {
-        self.buffers.remove(channel)
+        let removed = self.buffers.remove(channel);
+        shrink(&mut self.buffers);
+        removed
     }
 
     /// Keeps the buffers for which `keep` says true.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&str, &mut Buffer<X>) -> bool) {
         self.buffers.retain(|channel, buffer| keep(channel, buffer));
+        shrink(&mut self.buffers);
+    }
+
+    /// Room for this many buffers, used or not: for tests.
+    #[cfg(test)]
+    fn room(&self) -> usize {
+        self.buffers.capacity()
     }
 
     /// Every buffer, with its channel's name.
@@ -426,6 +449,24 @@ impl<X> LocalBuffers<X> {
     /// Every channel's name.
     pub(crate) fn channels(&self) -> impl Iterator<Item = &str> {
         self.buffers.keys().map(String::as_str)
+    }
+}
+
+/// Below this many entries' room, a map is not worth shrinking.
+const SHRINK_FROM: usize = 1_024;
+
+/// Gives back most of `map`'s room once fewer than a quarter of it is in
+/// use. A `HashMap` never shrinks by itself, so a server that once held
+/// 15,000 channels would keep room for them all (some 100 bytes each, per
+/// map) after they have gone, where the allocator cannot return it.
+/// Shrinking to twice what is left, rather than to fit, leaves room to
+/// grow back without reallocating at once; a map shrinks only after it
+/// has lost three quarters of itself, so the work is paid for by the
+/// removals, as growing is by the inserts.
+pub(crate) fn shrink<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+    let room = map.capacity();
+    if room >= SHRINK_FROM && map.len() < room / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -516,6 +557,56 @@ mod tests {
 
     fn n(entry: Option<Entry>) -> Option<u64> {
         entry.and_then(|entry| entry.message["n"].as_u64())
+    }
+
+    #[test]
+    fn an_emptied_buffer_keeps_no_room() {
+        let now = Instant::now();
+        let mut buffer: Buffer = Buffer::new(10, WhenFull::DropOldest);
+        for i in 0..3 {
+            buffer.push("c", entry(i, None), now).unwrap();
+        }
+        assert!(buffer.queue.capacity() >= 3);
+        assert_eq!(n(buffer.take_ready(now)), Some(0));
+        assert!(buffer.queue.capacity() >= 2, "not empty yet: kept");
+        buffer.take_ready(now);
+        buffer.take_ready(now);
+        assert_eq!(buffer.queue.capacity(), 0, "taken empty");
+        buffer.push("c", entry(4, Some(now)), now).unwrap();
+        assert!(!buffer.sweep(now + Duration::from_secs(1)));
+        assert_eq!(buffer.queue.capacity(), 0, "emptied by expiry");
+        buffer.push("c", entry(5, None), now).unwrap();
+        buffer.take_all();
+        assert_eq!(buffer.queue.capacity(), 0, "emptied at once");
+    }
+
+    #[test]
+    fn maps_give_back_their_room_when_mostly_empty() {
+        let mut buffers: LocalBuffers = LocalBuffers::new(WhenFull::Refuse);
+        let names: Vec<String> = (0..20_000).map(|i| format!("c{i}")).collect();
+        for name in &names {
+            buffers.open(name, || 1);
+        }
+        let full = buffers.room();
+        assert!(full >= 20_000);
+        for name in &names[..10_000] {
+            buffers.remove(name);
+        }
+        assert!(
+            buffers.room() > 20_000,
+            "half empty: kept, to grow back into"
+        );
+        for name in &names[10_000..19_990] {
+            buffers.remove(name);
+        }
+        let left = buffers.room();
+        assert!(
+            left <= 2 * SHRINK_FROM,
+            "10 left: room for {left} of {full} kept"
+        );
+        buffers.retain(|_, _| false);
+        assert!(buffers.room() <= left);
+        assert_eq!(buffers.len(), 0);
     }
 
     #[derive(Default)]

@@ -77,6 +77,71 @@ pub(crate) fn encode(
     Ok(bytes)
 }
 
+/// The bytes msgpack spends on a str of `len` bytes besides the bytes
+/// themselves: fixstr, str8, str16 or str32.
+fn str_header(len: usize) -> usize {
+    match len {
+        0..32 => 1,
+        32..256 => 2,
+        256..65_536 => 3,
+        _ => 5,
+    }
+}
+
+/// `group_send`'s messages to one Redis key: `message` routed to `names`,
+/// split into as few payloads as keep each within `limit`, the names in
+/// their order. Each payload is what Python's layer writes for a key, with
+/// its routing field listing only that payload's names, and a Python
+/// receiver fans each one out as it does any group message, so a key with
+/// thousands of members on it (one server's share of a large group) never
+/// makes one payload over the limit, which would fail the whole send.
+///
+/// Returns each payload with how many of `names` it routes to. Fails with
+/// [`LayerError::MessageTooLarge`] only when the message with one name is
+/// over the limit.
+pub(crate) fn encode_many(
+    message: &LayerMessage,
+    names: &[String],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, usize)>, LayerError> {
+    let cost = |name: &String| str_header(name.len()) + name.len();
+    let base = encode(message, Route::None, true, usize::MAX)?.len();
+    let routed = base + 1 + ROUTING_FIELD.len() + names.iter().map(cost).sum::<usize>();
+    // The common case, in one encoding, unless it cannot fit (the routing
+    // field's key and at least a byte of array header, besides the names):
+    // a message to 14,000 names is a megabyte, not worth writing twice.
+    if routed <= limit || names.len() <= 1 {
+        match encode(message, Route::Many(names), true, limit) {
+            Err(LayerError::MessageTooLarge { .. }) if names.len() > 1 => {}
+            whole => return whole.map(|payload| vec![(payload, names.len())]),
+        }
+    }
+    // What the routing field adds besides its names, at most: its key
+    // (a fixstr of 16), the array's header (array32 at worst), and the
+    // map's header growing from fixmap to map16.
+    let overhead = 1 + ROUTING_FIELD.len() + 5 + 2;
+    let budget = limit.saturating_sub(base + overhead);
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    while start < names.len() {
+        let mut end = start;
+        let mut size = 0;
+        while end < names.len() {
+            let cost = cost(&names[end]);
+            if end > start && size + cost > budget {
+                break;
+            }
+            size += cost;
+            end += 1;
+        }
+        // A lone name over the budget fails here, with the real size.
+        let payload = encode(message, Route::Many(&names[start..end]), true, limit)?;
+        chunks.push((payload, end - start));
+        start = end;
+    }
+    Ok(chunks)
+}
+
 fn to_pack(value: &Json, depth: usize) -> Result<Pack, LayerError> {
     if depth > MAX_DEPTH {
         return Err(LayerError::serialize(format!(
@@ -433,6 +498,44 @@ mod tests {
         deep.extend(std::iter::repeat_n(0x91u8, 100_000));
         deep.push(0x01);
         assert!(decode(&deep, false).is_err());
+    }
+
+    #[test]
+    fn a_group_message_over_the_limit_is_split_by_names_in_order() {
+        let m = msg(json!({"type": "chat.message", "message": "hi"}));
+        let names: Vec<String> = (0..100)
+            .map(|i| format!("specific.d0a712bf8a1f4369ba8d0a9a466b4511!{i:032x}"))
+            .collect();
+        let whole = encode(&m, Route::Many(&names), true, usize::MAX).unwrap();
+        let one = encode_many(&m, &names, whole.len()).unwrap();
+        assert_eq!(one.len(), 1, "at the limit: one payload, as before");
+        assert_eq!((one[0].0.len(), one[0].1), (whole.len(), 100));
+
+        for limit in [whole.len() - 1, 1_000, 400, 150] {
+            let chunks = encode_many(&m, &names, limit).unwrap();
+            assert!(chunks.len() > 1, "limit {limit}: split");
+            let mut routed: Vec<String> = Vec::new();
+            for (payload, count) in &chunks {
+                assert!(payload.len() <= limit, "{} > {limit}", payload.len());
+                let decoded = decode(payload, true).unwrap();
+                assert_eq!(decoded.message, m);
+                let route = decoded.route.unwrap();
+                assert_eq!(route.len(), *count);
+                // As full as fits: one name more would pass the limit,
+                // give or take the few bytes the estimate keeps spare.
+                let (first, next) = (routed.len(), routed.len() + count);
+                if next < names.len() {
+                    let more = encode(&m, Route::Many(&names[first..=next]), true, usize::MAX);
+                    assert!(more.unwrap().len() > limit - 8, "limit {limit}: not full");
+                }
+                routed.extend(route);
+            }
+            assert_eq!(routed, names, "limit {limit}: every name once, in order");
+        }
+        assert!(matches!(
+            encode_many(&m, &names, 100),
+            Err(LayerError::MessageTooLarge { limit: 100, .. })
+        ));
     }
 
     #[test]

@@ -161,14 +161,25 @@ pub(crate) fn uuid4_hex() -> String {
 
 /// The queue layer's `new_channel`: `{prefix}.{client_prefix}!{uuid4 hex}`.
 pub(crate) fn queue_channel_name(prefix: &str, client_prefix: &str) -> String {
-    format!("{prefix}.{client_prefix}!{}", uuid4_hex())
+    exactly(&[prefix, ".", client_prefix, "!", &uuid4_hex()])
+}
+
+/// `parts` joined into a string of exactly their length: a channel name
+/// lives as long as its connection, and `format!` may leave it room for
+/// half as much again (some 50 bytes a connection, at 15,000 a server).
+fn exactly(parts: &[&str]) -> String {
+    let mut joined = String::with_capacity(parts.iter().map(|part| part.len()).sum());
+    for part in parts {
+        joined.push_str(part);
+    }
+    joined
 }
 
 /// The pub/sub layer's `new_channel`: `{layer_prefix}{prefix}.{uuid4 hex}`
 /// (Python's default argument is `"specific."`, dot included; the trait's
 /// prefix comes without it).
 pub(crate) fn pubsub_channel_name(layer_prefix: &str, prefix: &str) -> String {
-    format!("{layer_prefix}{prefix}.{}", uuid4_hex())
+    exactly(&[layer_prefix, prefix, ".", &uuid4_hex()])
 }
 
 // ANCHOR: group_send_lua

@@ -83,7 +83,7 @@ use super::wire::{
     group_key, longer_prefix_of, non_local_name, now_secs, queue_channel_name, score_arg,
     uuid4_hex,
 };
-use crate::layer::buffers::{Buffer, Entry, Locked, Receiver};
+use crate::layer::buffers::{Buffer, Entry, Locked, Receiver, shrink};
 use crate::layer::{
     ChannelLayer, LayerError, LayerMessage, validate_channel_name, validate_group_name,
 };
@@ -196,10 +196,18 @@ impl RedisLayer {
                 channel: channel.to_owned(),
             });
         }
-        let key = inner.key_of(channel);
         let receiver = {
             let mut state = inner.lock();
-            let buffer = inner.register(&mut state, channel, &key);
+            // Nearly always there already: every receive comes here, and
+            // a group message is one receive per member.
+            let buffer = if state.buffers.contains(channel) {
+                state.buffers.get_mut(channel).expect("just looked up")
+            } else {
+                // Not kept past the await: it would live as long as the
+                // wait, an allocation per idle connection.
+                let key = inner.key_of(channel);
+                inner.register(&mut state, channel, &key)
+            };
             Receiver::new(&inner.state, channel, buffer)
         };
         let mut entry = receiver.next().await;
@@ -401,11 +409,13 @@ impl ChannelLayer for RedisLayer {
         .await?;
         let mut state = inner.lock();
         if state.buffers.contains(channel) {
-            state
-                .memberships
-                .entry(channel.to_owned())
-                .or_default()
-                .insert(group.to_owned());
+            let groups = state.memberships.entry(channel.to_owned()).or_default();
+            if !groups.iter().any(|joined| joined == group) {
+                // Room for this one only (a first push makes room for four):
+                // a server holds one such list per connection.
+                groups.reserve_exact(1);
+                groups.push(group.to_owned());
+            }
         }
         Ok(())
     }
@@ -417,9 +427,10 @@ impl ChannelLayer for RedisLayer {
         {
             let mut state = inner.lock();
             if let Some(groups) = state.memberships.get_mut(channel) {
-                groups.remove(group);
+                groups.retain(|joined| joined != group);
                 if groups.is_empty() {
                     state.memberships.remove(channel);
+                    shrink(&mut state.memberships);
                 }
             }
         }
@@ -462,7 +473,9 @@ impl ChannelLayer for RedisLayer {
             let Some(left) = state.unregister(channel, &key, Instant::now()) else {
                 return Ok(()); // unknown, or someone still receives on it
             };
-            (left, state.memberships.remove(channel).unwrap_or_default())
+            let groups = state.memberships.remove(channel).unwrap_or_default();
+            shrink(&mut state.memberships);
+            (left, groups)
         };
         let raws = settle(left);
         bounded("close_channel", inner.config.command_timeout, async {

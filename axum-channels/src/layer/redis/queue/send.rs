@@ -1,8 +1,14 @@
 //! The queue layer's sends: `send` and `group_send`, exactly as Python's
-//! layer writes them (the wire specification, §1.4), with two fixes that
-//! change nothing on the wire: a specific channel is written on the host
-//! its receiver reads (Python hashes the full name there), and a member
-//! over capacity is one warning per episode.
+//! layer writes them (the wire specification, §1.4), with three fixes that
+//! a Python reader cannot tell from its own layer's writes: a specific
+//! channel is written on the host its receiver reads (Python hashes the
+//! full name there); a member over capacity is one warning per episode;
+//! and a key whose members' names would make its group message larger than
+//! `max_message_size` gets several messages, each routed to some of them
+//! (one message would fail the whole `group_send`: at about 13,000 members
+//! of one group in one process, with the default 1 MiB). Several entries
+//! in one key, each with its list in `__asgi_channel__`, are what a Python
+//! receiver already fans out, each on its own.
 //!
 //! Capacity is counted per Redis key, as Python counts it: the key of a
 //! process-specific channel is shared by every channel of its layer
@@ -27,18 +33,31 @@ type Write = (String, Vec<u8>, usize, Vec<String>);
 
 /// The members of a group, by channel key, in the order Redis listed them
 /// (as Python does): one message per key, routed to all its members.
+///
+/// Members are told apart by their non-local name, a slice of their own:
+/// a group of 100,000 is 100,000 lookups, and no key is built for each.
 fn by_key(prefix: &str, members: Vec<String>) -> Vec<(String, Vec<String>)> {
-    let mut buckets: Vec<(String, Vec<String>)> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    for name in members {
-        let key = channel_key(prefix, &name);
-        match index.get(&key) {
-            Some(&i) => buckets[i].1.push(name),
-            None => {
-                index.insert(key.clone(), buckets.len());
-                buckets.push((key, vec![name]));
+    // Each member's bucket, found by borrowing its name...
+    let mut bucket_of = Vec::with_capacity(members.len());
+    let mut first_of_bucket = Vec::new();
+    {
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (i, name) in members.iter().enumerate() {
+            let next = first_of_bucket.len();
+            let bucket = *index.entry(non_local_name(name)).or_insert(next);
+            if bucket == next {
+                first_of_bucket.push(i);
             }
+            bucket_of.push(bucket);
         }
+    }
+    let mut buckets: Vec<(String, Vec<String>)> = first_of_bucket
+        .iter()
+        .map(|&i| (channel_key(prefix, &members[i]), Vec::new()))
+        .collect();
+    // ...then the names moved into their buckets, not copied.
+    for (name, bucket) in members.into_iter().zip(bucket_of) {
+        buckets[bucket].1.push(name);
     }
     buckets
 }
@@ -97,6 +116,7 @@ impl Inner {
             let group_expiry = self.config.group_expiry_secs();
             let members: Vec<Vec<u8>> = self.links[gshard]
                 .run(|mut conn| async move {
+                    self.patient(&mut conn);
                     let (members,): (Vec<Vec<u8>>,) = redis::pipe()
                         .cmd("ZREMRANGEBYSCORE")
                         .arg(&gkey)
@@ -124,16 +144,18 @@ impl Inner {
                 .collect();
 
             let mut per_shard: Vec<Vec<Write>> = vec![Vec::new(); self.shards()];
-            for (key, names) in by_key(&self.config.prefix, members) {
-                let payload = codec::encode(
-                    &message,
-                    Route::Many(&names),
-                    true,
-                    self.config.max_message_size,
-                )?;
+            for (key, mut names) in by_key(&self.config.prefix, members) {
+                // A key with more members than one payload can name (a
+                // server's share of a large group) gets several, each
+                // under the size limit.
+                let payloads = codec::encode_many(&message, &names, self.config.max_message_size)?;
                 let capacity = self.config.capacity_of(&names[0]);
                 let shard = consistent_hash(non_local_name(&names[0]), self.shards());
-                per_shard[shard].push((key, payload, capacity, names));
+                for (payload, count) in payloads {
+                    let rest = names.split_off(count);
+                    let these = std::mem::replace(&mut names, rest);
+                    per_shard[shard].push((key.clone(), payload, capacity, these));
+                }
             }
             let sends = per_shard
                 .into_iter()
@@ -146,6 +168,23 @@ impl Inner {
             Ok(())
         })
         .await
+    }
+
+    /// Gives `conn` (this call's handle) the whole call's time to answer,
+    /// rather than the link's response timeout, half of it.
+    ///
+    /// A group of 100,000 is a reply of 7.6 MB to read and a script of as
+    /// much to send: on a busy machine that can take longer than half the
+    /// command timeout without anything being wrong with Redis. Timed out
+    /// by the link, the call would make it probe Redis with a `PING`, which
+    /// waits behind those megabytes on the same connection, times out in
+    /// turn, and declares the connection lost: a reconnection, every
+    /// membership written again, every call failing fast meanwhile, and
+    /// the next broadcast slower still (seen at 100,000 members). Given the
+    /// whole time, the call's own bound (`bounded`) ends it first, which
+    /// fails the call and leaves the connection alone.
+    fn patient(&self, conn: &mut redis::aio::MultiplexedConnection) {
+        conn.set_response_timeout(self.config.command_timeout);
     }
 
     /// The per-host half of `group_send`: purge, then the Lua script, then
@@ -161,6 +200,7 @@ impl Inner {
         let batch = &batch;
         let counts: Option<Vec<usize>> = self.links[shard]
             .run(|mut conn| async move {
+                self.patient(&mut conn);
                 let now = now_secs();
                 let mut purge = redis::pipe();
                 purge.atomic();

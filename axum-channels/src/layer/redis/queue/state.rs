@@ -16,10 +16,18 @@
 //! - **Drops are counted.** All specific channels of a process share one
 //!   Redis key, so a popper working for one channel also pops its
 //!   neighbours' messages, into their buffers; a full buffer drops its
-//!   oldest (`buffers.rs`). Each message carries an [`Unread`] marker that
-//!   counts it if it is dropped so, unread and not expired.
+//!   oldest (`buffers.rs`, which logs each drop naming its channel). Each
+//!   message carries an [`Unread`] marker that counts it if it is dropped
+//!   so, unread and not expired.
+//! - **Small per channel.** A server may hold tens of thousands of
+//!   channels, so what each costs here counts: the layer's prefix, for the
+//!   drop counter's label, is one allocation shared by every message of
+//!   the layer, not a record per channel; a channel's groups are a short
+//!   list, not a tree; and the maps give back their room when most of
+//!   their entries are gone (`shrink`), since a hash map never shrinks by
+//!   itself.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -53,43 +61,33 @@ pub(super) struct Raw {
     pub shard: usize,
 }
 
-/// Which channel, of which layer, a buffered message is for: shared by the
-/// channel's messages, for [`Unread`] to name them.
-pub(super) struct Tag {
-    channel: String,
-    prefix: String,
-}
-
 /// Marks a buffered message as not yet read. Dropped while still marked and
 /// not expired, the message was dropped by its full buffer to make room:
-/// counted, and logged naming its channel. Every other way out of a buffer
-/// (received, given back, freed by `close_channel` or `flush`) clears the
-/// mark first.
+/// counted under its layer's prefix (the buffer logs the drop, naming the
+/// channel). Every other way out of a buffer (received, given back, freed
+/// by `close_channel` or `flush`) clears the mark first.
 pub(super) struct Unread {
-    tag: Option<Arc<Tag>>,
+    /// The layer's prefix, shared by all its messages.
+    prefix: Option<Arc<str>>,
     expires: Option<Instant>,
 }
 
 impl Unread {
     /// Clears the mark: this message is accounted for.
     pub(super) fn clear(&mut self) {
-        self.tag = None;
+        self.prefix = None;
     }
 }
 
 impl Drop for Unread {
     fn drop(&mut self) {
-        let Some(tag) = self.tag.take() else {
+        let Some(prefix) = self.prefix.take() else {
             return;
         };
         if self.expires.is_some_and(|at| at <= Instant::now()) {
             return; // expired: its age dropped it, not its neighbours
         }
-        metrics::counter!(DROPPED_METRIC, "prefix" => tag.prefix.clone()).increment(1);
-        tracing::debug!(
-            channel = tag.channel,
-            "dropped the oldest message of a full local buffer"
-        );
+        metrics::counter!(DROPPED_METRIC, "prefix" => prefix.to_string()).increment(1);
     }
 }
 
@@ -156,11 +154,11 @@ pub(super) struct State {
     pub buffers: LocalBuffers<Extra>,
     /// Redis key → who reads it here.
     keys: HashMap<String, KeyState>,
-    /// Local channel → its tag, shared by its buffered messages.
-    tags: HashMap<String, Arc<Tag>>,
-    /// Local channel → groups it joined through this layer, to leave them
-    /// on `close_channel` and restore them after a Redis restart.
-    pub memberships: HashMap<String, BTreeSet<String>>,
+    /// The layer's prefix, for [`Unread`]; set by the first `register`.
+    prefix: Option<Arc<str>>,
+    /// Local channel → groups it joined through this layer (each once), to
+    /// leave them on `close_channel` and restore them after a Redis restart.
+    pub memberships: HashMap<String, Vec<String>>,
     /// Keys a `group_send` found at capacity and reported, until a group
     /// message gets into them again.
     over_capacity: HashSet<String>,
@@ -171,7 +169,7 @@ impl Default for State {
         State {
             buffers: LocalBuffers::new(WhenFull::DropOldest),
             keys: HashMap::new(),
-            tags: HashMap::new(),
+            prefix: None,
             memberships: HashMap::new(),
             over_capacity: HashSet::new(),
         }
@@ -229,13 +227,9 @@ impl State {
                     );
                 }
             }
-            self.tags.insert(
-                name.to_owned(),
-                Arc::new(Tag {
-                    channel: name.to_owned(),
-                    prefix: prefix.to_owned(),
-                }),
-            );
+            if self.prefix.is_none() {
+                self.prefix = Some(Arc::from(prefix));
+            }
         }
         let keys = &self.keys;
         let buffer = self.buffers.open_counted(name, capacity, || {
@@ -259,7 +253,6 @@ impl State {
             return None;
         }
         let mut buffer = self.buffers.remove(name)?;
-        self.tags.remove(name);
         if let Some(readers) = self.keys.get_mut(key) {
             readers.channels = readers.channels.saturating_sub(1);
             if readers.channels == 0 {
@@ -319,7 +312,7 @@ impl State {
         raw: Option<Raw>,
         now: Instant,
     ) -> Result<(), Option<Raw>> {
-        let (Some(buffer), Some(tag)) = (self.buffers.get_mut(name), self.tags.get(name)) else {
+        let Some(buffer) = self.buffers.get_mut(name) else {
             return Err(raw);
         };
         let entry = Entry {
@@ -328,7 +321,7 @@ impl State {
             extra: Extra {
                 raw,
                 unread: Unread {
-                    tag: Some(Arc::clone(tag)),
+                    prefix: self.prefix.clone(),
                     expires,
                 },
             },
