@@ -271,23 +271,25 @@ fn parse_options(mut args: Args) -> Result<Options> {
         ("--rolling", rolling),
     ];
     if scenario == Scenario::Scale {
-        let stray = [
-            ("--clients", clients.is_some()),
-            ("--receivers", receivers.is_some()),
-            ("--step", step.is_some()),
-            ("--path", path.is_some()),
-            ("--seconds", seconds.is_some()),
-            ("--rounds", rounds.is_some()),
-            ("--room-size", room_size.is_some()),
-            ("--layers", layers.is_some()),
-        ];
-        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
-            return Err(Error::Usage(format!(
-                "{name} does not apply to scale, which runs step {}'s servers \
+        refuse_stray(
+            &[
+                ("--clients", clients.is_some()),
+                ("--receivers", receivers.is_some()),
+                ("--step", step.is_some()),
+                ("--path", path.is_some()),
+                ("--seconds", seconds.is_some()),
+                ("--rounds", rounds.is_some()),
+                ("--room-size", room_size.is_some()),
+                ("--layers", layers.is_some()),
+            ],
+            |name| {
+                format!(
+                    "{name} does not apply to scale, which runs step {}'s servers \
                  (--connections, --servers, --layer pubsub|queue, --in-flight, --curve, --rolling)",
-                scale::STEP
-            )));
-        }
+                    scale::STEP
+                )
+            },
+        )?;
         let scale = scale::options(connections, servers, layer, in_flight, curve, rolling)?;
         return Ok(Options {
             scenario,
@@ -307,21 +309,23 @@ fn parse_options(mut args: Args) -> Result<Options> {
         )));
     }
     if scenario == Scenario::Storm {
-        let stray = [
-            ("--clients", clients.is_some()),
-            ("--receivers", receivers.is_some()),
-            ("--step", step.is_some()),
-            ("--path", path.is_some()),
-            ("--seconds", seconds.is_some()),
-            ("--rounds", rounds.is_some()),
-        ];
-        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
-            return Err(Error::Usage(format!(
-                "{name} does not apply to storm, which runs step {}'s rooms once per layer \
+        refuse_stray(
+            &[
+                ("--clients", clients.is_some()),
+                ("--receivers", receivers.is_some()),
+                ("--step", step.is_some()),
+                ("--path", path.is_some()),
+                ("--seconds", seconds.is_some()),
+                ("--rounds", rounds.is_some()),
+            ],
+            |name| {
+                format!(
+                    "{name} does not apply to storm, which runs step {}'s rooms once per layer \
                  (--connections sets how many)",
-                storm::STEP
-            )));
-        }
+                    storm::STEP
+                )
+            },
+        )?;
         let storm = storm::options(connections, in_flight, room_size, layers)?;
         return Ok(Options {
             scenario,
@@ -347,35 +351,39 @@ fn parse_options(mut args: Args) -> Result<Options> {
         )));
     }
     if scenario == Scenario::Presence {
-        let stray = [
-            ("--clients", clients.is_some()),
-            ("--receivers", receivers.is_some()),
-            ("--step", step.is_some()),
-            ("--path", path.is_some()),
-            ("--seconds", seconds.is_some()),
-            ("--rounds", rounds.is_some()),
-        ];
-        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
-            return Err(Error::Usage(format!(
-                "{name} does not apply to presence, which runs step 05's room and step 06's \
+        refuse_stray(
+            &[
+                ("--clients", clients.is_some()),
+                ("--receivers", receivers.is_some()),
+                ("--step", step.is_some()),
+                ("--path", path.is_some()),
+                ("--seconds", seconds.is_some()),
+                ("--rounds", rounds.is_some()),
+            ],
+            |name| {
+                format!(
+                    "{name} does not apply to presence, which runs step 05's room and step 06's \
                  presence room in memory and on Redis"
-            )));
-        }
+                )
+            },
+        )?;
     }
     if scenario == Scenario::Jobs {
-        let stray = [
-            ("--clients", clients.is_some()),
-            ("--receivers", receivers.is_some()),
-            ("--path", path.is_some()),
-            ("--seconds", seconds.is_some()),
-            ("--rounds", rounds.is_some()),
-        ];
-        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
-            return Err(Error::Usage(format!(
-                "{name} does not apply to jobs, which times 50 jobs on the step's \
+        refuse_stray(
+            &[
+                ("--clients", clients.is_some()),
+                ("--receivers", receivers.is_some()),
+                ("--path", path.is_some()),
+                ("--seconds", seconds.is_some()),
+                ("--rounds", rounds.is_some()),
+            ],
+            |name| {
+                format!(
+                    "{name} does not apply to jobs, which times 50 jobs on the step's \
                  /ws/backgroundjob (--step chooses the step)"
-            )));
-        }
+                )
+            },
+        )?;
     }
     let seconds = positive("--seconds", seconds, scenario.default_seconds())?;
     if scenario == Scenario::Flood && rounds.is_some() {
@@ -385,17 +393,19 @@ fn parse_options(mut args: Args) -> Result<Options> {
     }
     let rounds = positive("--rounds", rounds, 3)?;
     let clients = if scenario == Scenario::Fanout {
-        let stray = [
-            ("--clients", clients.is_some()),
-            ("--step", step.is_some()),
-            ("--path", path.is_some()),
-        ];
-        if let Some((name, _)) = stray.iter().find(|(_, given)| *given) {
-            return Err(Error::Usage(format!(
-                "{name} does not apply to fanout, which runs a room server of its own \
+        refuse_stray(
+            &[
+                ("--clients", clients.is_some()),
+                ("--step", step.is_some()),
+                ("--path", path.is_some()),
+            ],
+            |name| {
+                format!(
+                    "{name} does not apply to fanout, which runs a room server of its own \
                  (--receivers sets the room's size)"
-            )));
-        }
+                )
+            },
+        )?;
         positive("--receivers", receivers, scenario.default_clients())?
     } else {
         if receivers.is_some() {
@@ -869,6 +879,15 @@ pub fn run(ws: &Workspace, args: Args) -> Result<()> {
 pub(crate) fn unlimited_inbound(cmd: &mut Command) {
     cmd.env("MAX_FRAMES_PER_SECOND", "0")
         .env("MAX_BYTES_PER_SECOND", "0");
+}
+
+/// Refuses the first of `stray` that was given: an option that does not
+/// apply to the scenario, with `why` saying what the scenario runs instead.
+fn refuse_stray(stray: &[(&str, bool)], why: impl FnOnce(&str) -> String) -> Result<(), Error> {
+    match stray.iter().find(|(_, given)| *given) {
+        Some((name, _)) => Err(Error::Usage(why(name))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
