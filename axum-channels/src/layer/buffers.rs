@@ -47,7 +47,7 @@ use super::episode::Episode;
 /// operations that leave the maps consistent: a panic (a bug) can lose an
 /// update, never corrupt one. Refusing the lock instead would turn one bug
 /// into every later call failing.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub(crate) struct Locked<T>(Mutex<T>);
 
 impl<T> Locked<T> {

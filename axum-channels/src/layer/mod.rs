@@ -51,6 +51,7 @@
 //! alone.
 
 mod buffers;
+pub(crate) use buffers::Locked;
 mod episode;
 pub mod memory;
 mod names;

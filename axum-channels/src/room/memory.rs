@@ -4,13 +4,12 @@
 //! to die for them to go stale, and then they go with it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 
 use super::{Entry, HistoryStore, Joined, Position, PresenceStore, Recovery, random_id};
-use crate::layer::LayerError;
+use crate::layer::{LayerError, Locked};
 
 /// A ring of the last `size` messages per room.
 ///
@@ -25,7 +24,7 @@ use crate::layer::LayerError;
 pub struct MemoryHistory {
     size: usize,
     epoch: String,
-    rooms: Mutex<HashMap<String, Ring>>,
+    rooms: Locked<HashMap<String, Ring>>,
 }
 
 #[derive(Debug, Default)]
@@ -40,7 +39,7 @@ impl MemoryHistory {
         MemoryHistory {
             size: size.max(1),
             epoch: random_id(),
-            rooms: Mutex::default(),
+            rooms: Locked::default(),
         }
     }
 }
@@ -48,7 +47,7 @@ impl MemoryHistory {
 #[async_trait]
 impl HistoryStore for MemoryHistory {
     async fn append(&self, room: &str, data: Map<String, Value>) -> Result<Entry, LayerError> {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rooms = self.rooms.lock();
         let ring = rooms.entry(room.to_owned()).or_default();
         ring.top += 1;
         let entry = Entry {
@@ -64,7 +63,7 @@ impl HistoryStore for MemoryHistory {
     }
 
     async fn recover(&self, room: &str, since: Option<&Position>) -> Result<Recovery, LayerError> {
-        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let rooms = self.rooms.lock();
         let empty = Ring::default();
         let ring = rooms.get(room).unwrap_or(&empty);
         let first_kept = ring.entries.front().map_or(ring.top + 1, |e| e.offset);
@@ -92,7 +91,7 @@ impl HistoryStore for MemoryHistory {
 /// Who is in which room, in this process.
 #[derive(Debug, Default)]
 pub struct MemoryPresence {
-    rooms: Mutex<HashMap<String, RoomPresence>>,
+    rooms: Locked<HashMap<String, RoomPresence>>,
 }
 
 #[derive(Debug, Default)]
@@ -104,7 +103,7 @@ struct RoomPresence {
 
 impl MemoryPresence {
     fn with_room<T>(&self, room: &str, f: impl FnOnce(&mut RoomPresence) -> T) -> T {
-        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rooms = self.rooms.lock();
         let value = f(rooms.entry(room.to_owned()).or_default());
         // An empty room is forgotten (its version with it: a room that
         // comes back starts a new count, and its members' clients start
@@ -169,7 +168,7 @@ impl PresenceStore for MemoryPresence {
         room: &str,
         names: &[String],
     ) -> Result<(u64, Vec<bool>, Vec<String>), LayerError> {
-        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let rooms = self.rooms.lock();
         let Some(presence) = rooms.get(room) else {
             return Ok((0, vec![false; names.len()], Vec::new()));
         };

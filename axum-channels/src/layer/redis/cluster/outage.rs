@@ -17,13 +17,12 @@
 //! success on another slot in between does not end it, and the log stays at
 //! two lines for a refusal that lasts.
 
-use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::layer::LayerError;
 use crate::layer::episode::Episode;
+use crate::layer::{LayerError, Locked};
 
 /// How long without a failed call before a success ends the episode.
 pub(crate) const QUIET: Duration = Duration::from_secs(1);
@@ -34,7 +33,7 @@ pub(crate) struct Outage {
     layer: &'static str,
     /// Its prefix, which tells an app's layers apart in the log.
     prefix: String,
-    state: Mutex<State>,
+    state: Locked<State>,
 }
 
 #[derive(Default)]
@@ -49,7 +48,7 @@ impl Outage {
         Outage {
             layer,
             prefix: prefix.to_owned(),
-            state: Mutex::new(State::default()),
+            state: Locked::default(),
         }
     }
 
@@ -57,7 +56,7 @@ impl Outage {
     /// unreachable, or no answer within `command_timeout`) counts; another
     /// error (a full channel, a bad name) says nothing of the cluster.
     pub(crate) fn observe<T>(&self, result: &Result<T, LayerError>) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock();
         match result {
             Err(LayerError::Backend(err)) => {
                 state.failed += 1;
