@@ -80,6 +80,11 @@ use crate::layer::{BackendError, LayerError};
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(50);
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The wait after `backoff`: twice as long, up to [`BACKOFF_MAX`].
+pub(crate) fn doubled(backoff: Duration) -> Duration {
+    backoff.saturating_mul(2).min(BACKOFF_MAX)
+}
+
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -594,7 +599,7 @@ impl Link {
                 Err(err) => self.failed(&err),
             }
             tokio::time::sleep(delay).await;
-            delay = delay.saturating_mul(2).min(BACKOFF_MAX);
+            delay = doubled(delay);
         }
     }
 }

@@ -27,7 +27,7 @@ pub use queue::RedisClusterLayer;
 pub(crate) use subscriber::ClusterSubscriber;
 
 use super::config::RedisConfig;
-use super::link::{BACKOFF_MAX, BACKOFF_MIN};
+use super::link::{BACKOFF_MIN, doubled};
 use super::wire::{Version, check_server_version};
 use crate::layer::{BackendError, LayerError};
 
@@ -127,7 +127,7 @@ where
             Err(err) if refused(&err) && tokio::time::Instant::now() + backoff < deadline => {
                 tracing::debug!(%err, ?backoff, "the Redis Cluster refused a command; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = doubled(backoff);
             }
             outcome => return outcome,
         }

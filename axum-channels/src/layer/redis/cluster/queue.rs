@@ -50,7 +50,7 @@ use crate::layer::episode::Episode;
 use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
-use crate::layer::redis::link::{BACKOFF_MAX, BACKOFF_MIN};
+use crate::layer::redis::link::{BACKOFF_MIN, doubled};
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
     push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
@@ -458,7 +458,7 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
                         tracing::warn!(key, %err, "cannot reach the Redis Cluster to receive; retrying");
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    backoff = doubled(backoff);
                     continue;
                 }
             },
@@ -494,7 +494,7 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
                     tracing::warn!(key, %err, "receiving from the Redis Cluster failed; retrying");
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
+                backoff = doubled(backoff);
             }
         }
     }

@@ -42,7 +42,7 @@ use crate::layer::LayerError;
 use crate::layer::buffers::Locked;
 use crate::layer::episode::Episode;
 use crate::layer::redis::host::Interest;
-use crate::layer::redis::link::{BACKOFF_MAX, BACKOFF_MIN, Reconnected};
+use crate::layer::redis::link::{BACKOFF_MIN, Reconnected, doubled};
 
 /// Locks that keep each name's subscribe and unsubscribe in order.
 const STRIPES: usize = 256;
@@ -265,7 +265,7 @@ impl ClusterSubscriber {
                 pending.extend(names);
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            backoff = doubled(backoff);
         }
         let down_for = started.elapsed();
         if let Some(lasted) = episode.end() {

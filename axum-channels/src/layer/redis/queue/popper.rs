@@ -28,7 +28,7 @@ use super::Inner;
 use super::state::{GRACE, Raw, Step, Wanted};
 use crate::layer::buffers::Locked;
 use crate::layer::redis::codec;
-use crate::layer::redis::link::{BACKOFF_MAX, BACKOFF_MIN, Link};
+use crate::layer::redis::link::{BACKOFF_MIN, Link, doubled};
 use crate::layer::redis::wire::{inflight_key, now_secs, score_arg};
 
 /// Idle blocking connections kept per host, at most: enough for a key's
@@ -237,7 +237,7 @@ pub(super) async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: us
                     link.failed(&err);
                     link.suspect();
                     tokio::time::sleep(delay).await;
-                    delay = delay.saturating_mul(2).min(BACKOFF_MAX);
+                    delay = doubled(delay);
                 }
             }
             continue;
