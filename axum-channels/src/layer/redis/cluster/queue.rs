@@ -379,10 +379,15 @@ impl Inner {
                     .arg(&pattern)
                     .arg("COUNT")
                     .arg(500);
-                let reply = conn
-                    .route_command(scan, route.clone())
-                    .await
-                    .map_err(|err| backend("SCAN failed", err))?;
+                // A node's connection may be reconnecting just now (a fresh
+                // cluster, a failover): that is a refusal to wait out.
+                let reply = retrying(self.config.command_timeout, || {
+                    let mut conn = conn.clone();
+                    let (scan, route) = (scan.clone(), route.clone());
+                    async move { conn.route_command(scan, route).await }
+                })
+                .await
+                .map_err(|err| backend("SCAN failed", err))?;
                 let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)
                     .map_err(|err| backend("SCAN failed", err.into()))?;
                 for key in keys {
