@@ -203,6 +203,37 @@ pub(crate) const GROUP_SEND_LUA: &str = r#"
             "#;
 // ANCHOR_END: group_send_lua
 
+// ANCHOR: group_send_checked_lua
+/// `group_send` in one round trip, on one host: purges the group, and adds
+/// the messages as [`GROUP_SEND_LUA`] does only if the group's members,
+/// joined by newlines, still have the SHA-1 the sender routed them by;
+/// otherwise adds nothing and returns the members. `KEYS`: the group, then
+/// the member keys. `ARGV`: the group's purge cut-off, the digest, the
+/// keys' purge cut-off, the time, the expiry, the messages, the
+/// capacities. Returns `{over_capacity, {}}` or `{-1, members}`. Ours:
+/// Python sends with two calls, and the data left is the same.
+pub(crate) const GROUP_SEND_CHECKED_LUA: &str = r#"
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+    local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+    if redis.sha1hex(table.concat(members, '\n')) ~= ARGV[2] then
+        return {-1, members}
+    end
+    local n = #KEYS - 1
+    local over_capacity = 0
+    for i = 1, n do
+        local key = KEYS[i + 1]
+        redis.call('ZREMRANGEBYSCORE', key, 0, ARGV[3])
+        if redis.call('ZCOUNT', key, '-inf', '+inf') < tonumber(ARGV[5 + n + i]) then
+            redis.call('ZADD', key, ARGV[4], ARGV[5 + i])
+            redis.call('EXPIRE', key, ARGV[5])
+        else
+            over_capacity = over_capacity + 1
+        end
+    end
+    return {over_capacity, {}}
+"#;
+// ANCHOR_END: group_send_checked_lua
+
 /// Moves what a crashed Python receiver left in `key$inflight` back into
 /// `key`, with its old score. `ARGV[1]` is the key, `ARGV[2]` its in-flight
 /// key (`numkeys` is 0, as in Python). Verbatim from the Python layer.

@@ -79,9 +79,9 @@ use super::config::RedisConfig;
 use super::link::Link;
 use super::task::spawn_supervised;
 use super::wire::{
-    CLEANUP_LUA, GROUP_SEND_LUA, Version, channel_key, consistent_hash, escape_glob, flushable,
-    group_key, longer_prefix_of, non_local_name, now_secs, queue_channel_name, score_arg,
-    uuid4_hex,
+    CLEANUP_LUA, GROUP_SEND_CHECKED_LUA, GROUP_SEND_LUA, Version, channel_key, consistent_hash,
+    escape_glob, flushable, group_key, longer_prefix_of, non_local_name, now_secs,
+    queue_channel_name, score_arg, uuid4_hex,
 };
 use crate::layer::buffers::{Buffer, Entry, Locked, Receiver, shrink};
 use crate::layer::{
@@ -110,6 +110,10 @@ struct Inner {
     next_epoch: AtomicU64,
     shut_down: AtomicBool,
     group_send: Script,
+    group_send_checked: Script,
+    /// The members each group had when this process last sent to it (one
+    /// host only: see `send::Inner::group_send_checked`).
+    seen: Locked<HashMap<String, send::Seen>>,
     cleanup: Script,
     /// Pops that are to panic (see [`RedisLayer::inject_popper_panic`]).
     injected_panics: AtomicU32,
@@ -146,6 +150,8 @@ impl RedisLayer {
             next_epoch: AtomicU64::new(1),
             shut_down: AtomicBool::new(false),
             group_send: Script::new(GROUP_SEND_LUA),
+            group_send_checked: Script::new(GROUP_SEND_CHECKED_LUA),
+            seen: Locked::default(),
             cleanup: Script::new(CLEANUP_LUA),
             injected_panics: AtomicU32::new(0),
         });

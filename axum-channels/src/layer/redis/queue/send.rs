@@ -18,6 +18,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
+use redis::{ErrorKind, ServerErrorKind};
+
 use super::Inner;
 use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
@@ -111,63 +113,201 @@ impl Inner {
         // Refuse a bad message before touching Redis.
         codec::encode(&message, Route::None, true, self.config.max_message_size)?;
         bounded("group_send", self.config.command_timeout, async {
-            let gkey = group_key(&self.config.prefix, group);
-            let gshard = consistent_hash(group, self.shards());
-            let group_expiry = self.config.group_expiry_secs();
-            let members: Vec<Vec<u8>> = self.links[gshard]
-                .run(|mut conn| async move {
-                    self.patient(&mut conn);
-                    let (members,): (Vec<Vec<u8>>,) = redis::pipe()
-                        .cmd("ZREMRANGEBYSCORE")
-                        .arg(&gkey)
-                        .arg(0)
-                        .arg(purge_below(now_secs(), group_expiry))
-                        .ignore()
-                        .cmd("ZRANGE")
-                        .arg(&gkey)
-                        .arg(0)
-                        .arg(-1)
-                        .query_async(&mut conn)
-                        .await?;
-                    Ok(members)
-                })
-                .await?;
-            let members = members
-                .into_iter()
-                .filter_map(|member| match String::from_utf8(member) {
-                    Ok(name) => Some(name),
-                    Err(_) => {
-                        tracing::warn!(group, "skipped a group member whose name is not UTF-8");
-                        None
-                    }
-                })
-                .collect();
-
-            let mut per_shard: Vec<Vec<Write>> = vec![Vec::new(); self.shards()];
-            for (key, mut names) in by_key(&self.config.prefix, members) {
-                // A key with more members than one payload can name (a
-                // server's share of a large group) gets several, each
-                // under the size limit.
-                let payloads = codec::encode_many(&message, &names, self.config.max_message_size)?;
-                let capacity = self.config.capacity_of(&names[0]);
-                let shard = consistent_hash(non_local_name(&names[0]), self.shards());
-                for (payload, count) in payloads {
-                    let rest = names.split_off(count);
-                    let these = std::mem::replace(&mut names, rest);
-                    per_shard[shard].push((key.clone(), payload, capacity, these));
-                }
+            if self.shards() == 1 {
+                self.group_send_checked(group, &message).await
+            } else {
+                let members = self.members(group).await?;
+                self.send_to_members(group, &message, members).await
             }
-            let sends = per_shard
-                .into_iter()
-                .enumerate()
-                .filter(|(_, batch)| !batch.is_empty())
-                .map(|(shard, batch)| self.group_send_on(shard, group, batch));
-            for outcome in futures_util::future::join_all(sends).await {
-                outcome?;
-            }
-            Ok(())
         })
         .await
+    }
+
+    /// `group_send` on one host, in one round trip while the group's
+    /// members stay what this process last saw: the messages, routed to
+    /// those members, go with the digest of their list to a script that
+    /// adds them only if the list in Redis still has that digest, and
+    /// otherwise answers with the list as it is now. A sender waits on
+    /// every `group_send`, so each round trip saved is a message sooner.
+    ///
+    /// The data left in Redis is what Python's `group_send` leaves. After
+    /// a second change in a row (members arriving in a storm), the members
+    /// just read are sent to as the two-step path does.
+    async fn group_send_checked(
+        &self,
+        group: &str,
+        message: &LayerMessage,
+    ) -> Result<(), LayerError> {
+        let mut seen = self.seen.lock().get(group).cloned();
+        for _ in 0..2 {
+            let (digest, writes) = match &seen {
+                Some(Seen::Members { digest, members }) => {
+                    (digest.as_str(), self.writes(message, members.clone())?)
+                }
+                Some(Seen::TooMany) => {
+                    let members = self.members(group).await?;
+                    return self.send_to_members(group, message, members).await;
+                }
+                // Nothing seen yet: a digest no list has, to read it.
+                None => ("", Vec::new()),
+            };
+            let batch: Vec<Write> = writes.into_iter().map(|(_, write)| write).collect();
+            match self.checked_on_host(group, digest, &batch).await? {
+                Checked::Sent(counts) => {
+                    self.note_capacity(group, &batch, counts);
+                    return Ok(());
+                }
+                Checked::Changed(raw) => seen = Some(self.saw(group, &raw)),
+            }
+        }
+        match seen {
+            Some(Seen::Members { members, .. }) => {
+                self.send_to_members(group, message, members).await
+            }
+            _ => {
+                let members = self.members(group).await?;
+                self.send_to_members(group, message, members).await
+            }
+        }
+    }
+
+    /// Records what Redis listed as `group`'s members, for the next send.
+    fn saw(&self, group: &str, raw: &[Vec<u8>]) -> Seen {
+        let seen = if raw.len() > SEEN_MEMBERS_MAX {
+            Seen::TooMany
+        } else {
+            Seen::Members {
+                digest: digest(raw),
+                members: utf8_members(group, raw.to_vec()),
+            }
+        };
+        let mut groups = self.seen.lock();
+        if groups.len() >= SEEN_GROUPS_MAX && !groups.contains_key(group) {
+            // Forgetting costs one round trip per group; keeping every
+            // group ever sent to would cost memory without bound.
+            groups.clear();
+        }
+        groups.insert(group.to_owned(), seen.clone());
+        seen
+    }
+
+    /// The checked script on the one host: see [`GROUP_SEND_CHECKED_LUA`].
+    async fn checked_on_host(
+        &self,
+        group: &str,
+        digest: &str,
+        batch: &[Write],
+    ) -> Result<Checked, LayerError> {
+        let script = &self.group_send_checked;
+        let gkey = group_key(&self.config.prefix, group);
+        let group_expiry = self.config.group_expiry_secs();
+        let expiry = self.config.expiry_secs();
+        self.links[0]
+            .run(|mut conn| async move {
+                self.patient(&mut conn);
+                let now = now_secs();
+                let mut invocation = script.key(&gkey);
+                for (key, ..) in batch {
+                    invocation.key(key);
+                }
+                invocation
+                    .arg(purge_below(now, group_expiry))
+                    .arg(digest)
+                    .arg(purge_below(now, expiry))
+                    .arg(score_arg(now))
+                    .arg(expiry);
+                for (_, payload, ..) in batch {
+                    invocation.arg(payload);
+                }
+                for (_, _, capacity, _) in batch {
+                    invocation.arg(*capacity);
+                }
+                let (over, members): (i64, Vec<Vec<u8>>) =
+                    invocation.invoke_async(&mut conn).await?;
+                if over < 0 {
+                    return Ok(Checked::Changed(members));
+                }
+                if over == 0 {
+                    return Ok(Checked::Sent(None));
+                }
+                Ok(Checked::Sent(Some(over_capacity(&mut conn, batch).await?)))
+            })
+            .await
+    }
+
+    /// The group's members as Redis lists them, expired ones purged first.
+    async fn members(&self, group: &str) -> Result<Vec<String>, LayerError> {
+        let gkey = group_key(&self.config.prefix, group);
+        let gshard = consistent_hash(group, self.shards());
+        let group_expiry = self.config.group_expiry_secs();
+        let raw: Vec<Vec<u8>> = self.links[gshard]
+            .run(|mut conn| async move {
+                self.patient(&mut conn);
+                let (members,): (Vec<Vec<u8>>,) = redis::pipe()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&gkey)
+                    .arg(0)
+                    .arg(purge_below(now_secs(), group_expiry))
+                    .ignore()
+                    .cmd("ZRANGE")
+                    .arg(&gkey)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(members)
+            })
+            .await?;
+        if self.shards() == 1 {
+            self.saw(group, &raw);
+        }
+        Ok(utf8_members(group, raw))
+    }
+
+    /// The writes of one group message to `members`, with each one's host:
+    /// one payload per key, routed to all of that key's members, or
+    /// several when a key has more members than one payload can name (a
+    /// server's share of a large group), each under the size limit.
+    fn writes(
+        &self,
+        message: &LayerMessage,
+        members: Vec<String>,
+    ) -> Result<Vec<(usize, Write)>, LayerError> {
+        let mut writes = Vec::new();
+        for (key, mut names) in by_key(&self.config.prefix, members) {
+            let payloads = codec::encode_many(message, &names, self.config.max_message_size)?;
+            let capacity = self.config.capacity_of(&names[0]);
+            let shard = consistent_hash(non_local_name(&names[0]), self.shards());
+            for (payload, count) in payloads {
+                let rest = names.split_off(count);
+                let these = std::mem::replace(&mut names, rest);
+                writes.push((shard, (key.clone(), payload, capacity, these)));
+            }
+        }
+        Ok(writes)
+    }
+
+    /// The second step of the two-step `group_send`: the writes to
+    /// `members`, each host's in one transaction, the hosts at once.
+    async fn send_to_members(
+        &self,
+        group: &str,
+        message: &LayerMessage,
+        members: Vec<String>,
+    ) -> Result<(), LayerError> {
+        let mut per_shard: Vec<Vec<Write>> = vec![Vec::new(); self.shards()];
+        for (shard, write) in self.writes(message, members)? {
+            per_shard[shard].push(write);
+        }
+        let sends = per_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, batch)| !batch.is_empty())
+            .map(|(shard, batch)| self.group_send_on(shard, group, batch));
+        for outcome in futures_util::future::join_all(sends).await {
+            outcome?;
+        }
+        Ok(())
     }
 
     /// Gives `conn` (this call's handle) the whole call's time to answer,
@@ -202,17 +342,6 @@ impl Inner {
             .run(|mut conn| async move {
                 self.patient(&mut conn);
                 let now = now_secs();
-                let mut purge = redis::pipe();
-                purge.atomic();
-                for (key, ..) in batch {
-                    purge
-                        .cmd("ZREMRANGEBYSCORE")
-                        .arg(key)
-                        .arg(0)
-                        .arg(purge_below(now, expiry))
-                        .ignore();
-                }
-                purge.query_async::<()>(&mut conn).await?;
                 let mut invocation = script.prepare_invoke();
                 for (key, ..) in batch {
                     invocation.key(key);
@@ -224,17 +353,42 @@ impl Inner {
                     invocation.arg(*capacity);
                 }
                 invocation.arg(score_arg(now)).arg(expiry);
-                let over: usize = invocation.invoke_async(&mut conn).await?;
+                // The purge and the script go out together: a round trip
+                // less for every group message (the sender waits on each).
+                let mut purge_then_add = redis::pipe();
+                purge_then_add.atomic();
+                for (key, ..) in batch {
+                    purge_then_add
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(key)
+                        .arg(0)
+                        .arg(purge_below(now, expiry))
+                        .ignore();
+                }
+                purge_then_add.invoke_script(&invocation);
+                let over: usize = match purge_then_add.query_async::<(usize,)>(&mut conn).await {
+                    Ok((over,)) => over,
+                    // Redis restarted or its scripts were flushed: the
+                    // invocation loads the script and runs it again (the
+                    // purge is done; it ran in the transaction).
+                    Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        invocation.invoke_async(&mut conn).await?
+                    }
+                    Err(err) => return Err(err),
+                };
                 if over == 0 {
                     return Ok(None);
                 }
-                let mut count = redis::pipe();
-                for (key, ..) in batch {
-                    count.cmd("ZCOUNT").arg(key).arg("-inf").arg("+inf");
-                }
-                Ok(Some(count.query_async(&mut conn).await?))
+                Ok(Some(over_capacity(&mut conn, batch).await?))
             })
             .await?;
+        self.note_capacity(group, batch, counts);
+        Ok(())
+    }
+
+    /// Counts and reports the keys of `batch` that were at capacity, by
+    /// the counts [`over_capacity`] read (`None`: none was).
+    fn note_capacity(&self, group: &str, batch: &[Write], counts: Option<Vec<usize>>) {
         let mut full = Vec::new();
         let mut fine = Vec::new();
         for (i, (key, _, capacity, _)) in batch.iter().enumerate() {
@@ -261,8 +415,75 @@ impl Inner {
                 );
             }
         }
-        Ok(())
     }
+}
+
+/// How many messages each key of `batch` holds, after a script that found
+/// some of them at capacity (the script only counts them).
+async fn over_capacity(
+    conn: &mut redis::aio::MultiplexedConnection,
+    batch: &[Write],
+) -> Result<Vec<usize>, redis::RedisError> {
+    let mut count = redis::pipe();
+    for (key, ..) in batch {
+        count.cmd("ZCOUNT").arg(key).arg("-inf").arg("+inf");
+    }
+    count.query_async(conn).await
+}
+
+/// What one checked `group_send` found.
+enum Checked {
+    /// Sent; with each key's count when some were at capacity.
+    Sent(Option<Vec<usize>>),
+    /// Nothing sent: the group's members are not the ones the messages
+    /// were routed to. Here they are, as Redis lists them.
+    Changed(Vec<Vec<u8>>),
+}
+
+/// What this process last saw of a group's members (one Redis host only).
+#[derive(Clone)]
+pub(super) enum Seen {
+    Members {
+        /// [`digest`] of the list as Redis gave it.
+        digest: String,
+        members: Vec<String>,
+    },
+    /// More than [`SEEN_MEMBERS_MAX`]: sent to in two steps, as the list
+    /// is read anyway and hashing it would only add to Redis's work.
+    TooMany,
+}
+
+/// Groups larger than this are not remembered (see [`Seen::TooMany`]).
+const SEEN_MEMBERS_MAX: usize = 4096;
+
+/// How many groups' members a layer remembers before it starts over.
+const SEEN_GROUPS_MAX: usize = 1024;
+
+/// The SHA-1, in hex, of `members` joined by newlines: what the checked
+/// script computes with `redis.sha1hex(table.concat(members, '\n'))`.
+fn digest(members: &[Vec<u8>]) -> String {
+    let mut sha1 = sha1_smol::Sha1::new();
+    for (i, member) in members.iter().enumerate() {
+        if i > 0 {
+            sha1.update(b"\n");
+        }
+        sha1.update(member);
+    }
+    sha1.digest().to_string()
+}
+
+/// The members whose names are text (channel names are); a member that is
+/// not is skipped, with a warning.
+fn utf8_members(group: &str, raw: Vec<Vec<u8>>) -> Vec<String> {
+    raw.into_iter()
+        .filter_map(|member| match String::from_utf8(member) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                tracing::warn!(group, "skipped a group member whose name is not UTF-8");
+                None
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -328,5 +549,116 @@ mod on_redis {
         assert_eq!(layer.receive(&a).await.unwrap(), message(1));
         layer.send(&b, message(3)).await.unwrap();
         assert_eq!(layer.receive(&b).await.unwrap(), message(3));
+    }
+    async fn redis(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    async fn layer_on(urls: &[String]) -> RedisLayer {
+        RedisLayer::connect(RedisConfig {
+            hosts: urls.to_vec(),
+            block_timeout: Duration::from_secs(1),
+            ..RedisConfig::new(urls[0].clone())
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A receive that gives up: `None` if nothing came within a moment.
+    async fn try_receive(layer: &RedisLayer, channel: &str) -> Option<crate::layer::LayerMessage> {
+        tokio::time::timeout(Duration::from_secs(1), layer.receive(channel))
+            .await
+            .ok()
+            .map(Result::unwrap)
+    }
+
+    /// The checked script compares our digest with its own: both must hash
+    /// the same bytes, or every send would take the slow path.
+    #[tokio::test]
+    async fn the_digest_is_the_one_redis_computes() {
+        let Some(server) = RedisServer::start().await else {
+            return;
+        };
+        let mut conn = redis(&server).await;
+        for members in [
+            vec![],
+            vec![b"asgi.specific.a!b".to_vec()],
+            vec![b"x".to_vec(), "é!ü".as_bytes().to_vec(), vec![0xff, 0x00]],
+        ] {
+            let theirs: String = redis::cmd("EVAL")
+                .arg("return redis.sha1hex(table.concat(ARGV, '\\n'))")
+                .arg(0)
+                .arg(&members)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(super::digest(&members), theirs, "{members:?}");
+        }
+    }
+
+    /// One process remembers a group's members to send in one round trip;
+    /// another process changing them must be seen at once: a member that
+    /// left gets nothing more, one that joined gets the next message.
+    #[tokio::test]
+    async fn members_changed_by_another_process_are_seen_at_the_next_send() {
+        let Some(server) = RedisServer::start().await else {
+            return;
+        };
+        let sender = layer_on(&[server.url()]).await;
+        let other = layer_on(&[server.url()]).await;
+        let first = other.new_channel("specific").await.unwrap();
+        other.group_add("room", &first).await.unwrap();
+        sender.group_send("room", message(1)).await.unwrap();
+        assert_eq!(try_receive(&other, &first).await, Some(message(1)));
+
+        let second = other.new_channel("specific").await.unwrap();
+        other.group_add("room", &second).await.unwrap();
+        other.group_discard("room", &first).await.unwrap();
+        sender.group_send("room", message(2)).await.unwrap();
+        assert_eq!(
+            try_receive(&other, &second).await,
+            Some(message(2)),
+            "it joined"
+        );
+        assert_eq!(try_receive(&other, &first).await, None, "it left the group");
+
+        // Again with nothing changed: the remembered members serve.
+        sender.group_send("room", message(3)).await.unwrap();
+        assert_eq!(try_receive(&other, &second).await, Some(message(3)));
+        assert_eq!(try_receive(&other, &first).await, None);
+    }
+
+    /// Redis forgets its scripts when it restarts (or on `SCRIPT FLUSH`):
+    /// a group message still goes out, on one host and on several.
+    #[tokio::test]
+    async fn group_send_loads_its_script_again_after_a_script_flush() {
+        let (Some(one), Some(two)) = (RedisServer::start().await, RedisServer::start().await)
+        else {
+            return;
+        };
+        for urls in [vec![one.url()], vec![one.url(), two.url()]] {
+            let layer = layer_on(&urls).await;
+            let channel = layer.new_channel("specific").await.unwrap();
+            layer.group_add("room", &channel).await.unwrap();
+            layer.group_send("room", message(1)).await.unwrap();
+            assert_eq!(try_receive(&layer, &channel).await, Some(message(1)));
+            for server in [&one, &two] {
+                redis::cmd("SCRIPT")
+                    .arg("FLUSH")
+                    .query_async::<()>(&mut redis(server).await)
+                    .await
+                    .unwrap();
+            }
+            layer.group_send("room", message(2)).await.unwrap();
+            assert_eq!(
+                try_receive(&layer, &channel).await,
+                Some(message(2)),
+                "{urls:?}"
+            );
+        }
     }
 }
