@@ -39,7 +39,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -48,7 +48,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
-use crate::layer::{ChannelLayer, LayerError};
+use crate::layer::{ChannelLayer, LayerError, Locked};
 use crate::runtime::Runtime;
 
 pub use memory::{MemoryHistory, MemoryPresence};
@@ -527,7 +527,7 @@ async fn run(
     mut commands: mpsc::UnboundedReceiver<Command>,
     stopping: Option<Stopping>,
 ) {
-    let rooms: Mutex<HashMap<String, Local>> = Mutex::default();
+    let rooms: Locked<HashMap<String, Local>> = Locked::default();
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut flush = tokio::time::interval(config.flush);
@@ -544,13 +544,7 @@ async fn run(
             _ = flush.tick() => send_diffs(&*store, &*layer, &rooms).await,
             _ = &mut stopping, if !draining => draining = true,
         }
-        let empty = || {
-            rooms
-                .lock()
-                .unwrap()
-                .values()
-                .all(|local| local.conns.is_empty())
-        };
+        let empty = || rooms.lock().values().all(|local| local.conns.is_empty());
         if draining && empty() {
             send_diffs(&*store, &*layer, &rooms).await;
             return;
@@ -558,7 +552,11 @@ async fn run(
     }
 }
 
-async fn apply(store: &dyn PresenceStore, rooms: &Mutex<HashMap<String, Local>>, command: Command) {
+async fn apply(
+    store: &dyn PresenceStore,
+    rooms: &Locked<HashMap<String, Local>>,
+    command: Command,
+) {
     match command {
         Command::Joined {
             room,
@@ -566,14 +564,14 @@ async fn apply(store: &dyn PresenceStore, rooms: &Mutex<HashMap<String, Local>>,
             conn,
             changed,
         } => {
-            let mut rooms = rooms.lock().unwrap();
+            let mut rooms = rooms.lock();
             let local = rooms.entry(room).or_default();
             local.conns.insert(conn, name);
             local.changed.extend(changed);
         }
         Command::Left { room, name, conn } => {
             let removed = {
-                let mut rooms = rooms.lock().unwrap();
+                let mut rooms = rooms.lock();
                 let local = rooms.entry(room.clone()).or_default();
                 local.conns.remove(&conn).is_some()
             };
@@ -582,7 +580,7 @@ async fn apply(store: &dyn PresenceStore, rooms: &Mutex<HashMap<String, Local>>,
             }
             match store.leave(&room, &name, &conn).await {
                 Ok((last, expired)) => {
-                    let mut rooms = rooms.lock().unwrap();
+                    let mut rooms = rooms.lock();
                     let local = rooms.entry(room).or_default();
                     if last {
                         local.changed.insert(name);
@@ -596,9 +594,9 @@ async fn apply(store: &dyn PresenceStore, rooms: &Mutex<HashMap<String, Local>>,
     }
 }
 
-async fn renew(store: &dyn PresenceStore, rooms: &Mutex<HashMap<String, Local>>) {
+async fn renew(store: &dyn PresenceStore, rooms: &Locked<HashMap<String, Local>>) {
     let work: Vec<(String, Vec<(String, String)>)> = {
-        let mut rooms = rooms.lock().unwrap();
+        let mut rooms = rooms.lock();
         // A room with no connection here and nothing to announce is
         // forgotten; its entries are others' to renew.
         rooms.retain(|_, local| !local.conns.is_empty() || !local.changed.is_empty());
@@ -617,7 +615,7 @@ async fn renew(store: &dyn PresenceStore, rooms: &Mutex<HashMap<String, Local>>)
     for (room, conns) in work {
         match store.heartbeat(&room, &conns).await {
             Ok((back, expired)) => {
-                let mut rooms = rooms.lock().unwrap();
+                let mut rooms = rooms.lock();
                 let local = rooms.entry(room).or_default();
                 local.changed.extend(back);
                 local.changed.extend(expired);
@@ -630,10 +628,10 @@ async fn renew(store: &dyn PresenceStore, rooms: &Mutex<HashMap<String, Local>>)
 async fn send_diffs(
     store: &dyn PresenceStore,
     layer: &dyn ChannelLayer,
-    rooms: &Mutex<HashMap<String, Local>>,
+    rooms: &Locked<HashMap<String, Local>>,
 ) {
     let work: Vec<(String, Vec<String>)> = {
-        let mut rooms = rooms.lock().unwrap();
+        let mut rooms = rooms.lock();
         rooms
             .iter_mut()
             .filter(|(_, local)| !local.changed.is_empty())
@@ -650,7 +648,7 @@ async fn send_diffs(
             Ok(answer) => answer,
             Err(err) => {
                 tracing::warn!(room, %err, "could not read presence; the diff waits");
-                let mut rooms = rooms.lock().unwrap();
+                let mut rooms = rooms.lock();
                 rooms.entry(room).or_default().changed.extend(names);
                 continue;
             }
