@@ -1,7 +1,8 @@
 //! The in-memory stores: one process's rooms, behind a lock.
 //!
 //! Nothing here expires: the entries belong to the process that would have
-//! to die for them to go stale, and then they go with it.
+//! to die for them to go stale, and then they go with it. The history is
+//! bounded in the number of rooms it keeps, though (see [`MemoryHistory`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -11,35 +12,68 @@ use serde_json::{Map, Value};
 use super::{Entry, HistoryStore, Joined, Position, PresenceStore, Recovery, random_id};
 use crate::layer::{LayerError, Locked};
 
-/// A ring of the last `size` messages per room.
+/// A ring of the last `size` messages per room, for at most `max_rooms`
+/// rooms.
 ///
-/// One epoch for all its rooms, drawn when it is made: the history lives
-/// exactly as long as this value (the process), so a new process is a new
-/// epoch, and a room's offsets never start again under the same one. A room
-/// gets a ring at its first message, not when somebody only asks, so
-/// clients that join rooms and say nothing cost nothing here. Rings are
-/// never dropped (that would restart a room's offsets within the epoch):
-/// the memory is bounded per room, not in the number of rooms.
+/// A room gets a ring at its first message, not when somebody only asks,
+/// so clients that join rooms and say nothing cost nothing here. Past
+/// `max_rooms`, the ring of the room that has been quiet longest is
+/// dropped: memory is bounded in the number of rooms as well as per room,
+/// so a client that says one thing in each of a million rooms cannot grow
+/// the process without end.
+///
+/// The epoch is drawn when the store is made (a restarted process is a new
+/// epoch) and drawn again whenever a ring is dropped: a dropped room that
+/// speaks again starts from offset 1, and its old positions must not be
+/// taken for new ones. Every client then reconnecting with a position from
+/// before is told it could not recover, and gets the latest messages; a
+/// process that never holds more than `max_rooms` rooms never drops one.
 #[derive(Debug)]
 pub struct MemoryHistory {
     size: usize,
+    max_rooms: usize,
+    rings: Locked<Rings>,
+}
+
+#[derive(Debug)]
+struct Rings {
     epoch: String,
-    rooms: Locked<HashMap<String, Ring>>,
+    by_room: HashMap<String, Ring>,
+    /// The rooms by their last message's turn, oldest first.
+    by_turn: BTreeMap<u64, String>,
+    turn: u64,
 }
 
 #[derive(Debug, Default)]
 struct Ring {
     top: u64,
+    /// Its key in `by_turn`.
+    turn: u64,
     entries: VecDeque<Entry>,
 }
 
+/// How many rooms [`MemoryHistory::new`] keeps a history for.
+pub const MAX_HISTORY_ROOMS: usize = 10_000;
+
 impl MemoryHistory {
-    /// Keeps the last `size` messages of each room (at least one).
+    /// Keeps the last `size` messages (at least one) of each of the last
+    /// [`MAX_HISTORY_ROOMS`] rooms that spoke.
     pub fn new(size: usize) -> MemoryHistory {
+        MemoryHistory::with_max_rooms(size, MAX_HISTORY_ROOMS)
+    }
+
+    /// Keeps the last `size` messages (at least one) of each of the last
+    /// `max_rooms` rooms (at least one) that spoke.
+    pub fn with_max_rooms(size: usize, max_rooms: usize) -> MemoryHistory {
         MemoryHistory {
             size: size.max(1),
-            epoch: random_id(),
-            rooms: Locked::default(),
+            max_rooms: max_rooms.max(1),
+            rings: Locked::new(Rings {
+                epoch: random_id(),
+                by_room: HashMap::new(),
+                by_turn: BTreeMap::new(),
+                turn: 0,
+            }),
         }
     }
 }
@@ -47,12 +81,29 @@ impl MemoryHistory {
 #[async_trait]
 impl HistoryStore for MemoryHistory {
     async fn append(&self, room: &str, data: Map<String, Value>) -> Result<Entry, LayerError> {
-        let mut rooms = self.rooms.lock();
-        let ring = rooms.entry(room.to_owned()).or_default();
+        let mut rings = self.rings.lock();
+        let Rings {
+            epoch,
+            by_room,
+            by_turn,
+            turn,
+        } = &mut *rings;
+        if !by_room.contains_key(room)
+            && by_room.len() >= self.max_rooms
+            && let Some((_, quietest)) = by_turn.pop_first()
+        {
+            by_room.remove(&quietest);
+            *epoch = random_id();
+        }
+        *turn += 1;
+        let ring = by_room.entry(room.to_owned()).or_default();
+        by_turn.remove(&ring.turn);
+        ring.turn = *turn;
+        by_turn.insert(*turn, room.to_owned());
         ring.top += 1;
         let entry = Entry {
             offset: ring.top,
-            epoch: self.epoch.clone(),
+            epoch: epoch.clone(),
             data,
         };
         if ring.entries.len() == self.size {
@@ -63,24 +114,30 @@ impl HistoryStore for MemoryHistory {
     }
 
     async fn recover(&self, room: &str, since: Option<&Position>) -> Result<Recovery, LayerError> {
-        let rooms = self.rooms.lock();
+        let rings = self.rings.lock();
         let empty = Ring::default();
-        let ring = rooms.get(room).unwrap_or(&empty);
+        let ring = rings.by_room.get(room).unwrap_or(&empty);
         let first_kept = ring.entries.front().map_or(ring.top + 1, |e| e.offset);
         let recovered = since.is_some_and(|since| {
-            since.epoch == self.epoch && since.offset <= ring.top && since.offset + 1 >= first_kept
+            since.epoch == rings.epoch && since.offset <= ring.top && since.offset + 1 >= first_kept
         });
-        let entries = match since {
-            Some(since) if recovered => ring
-                .entries
-                .iter()
-                .filter(|e| e.offset > since.offset)
-                .cloned()
-                .collect(),
-            _ => ring.entries.iter().cloned().collect(),
+        let after = match since {
+            Some(since) if recovered => since.offset,
+            _ => 0,
         };
+        // A ring that was kept when another was dropped is still whole: its
+        // entries are positions in the new epoch too.
+        let entries = ring
+            .entries
+            .iter()
+            .filter(|e| e.offset > after)
+            .map(|e| Entry {
+                epoch: rings.epoch.clone(),
+                ..e.clone()
+            })
+            .collect();
         Ok(Recovery {
-            epoch: self.epoch.clone(),
+            epoch: rings.epoch.clone(),
             top: ring.top,
             recovered,
             entries,
@@ -232,6 +289,46 @@ mod tests {
             ..last.position()
         };
         assert!(!history.recover("r", Some(&since)).await.unwrap().recovered);
+    }
+
+    /// A client that speaks once in each of many rooms must not grow the
+    /// process without end; a dropped room's old positions must never be
+    /// taken for positions in its new ring.
+    #[tokio::test]
+    async fn past_its_room_limit_the_quietest_room_is_dropped_and_the_epoch_changes() {
+        let history = MemoryHistory::with_max_rooms(3, 2);
+        let offsets = |entries: &[Entry]| entries.iter().map(|e| e.offset).collect::<Vec<_>>();
+        let old_b = history.append("b", said("b1")).await.unwrap();
+        history.append("a", said("a1")).await.unwrap();
+        let old_a = history.append("a", said("a2")).await.unwrap();
+        history.append("c", said("c1")).await.unwrap();
+        assert_eq!(history.rings.lock().by_room.len(), 2, "bounded in rooms");
+
+        let b = history.recover("b", None).await.unwrap();
+        assert_eq!((b.top, b.entries.len()), (0, 0), "b was the quietest");
+        assert_ne!(b.epoch, old_b.epoch, "a new epoch");
+
+        // A kept room is whole, in the new epoch; its old positions are not
+        // recovered from, the new ones are.
+        let a = history.recover("a", Some(&old_a.position())).await.unwrap();
+        assert!(!a.recovered, "a position from before the drop");
+        assert_eq!(offsets(&a.entries), [1, 2]);
+        assert!(a.entries.iter().all(|e| e.epoch == a.epoch));
+        let since = Position {
+            offset: 1,
+            epoch: a.epoch.clone(),
+        };
+        let a = history.recover("a", Some(&since)).await.unwrap();
+        assert!(a.recovered);
+        assert_eq!(offsets(&a.entries), [2]);
+
+        // b speaks again: offsets start over, and its old position is not
+        // taken for the new offset 1.
+        let new_b = history.append("b", said("b again")).await.unwrap();
+        assert_eq!(new_b.offset, 1);
+        let b = history.recover("b", Some(&old_b.position())).await.unwrap();
+        assert!(!b.recovered);
+        assert_eq!(offsets(&b.entries), [1]);
     }
 
     #[tokio::test]

@@ -51,7 +51,7 @@ use tokio::time::MissedTickBehavior;
 use crate::layer::{ChannelLayer, LayerError, Locked};
 use crate::runtime::Runtime;
 
-pub use memory::{MemoryHistory, MemoryPresence};
+pub use memory::{MAX_HISTORY_ROOMS, MemoryHistory, MemoryPresence};
 
 /// Where a message sits in its room's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +60,8 @@ pub struct Position {
     pub offset: u64,
     /// Names the history that gave out this offset. A history that was lost
     /// (a Redis restarted without persistence, a process restarted with the
-    /// in-memory store) starts again at offset 1 under a new epoch, so an
+    /// in-memory store, a room the in-memory store dropped to keep a newer
+    /// one) starts again at offset 1 under a new epoch, so an
     /// old offset is never mistaken for a new message.
     pub epoch: String,
 }
