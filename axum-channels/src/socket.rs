@@ -71,7 +71,9 @@ pub struct Socket {
 #[derive(Clone)]
 pub(crate) struct Inbox {
     pub(crate) layer: Arc<dyn ChannelLayer>,
-    pub(crate) channel: String,
+    /// Shared with the connection's [`Membership`], not copied: one copy of
+    /// the name fewer for every connection.
+    pub(crate) channel: Arc<str>,
 }
 // ANCHOR_END: inbox
 
@@ -295,7 +297,7 @@ impl Socket {
     pub(crate) fn inbox(&self) -> Option<Inbox> {
         self.membership.as_ref().map(|membership| Inbox {
             layer: membership.layer().clone(),
-            channel: membership.channel().to_owned(),
+            channel: Arc::clone(membership.shared_channel()),
         })
     }
 
@@ -400,9 +402,14 @@ impl Socket {
         }
     }
 
-    /// Completes the handshake and delivers what `connect` sent.
-    pub(crate) async fn open(&mut self, ws: WebSocket) {
+    /// Completes the handshake; [`deliver_outbox`](Socket::deliver_outbox)
+    /// then sends what `connect` sent.
+    pub(crate) fn upgrade(&mut self, ws: WebSocket) {
         self.phase = Phase::Open(Box::new(ws));
+    }
+
+    /// Sends what `connect` sent, once the handshake is complete.
+    pub(crate) async fn deliver_outbox(&mut self) {
         let closing = self.closing.take();
         for message in std::mem::take(&mut self.outbox) {
             if self.send(message).await.is_err() {
