@@ -25,7 +25,8 @@ use crate::runtime::Runtime;
 /// A connection's channel on its layer and the groups it joined.
 pub(crate) struct Membership {
     layer: Arc<dyn ChannelLayer>,
-    channel: String,
+    /// Shared with the runner's `Inbox`, which receives on it.
+    channel: Arc<str>,
     /// Every group this channel may be in. A group is recorded before it is
     /// joined, so a join cut off halfway is still left.
     groups: Vec<String>,
@@ -53,7 +54,7 @@ impl Membership {
         let channel = layer.new_channel("specific").await?;
         let mut membership = Membership {
             layer,
-            channel,
+            channel: channel.into(),
             groups: Vec::new(),
             runtime: Some(runtime),
         };
@@ -68,6 +69,10 @@ impl Membership {
     }
 
     pub(crate) fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    pub(crate) fn shared_channel(&self) -> &Arc<str> {
         &self.channel
     }
 
@@ -124,7 +129,7 @@ impl Drop for Membership {
             return;
         };
         let layer = self.layer.clone();
-        let channel = std::mem::take(&mut self.channel);
+        let channel = Arc::clone(&self.channel);
         let groups = std::mem::take(&mut self.groups);
         runtime.spawn_cleanup(async move { leave(&*layer, &channel, &groups).await });
     }

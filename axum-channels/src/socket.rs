@@ -10,7 +10,9 @@
 //!
 //! [`Consumer::connect`]: crate::Consumer::connect
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -71,7 +73,9 @@ pub struct Socket {
 #[derive(Clone)]
 pub(crate) struct Inbox {
     pub(crate) layer: Arc<dyn ChannelLayer>,
-    pub(crate) channel: String,
+    /// Shared with the connection's [`Membership`], not copied: one copy of
+    /// the name fewer for every connection.
+    pub(crate) channel: Arc<str>,
 }
 // ANCHOR_END: inbox
 
@@ -295,7 +299,7 @@ impl Socket {
     pub(crate) fn inbox(&self) -> Option<Inbox> {
         self.membership.as_ref().map(|membership| Inbox {
             layer: membership.layer().clone(),
-            channel: membership.channel().to_owned(),
+            channel: Arc::clone(membership.shared_channel()),
         })
     }
 
@@ -322,9 +326,9 @@ impl Socket {
                 let gather =
                     self.gathering && matches!(message, Message::Text(_) | Message::Binary(_));
                 let written = if gather {
-                    tokio::time::timeout(self.write_timeout, ws.feed(message)).await
+                    timed(self.write_timeout, ws.feed(message)).await
                 } else {
-                    tokio::time::timeout(self.write_timeout, ws.send(message)).await
+                    timed(self.write_timeout, ws.send(message)).await
                 };
                 self.unflushed = gather;
                 let outcome = self.after_write(written);
@@ -353,7 +357,7 @@ impl Socket {
         }
         match &mut self.phase {
             Phase::Open(ws) => {
-                let written = tokio::time::timeout(self.write_timeout, ws.flush()).await;
+                let written = timed(self.write_timeout, ws.flush()).await;
                 self.after_write(written)
             }
             _ => Err(Error::Closed),
@@ -400,9 +404,14 @@ impl Socket {
         }
     }
 
-    /// Completes the handshake and delivers what `connect` sent.
-    pub(crate) async fn open(&mut self, ws: WebSocket) {
+    /// Completes the handshake; [`deliver_outbox`](Socket::deliver_outbox)
+    /// then sends what `connect` sent.
+    pub(crate) fn upgrade(&mut self, ws: WebSocket) {
         self.phase = Phase::Open(Box::new(ws));
+    }
+
+    /// Sends what `connect` sent, once the handshake is complete.
+    pub(crate) async fn deliver_outbox(&mut self) {
         let closing = self.closing.take();
         for message in std::mem::take(&mut self.outbox) {
             if self.send(message).await.is_err() {
@@ -447,6 +456,23 @@ impl Socket {
     }
 }
 
+/// Runs `write` with `timeout`, starting the timer only if the write has to
+/// wait. Nearly every write completes at once (into tungstenite's buffer,
+/// or into the socket's), and a timer started for each would be put into
+/// tokio's timer wheel and taken out again for every frame of every member
+/// of a broadcast. A write that waits gets the whole `timeout` from then.
+async fn timed<F: Future>(
+    timeout: Duration,
+    write: F,
+) -> std::result::Result<F::Output, tokio::time::error::Elapsed> {
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(done) => Ok(done),
+        Poll::Pending => tokio::time::timeout(timeout, write).await,
+    }
+}
+
 /// Cuts `reason` to the protocol's limit without splitting a character.
 fn truncate_reason(reason: &str) -> &str {
     if reason.len() <= MAX_CLOSE_REASON {
@@ -469,6 +495,21 @@ mod tests {
         let cut = truncate_reason(&reason);
         assert!(cut.len() <= MAX_CLOSE_REASON);
         assert_eq!(cut, "é".repeat(61));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_is_timed_only_once_it_waits() {
+        let limit = Duration::from_secs(10);
+        assert_eq!(timed(limit, async { 5 }).await, Ok(5));
+        let started = Instant::now();
+        let waits = async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            std::future::pending::<()>().await
+        };
+        assert!(timed(limit, waits).await.is_err());
+        // The whole limit from when it first waited, not from a timer set
+        // before it.
+        assert_eq!(started.elapsed(), limit);
     }
 
     #[tokio::test]

@@ -437,9 +437,14 @@ impl Member {
             let stream = socket.connect(self.address).await.map_err(io)?;
             let _ = stream.set_nodelay(true);
             // Small buffers: tungstenite's 128 KiB read buffer, allocated
-            // up front, would cost 2 GB per 16,000 clients.
+            // up front, would cost 2 GB per 16,000 clients. And no larger
+            // than the bench's frames need (a frame that does not fit
+            // grows it): tungstenite zero-fills the free part of the
+            // buffer before every read, two reads a frame, and with 4 KiB
+            // that filling was a fifth of this process's CPU in a
+            // broadcast (`perf record`), on the cores the servers share.
             let config = WebSocketConfig::default()
-                .read_buffer_size(4096)
+                .read_buffer_size(512)
                 .write_buffer_size(0);
             tokio_tungstenite::client_async_with_config(self.url.as_str(), stream, Some(config))
                 .await
