@@ -185,6 +185,52 @@ impl RedisCluster {
         panic!("the replica on {replica} did not take over from {master_port}");
     }
 
+    /// Keeps the replica of the master on `master_port` from taking over on
+    /// its own (`cluster-replica-no-failover yes`), so that after the
+    /// master is killed every node keeps naming it as its slots' owner for
+    /// as long as a test wants; returns the replica's port, for
+    /// [`take_over`](Self::take_over). What a client reads of the slot map
+    /// meanwhile is stale, deterministically, not only in the first
+    /// moments of a failover.
+    pub async fn hold_failover(&self, master_port: u16) -> u16 {
+        let replica = self
+            .replica_port(master_port)
+            .await
+            .unwrap_or_else(|| panic!("the master on {master_port} has no replica"));
+        cli(
+            replica,
+            &["config", "set", "cluster-replica-no-failover", "yes"],
+        )
+        .await
+        .expect("CONFIG SET cluster-replica-no-failover");
+        replica
+    }
+
+    /// Promotes the replica on `replica_port` without its master's
+    /// agreement (`CLUSTER FAILOVER TAKEOVER`), as an operator does when
+    /// the master is gone, and waits until every slot is served again;
+    /// panics after `within`.
+    pub async fn take_over(&self, replica_port: u16, within: Duration) {
+        cli(replica_port, &["cluster", "failover", "takeover"])
+            .await
+            .expect("CLUSTER FAILOVER TAKEOVER");
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.nodes().await;
+            if now.iter().any(|n| n.port == replica_port && n.master) {
+                self.wait_until_ok(deadline.saturating_duration_since(Instant::now()))
+                    .await;
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the replica on {replica_port} did not take over within {within:?}: {now:?}"
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Moves `slot` from the master that owns it to the master on
     /// `to_port`, with its keys, as `redis-cli --cluster reshard` does one
     /// slot at a time: `SETSLOT IMPORTING/MIGRATING`, `MIGRATE` the keys,
@@ -324,9 +370,10 @@ impl RedisCluster {
             if let Ok(text) = cli(node.port(), &["cluster", "nodes"]).await {
                 return text.lines().find_map(|line| {
                     let fields: Vec<&str> = line.split_whitespace().collect();
-                    (fields.get(3) == Some(&master_id) && fields[2].contains("slave"))
-                        .then(|| port_of(fields[1]))
-                        .flatten()
+                    (fields.get(3) == Some(&master_id)
+                        && fields[2].split(',').any(|flag| flag == "slave"))
+                    .then(|| port_of(fields[1]))
+                    .flatten()
                 });
             }
         }
@@ -373,7 +420,9 @@ fn parse_nodes(text: &str) -> Vec<NodeInfo> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 || fields[2].contains("fail") {
+            // `fail` or `fail?` among the flags; not `nofailover`.
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            if fields.len() < 8 || flags.iter().any(|flag| flag.starts_with("fail")) {
                 return None;
             }
             let slots = fields[8..]
@@ -388,7 +437,7 @@ fn parse_nodes(text: &str) -> Vec<NodeInfo> {
             Some(NodeInfo {
                 id: fields[0].to_owned(),
                 port: port_of(fields[1])?,
-                master: fields[2].contains("master"),
+                master: flags.contains(&"master"),
                 slots,
             })
         })
@@ -417,9 +466,14 @@ mod tests {
 67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
 e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460 [5461->-67ed2db8]
 6ec23923021cf3ffec47632106199cb7f496ce01 127.0.0.1:30005@31005 master,fail - 1426238316232 1426238316232 5 connected
+b8b2f03dfc20ec5969207c5ca95b1539e6b62f36 127.0.0.1:30006@31006 master,nofailover - 0 1796566822575 7 connected 10923-16383
 ";
         let nodes = parse_nodes(text);
-        assert_eq!(nodes.len(), 3, "the failed node is left out");
+        assert_eq!(nodes.len(), 4, "the failed node is left out");
+        assert!(
+            nodes[3].master && nodes[3].port == 30006,
+            "`nofailover` is not `fail`"
+        );
         assert_eq!(nodes[0].port, 30004);
         assert!(!nodes[0].master);
         assert_eq!(nodes[1].slots, [(5461, 10922)]);
