@@ -300,6 +300,54 @@ async fn queue(cluster: &RedisCluster) -> Arc<RedisClusterLayer> {
     )
 }
 
+/// A group whose members' names make one message per key larger than
+/// `max_message_size` (here a few members of one process, with a small
+/// limit; in production some 13,000 with the default 1 MiB) gets several
+/// messages per key, each under the limit, as on one Redis: every member
+/// gets the message once, and the `group_send` does not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_send_splits_a_key_over_max_message_size() {
+    trace();
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let small = config(&cluster).with_max_message_size(300);
+    let connect = || async {
+        RedisClusterLayer::connect(small.clone())
+            .await
+            .expect("connect the queue layer to the cluster")
+    };
+    let (members, sender) = (connect().await, connect().await);
+    let mut channels = Vec::new();
+    for _ in 0..12 {
+        let channel = members.new_channel("specific").await.expect("new_channel");
+        members
+            .group_add("room", &channel)
+            .await
+            .expect("group_add");
+        channels.push(channel);
+    }
+    sender
+        .group_send("room", numbered(7))
+        .await
+        .expect("a group_send over one payload's worth of names");
+    for channel in &channels {
+        let message = timeout(RECOVERY, members.receive(channel))
+            .await
+            .expect("every member got the group message")
+            .expect("receive");
+        assert_eq!(message["n"], 7);
+    }
+    for channel in &channels {
+        assert!(
+            timeout(Duration::from_millis(200), members.receive(channel))
+                .await
+                .is_err(),
+            "{channel} got the message twice"
+        );
+    }
+}
+
 /// The cluster layout's key of a queue channel (`{prefix}{{non-local}}`).
 fn queue_key(channel: &str) -> String {
     format!("asgi{{{}}}", non_local_name(channel))

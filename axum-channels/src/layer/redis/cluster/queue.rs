@@ -51,6 +51,7 @@ use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MIN, doubled};
+use crate::layer::redis::queue::payloads_by_key;
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
     push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
@@ -290,36 +291,34 @@ impl Inner {
         .await
         .map_err(|err| backend("group_send failed", err))?;
         tracing::trace!(group, members = members.len(), "group_send");
-        // Channel key → its member channels, then slot → its keys.
-        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for member in members {
-            by_key.entry(self.key(&member)).or_default().push(member);
-        }
-        let mut by_slot: BTreeMap<u16, Vec<(String, Vec<String>)>> = BTreeMap::new();
-        for (key, channels) in by_key {
+        // Per channel key, as many payloads as keep each within
+        // `max_message_size` (the single-Redis layer's code); then slot →
+        // its writes.
+        let writes = payloads_by_key(
+            &message,
+            members,
+            |name| self.key(name),
+            self.config.max_message_size,
+        )?;
+        let mut by_slot: BTreeMap<u16, Vec<(String, Vec<u8>, Vec<String>)>> = BTreeMap::new();
+        for write in writes {
             by_slot
-                .entry(slot(key.as_bytes()))
+                .entry(slot(write.0.as_bytes()))
                 .or_default()
-                .push((key, channels));
+                .push(write);
         }
         let now = score_arg(now_secs());
         let expiry = self.config.expiry_secs();
         let mut calls = Vec::with_capacity(by_slot.len());
         for writes in by_slot.into_values() {
             let mut invocation = self.group_send.prepare_invoke();
-            for (key, _) in &writes {
+            for (key, _, _) in &writes {
                 invocation.key(key);
             }
-            for (_, channels) in &writes {
-                let payload = codec::encode(
-                    &message,
-                    Route::Many(channels),
-                    true,
-                    self.config.max_message_size,
-                )?;
+            for (_, payload, _) in &writes {
                 invocation.arg(payload);
             }
-            for (_, channels) in &writes {
+            for (_, _, channels) in &writes {
                 invocation.arg(self.config.capacity_of(&channels[0]));
             }
             invocation.arg(&now).arg(expiry);

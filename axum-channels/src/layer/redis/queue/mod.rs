@@ -62,6 +62,8 @@ mod popper;
 mod send;
 mod state;
 
+pub(crate) use send::payloads_by_key;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, MutexGuard, Weak};
