@@ -51,6 +51,10 @@ use super::episode::Episode;
 pub(crate) struct Locked<T>(Mutex<T>);
 
 impl<T> Locked<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Locked(Mutex::new(value))
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.0
             .lock()
