@@ -54,7 +54,7 @@ use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MIN, doubled};
-use crate::layer::redis::queue::payloads_by_key;
+use crate::layer::redis::queue::{KeyPayload, payloads_by_key};
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
     push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
@@ -306,7 +306,7 @@ impl Inner {
             |name| self.key(name),
             self.config.max_message_size,
         )?;
-        let mut by_slot: BTreeMap<u16, Vec<(String, Vec<u8>, Vec<String>)>> = BTreeMap::new();
+        let mut by_slot: BTreeMap<u16, Vec<KeyPayload>> = BTreeMap::new();
         for write in writes {
             by_slot
                 .entry(slot(write.0.as_bytes()))

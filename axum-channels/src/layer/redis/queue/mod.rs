@@ -62,7 +62,7 @@ mod popper;
 mod send;
 mod state;
 
-pub(crate) use send::payloads_by_key;
+pub(crate) use send::{KeyPayload, payloads_by_key};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};

@@ -31,6 +31,10 @@ use crate::layer::{LayerError, LayerMessage};
 /// channels, the key's capacity, and those channels.
 type Write = (String, Vec<u8>, usize, Vec<String>);
 
+/// One payload of a group message: its channel key, the payload, and the
+/// member channels it routes to.
+pub(crate) type KeyPayload = (String, Vec<u8>, Vec<String>);
+
 /// `group_send`'s payloads to a group's `members`: one per channel key
 /// (`key_of` a member's name: Python's layout, or the cluster's), routed
 /// to all its members, or several where one would be over `limit`
@@ -43,7 +47,7 @@ pub(crate) fn payloads_by_key(
     members: Vec<String>,
     key_of: impl Fn(&str) -> String,
     limit: usize,
-) -> Result<Vec<(String, Vec<u8>, Vec<String>)>, LayerError> {
+) -> Result<Vec<KeyPayload>, LayerError> {
     let mut writes = Vec::new();
     for (key, mut names) in by_key(members, key_of) {
         let payloads = codec::encode_many(message, &names, limit)?;
