@@ -115,9 +115,11 @@ pub(crate) async fn connect(
 
 /// Whether the cluster refused a command before running it: no slot
 /// owner (`CLUSTERDOWN`), a slot's keys half moved (`TRYAGAIN`), a master
-/// cut off from its replicas (`MASTERDOWN`), a node still loading, or a
-/// node that refused the connection. Running such a command again cannot
-/// run it twice.
+/// cut off from its replicas (`MASTERDOWN`), a node still loading, a node
+/// that refused the connection, or a redirection redis-rs was still
+/// following when its own retries ran out (`MOVED`, `ASK`: the nodes
+/// disagree on a slot's owner for a moment while it moves or fails over).
+/// Running such a command again cannot run it twice.
 pub(crate) fn refused(err: &RedisError) -> bool {
     matches!(
         err.kind(),
@@ -126,6 +128,8 @@ pub(crate) fn refused(err: &RedisError) -> bool {
                 | ServerErrorKind::TryAgain
                 | ServerErrorKind::MasterDown
                 | ServerErrorKind::BusyLoading
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
         ) | ErrorKind::ClusterConnectionNotFound
     ) || err.is_connection_refusal()
 }
@@ -426,6 +430,8 @@ mod tests {
             "TRYAGAIN Multiple keys request during rehashing of slot",
             "MASTERDOWN Link with MASTER is down",
             "LOADING Redis is loading the dataset in memory",
+            "MOVED 3999 127.0.0.1:6381",
+            "ASK 3999 127.0.0.1:6381",
         ] {
             assert!(refused(&server_error(line)), "{line}");
         }
