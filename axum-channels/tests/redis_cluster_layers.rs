@@ -404,6 +404,106 @@ async fn queue_group_send_splits_a_key_over_max_message_size() {
     }
 }
 
+/// Two plain channels whose keys (`asgi{name}`) share a slot: CRC16 of
+/// the hash tag, as Redis computes it, until two names meet.
+fn two_channels_in_one_slot() -> (String, String) {
+    fn crc16(bytes: &[u8]) -> u16 {
+        let mut crc: u16 = 0;
+        for &byte in bytes {
+            crc ^= u16::from(byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc
+    }
+    let mut seen = std::collections::HashMap::new();
+    for i in 0.. {
+        let name = format!("tryagain{i}");
+        if let Some(other) = seen.insert(crc16(name.as_bytes()) % 16384, name.clone()) {
+            return (other, name);
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// A slot half moved (`begin_move`: one of a group's two keys in it moved,
+/// the other not) makes the group-send script on both meet `TRYAGAIN`;
+/// the layer retries it with backoff, and the `group_send` succeeds once
+/// the move is finished a second later. The retries are logged at debug;
+/// no warning, since no call failed (warnings are per episode of failed
+/// calls, `a_refusing_cluster_is_retried_and_logged_once`).
+///
+/// On the current-thread runtime, so that the layer's log is this test's.
+#[tokio::test]
+async fn queue_waits_out_tryagain_while_a_slot_moves() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let (logs, _guard) = channels_testkit::Logs::capture(tracing::Level::DEBUG);
+    let layer =
+        RedisClusterLayer::connect(config(&cluster).with_command_timeout(Duration::from_secs(10)))
+            .await
+            .expect("connect the queue layer to the cluster");
+    let (a, b) = two_channels_in_one_slot();
+    let (key_a, key_b) = (format!("asgi{{{a}}}"), format!("asgi{{{b}}}"));
+    let slot = keyslot(&cluster, &key_a).await;
+    assert_eq!(slot, keyslot(&cluster, &key_b).await, "{a} and {b}");
+    for channel in [&a, &b] {
+        layer.group_add("room", channel).await.expect("group_add");
+        // Its key exists from now on, so that it can be moved or not.
+        layer.send(channel, numbered(0)).await.expect("send");
+    }
+    let from = cluster.master_of(slot).await.port;
+    let to = other_master(&cluster, from).await;
+    cluster.begin_move(slot, to, &[&key_a]).await;
+
+    // The call can get through once the other key has moved too, which
+    // `finish_move` does first: not before it starts.
+    let finishing = async {
+        sleep(Duration::from_secs(1)).await;
+        let finishing = Instant::now();
+        cluster.finish_move(slot, to).await;
+        finishing
+    };
+    let sending = async {
+        let sent = layer.group_send("room", numbered(1)).await;
+        (sent, Instant::now())
+    };
+    let (finishing, (sent, returned)) = tokio::join!(finishing, sending);
+    sent.expect("a group_send through TRYAGAIN succeeds once the slot has moved");
+    assert!(
+        returned >= finishing,
+        "the group_send returned while the slot was half moved"
+    );
+    assert_eq!(cluster.master_of(slot).await.port, to);
+    for channel in [&a, &b] {
+        for n in [0, 1] {
+            let message = timeout(RECOVERY, layer.receive(channel))
+                .await
+                .expect("a message")
+                .expect("receive");
+            assert_eq!(message["n"], n, "{channel}");
+        }
+    }
+    let lines = logs.lines().join("\n");
+    assert!(
+        logs.lines()
+            .iter()
+            .any(|line| line.contains("refused a command; retrying") && line.contains("TryAgain")),
+        "the script met TRYAGAIN and was retried:\n{lines}"
+    );
+    assert_eq!(
+        logs.count_at("WARN", "refuses"),
+        0,
+        "no call failed:\n{lines}"
+    );
+}
+
 /// The queue layer through the stale slot map of
 /// `pubsub_leaves_a_stale_slot_map_behind`: the group's key lives on the
 /// killed master; once its replica is promoted, a `group_send` must get

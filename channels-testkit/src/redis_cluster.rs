@@ -236,12 +236,17 @@ impl RedisCluster {
     /// slot at a time: `SETSLOT IMPORTING/MIGRATING`, `MIGRATE` the keys,
     /// then `SETSLOT NODE` on every master.
     pub async fn move_slot(&self, slot: u16, to_port: u16) {
-        let from = self.master_of(slot).await;
-        let nodes = self.nodes().await;
-        let to = nodes
-            .iter()
-            .find(|node| node.port == to_port && node.master)
-            .unwrap_or_else(|| panic!("no master on port {to_port}"));
+        self.begin_move(slot, to_port, &[]).await;
+        self.finish_move(slot, to_port).await;
+    }
+
+    /// The first half of [`move_slot`](Self::move_slot): `slot` marked
+    /// importing on the master on `to_port` and migrating on its owner,
+    /// and only `keys` of it moved. Until
+    /// [`finish_move`](Self::finish_move), a command on several keys of the
+    /// slot, some moved and some not, meets `TRYAGAIN`.
+    pub async fn begin_move(&self, slot: u16, to_port: u16, keys: &[&str]) {
+        let (from, to) = self.move_ends(slot, to_port).await;
         if from.port == to.port {
             return;
         }
@@ -258,6 +263,19 @@ impl RedisCluster {
         )
         .await
         .expect("SETSLOT MIGRATING");
+        if !keys.is_empty() {
+            migrate(from.port, to.port, keys).await;
+        }
+    }
+
+    /// The second half of [`move_slot`](Self::move_slot): the rest of the
+    /// slot's keys moved, then `SETSLOT NODE` on every master.
+    pub async fn finish_move(&self, slot: u16, to_port: u16) {
+        let (from, to) = self.move_ends(slot, to_port).await;
+        if from.port == to.port {
+            return;
+        }
+        let slot_text = slot.to_string();
         loop {
             let keys = cli(from.port, &["cluster", "getkeysinslot", &slot_text, "100"])
                 .await
@@ -266,12 +284,9 @@ impl RedisCluster {
             if keys.is_empty() {
                 break;
             }
-            let port = to.port.to_string();
-            let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
-            args.extend(keys);
-            cli(from.port, &args).await.expect("MIGRATE");
+            migrate(from.port, to.port, &keys).await;
         }
-        for node in nodes.iter().filter(|node| node.master) {
+        for node in self.nodes().await.iter().filter(|node| node.master) {
             cli(
                 node.port,
                 &["cluster", "setslot", &slot_text, "node", &to.id],
@@ -279,6 +294,18 @@ impl RedisCluster {
             .await
             .expect("SETSLOT NODE");
         }
+    }
+
+    /// The owner of `slot` and the master on `to_port`.
+    async fn move_ends(&self, slot: u16, to_port: u16) -> (NodeInfo, NodeInfo) {
+        let from = self.master_of(slot).await;
+        let to = self
+            .nodes()
+            .await
+            .into_iter()
+            .find(|node| node.port == to_port && node.master)
+            .unwrap_or_else(|| panic!("no master on port {to_port}"));
+        (from, to)
     }
 
     /// Waits until every running node says `cluster_state:ok`; panics after
@@ -407,6 +434,14 @@ async fn cli(port: u16, args: &[&str]) -> Result<String, String> {
         return Err(text);
     }
     Ok(text)
+}
+
+/// `MIGRATE`s `keys` from the node on `from` to the node on `to`.
+async fn migrate(from: u16, to: u16, keys: &[&str]) {
+    let port = to.to_string();
+    let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
+    args.extend(keys);
+    cli(from, &args).await.expect("MIGRATE");
 }
 
 /// `127.0.0.1:7000@17000` → 7000.
