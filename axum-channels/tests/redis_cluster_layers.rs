@@ -261,12 +261,11 @@ async fn pubsub_follows_a_planned_failover() {
     assert!(lost <= 300, "lost {lost}: more than 3 s of traffic");
 }
 
-// The known fault of steps 05 and 06's room test (see
-// `a_room_on_a_cluster_talks_again_after_its_master_dies`): redis-rs can keep
-// the dead master in its slot map, and the layer's retries then never reach
-// the promoted replica. It failed here too, once, in a full run on
-// 2026-12-06 (the last message never arrived), after many passing runs.
-#[ignore = "known fault: the pub/sub layer can stay on a dead master's stale slot map"]
+// Failed in about one run in six (the last message never arrived; no node
+// held the room's subscription) until the subscriber subscribed everything
+// once more a second after subscribing it again (`subscriber::CONFIRM`):
+// redis-rs can confirm an `SSUBSCRIBE` on a node connection it then
+// replaces, and the subscription goes with the dropped connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_survives_a_killed_master() {
     trace();
@@ -292,12 +291,318 @@ async fn pubsub_survives_a_killed_master() {
     report("killed master", &got, last, changed);
 }
 
+/// A dead master kept in every node's slot map for `STALE_FOR`: its replica
+/// is held back from taking over (`hold_failover`), then promoted by hand
+/// (`take_over`), and messages must flow again within `RECOVERY` of the
+/// promotion. Whatever slot map the layers read meanwhile names the dead
+/// master: what `cluster::Renewing` is for, when redis-rs keeps such a map
+/// (it got through this one on its own in our runs, so this bounds the
+/// recovery rather than shows that fault).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_leaves_a_stale_slot_map_behind() {
+    trace();
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let sender = pubsub(&cluster).await;
+    let receiver = pubsub(&cluster).await;
+    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
+    sleep(Duration::from_millis(300)).await;
+
+    let slot = keyslot(&cluster, "asgi__group__room").await;
+    let master = cluster.master_of(slot).await.port;
+    let replica = cluster.hold_failover(master).await;
+    cluster.kill(master).await;
+    sleep(STALE_FOR).await;
+    cluster.take_over(replica, RECOVERY).await;
+    let promoted = Instant::now();
+    sleep(Duration::from_secs(2)).await;
+    let (got, last) = traffic.finish(&sender).await;
+    flowing_again("pub/sub, stale slot map", &got, last, promoted);
+}
+
+/// How long `hold_failover` keeps a dead master in every node's slot map.
+const STALE_FOR: Duration = Duration::from_secs(3);
+
+/// Asserts that a message arrived within `RECOVERY` of `promoted`, and the
+/// last one too (what the dead master's slot refused meanwhile is lost).
+fn flowing_again(what: &str, got: &[(u64, Instant)], last: u64, promoted: Instant) {
+    let received: BTreeSet<u64> = got.iter().map(|(n, _)| *n).collect();
+    assert!(
+        received.contains(&u64::MAX),
+        "{what}: the last message never arrived"
+    );
+    let again = got
+        .iter()
+        .find(|(_, at)| *at >= promoted)
+        .map(|(_, at)| at.duration_since(promoted))
+        .expect("messages after the promotion");
+    assert!(
+        again < RECOVERY,
+        "{what}: silent for {again:?} after the promotion"
+    );
+    let lost = (1..=last).filter(|n| !received.contains(n)).count();
+    say(format!(
+        "cluster: {what}: flowing again {again:?} after the promotion; \
+         {lost} of {last} messages lost"
+    ));
+}
+
 async fn queue(cluster: &RedisCluster) -> Arc<RedisClusterLayer> {
     Arc::new(
         RedisClusterLayer::connect(config(cluster))
             .await
             .expect("connect the queue layer to the cluster"),
     )
+}
+
+/// A group whose members' names make one message per key larger than
+/// `max_message_size` (here a few members of one process, with a small
+/// limit; in production some 13,000 with the default 1 MiB) gets several
+/// messages per key, each under the limit, as on one Redis: every member
+/// gets the message once, and the `group_send` does not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_send_splits_a_key_over_max_message_size() {
+    trace();
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let small = config(&cluster).with_max_message_size(300);
+    let connect = || async {
+        RedisClusterLayer::connect(small.clone())
+            .await
+            .expect("connect the queue layer to the cluster")
+    };
+    let (members, sender) = (connect().await, connect().await);
+    let mut channels = Vec::new();
+    for _ in 0..12 {
+        let channel = members.new_channel("specific").await.expect("new_channel");
+        members
+            .group_add("room", &channel)
+            .await
+            .expect("group_add");
+        channels.push(channel);
+    }
+    sender
+        .group_send("room", numbered(7))
+        .await
+        .expect("a group_send over one payload's worth of names");
+    for channel in &channels {
+        let message = timeout(RECOVERY, members.receive(channel))
+            .await
+            .expect("every member got the group message")
+            .expect("receive");
+        assert_eq!(message["n"], 7);
+    }
+    for channel in &channels {
+        assert!(
+            timeout(Duration::from_millis(200), members.receive(channel))
+                .await
+                .is_err(),
+            "{channel} got the message twice"
+        );
+    }
+}
+
+/// A process key's backlog comes out in one pop, whichever receiver asked,
+/// as on one Redis: the receivers then write runs, not a frame at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_takes_a_process_keys_backlog_in_one_pop() {
+    trace();
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let layer = queue(&cluster).await;
+    let channel = layer.new_channel("specific").await.expect("new_channel");
+    for n in 0..10 {
+        layer.send(&channel, numbered(n)).await.expect("send");
+    }
+    let first = timeout(RECOVERY, layer.receive(&channel))
+        .await
+        .expect("the first message")
+        .expect("receive");
+    assert_eq!(first["n"], 0);
+    let key = queue_key(&channel);
+    let node = cluster.master_of(keyslot(&cluster, &key).await).await;
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", node.port)).expect("a URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the key's master");
+    let left: usize = redis::cmd("ZCARD")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("ZCARD");
+    assert_eq!(left, 0, "one receive took the whole backlog out of Redis");
+    for n in 1..10 {
+        let message = timeout(RECOVERY, layer.receive(&channel))
+            .await
+            .expect("the rest, in order")
+            .expect("receive");
+        assert_eq!(message["n"], n);
+    }
+}
+
+/// Two plain channels whose keys (`asgi{name}`) share a slot: CRC16 of
+/// the hash tag, as Redis computes it, until two names meet.
+fn two_channels_in_one_slot() -> (String, String) {
+    fn crc16(bytes: &[u8]) -> u16 {
+        let mut crc: u16 = 0;
+        for &byte in bytes {
+            crc ^= u16::from(byte) << 8;
+            for _ in 0..8 {
+                crc = if crc & 0x8000 != 0 {
+                    (crc << 1) ^ 0x1021
+                } else {
+                    crc << 1
+                };
+            }
+        }
+        crc
+    }
+    let mut seen = std::collections::HashMap::new();
+    for i in 0.. {
+        let name = format!("tryagain{i}");
+        if let Some(other) = seen.insert(crc16(name.as_bytes()) % 16384, name.clone()) {
+            return (other, name);
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// A slot half moved (`begin_move`: one of a group's two keys in it moved,
+/// the other not) makes the group-send script on both meet `TRYAGAIN`;
+/// the layer retries it with backoff, and the `group_send` succeeds once
+/// the move is finished a second later. The retries are logged at debug;
+/// no warning, since no call failed (warnings are per episode of failed
+/// calls, `a_refusing_cluster_is_retried_and_logged_once`).
+///
+/// On the current-thread runtime, so that the layer's log is this test's.
+#[tokio::test]
+async fn queue_waits_out_tryagain_while_a_slot_moves() {
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let (logs, _guard) = channels_testkit::Logs::capture(tracing::Level::DEBUG);
+    let layer =
+        RedisClusterLayer::connect(config(&cluster).with_command_timeout(Duration::from_secs(10)))
+            .await
+            .expect("connect the queue layer to the cluster");
+    let (a, b) = two_channels_in_one_slot();
+    let (key_a, key_b) = (format!("asgi{{{a}}}"), format!("asgi{{{b}}}"));
+    let slot = keyslot(&cluster, &key_a).await;
+    assert_eq!(slot, keyslot(&cluster, &key_b).await, "{a} and {b}");
+    for channel in [&a, &b] {
+        layer.group_add("room", channel).await.expect("group_add");
+        // Its key exists from now on, so that it can be moved or not.
+        layer.send(channel, numbered(0)).await.expect("send");
+    }
+    let from = cluster.master_of(slot).await.port;
+    let to = other_master(&cluster, from).await;
+    cluster.begin_move(slot, to, &[&key_a]).await;
+
+    // The call can get through once the other key has moved too, which
+    // `finish_move` does first: not before it starts.
+    let finishing = async {
+        sleep(Duration::from_secs(1)).await;
+        let finishing = Instant::now();
+        cluster.finish_move(slot, to).await;
+        finishing
+    };
+    let sending = async {
+        let sent = layer.group_send("room", numbered(1)).await;
+        (sent, Instant::now())
+    };
+    let (finishing, (sent, returned)) = tokio::join!(finishing, sending);
+    sent.expect("a group_send through TRYAGAIN succeeds once the slot has moved");
+    assert!(
+        returned >= finishing,
+        "the group_send returned while the slot was half moved"
+    );
+    assert_eq!(cluster.master_of(slot).await.port, to);
+    for channel in [&a, &b] {
+        for n in [0, 1] {
+            let message = timeout(RECOVERY, layer.receive(channel))
+                .await
+                .expect("a message")
+                .expect("receive");
+            assert_eq!(message["n"], n, "{channel}");
+        }
+    }
+    let lines = logs.lines().join("\n");
+    assert!(
+        logs.lines()
+            .iter()
+            .any(|line| line.contains("refused a command; retrying") && line.contains("TryAgain")),
+        "the script met TRYAGAIN and was retried:\n{lines}"
+    );
+    assert_eq!(
+        logs.count_at("WARN", "refuses"),
+        0,
+        "no call failed:\n{lines}"
+    );
+}
+
+/// The queue layer through the stale slot map of
+/// `pubsub_leaves_a_stale_slot_map_behind`: the group's key lives on the
+/// killed master; once its replica is promoted, a `group_send` must get
+/// through within `RECOVERY` and reach the member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_leaves_a_stale_slot_map_behind() {
+    trace();
+    let Some(mut cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let sender = queue(&cluster).await;
+    let receiver = queue(&cluster).await;
+    let channel = receiver.new_channel("specific").await.expect("new_channel");
+    receiver
+        .group_add("room", &channel)
+        .await
+        .expect("group_add");
+    sender
+        .group_send("room", numbered(1))
+        .await
+        .expect("group_send");
+    let first = timeout(RECOVERY, receiver.receive(&channel))
+        .await
+        .expect("the first message")
+        .expect("receive");
+    assert_eq!(first["n"], 1);
+    // The membership reaches the replica before its master dies.
+    sleep(Duration::from_millis(300)).await;
+
+    let slot = keyslot(&cluster, "asgi:group:room").await;
+    let master = cluster.master_of(slot).await.port;
+    let replica = cluster.hold_failover(master).await;
+    cluster.kill(master).await;
+    // Calls meanwhile fail (the slot has no master): the layer's
+    // connection reads slot maps that name the dead one.
+    let refused = sender.group_send("room", numbered(0)).await;
+    assert!(refused.is_err(), "the group's master is dead: {refused:?}");
+    sleep(STALE_FOR).await;
+    cluster.take_over(replica, RECOVERY).await;
+    let promoted = Instant::now();
+    loop {
+        match sender.group_send("room", numbered(2)).await {
+            Ok(()) => break,
+            Err(err) => assert!(
+                promoted.elapsed() < RECOVERY,
+                "group_send still fails {:?} after the promotion: {err}",
+                promoted.elapsed()
+            ),
+        }
+    }
+    let message = timeout(RECOVERY, receiver.receive(&channel))
+        .await
+        .expect("the member got the group message")
+        .expect("receive");
+    assert_eq!(message["n"], 2);
+    say(format!(
+        "cluster: queue, stale slot map: group_send got through {:?} after the promotion",
+        promoted.elapsed()
+    ));
 }
 
 /// The cluster layout's key of a queue channel (`{prefix}{{non-local}}`).

@@ -185,17 +185,68 @@ impl RedisCluster {
         panic!("the replica on {replica} did not take over from {master_port}");
     }
 
+    /// Keeps the replica of the master on `master_port` from taking over on
+    /// its own (`cluster-replica-no-failover yes`), so that after the
+    /// master is killed every node keeps naming it as its slots' owner for
+    /// as long as a test wants; returns the replica's port, for
+    /// [`take_over`](Self::take_over). What a client reads of the slot map
+    /// meanwhile is stale, deterministically, not only in the first
+    /// moments of a failover.
+    pub async fn hold_failover(&self, master_port: u16) -> u16 {
+        let replica = self
+            .replica_port(master_port)
+            .await
+            .unwrap_or_else(|| panic!("the master on {master_port} has no replica"));
+        cli(
+            replica,
+            &["config", "set", "cluster-replica-no-failover", "yes"],
+        )
+        .await
+        .expect("CONFIG SET cluster-replica-no-failover");
+        replica
+    }
+
+    /// Promotes the replica on `replica_port` without its master's
+    /// agreement (`CLUSTER FAILOVER TAKEOVER`), as an operator does when
+    /// the master is gone, and waits until every slot is served again;
+    /// panics after `within`.
+    pub async fn take_over(&self, replica_port: u16, within: Duration) {
+        cli(replica_port, &["cluster", "failover", "takeover"])
+            .await
+            .expect("CLUSTER FAILOVER TAKEOVER");
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.nodes().await;
+            if now.iter().any(|n| n.port == replica_port && n.master) {
+                self.wait_until_ok(deadline.saturating_duration_since(Instant::now()))
+                    .await;
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "the replica on {replica_port} did not take over within {within:?}: {now:?}"
+                );
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Moves `slot` from the master that owns it to the master on
     /// `to_port`, with its keys, as `redis-cli --cluster reshard` does one
     /// slot at a time: `SETSLOT IMPORTING/MIGRATING`, `MIGRATE` the keys,
     /// then `SETSLOT NODE` on every master.
     pub async fn move_slot(&self, slot: u16, to_port: u16) {
-        let from = self.master_of(slot).await;
-        let nodes = self.nodes().await;
-        let to = nodes
-            .iter()
-            .find(|node| node.port == to_port && node.master)
-            .unwrap_or_else(|| panic!("no master on port {to_port}"));
+        self.begin_move(slot, to_port, &[]).await;
+        self.finish_move(slot, to_port).await;
+    }
+
+    /// The first half of [`move_slot`](Self::move_slot): `slot` marked
+    /// importing on the master on `to_port` and migrating on its owner,
+    /// and only `keys` of it moved. Until
+    /// [`finish_move`](Self::finish_move), a command on several keys of the
+    /// slot, some moved and some not, meets `TRYAGAIN`.
+    pub async fn begin_move(&self, slot: u16, to_port: u16, keys: &[&str]) {
+        let (from, to) = self.move_ends(slot, to_port).await;
         if from.port == to.port {
             return;
         }
@@ -212,6 +263,19 @@ impl RedisCluster {
         )
         .await
         .expect("SETSLOT MIGRATING");
+        if !keys.is_empty() {
+            migrate(from.port, to.port, keys).await;
+        }
+    }
+
+    /// The second half of [`move_slot`](Self::move_slot): the rest of the
+    /// slot's keys moved, then `SETSLOT NODE` on every master.
+    pub async fn finish_move(&self, slot: u16, to_port: u16) {
+        let (from, to) = self.move_ends(slot, to_port).await;
+        if from.port == to.port {
+            return;
+        }
+        let slot_text = slot.to_string();
         loop {
             let keys = cli(from.port, &["cluster", "getkeysinslot", &slot_text, "100"])
                 .await
@@ -220,12 +284,9 @@ impl RedisCluster {
             if keys.is_empty() {
                 break;
             }
-            let port = to.port.to_string();
-            let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
-            args.extend(keys);
-            cli(from.port, &args).await.expect("MIGRATE");
+            migrate(from.port, to.port, &keys).await;
         }
-        for node in nodes.iter().filter(|node| node.master) {
+        for node in self.nodes().await.iter().filter(|node| node.master) {
             cli(
                 node.port,
                 &["cluster", "setslot", &slot_text, "node", &to.id],
@@ -233,6 +294,18 @@ impl RedisCluster {
             .await
             .expect("SETSLOT NODE");
         }
+    }
+
+    /// The owner of `slot` and the master on `to_port`.
+    async fn move_ends(&self, slot: u16, to_port: u16) -> (NodeInfo, NodeInfo) {
+        let from = self.master_of(slot).await;
+        let to = self
+            .nodes()
+            .await
+            .into_iter()
+            .find(|node| node.port == to_port && node.master)
+            .unwrap_or_else(|| panic!("no master on port {to_port}"));
+        (from, to)
     }
 
     /// Waits until every running node says `cluster_state:ok`; panics after
@@ -324,9 +397,10 @@ impl RedisCluster {
             if let Ok(text) = cli(node.port(), &["cluster", "nodes"]).await {
                 return text.lines().find_map(|line| {
                     let fields: Vec<&str> = line.split_whitespace().collect();
-                    (fields.get(3) == Some(&master_id) && fields[2].contains("slave"))
-                        .then(|| port_of(fields[1]))
-                        .flatten()
+                    (fields.get(3) == Some(&master_id)
+                        && fields[2].split(',').any(|flag| flag == "slave"))
+                    .then(|| port_of(fields[1]))
+                    .flatten()
                 });
             }
         }
@@ -362,6 +436,14 @@ async fn cli(port: u16, args: &[&str]) -> Result<String, String> {
     Ok(text)
 }
 
+/// `MIGRATE`s `keys` from the node on `from` to the node on `to`.
+async fn migrate(from: u16, to: u16, keys: &[&str]) {
+    let port = to.to_string();
+    let mut args = vec!["migrate", "127.0.0.1", &port, "", "0", "5000", "keys"];
+    args.extend(keys);
+    cli(from, &args).await.expect("MIGRATE");
+}
+
 /// `127.0.0.1:7000@17000` → 7000.
 fn port_of(address: &str) -> Option<u16> {
     address.split('@').next()?.rsplit(':').next()?.parse().ok()
@@ -373,7 +455,9 @@ fn parse_nodes(text: &str) -> Vec<NodeInfo> {
     text.lines()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 8 || fields[2].contains("fail") {
+            // `fail` or `fail?` among the flags; not `nofailover`.
+            let flags: Vec<&str> = fields.get(2)?.split(',').collect();
+            if fields.len() < 8 || flags.iter().any(|flag| flag.starts_with("fail")) {
                 return None;
             }
             let slots = fields[8..]
@@ -388,7 +472,7 @@ fn parse_nodes(text: &str) -> Vec<NodeInfo> {
             Some(NodeInfo {
                 id: fields[0].to_owned(),
                 port: port_of(fields[1])?,
-                master: fields[2].contains("master"),
+                master: flags.contains(&"master"),
                 slots,
             })
         })
@@ -417,9 +501,14 @@ mod tests {
 67ed2db8d677e59ec4a4cefb06858cf2a1a89fa1 127.0.0.1:30002@31002 master - 0 1426238316232 2 connected 5461-10922
 e7d1eecce10fd6bb5eb35b9f99a514335d9ba9ca 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460 [5461->-67ed2db8]
 6ec23923021cf3ffec47632106199cb7f496ce01 127.0.0.1:30005@31005 master,fail - 1426238316232 1426238316232 5 connected
+b8b2f03dfc20ec5969207c5ca95b1539e6b62f36 127.0.0.1:30006@31006 master,nofailover - 0 1796566822575 7 connected 10923-16383
 ";
         let nodes = parse_nodes(text);
-        assert_eq!(nodes.len(), 3, "the failed node is left out");
+        assert_eq!(nodes.len(), 4, "the failed node is left out");
+        assert!(
+            nodes[3].master && nodes[3].port == 30006,
+            "`nofailover` is not `fail`"
+        );
         assert_eq!(nodes[0].port, 30004);
         assert!(!nodes[0].master);
         assert_eq!(nodes[1].slots, [(5461, 10922)]);

@@ -331,10 +331,13 @@ impl RedisPubSubLayer {
             Ok(())
         };
         let because = "sharded pub/sub, SSUBSCRIBE and SPUBLISH, came with 7.0";
+        let within = shared.config.command_timeout;
         let client = cluster::client(&shared.config, Some(pushes))?;
-        let subscriber = cluster::connect(&client, Version(7, 0), because).await?;
+        let subscriber =
+            cluster::connect(client, Version(7, 0), because, "pub/sub subscriber", within).await?;
         let client = cluster::client(&shared.config, None::<fn(PushInfo) -> Result<(), ()>>)?;
-        let publisher = cluster::connect(&client, Version(7, 0), because).await?;
+        let publisher =
+            cluster::connect(client, Version(7, 0), because, "pub/sub publisher", within).await?;
         let interest: std::sync::Weak<dyn Interest> =
             Arc::downgrade(&shared) as std::sync::Weak<Shared>;
         let (reconnected, _) = broadcast::channel(RECONNECTED_BACKLOG);
@@ -668,7 +671,7 @@ impl ChannelLayer for RedisPubSubLayer {
                     });
                     futures_util::future::join_all(pings).await
                 }
-                Transport::Cluster(cluster) => vec![cluster.ping().await],
+                Transport::Cluster(cluster) => vec![cluster.ping(inner.timeout()).await],
             };
             let groups: Vec<String> = {
                 let mut state = inner.shared().lock();

@@ -22,7 +22,10 @@
 //! receiver waits on an empty buffer, so that messages nobody waits for stay
 //! in Redis where capacity and expiry apply. The popper follows its slot
 //! through moves and failovers as any cluster command does (`MOVED`, slot
-//! map refresh, retries), and backs off while the cluster refuses.
+//! map refresh, retries), and backs off while the cluster refuses; after a
+//! failed pop it opens its connection again, so it cannot keep a stale slot
+//! map. The other calls share one connection, renewed when a slot's calls
+//! keep failing towards a node (`cluster::Renewing`).
 //!
 //! Simpler than the single-Redis queue layer, and said so in the book: no
 //! grace period or spare connections for poppers (a popper ends when its
@@ -42,7 +45,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use tokio::time::Instant;
 
-use super::{Outage, backend, retrying, slot};
+use super::{Outage, Renewing, backend, retrying, slot};
 use crate::layer::buffers::{
     Demand, Entry, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull,
 };
@@ -51,6 +54,7 @@ use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MIN, doubled};
+use crate::layer::redis::queue::{KeyPayload, POP_BATCH, payloads_by_key};
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
     push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
@@ -68,7 +72,9 @@ pub struct RedisClusterLayer {
 struct Inner {
     config: RedisConfig,
     client_prefix: String,
-    conn: ClusterConnection,
+    /// Every call but the poppers': renewed when a slot's calls keep
+    /// failing towards a node (see `cluster::Renewing`).
+    conn: Renewing,
     /// For poppers' connections: no response timeout at or below the block.
     popper_client: ClusterClient,
     group_send: Script,
@@ -120,7 +126,8 @@ impl RedisClusterLayer {
         config.validate()?;
         let because = "the queue layer pops with BZPOPMIN";
         let client = super::client(&config, None::<fn(redis::PushInfo) -> Result<(), ()>>)?;
-        let conn = super::connect(&client, Version(5, 0), because).await?;
+        let within = config.command_timeout;
+        let conn = super::connect(client, Version(5, 0), because, "queue layer", within).await?;
         let popper_config = RedisConfig {
             command_timeout: config.block_timeout + config.command_timeout,
             ..config.clone()
@@ -251,8 +258,8 @@ impl Inner {
         let key = self.key(channel);
         let capacity = self.config.capacity_of(channel);
         let expiry = self.config.expiry_secs();
-        let added = retrying(self.config.command_timeout, || {
-            let mut conn = self.conn.clone();
+        let at = Some(slot(key.as_bytes()));
+        let added = retrying(self.config.command_timeout, &self.conn, at, |mut conn| {
             let (key, payload) = (&key, &payload);
             async move { push_within_capacity(&mut conn, key, payload, capacity, expiry).await }
         })
@@ -272,8 +279,8 @@ impl Inner {
         codec::encode(&message, Route::None, true, self.config.max_message_size)?;
         let gkey = group_key(&self.config.prefix, group);
         let within = self.config.command_timeout;
-        let (members,): (Vec<String>,) = retrying(within, || {
-            let mut conn = self.conn.clone();
+        let at = Some(slot(gkey.as_bytes()));
+        let (members,): (Vec<String>,) = retrying(within, &self.conn, at, |mut conn| {
             let pipe = redis::pipe()
                 .cmd("ZREMRANGEBYSCORE")
                 .arg(&gkey)
@@ -290,45 +297,42 @@ impl Inner {
         .await
         .map_err(|err| backend("group_send failed", err))?;
         tracing::trace!(group, members = members.len(), "group_send");
-        // Channel key → its member channels, then slot → its keys.
-        let mut by_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for member in members {
-            by_key.entry(self.key(&member)).or_default().push(member);
-        }
-        let mut by_slot: BTreeMap<u16, Vec<(String, Vec<String>)>> = BTreeMap::new();
-        for (key, channels) in by_key {
+        // Per channel key, as many payloads as keep each within
+        // `max_message_size` (the single-Redis layer's code); then slot →
+        // its writes.
+        let writes = payloads_by_key(
+            &message,
+            members,
+            |name| self.key(name),
+            self.config.max_message_size,
+        )?;
+        let mut by_slot: BTreeMap<u16, Vec<KeyPayload>> = BTreeMap::new();
+        for write in writes {
             by_slot
-                .entry(slot(key.as_bytes()))
+                .entry(slot(write.0.as_bytes()))
                 .or_default()
-                .push((key, channels));
+                .push(write);
         }
         let now = score_arg(now_secs());
         let expiry = self.config.expiry_secs();
         let mut calls = Vec::with_capacity(by_slot.len());
-        for writes in by_slot.into_values() {
+        for (at, writes) in by_slot {
             let mut invocation = self.group_send.prepare_invoke();
-            for (key, _) in &writes {
+            for (key, _, _) in &writes {
                 invocation.key(key);
             }
-            for (_, channels) in &writes {
-                let payload = codec::encode(
-                    &message,
-                    Route::Many(channels),
-                    true,
-                    self.config.max_message_size,
-                )?;
+            for (_, payload, _) in &writes {
                 invocation.arg(payload);
             }
-            for (_, channels) in &writes {
+            for (_, _, channels) in &writes {
                 invocation.arg(self.config.capacity_of(&channels[0]));
             }
             invocation.arg(&now).arg(expiry);
             let conn = &self.conn;
             calls.push(async move {
                 let invocation = &invocation;
-                retrying(within, || {
-                    let mut conn = conn.clone();
-                    async move { invocation.invoke_async::<usize>(&mut conn).await }
+                retrying(within, conn, Some(at), |mut conn| async move {
+                    invocation.invoke_async::<usize>(&mut conn).await
                 })
                 .await
             });
@@ -347,17 +351,25 @@ impl Inner {
     /// Deletes every key of this layer's prefix on every master (`SCAN`
     /// on each, by address), and empties the local buffers and groups.
     async fn flush(&self) -> Result<(), LayerError> {
-        let mut conn = self.conn.clone();
-        let nodes: String = redis::cmd("CLUSTER")
-            .arg("NODES")
-            .query_async(&mut conn)
-            .await
-            .map_err(|err| backend("CLUSTER NODES failed", err))?;
+        let within = self.config.command_timeout;
+        let nodes: String = retrying(within, &self.conn, None, |mut conn| async move {
+            redis::cmd("CLUSTER")
+                .arg("NODES")
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+        .map_err(|err| backend("CLUSTER NODES failed", err))?;
         let pattern = format!("{}*", escape_glob(&self.config.prefix));
         let prefix = &self.config.prefix;
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split(' ').collect();
-            if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+            // `fail` or `fail?` among the flags, not a promoted replica's
+            // `nofailover`.
+            let mut flags = fields.get(2).unwrap_or(&"").split(',');
+            let live_master = flags.clone().any(|flag| flag == "master")
+                && !flags.any(|flag| flag.starts_with("fail"));
+            if fields.len() < 8 || !live_master {
                 continue;
             }
             let address = fields[1].split('@').next().unwrap_or_default();
@@ -381,8 +393,7 @@ impl Inner {
                     .arg(500);
                 // A node's connection may be reconnecting just now (a fresh
                 // cluster, a failover): that is a refusal to wait out.
-                let reply = retrying(self.config.command_timeout, || {
-                    let mut conn = conn.clone();
+                let reply = retrying(within, &self.conn, None, |mut conn| {
                     let (scan, route) = (scan.clone(), route.clone());
                     async move { conn.route_command(scan, route).await }
                 })
@@ -394,11 +405,18 @@ impl Inner {
                     let ours = key[prefix.len()..].starts_with('{')
                         || key[prefix.len()..].starts_with(":group:");
                     if ours {
-                        redis::cmd("UNLINK")
-                            .arg(&key)
-                            .query_async::<()>(&mut conn)
-                            .await
-                            .map_err(|err| backend("UNLINK failed", err))?;
+                        let at = Some(slot(key.as_bytes()));
+                        retrying(within, &self.conn, at, |mut conn| {
+                            let key = &key;
+                            async move {
+                                redis::cmd("UNLINK")
+                                    .arg(key)
+                                    .query_async::<()>(&mut conn)
+                                    .await
+                            }
+                        })
+                        .await
+                        .map_err(|err| backend("UNLINK failed", err))?;
                     }
                 }
                 cursor = next;
@@ -418,6 +436,36 @@ impl Inner {
 
 /// What `BZPOPMIN` returns: the key, the member, its score.
 type Popped = (Vec<u8>, Vec<u8>, f64);
+
+/// One pop of `key`: for a process's own key, whatever has gathered, up to
+/// [`POP_BATCH`], so its receivers write runs (as the one-Redis layer's
+/// poppers do); else, or if nothing has, one blocking pop that waits up to
+/// the block timeout.
+async fn pop(
+    conn: &mut ClusterConnection,
+    key: &str,
+    own_key: bool,
+    block_secs: u64,
+) -> redis::RedisResult<Vec<(Vec<u8>, f64)>> {
+    if own_key {
+        let gathered: Vec<(Vec<u8>, f64)> = redis::cmd("ZPOPMIN")
+            .arg(key)
+            .arg(POP_BATCH)
+            .query_async(conn)
+            .await?;
+        if !gathered.is_empty() {
+            return Ok(gathered);
+        }
+    }
+    let one: Option<Popped> = redis::cmd("BZPOPMIN")
+        .arg(key)
+        .arg(block_secs)
+        .query_async(conn)
+        .await?;
+    Ok(one
+        .map(|(_, member, score)| vec![(member, score)])
+        .unwrap_or_default())
+}
 
 /// One popper: pops `key` while a receiver of it waits on an empty buffer,
 /// until the key has no local channel (or the layer is dropped).
@@ -469,28 +517,26 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
             },
         };
         let asked = Instant::now();
-        let popped: Result<Option<Popped>, _> = redis::cmd("BZPOPMIN")
-            .arg(&key)
-            .arg(block_secs)
-            .query_async(active)
-            .await;
+        let popped = pop(active, &key, plain.is_none(), block_secs).await;
         tracing::trace!(
             key,
             took = ?asked.elapsed(),
-            popped = ?popped.as_ref().map(Option::is_some),
-            "BZPOPMIN"
+            popped = ?popped.as_ref().map(Vec::len),
+            "popped"
         );
         match popped {
-            Ok(one) => {
+            Ok(members) => {
                 backoff = BACKOFF_MIN;
                 if let Some(lasted) = episode.end() {
                     tracing::info!(key, ?lasted, "receiving from the Redis Cluster again");
                 }
-                if let Some((_, member, score)) = one {
+                if !members.is_empty() {
                     let Some(layer) = inner.upgrade() else {
                         return;
                     };
-                    layer.deliver(&key, plain.as_deref(), &member, score);
+                    for (member, score) in members {
+                        layer.deliver(&key, plain.as_deref(), &member, score);
+                    }
                 }
             }
             Err(err) => {
@@ -545,9 +591,9 @@ impl ChannelLayer for RedisClusterLayer {
         let inner = &self.inner;
         let gkey = group_key(&inner.config.prefix, group);
         let within = inner.config.command_timeout;
+        let at = Some(slot(gkey.as_bytes()));
         let added = bounded("group_add", within, async {
-            retrying(within, || {
-                let mut conn = inner.conn.clone();
+            retrying(within, &inner.conn, at, |mut conn| {
                 let pipe = redis::pipe()
                     .cmd("ZADD")
                     .arg(&gkey)
@@ -587,9 +633,9 @@ impl ChannelLayer for RedisClusterLayer {
         }
         let gkey = group_key(&inner.config.prefix, group);
         let within = inner.config.command_timeout;
+        let at = Some(slot(gkey.as_bytes()));
         let result = bounded("group_discard", within, async {
-            retrying(within, || {
-                let mut conn = inner.conn.clone();
+            retrying(within, &inner.conn, at, |mut conn| {
                 let command = redis::cmd("ZREM").arg(&gkey).arg(channel).to_owned();
                 async move { command.query_async::<()>(&mut conn).await }
             })

@@ -21,7 +21,9 @@
 //! `MOVED`, which refreshes the slot map), retrying with backoff until the
 //! cluster serves the slot again, one log line per episode, and announces
 //! a [`Reconnected`] event. What was published to those names in between
-//! is lost, as on any pub/sub reconnection.
+//! is lost, as on any pub/sub reconnection. A second later it subscribes
+//! them once more ([`CONFIRM`]): redis-rs can drop, silently, a node
+//! connection that had just confirmed one of them.
 //!
 //! Subscribing is one command per slot (Redis refuses an `SSUBSCRIBE`
 //! whose channels are in different slots, and channel names are random,
@@ -29,15 +31,15 @@
 //! kept in order by a lock striped by slot; different slots go out
 //! concurrently, so a storm of joins is as many commands in flight.
 
-use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 use tokio::sync::{Mutex, broadcast, mpsc};
 use tokio::time::Instant;
 
-use super::{Outage, SETTLE, backend, retrying, slot};
+use super::{Outage, Renewing, SETTLE, backend, retrying, slot};
 use crate::layer::LayerError;
 use crate::layer::buffers::Locked;
 use crate::layer::episode::Episode;
@@ -57,8 +59,11 @@ pub(crate) enum Lost {
 
 /// The pub/sub layer's subscriptions on a cluster (see the module doc).
 pub(crate) struct ClusterSubscriber {
-    subscriber: ClusterConnection,
-    publisher: ClusterConnection,
+    /// Both renewed when a slot's calls keep failing towards a node (see
+    /// `cluster::Renewing`); a renewed subscriber subscribes everything
+    /// again.
+    subscriber: Renewing,
+    publisher: Renewing,
     interest: Weak<dyn Interest>,
     /// Names this layer has subscribed (and not unsubscribed).
     subscribed: Locked<HashSet<String>>,
@@ -76,14 +81,20 @@ impl ClusterSubscriber {
     /// task, which reads `lost` (fed by the push handler; it ends when the
     /// subscriber is dropped).
     pub(crate) fn start(
-        subscriber: ClusterConnection,
-        publisher: ClusterConnection,
+        subscriber: Renewing,
+        publisher: Renewing,
         interest: Weak<dyn Interest>,
         reconnected: broadcast::Sender<Reconnected>,
         lost: (mpsc::UnboundedSender<Lost>, mpsc::UnboundedReceiver<Lost>),
         prefix: &str,
     ) -> Arc<Self> {
         let (sender, receiver) = lost;
+        // Its subscriptions stay with the old connection, which closes
+        // when its last clone is dropped.
+        let renewed = sender.clone();
+        let subscriber = subscriber.on_renewed(move || {
+            let _ = renewed.send(Lost::Connection);
+        });
         let this = Arc::new(ClusterSubscriber {
             subscriber,
             publisher,
@@ -133,8 +144,8 @@ impl ClusterSubscriber {
         within: std::time::Duration,
     ) -> Result<u64, LayerError> {
         let command = redis::cmd("SPUBLISH").arg(name).arg(payload).to_owned();
-        retrying(within, || {
-            let mut conn = self.publisher.clone();
+        let at = Some(slot(name.as_bytes()));
+        retrying(within, &self.publisher, at, |mut conn| {
             let command = &command;
             async move { command.query_async::<u64>(&mut conn).await }
         })
@@ -145,11 +156,12 @@ impl ClusterSubscriber {
     /// A round trip to any node: what `flush` waits for. Pushes come
     /// through redis-rs's push task, not in order with replies, so this
     /// is weaker than the single-host barrier (see `pubsub.rs`'s flush).
-    pub(crate) async fn ping(&self) -> Result<(), LayerError> {
-        redis::cmd("PING")
-            .query_async::<()>(&mut self.subscriber.clone())
-            .await
-            .map_err(|err| backend("PING failed", err))
+    pub(crate) async fn ping(&self, within: std::time::Duration) -> Result<(), LayerError> {
+        retrying(within, &self.subscriber, None, |mut conn| async move {
+            redis::cmd("PING").query_async::<()>(&mut conn).await
+        })
+        .await
+        .map_err(|err| backend("PING failed", err))
     }
 
     fn stripe(&self, name: &str) -> &Mutex<()> {
@@ -166,9 +178,12 @@ impl ClusterSubscriber {
         if wants == self.is_subscribed(name) {
             return Ok(());
         }
-        let mut conn = self.subscriber.clone();
+        let mut conn = self.subscriber.conn();
+        let at = Some(slot(name.as_bytes()));
         if wants {
-            if let Err(err) = conn.ssubscribe(name).await {
+            let subscribed = conn.ssubscribe(name).await;
+            self.subscriber.observe(at, &subscribed).await;
+            if let Err(err) = subscribed {
                 // Retried with backoff by the resubscribing task for as
                 // long as the layer still wants it (a `receive` keeps
                 // waiting; a failed `new_channel` or `group_add` has undone
@@ -203,21 +218,58 @@ impl ClusterSubscriber {
         let _ = self.lost.send(Lost::Connection);
     }
 
+    /// The names of `names` the layer still wants (every wanted name if
+    /// `None`).
+    fn still_wanted(&self, names: Option<HashSet<String>>) -> HashSet<String> {
+        let Some(interest) = self.interest.upgrade() else {
+            return HashSet::new();
+        };
+        match names {
+            Some(mut names) => {
+                names.retain(|name| interest.wants(name));
+                names
+            }
+            None => interest.wanted_all().into_iter().collect(),
+        }
+    }
+
+    /// One `SSUBSCRIBE` per slot of `pending`, concurrently; what failed is
+    /// left in `pending`, with the first error.
+    async fn subscribe_by_slot(&self, pending: &mut HashSet<String>) -> Option<redis::RedisError> {
+        let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+        for name in pending.drain() {
+            by_slot.entry(slot(name.as_bytes())).or_default().push(name);
+        }
+        let attempts = by_slot.into_iter().map(|(at, names)| async move {
+            let mut conn = self.subscriber.conn();
+            let subscribed = conn.ssubscribe(&names).await;
+            self.subscriber.observe(Some(at), &subscribed).await;
+            match subscribed {
+                Ok(()) => {
+                    self.subscribed.lock().extend(names);
+                    None
+                }
+                Err(err) => Some((names, err)),
+            }
+        });
+        let mut first_error = None;
+        for (names, err) in futures_util::future::join_all(attempts)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            pending.extend(names);
+            first_error.get_or_insert(err);
+        }
+        first_error
+    }
+
     /// Subscribes `names` again (every wanted name if `None`), by slot,
     /// until each is subscribed or no longer wanted.
     async fn resubscribe(&self, names: Option<HashSet<String>>, episode: &mut Episode) {
         let started = Instant::now();
         let mut backoff = BACKOFF_MIN;
-        let mut pending: HashSet<String> = match names {
-            Some(names) => names,
-            None => match self.interest.upgrade() {
-                Some(interest) => interest.wanted_all().into_iter().collect(),
-                None => return,
-            },
-        };
-        if let Some(interest) = self.interest.upgrade() {
-            pending.retain(|name| interest.wants(name));
-        }
+        let mut pending = self.still_wanted(names);
         // Only the confirmations of the layer's own unsubscriptions: nothing lost.
         if pending.is_empty() {
             return;
@@ -232,26 +284,7 @@ impl ClusterSubscriber {
             if pending.is_empty() {
                 break;
             }
-            let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-            for name in pending.drain() {
-                by_slot.entry(slot(name.as_bytes())).or_default().push(name);
-            }
-            let attempts = by_slot.into_values().map(|names| async move {
-                let mut conn = self.subscriber.clone();
-                match conn.ssubscribe(&names).await {
-                    Ok(()) => {
-                        self.subscribed.lock().extend(names);
-                        None
-                    }
-                    Err(err) => Some((names, err)),
-                }
-            });
-            let failed: Vec<_> = futures_util::future::join_all(attempts)
-                .await
-                .into_iter()
-                .flatten()
-                .collect();
-            let Some((_, first_error)) = failed.first() else {
+            let Some(first_error) = self.subscribe_by_slot(&mut pending).await else {
                 break;
             };
             if episode.start() {
@@ -260,9 +293,6 @@ impl ClusterSubscriber {
                     "the Redis Cluster does not take the subscriptions back yet \
                      (a node failed or a slot moves); retrying until it does"
                 );
-            }
-            for (names, _) in failed {
-                pending.extend(names);
             }
             tokio::time::sleep(backoff).await;
             backoff = doubled(backoff);
@@ -286,13 +316,81 @@ impl ClusterSubscriber {
             generation,
         });
     }
+
+    /// Subscribes `names` (every wanted name if `None`) once more, some
+    /// time after they were subscribed again: see [`CONFIRM`]. A name that
+    /// fails goes the way of a lost one.
+    async fn confirm(&self, names: Option<HashSet<String>>) {
+        let mut pending = self.still_wanted(names);
+        if pending.is_empty() {
+            return;
+        }
+        let count = pending.len();
+        if self.subscribe_by_slot(&mut pending).await.is_some() {
+            for name in pending {
+                let _ = self.lost.send(Lost::Name(name));
+            }
+        }
+        tracing::debug!(subscriptions = count, "confirmed the subscriptions");
+    }
+}
+
+/// How long after subscribing names again the subscriber subscribes them
+/// once more. While the cluster changes, redis-rs can confirm an
+/// `SSUBSCRIBE` on a node connection that it then replaces (two calls
+/// redirected to a new master at once each open a connection to it, and
+/// the second replaces the first in its map): the dropped connection takes
+/// the subscription with it, and nothing says so. Seen in about one run in
+/// five of `pubsub_survives_a_killed_master`, whose room then stayed silent
+/// with no node holding its subscription. `SSUBSCRIBE` of a name already
+/// subscribed changes nothing on the server, so one more pass, once the
+/// cluster has settled, costs a command per slot and restores what was
+/// dropped.
+pub(crate) const CONFIRM: Duration = Duration::from_secs(1);
+
+/// Names to subscribe once more, and when: `None` names for every wanted
+/// name.
+type Confirmation = (Instant, Option<HashSet<String>>);
+
+fn merged(pending: Option<Confirmation>, names: &Option<HashSet<String>>) -> Confirmation {
+    let at = Instant::now() + CONFIRM;
+    match (pending, names) {
+        (Some((_, Some(mut earlier))), Some(names)) => {
+            earlier.extend(names.iter().cloned());
+            (at, Some(earlier))
+        }
+        (None, Some(names)) => (at, Some(names.clone())),
+        _ => (at, None),
+    }
 }
 
 /// The resubscribing task: waits for a lost subscription, lets the burst
-/// settle, then subscribes again what the burst named.
+/// settle, then subscribes again what the burst named, and once more
+/// [`CONFIRM`] later.
 async fn follow(this: Weak<ClusterSubscriber>, mut lost: mpsc::UnboundedReceiver<Lost>) {
     let mut episode = Episode::default();
-    while let Some(first) = lost.recv().await {
+    let mut confirmation: Option<Confirmation> = None;
+    loop {
+        let first = match &confirmation {
+            Some((at, _)) => {
+                let at = *at;
+                tokio::select! {
+                    first = lost.recv() => first,
+                    () = tokio::time::sleep_until(at) => {
+                        let names = confirmation.take().and_then(|(_, names)| names);
+                        let Some(this) = this.upgrade() else {
+                            return;
+                        };
+                        this.confirm(names).await;
+                        continue;
+                    }
+                }
+            }
+            None => lost.recv().await,
+        };
+        let Some(first) = first else {
+            return;
+        };
         tokio::time::sleep(SETTLE).await;
         let mut everything = false;
         let mut names = HashSet::new();
@@ -312,6 +410,7 @@ async fn follow(this: Weak<ClusterSubscriber>, mut lost: mpsc::UnboundedReceiver
         // A name the layer unsubscribed itself is not wanted any more and
         // is skipped there; anything else the server ended is lost.
         let names = if everything { None } else { Some(names) };
-        this.resubscribe(names, &mut episode).await;
+        this.resubscribe(names.clone(), &mut episode).await;
+        confirmation = Some(merged(confirmation.take(), &names));
     }
 }

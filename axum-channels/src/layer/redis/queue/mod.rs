@@ -62,6 +62,9 @@ mod popper;
 mod send;
 mod state;
 
+pub(crate) use popper::POP_BATCH;
+pub(crate) use send::{KeyPayload, payloads_by_key};
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, MutexGuard, Weak};

@@ -214,7 +214,7 @@ impl Inner {
 /// time would cost a write each: with 100 receivers in one room, `cargo
 /// xtask bench fanout` measured the queue layer at about half the bare
 /// server's deliveries per second popping one message at a time.
-const POP_BATCH: usize = 32;
+pub(crate) const POP_BATCH: usize = 32;
 
 /// One popper: pops `key` on host `shard` while a receiver is hungry, for
 /// as long as the key has local channels and its grace period after. Its

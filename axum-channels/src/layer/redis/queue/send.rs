@@ -33,12 +33,41 @@ use crate::layer::{LayerError, LayerMessage};
 /// channels, the key's capacity, and those channels.
 type Write = (String, Vec<u8>, usize, Vec<String>);
 
+/// One payload of a group message: its channel key, the payload, and the
+/// member channels it routes to.
+pub(crate) type KeyPayload = (String, Vec<u8>, Vec<String>);
+
+/// `group_send`'s payloads to a group's `members`: one per channel key
+/// (`key_of` a member's name: Python's layout, or the cluster's), routed
+/// to all its members, or several where one would be over `limit`
+/// ([`codec::encode_many`]), each with the members it routes to; keys in
+/// the order Redis listed their first member. Both queue layers write
+/// these, so a large group splits the same way on one Redis and on a
+/// cluster.
+pub(crate) fn payloads_by_key(
+    message: &LayerMessage,
+    members: Vec<String>,
+    key_of: impl Fn(&str) -> String,
+    limit: usize,
+) -> Result<Vec<KeyPayload>, LayerError> {
+    let mut writes = Vec::new();
+    for (key, mut names) in by_key(members, key_of) {
+        let payloads = codec::encode_many(message, &names, limit)?;
+        for (payload, count) in payloads {
+            let rest = names.split_off(count);
+            let these = std::mem::replace(&mut names, rest);
+            writes.push((key.clone(), payload, these));
+        }
+    }
+    Ok(writes)
+}
+
 /// The members of a group, by channel key, in the order Redis listed them
 /// (as Python does): one message per key, routed to all its members.
 ///
 /// Members are told apart by their non-local name, a slice of their own:
 /// a group of 100,000 is 100,000 lookups, and no key is built for each.
-fn by_key(prefix: &str, members: Vec<String>) -> Vec<(String, Vec<String>)> {
+fn by_key(members: Vec<String>, key_of: impl Fn(&str) -> String) -> Vec<(String, Vec<String>)> {
     // Each member's bucket, found by borrowing its name...
     let mut bucket_of = Vec::with_capacity(members.len());
     let mut first_of_bucket = Vec::new();
@@ -55,7 +84,7 @@ fn by_key(prefix: &str, members: Vec<String>) -> Vec<(String, Vec<String>)> {
     }
     let mut buckets: Vec<(String, Vec<String>)> = first_of_bucket
         .iter()
-        .map(|&i| (channel_key(prefix, &members[i]), Vec::new()))
+        .map(|&i| (key_of(&members[i]), Vec::new()))
         .collect();
     // ...then the names moved into their buckets, not copied.
     for (name, bucket) in members.into_iter().zip(bucket_of) {
@@ -265,26 +294,27 @@ impl Inner {
     }
 
     /// The writes of one group message to `members`, with each one's host:
-    /// one payload per key, routed to all of that key's members, or
-    /// several when a key has more members than one payload can name (a
-    /// server's share of a large group), each under the size limit.
+    /// see [`payloads_by_key`].
     fn writes(
         &self,
         message: &LayerMessage,
         members: Vec<String>,
     ) -> Result<Vec<(usize, Write)>, LayerError> {
-        let mut writes = Vec::new();
-        for (key, mut names) in by_key(&self.config.prefix, members) {
-            let payloads = codec::encode_many(message, &names, self.config.max_message_size)?;
-            let capacity = self.config.capacity_of(&names[0]);
-            let shard = consistent_hash(non_local_name(&names[0]), self.shards());
-            for (payload, count) in payloads {
-                let rest = names.split_off(count);
-                let these = std::mem::replace(&mut names, rest);
-                writes.push((shard, (key.clone(), payload, capacity, these)));
-            }
-        }
-        Ok(writes)
+        let prefix = &self.config.prefix;
+        let payloads = payloads_by_key(
+            message,
+            members,
+            |name| channel_key(prefix, name),
+            self.config.max_message_size,
+        )?;
+        Ok(payloads
+            .into_iter()
+            .map(|(key, payload, names)| {
+                let capacity = self.config.capacity_of(&names[0]);
+                let shard = consistent_hash(non_local_name(&names[0]), self.shards());
+                (shard, (key, payload, capacity, names))
+            })
+            .collect())
     }
 
     /// The second step of the two-step `group_send`: the writes to
@@ -497,7 +527,7 @@ mod tests {
     #[test]
     fn group_members_are_bucketed_by_key_in_redis_order() {
         let members = names(&["s.p1!a", "worker.jobs", "s.p2!x", "s.p1!b"]);
-        let buckets = by_key("asgi", members);
+        let buckets = by_key(members, |name| channel_key("asgi", name));
         assert_eq!(
             buckets,
             vec![
