@@ -444,27 +444,14 @@ async fn queue_takes_a_process_keys_backlog_in_one_pop() {
     }
 }
 
-/// Two plain channels whose keys (`asgi{name}`) share a slot: CRC16 of
-/// the hash tag, as Redis computes it, until two names meet.
-fn two_channels_in_one_slot() -> (String, String) {
-    fn crc16(bytes: &[u8]) -> u16 {
-        let mut crc: u16 = 0;
-        for &byte in bytes {
-            crc ^= u16::from(byte) << 8;
-            for _ in 0..8 {
-                crc = if crc & 0x8000 != 0 {
-                    (crc << 1) ^ 0x1021
-                } else {
-                    crc << 1
-                };
-            }
-        }
-        crc
-    }
+/// Two plain channels whose keys (`asgi{name}`) share a slot, as the
+/// cluster computes it (`CLUSTER KEYSLOT`), tried until two names meet.
+async fn two_channels_in_one_slot(cluster: &RedisCluster) -> (String, String) {
     let mut seen = std::collections::HashMap::new();
     for i in 0.. {
         let name = format!("tryagain{i}");
-        if let Some(other) = seen.insert(crc16(name.as_bytes()) % 16384, name.clone()) {
+        let slot = keyslot(cluster, &format!("asgi{{{name}}}")).await;
+        if let Some(other) = seen.insert(slot, name.clone()) {
             return (other, name);
         }
     }
@@ -489,7 +476,7 @@ async fn queue_waits_out_tryagain_while_a_slot_moves() {
         RedisClusterLayer::connect(config(&cluster).with_command_timeout(Duration::from_secs(10)))
             .await
             .expect("connect the queue layer to the cluster");
-    let (a, b) = two_channels_in_one_slot();
+    let (a, b) = two_channels_in_one_slot(&cluster).await;
     let (key_a, key_b) = (format!("asgi{{{a}}}"), format!("asgi{{{b}}}"));
     let slot = keyslot(&cluster, &key_a).await;
     assert_eq!(slot, keyslot(&cluster, &key_b).await, "{a} and {b}");

@@ -54,7 +54,7 @@ use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MIN, doubled};
-use crate::layer::redis::queue::{KeyPayload, POP_BATCH, payloads_by_key};
+use crate::layer::redis::queue::{KeyPayload, POP_BATCH, payloads_by_key, pop};
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
     push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
@@ -434,39 +434,6 @@ impl Inner {
     }
 }
 
-/// What `BZPOPMIN` returns: the key, the member, its score.
-type Popped = (Vec<u8>, Vec<u8>, f64);
-
-/// One pop of `key`: for a process's own key, whatever has gathered, up to
-/// [`POP_BATCH`], so its receivers write runs (as the one-Redis layer's
-/// poppers do); else, or if nothing has, one blocking pop that waits up to
-/// the block timeout.
-async fn pop(
-    conn: &mut ClusterConnection,
-    key: &str,
-    own_key: bool,
-    block_secs: u64,
-) -> redis::RedisResult<Vec<(Vec<u8>, f64)>> {
-    if own_key {
-        let gathered: Vec<(Vec<u8>, f64)> = redis::cmd("ZPOPMIN")
-            .arg(key)
-            .arg(POP_BATCH)
-            .query_async(conn)
-            .await?;
-        if !gathered.is_empty() {
-            return Ok(gathered);
-        }
-    }
-    let one: Option<Popped> = redis::cmd("BZPOPMIN")
-        .arg(key)
-        .arg(block_secs)
-        .query_async(conn)
-        .await?;
-    Ok(one
-        .map(|(_, member, score)| vec![(member, score)])
-        .unwrap_or_default())
-}
-
 /// One popper: pops `key` while a receiver of it waits on an empty buffer,
 /// until the key has no local channel (or the layer is dropped).
 async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: Arc<Demand>) {
@@ -517,7 +484,10 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
             },
         };
         let asked = Instant::now();
-        let popped = pop(active, &key, plain.is_none(), block_secs).await;
+        // A process's own key: whatever has gathered, up to POP_BATCH, so its
+        // receivers write runs (as the one-Redis layer's poppers do).
+        let count = if plain.is_none() { POP_BATCH } else { 1 };
+        let popped = pop(active, &key, count, block_secs).await;
         tracing::trace!(
             key,
             took = ?asked.elapsed(),

@@ -62,7 +62,7 @@ mod popper;
 mod send;
 mod state;
 
-pub(crate) use popper::POP_BATCH;
+pub(crate) use popper::{POP_BATCH, pop};
 pub(crate) use send::{KeyPayload, payloads_by_key};
 
 use std::collections::{BTreeSet, HashMap};

@@ -36,7 +36,7 @@ use crate::layer::redis::wire::{inflight_key, now_secs, score_arg};
 const MAX_SPARE: usize = 2;
 
 /// Members popped from a key, with their scores.
-type Popped = Vec<(Vec<u8>, f64)>;
+pub(crate) type Popped = Vec<(Vec<u8>, f64)>;
 
 /// Blocking connections of stopped poppers, per host, for the next popper
 /// of that host: a popper that starts takes one before opening a new one.
@@ -280,8 +280,8 @@ pub(super) async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: us
 
 /// Pops up to `count` members if the key has them (one round trip for a
 /// backlog), else one blocking pop that waits up to the block timeout.
-async fn pop(
-    conn: &mut MultiplexedConnection,
+pub(crate) async fn pop<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
     key: &str,
     count: usize,
     block_secs: u64,
