@@ -302,12 +302,9 @@ fn parse_options(mut args: Args) -> Result<Options> {
             scale: Some(scale),
         });
     }
-    if let Some((name, _)) = scale_only.iter().find(|(_, given)| *given) {
-        return Err(Error::Usage(format!(
-            "{name} is for scale, not {}",
-            scenario.name()
-        )));
-    }
+    refuse_stray(&scale_only, |name| {
+        format!("{name} is for scale, not {}", scenario.name())
+    })?;
     if scenario == Scenario::Storm {
         refuse_stray(
             &[
