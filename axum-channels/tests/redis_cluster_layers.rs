@@ -204,20 +204,35 @@ fn report(what: &str, got: &[(u64, Instant)], last: u64, changed: Instant) -> us
     lost.len()
 }
 
+/// Two pub/sub layers on `cluster` with a room's [`Traffic`] flowing from
+/// one to the other (for 300 ms already), the slot of the room's group,
+/// and the port of the master that holds it.
+async fn pubsub_room(
+    cluster: &RedisCluster,
+) -> (
+    Arc<RedisPubSubLayer>,
+    Arc<RedisPubSubLayer>,
+    Traffic,
+    u16,
+    u16,
+) {
+    let sender = pubsub(cluster).await;
+    let receiver = pubsub(cluster).await;
+    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
+    sleep(Duration::from_millis(300)).await;
+    let slot = keyslot(cluster, "asgi__group__room").await;
+    let master = cluster.master_of(slot).await.port;
+    (sender, receiver, traffic, slot, master)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_follows_a_group_whose_slot_moves() {
     trace();
     let Some(cluster) = RedisCluster::start().await else {
         return;
     };
-    let sender = pubsub(&cluster).await;
-    let receiver = pubsub(&cluster).await;
+    let (sender, receiver, traffic, slot, from) = pubsub_room(&cluster).await;
     let mut reconnected = receiver.reconnected();
-    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
-    sleep(Duration::from_millis(300)).await;
-
-    let slot = keyslot(&cluster, "asgi__group__room").await;
-    let from = cluster.master_of(slot).await.port;
     let to = other_master(&cluster, from).await;
     let changed = Instant::now();
     cluster.move_slot(slot, to).await;
@@ -245,13 +260,7 @@ async fn pubsub_follows_a_planned_failover() {
     let Some(cluster) = RedisCluster::start().await else {
         return;
     };
-    let sender = pubsub(&cluster).await;
-    let receiver = pubsub(&cluster).await;
-    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
-    sleep(Duration::from_millis(300)).await;
-
-    let slot = keyslot(&cluster, "asgi__group__room").await;
-    let master = cluster.master_of(slot).await.port;
+    let (sender, _receiver, traffic, _, master) = pubsub_room(&cluster).await;
     let changed = Instant::now();
     cluster.failover(master).await;
     cluster.wait_until_ok(RECOVERY).await;
@@ -272,13 +281,7 @@ async fn pubsub_survives_a_killed_master() {
     let Some(mut cluster) = RedisCluster::start().await else {
         return;
     };
-    let sender = pubsub(&cluster).await;
-    let receiver = pubsub(&cluster).await;
-    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
-    sleep(Duration::from_millis(300)).await;
-
-    let slot = keyslot(&cluster, "asgi__group__room").await;
-    let master = cluster.master_of(slot).await.port;
+    let (sender, _receiver, traffic, _, master) = pubsub_room(&cluster).await;
     let changed = Instant::now();
     cluster.kill(master).await;
     cluster.wait_for_takeover(master, RECOVERY * 2).await;
@@ -304,13 +307,7 @@ async fn pubsub_leaves_a_stale_slot_map_behind() {
     let Some(mut cluster) = RedisCluster::start().await else {
         return;
     };
-    let sender = pubsub(&cluster).await;
-    let receiver = pubsub(&cluster).await;
-    let traffic = Traffic::start(Arc::clone(&sender), Arc::clone(&receiver)).await;
-    sleep(Duration::from_millis(300)).await;
-
-    let slot = keyslot(&cluster, "asgi__group__room").await;
-    let master = cluster.master_of(slot).await.port;
+    let (sender, _receiver, traffic, _, master) = pubsub_room(&cluster).await;
     let replica = cluster.hold_failover(master).await;
     cluster.kill(master).await;
     sleep(STALE_FOR).await;
