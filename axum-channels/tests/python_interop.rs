@@ -36,7 +36,7 @@ use axum_channels::layer::{ChannelLayer, LayerError, LayerEvent, LayerMessage, L
 use axum_channels::testing::TestServer;
 use axum_channels::{Consumer, Frame, Result, Scope, Socket};
 use channels_testkit::RedisServer;
-use channels_testkit::python::{Impl, Kind, PyLayer, Python, python};
+use channels_testkit::python::{Impl, Kind, Peer, PyLayer, Python, python};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -162,6 +162,36 @@ impl World {
     }
 }
 
+/// Reads `count` messages from a Python listener, each `message`, and
+/// checks that they reached every channel in `channels` once; then waits
+/// for the listener to exit.
+async fn each_channel_hears_it_once(
+    listener: &mut Peer,
+    py: &PyLayer,
+    message: &Value,
+    count: usize,
+    mut channels: Vec<String>,
+) {
+    let mut reached = Vec::new();
+    for _ in 0..count {
+        let (channel, received) = listener.message().await;
+        assert_eq!(
+            &received,
+            message,
+            "as {} received it on {channel}",
+            py.class()
+        );
+        reached.push(channel);
+    }
+    reached.sort();
+    channels.sort();
+    assert_eq!(
+        reached, channels,
+        "each Python channel gets the message once"
+    );
+    listener.exited().await;
+}
+
 /// The checks of the matrix, each for one Python package and one layer kind.
 mod checks {
     use super::*;
@@ -215,25 +245,7 @@ mod checks {
         rust.group_send(group, as_message(&message))
             .await
             .expect("Rust group_send");
-        let mut reached = Vec::new();
-        for _ in 0..2 {
-            let (channel, received) = listener.message().await;
-            assert_eq!(
-                received,
-                message,
-                "as {} received it on {channel}",
-                py.class()
-            );
-            reached.push(channel);
-        }
-        reached.sort();
-        let mut expected = ready.channels;
-        expected.sort();
-        assert_eq!(
-            reached, expected,
-            "each Python channel gets the message once"
-        );
-        listener.exited().await;
+        each_channel_hears_it_once(&mut listener, &py, &message, 2, ready.channels).await;
     }
 
     /// A Python `send` to a Rust channel's name arrives there, and only
@@ -661,25 +673,7 @@ async fn a_split_group_send_reaches_python_channels_once(test: &str, imp: Impl) 
     rust.group_send(group, as_message(&message))
         .await
         .expect("Rust group_send, split");
-    let mut reached = Vec::new();
-    for _ in 0..channels {
-        let (channel, received) = listener.message().await;
-        assert_eq!(
-            received,
-            message,
-            "as {} received it on {channel}",
-            py.class()
-        );
-        reached.push(channel);
-    }
-    reached.sort();
-    let mut expected = ready.channels;
-    expected.sort();
-    assert_eq!(
-        reached, expected,
-        "each Python channel gets the message once"
-    );
-    listener.exited().await;
+    each_channel_hears_it_once(&mut listener, &py, &message, channels, ready.channels).await;
 }
 
 #[tokio::test]
