@@ -116,7 +116,7 @@ struct Inner {
     group_send_checked: Script,
     /// The members each group had when this process last sent to it (one
     /// host only: see `send::Inner::group_send_checked`).
-    seen: Locked<HashMap<String, send::Seen>>,
+    seen: Locked<HashMap<String, Arc<send::Seen>>>,
     cleanup: Script,
     /// Pops that are to panic (see [`RedisLayer::inject_popper_panic`]).
     injected_panics: AtomicU32,

@@ -16,6 +16,7 @@
 //! `queue`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use redis::{ErrorKind, ServerErrorKind};
@@ -169,7 +170,7 @@ impl Inner {
     ) -> Result<(), LayerError> {
         let mut seen = self.seen.lock().get(group).cloned();
         for _ in 0..2 {
-            let (digest, writes) = match &seen {
+            let (digest, writes) = match seen.as_deref() {
                 Some(Seen::Members { digest, members }) => {
                     (digest.as_str(), self.writes(message, members.clone())?)
                 }
@@ -189,9 +190,9 @@ impl Inner {
                 Checked::Changed(raw) => seen = Some(self.saw(group, &raw)),
             }
         }
-        match seen {
+        match seen.as_deref() {
             Some(Seen::Members { members, .. }) => {
-                self.send_to_members(group, message, members).await
+                self.send_to_members(group, message, members.clone()).await
             }
             _ => {
                 let members = self.members(group).await?;
@@ -201,22 +202,23 @@ impl Inner {
     }
 
     /// Records what Redis listed as `group`'s members, for the next send.
-    fn saw(&self, group: &str, raw: &[Vec<u8>]) -> Seen {
-        let seen = if raw.len() > SEEN_MEMBERS_MAX {
+    /// Shared, so that a send's look-up copies no list of names.
+    fn saw(&self, group: &str, raw: &[Vec<u8>]) -> Arc<Seen> {
+        let seen = Arc::new(if raw.len() > SEEN_MEMBERS_MAX {
             Seen::TooMany
         } else {
             Seen::Members {
                 digest: digest(raw),
                 members: utf8_members(group, raw.to_vec()),
             }
-        };
+        });
         let mut groups = self.seen.lock();
         if groups.len() >= SEEN_GROUPS_MAX && !groups.contains_key(group) {
             // Forgetting costs one round trip per group; keeping every
             // group ever sent to would cost memory without bound.
             groups.clear();
         }
-        groups.insert(group.to_owned(), seen.clone());
+        groups.insert(group.to_owned(), Arc::clone(&seen));
         seen
     }
 
@@ -471,7 +473,6 @@ enum Checked {
 }
 
 /// What this process last saw of a group's members (one Redis host only).
-#[derive(Clone)]
 pub(super) enum Seen {
     Members {
         /// [`digest`] of the list as Redis gave it.
