@@ -82,7 +82,12 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// The wait after `backoff`: twice as long, up to [`BACKOFF_MAX`].
 pub(crate) fn doubled(backoff: Duration) -> Duration {
-    backoff.saturating_mul(2).min(BACKOFF_MAX)
+    doubled_up_to(backoff, BACKOFF_MAX)
+}
+
+/// Twice `wait`, up to `max`.
+pub(crate) fn doubled_up_to(wait: Duration, max: Duration) -> Duration {
+    wait.saturating_mul(2).min(max)
 }
 
 /// How long one connection attempt may take.

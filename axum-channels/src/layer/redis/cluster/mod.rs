@@ -39,7 +39,7 @@ pub use queue::RedisClusterLayer;
 pub(crate) use subscriber::ClusterSubscriber;
 
 use super::config::RedisConfig;
-use super::link::{BACKOFF_MIN, doubled};
+use super::link::{BACKOFF_MIN, doubled, doubled_up_to};
 use super::wire::{Version, check_server_version};
 use crate::layer::episode::Episode;
 use crate::layer::{BackendError, LayerError, Locked};
@@ -356,10 +356,6 @@ impl Failing {
         self.0
             .retain(|_, (_, last)| now.duration_since(*last) < STALE);
     }
-}
-
-fn doubled_up_to(interval: Duration, max: Duration) -> Duration {
-    (interval * 2).min(max)
 }
 
 /// Whether `err` says a call did not reach a node that serves it: refused,
