@@ -356,16 +356,24 @@ impl<X> Drop for Buffer<X> {
     }
 }
 
+/// The map of channel names to buffers. Every message a layer hands over
+/// looks its channel up here about four times (the sender's push, the
+/// receive, the wait, the hand-over), so the hash is foldhash's, several
+/// times quicker on names of this length than the standard library's
+/// SipHash, and still seeded at random, so names cannot be picked in
+/// advance to fall into one bucket.
+type ByChannel<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// The buffers of one layer's local channels, by channel name.
 pub(crate) struct LocalBuffers<X = ()> {
-    buffers: HashMap<String, Buffer<X>>,
+    buffers: ByChannel<Buffer<X>>,
     when_full: WhenFull,
 }
 
 impl<X> LocalBuffers<X> {
     pub(crate) fn new(when_full: WhenFull) -> Self {
         LocalBuffers {
-            buffers: HashMap::new(),
+            buffers: ByChannel::default(),
             when_full,
         }
     }
@@ -394,16 +402,30 @@ impl<X> LocalBuffers<X> {
         channel: &str,
         capacity: impl FnOnce() -> usize,
     ) -> &mut Buffer<X> {
+        let Ok(buffer) = self.try_open(channel, || Ok::<_, std::convert::Infallible>(capacity()));
+        buffer
+    }
+
+    /// [`open`](Self::open), where making the buffer may fail: `make`, called
+    /// only for a channel without one, checks the name and says its
+    /// capacity. A receive on a channel that has a buffer, nearly every
+    /// receive, thus checks nothing again.
+    pub(crate) fn try_open<E>(
+        &mut self,
+        channel: &str,
+        make: impl FnOnce() -> Result<usize, E>,
+    ) -> Result<&mut Buffer<X>, E> {
         // Looked up first: `entry` would need an owned name, an allocation
         // on every receive and every group member's push, where the buffer
         // nearly always exists already.
         if !self.buffers.contains_key(channel) {
-            let buffer = Buffer::new(capacity(), self.when_full);
+            let buffer = Buffer::new(make()?, self.when_full);
             self.buffers.insert(channel.to_owned(), buffer);
         }
-        self.buffers
+        Ok(self
+            .buffers
             .get_mut(channel)
-            .expect("the buffer was just looked up or inserted")
+            .expect("the buffer was just looked up or inserted"))
     }
 
     /// The buffer of `channel`, made with `capacity` and counted in
@@ -467,7 +489,9 @@ const SHRINK_FROM: usize = 1_024;
 /// grow back without reallocating at once; a map shrinks only after it
 /// has lost three quarters of itself, so the work is paid for by the
 /// removals, as growing is by the inserts.
-pub(crate) fn shrink<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>) {
+pub(crate) fn shrink<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
     let room = map.capacity();
     if room >= SHRINK_FROM && map.len() < room / 4 {
         map.shrink_to(map.len() * 2);

@@ -288,11 +288,11 @@ impl InMemoryLayer {
         &'a self,
         channel: &'a str,
     ) -> Result<impl Future<Output = Entry> + 'a, LayerError> {
-        validate_channel_name(channel)?;
         let mut state = self.state.lock();
-        let buffer = state
-            .buffers
-            .open(channel, || self.config.capacity_of(channel));
+        let buffer = state.buffers.try_open(channel, || {
+            validate_channel_name(channel)?;
+            Ok::<_, LayerError>(self.config.capacity_of(channel))
+        })?;
         Ok(Receiver::new(&self.state, channel, buffer).next())
     }
 

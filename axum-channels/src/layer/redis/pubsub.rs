@@ -334,10 +334,14 @@ impl RedisPubSubLayer {
         let within = shared.config.command_timeout;
         let client = cluster::client(&shared.config, Some(pushes))?;
         let subscriber =
-            cluster::connect(client, Version(7, 0), because, "pub/sub subscriber", within).await?;
+            cluster::connect(client, Version(7, 0), because, "pub/sub subscriber", within)
+                .await?
+                .0;
         let client = cluster::client(&shared.config, None::<fn(PushInfo) -> Result<(), ()>>)?;
         let publisher =
-            cluster::connect(client, Version(7, 0), because, "pub/sub publisher", within).await?;
+            cluster::connect(client, Version(7, 0), because, "pub/sub publisher", within)
+                .await?
+                .0;
         let interest: std::sync::Weak<dyn Interest> =
             Arc::downgrade(&shared) as std::sync::Weak<Shared>;
         let (reconnected, _) = broadcast::channel(RECONNECTED_BACKLOG);
@@ -407,14 +411,14 @@ impl RedisPubSubLayer {
     /// One receive on `channel`, subscribing it first if it is new here:
     /// what `receive` and `receive_shared` wait on.
     async fn next_entry(&self, channel: &str) -> Result<Entry, LayerError> {
-        validate_channel_name(channel)?;
         let inner = &self.inner;
         let shared = inner.shared();
         let receiver = {
             let mut state = shared.lock();
-            let buffer = state
-                .buffers
-                .open(channel, || shared.config.capacity_of(channel));
+            let buffer = state.buffers.try_open(channel, || {
+                validate_channel_name(channel)?;
+                Ok::<_, LayerError>(shared.config.capacity_of(channel))
+            })?;
             Receiver::new(&shared.state, channel, buffer)
         };
         // A name first seen here is subscribed now. If that fails, the
