@@ -135,6 +135,8 @@ pub(crate) type OnConnect = Arc<
 pub(crate) struct Link {
     /// `host:port`, for messages (never the URL, which may hold a password).
     host: String,
+    /// What the server said it was when the link was made, if it said.
+    version: Option<Version>,
     client: Client,
     resp3: bool,
     response_timeout: Duration,
@@ -235,6 +237,7 @@ impl Link {
             Client::open(info.clone().set_redis_settings(settings)).map_err(unreachable)?;
         let link = Arc::new(Link {
             host,
+            version,
             client,
             resp3,
             response_timeout: (command_timeout / 2).max(Duration::from_millis(100)),
@@ -254,6 +257,11 @@ impl Link {
     /// `host:port` of this link.
     pub(crate) fn host(&self) -> &str {
         &self.host
+    }
+
+    /// The server's version when the link was made, if it said.
+    pub(crate) fn version(&self) -> Option<Version> {
+        self.version
     }
 
     /// The client, for the layers' own dedicated connections.

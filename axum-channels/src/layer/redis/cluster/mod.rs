@@ -90,7 +90,7 @@ pub(crate) async fn connect(
     because: &str,
     what: &'static str,
     within: Duration,
-) -> Result<Renewing, LayerError> {
+) -> Result<(Renewing, Option<Version>), LayerError> {
     let conn = client
         .get_async_connection()
         .await
@@ -106,11 +106,18 @@ pub(crate) async fn connect(
     })
     .await
     .map_err(|err| backend("the Redis Cluster does not answer INFO", err))?;
+    let mut oldest = None;
     for (node, info) in &infos {
-        check_server_version(info, node, needed, because)
+        let version = check_server_version(info, node, needed, because)
             .map_err(|reason| LayerError::from(BackendError::new(reason)))?;
+        // One node that does not say is a cluster whose version is unknown.
+        oldest = match (oldest, version) {
+            (None, version) => Some(version),
+            (Some(Some(a)), Some(b)) => Some(Some(a.min(b))),
+            (Some(_), _) => Some(None),
+        };
     }
-    Ok(conn)
+    Ok((conn, oldest.flatten()))
 }
 
 /// Whether the cluster refused a command before running it: no slot

@@ -54,7 +54,7 @@ use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MIN, doubled};
-use crate::layer::redis::queue::{KeyPayload, POP_BATCH, payloads_by_key, pop};
+use crate::layer::redis::queue::{KeyPayload, POP_BATCH, has_bzmpop, payloads_by_key, pop};
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
     push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
@@ -77,6 +77,8 @@ struct Inner {
     conn: Renewing,
     /// For poppers' connections: no response timeout at or below the block.
     popper_client: ClusterClient,
+    /// Every node has `BZMPOP` (Redis 7.0): a pop is one round trip.
+    bzmpop: bool,
     group_send: Script,
     state: Locked<State>,
     /// One warning while the cluster refuses calls, not one per call.
@@ -127,7 +129,8 @@ impl RedisClusterLayer {
         let because = "the queue layer pops with BZPOPMIN";
         let client = super::client(&config, None::<fn(redis::PushInfo) -> Result<(), ()>>)?;
         let within = config.command_timeout;
-        let conn = super::connect(client, Version(5, 0), because, "queue layer", within).await?;
+        let (conn, version) =
+            super::connect(client, Version(5, 0), because, "queue layer", within).await?;
         let popper_config = RedisConfig {
             command_timeout: config.block_timeout + config.command_timeout,
             ..config.clone()
@@ -143,6 +146,7 @@ impl RedisClusterLayer {
                 client_prefix: uuid4_hex(),
                 conn,
                 popper_client,
+                bzmpop: has_bzmpop(version),
                 group_send: Script::new(GROUP_SEND_LUA),
                 state: Locked::default(),
             }),
@@ -468,6 +472,7 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
         };
         let block_secs = layer.config.block_secs();
         let client = layer.popper_client.clone();
+        let bzmpop = layer.bzmpop;
         drop(layer);
         let active = match conn.as_mut() {
             Some(active) => active,
@@ -487,7 +492,7 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
         // A process's own key: whatever has gathered, up to POP_BATCH, so its
         // receivers write runs (as the one-Redis layer's poppers do).
         let count = if plain.is_none() { POP_BATCH } else { 1 };
-        let popped = pop(active, &key, count, block_secs).await;
+        let popped = pop(active, &key, count, block_secs, bzmpop).await;
         tracing::trace!(
             key,
             took = ?asked.elapsed(),
@@ -521,6 +526,24 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
     }
 }
 
+impl RedisClusterLayer {
+    /// One receive on `channel`: what `receive` and `receive_shared` wait
+    /// on. A channel's name is checked when it gets its buffer, not again
+    /// on every receive.
+    async fn next_entry(&self, channel: &str) -> Result<Entry, LayerError> {
+        let inner = &self.inner;
+        let receiver = {
+            let mut state = inner.lock();
+            if !state.buffers.contains(channel) {
+                validate_channel_name(channel)?;
+            }
+            let buffer = inner.open(&mut state, channel);
+            Receiver::new(&inner.state, channel, buffer)
+        };
+        Ok(receiver.next().await)
+    }
+}
+
 #[async_trait]
 impl ChannelLayer for RedisClusterLayer {
     async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
@@ -545,14 +568,17 @@ impl ChannelLayer for RedisClusterLayer {
     }
 
     async fn receive(&self, channel: &str) -> Result<LayerMessage, LayerError> {
-        validate_channel_name(channel)?;
-        let inner = &self.inner;
-        let receiver = {
-            let mut state = inner.lock();
-            let buffer = inner.open(&mut state, channel);
-            Receiver::new(&inner.state, channel, buffer)
-        };
-        Ok(receiver.next().await.into_message())
+        Ok(self.next_entry(channel).await?.into_message())
+    }
+
+    async fn receive_shared(&self, channel: &str) -> Result<Arc<LayerMessage>, LayerError> {
+        Ok(self.next_entry(channel).await?.into_shared())
+    }
+
+    fn try_receive(&self, channel: &str) -> Option<Arc<LayerMessage>> {
+        let mut state = self.inner.lock();
+        let entry = state.buffers.get_mut(channel)?.take_ready(Instant::now())?;
+        Some(entry.into_shared())
     }
 
     async fn group_add(&self, group: &str, channel: &str) -> Result<(), LayerError> {

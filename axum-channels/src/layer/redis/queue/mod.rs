@@ -62,7 +62,7 @@ mod popper;
 mod send;
 mod state;
 
-pub(crate) use popper::{POP_BATCH, pop};
+pub(crate) use popper::{POP_BATCH, has_bzmpop, pop};
 pub(crate) use send::{KeyPayload, payloads_by_key};
 
 use std::collections::{BTreeSet, HashMap};
@@ -197,21 +197,22 @@ impl RedisLayer {
     /// One receive on `channel`, its message marked as read: what
     /// `receive` and `receive_shared` wait on.
     async fn next_entry(&self, channel: &str) -> Result<Entry<Extra>, LayerError> {
-        validate_channel_name(channel)?;
         let inner = &self.inner;
-        if inner.is_foreign(channel) {
-            // A caller's mistake, not an outage.
-            return Err(LayerError::ForeignChannel {
-                channel: channel.to_owned(),
-            });
-        }
         let receiver = {
             let mut state = inner.lock();
             // Nearly always there already: every receive comes here, and
-            // a group message is one receive per member.
+            // a group message is one receive per member. Only a receive
+            // makes a buffer, so a name that has one was checked then.
             let buffer = if state.buffers.contains(channel) {
                 state.buffers.get_mut(channel).expect("just looked up")
             } else {
+                validate_channel_name(channel)?;
+                if inner.is_foreign(channel) {
+                    // A caller's mistake, not an outage.
+                    return Err(LayerError::ForeignChannel {
+                        channel: channel.to_owned(),
+                    });
+                }
                 // Not kept past the await: it would live as long as the
                 // wait, an allocation per idle connection.
                 let key = inner.key_of(channel);

@@ -260,7 +260,7 @@ pub(super) async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: us
         } else {
             wanted.hungry.max(POP_BATCH)
         };
-        match pop(active, &key, count, block_secs).await {
+        match pop(active, &key, count, block_secs, has_bzmpop(link.version())).await {
             Ok(popped) => {
                 for (member, score) in popped {
                     inner
@@ -278,14 +278,38 @@ pub(super) async fn popper(inner: Arc<Inner>, key: String, epoch: u64, shard: us
     }
 }
 
-/// Pops up to `count` members if the key has them (one round trip for a
-/// backlog), else one blocking pop that waits up to the block timeout.
+/// Whether a Redis of `version` has `BZMPOP` (7.0 and newer).
+pub(crate) fn has_bzmpop(version: Option<super::super::wire::Version>) -> bool {
+    version.is_some_and(|version| version >= super::super::wire::Version(7, 0))
+}
+
+/// Pops up to `count` members, oldest first, waiting up to the block
+/// timeout for one if the key is empty.
+///
+/// With `bzmpop` (Redis 7.0 and newer), one `BZMPOP` does both in one
+/// round trip. Without it, a `ZPOPMIN` takes a backlog and, when it finds
+/// none, a `BZPOPMIN` waits for one member: a key that is drained as fast
+/// as it fills, as a busy server's is, costs two commands per message.
 pub(crate) async fn pop<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     key: &str,
     count: usize,
     block_secs: u64,
+    bzmpop: bool,
 ) -> Result<Popped, RedisError> {
+    if bzmpop {
+        // `[key, [[member, score], ...]]`, or nil once the block timed out.
+        let popped: Option<(Vec<u8>, Popped)> = redis::cmd("BZMPOP")
+            .arg(block_secs)
+            .arg(1)
+            .arg(key)
+            .arg("MIN")
+            .arg("COUNT")
+            .arg(count.max(1))
+            .query_async(conn)
+            .await?;
+        return Ok(popped.map(|(_, members)| members).unwrap_or_default());
+    }
     if count > 1 {
         let batch: Popped = redis::cmd("ZPOPMIN")
             .arg(key)
@@ -376,29 +400,89 @@ mod tests {
             return;
         };
         let mut conn = conn(&server).await;
-        for (score, member) in [(2.0, "b"), (1.0, "a"), (3.0, "c")] {
-            redis::cmd("ZADD")
-                .arg("k")
-                .arg(score)
-                .arg(member)
-                .query_async::<()>(&mut conn)
-                .await
-                .unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let version = super::super::super::wire::server_version(&info);
+        // ZPOPMIN then BZPOPMIN on any Redis; BZMPOP where there is one.
+        for bzmpop in [false, has_bzmpop(version)] {
+            for (score, member) in [(2.0, "b"), (1.0, "a"), (3.0, "c")] {
+                redis::cmd("ZADD")
+                    .arg("k")
+                    .arg(score)
+                    .arg(member)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            let popped = pop(&mut conn, "k", 2, 1, bzmpop).await.unwrap();
+            assert_eq!(
+                popped,
+                vec![(b"a".to_vec(), 1.0), (b"b".to_vec(), 2.0)],
+                "oldest first, as many as receivers wait (bzmpop: {bzmpop})"
+            );
+            let popped = pop(&mut conn, "k", 5, 1, bzmpop).await.unwrap();
+            assert_eq!(popped, vec![(b"c".to_vec(), 3.0)]);
+            let started = Instant::now();
+            assert!(pop(&mut conn, "k", 1, 1, bzmpop).await.unwrap().is_empty());
+            assert!(
+                started.elapsed() >= Duration::from_millis(900),
+                "an empty key blocks for the block timeout (bzmpop: {bzmpop})"
+            );
         }
-        let popped = pop(&mut conn, "k", 2, 1).await.unwrap();
-        assert_eq!(
-            popped,
-            vec![(b"a".to_vec(), 1.0), (b"b".to_vec(), 2.0)],
-            "oldest first, as many as receivers wait"
-        );
-        let popped = pop(&mut conn, "k", 5, 1).await.unwrap();
-        assert_eq!(popped, vec![(b"c".to_vec(), 3.0)]);
-        let started = Instant::now();
-        assert!(pop(&mut conn, "k", 1, 1).await.unwrap().is_empty());
-        assert!(
-            started.elapsed() >= Duration::from_millis(900),
-            "an empty key blocks for the block timeout"
-        );
+    }
+
+    /// On Redis 7, a receiver whose key is drained as fast as it fills
+    /// pops each message with one command, not a `ZPOPMIN` that finds
+    /// nothing and then a `BZPOPMIN`.
+    #[tokio::test]
+    async fn on_redis_7_each_pop_is_one_command() {
+        use crate::layer::ChannelLayer;
+        use crate::layer::redis::{RedisConfig, RedisLayer};
+        use serde_json::json;
+
+        let Some(server) = RedisServer::start().await else {
+            return;
+        };
+        let mut admin = conn(&server).await;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if !has_bzmpop(super::super::super::wire::server_version(&info)) {
+            eprintln!("SKIPPED on_redis_7_each_pop_is_one_command: this Redis has no BZMPOP");
+            return;
+        }
+        let layer = RedisLayer::connect(RedisConfig::new(server.url()))
+            .await
+            .unwrap();
+        let channel = layer.new_channel("specific").await.unwrap();
+        let message = |n: u64| json!({"type": "t", "n": n}).as_object().unwrap().clone();
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut admin)
+            .await
+            .unwrap();
+        for n in 0..3 {
+            let receiving = layer.receive(&channel);
+            let sending = async {
+                tokio::task::yield_now().await;
+                layer.send(&channel, message(n)).await.unwrap();
+            };
+            let (received, ()) = tokio::join!(receiving, sending);
+            assert_eq!(received.unwrap(), message(n));
+        }
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(stats.contains("cmdstat_bzmpop:"), "{stats}");
+        assert!(!stats.contains("cmdstat_zpopmin:"), "{stats}");
+        assert!(!stats.contains("cmdstat_bzpopmin:"), "{stats}");
     }
 
     #[tokio::test]
