@@ -389,3 +389,57 @@ async fn a_slow_reply_does_not_tear_the_connection_down() {
     assert!(twice.is_empty(), "delivered twice: {twice:?}");
     assert!(missing.is_empty(), "lost: {missing:?}");
 }
+
+/// This process is too busy to read Redis's answer in time (its one
+/// runtime thread is blocked, as 14,000 connections' work blocks it at
+/// 100,000 connections on two cores), so the `PING` probe's deadline
+/// passes unseen. A deadline seen that late says nothing about Redis: the
+/// link probes again instead of taking the connection for lost, and Redis,
+/// which answers, keeps it. Before, every such moment was a warning, a
+/// reconnection, and `group_send`s failing fast meanwhile (`cargo xtask
+/// bench scale` logged seven a run).
+#[tokio::test]
+async fn a_probe_seen_late_because_this_process_was_busy_is_made_again() {
+    let Some(server) = RedisServer::start().await else {
+        return;
+    };
+    let url = server.url();
+    // A 200 ms response timeout and a 1 s probe.
+    let layer = RedisPubSubLayer::connect(
+        RedisConfig::new(&url).with_command_timeout(Duration::from_millis(400)),
+    )
+    .await
+    .expect("connect");
+    let mut admin = raw(&url).await;
+    let connections_before = connections(&mut admin).await;
+
+    // Redis holds every reply for 2.5 s from here: the call below times
+    // out at 200 ms, and its probe's `PING` waits for the pause to end.
+    let started = Instant::now();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2500)
+        .arg("ALL")
+        .query_async(&mut admin)
+        .await
+        .expect("CLIENT PAUSE");
+    assert!(
+        layer.send("elsewhere", numbered(0)).await.is_err(),
+        "the pause times the call out"
+    );
+    // The probe sends its `PING` ...
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    // ... and then this thread, the runtime's only one, is busy until 0.6 s
+    // before Redis answers: the probe's deadline passes meanwhile, unseen.
+    std::thread::sleep(Duration::from_millis(1900).saturating_sub(started.elapsed()));
+    // Past the pause, a call works on the connection it had.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    layer
+        .send("elsewhere", numbered(1))
+        .await
+        .expect("a call after the pause");
+    let reconnections = connections(&mut admin).await - connections_before;
+    assert_eq!(reconnections, 0, "the connection was kept");
+}

@@ -26,7 +26,10 @@
 //! every subscription and loses what is published until they are back.
 //! The call fails (the caller has a bounded time), and one `PING` probe
 //! with a longer deadline decides: an answer keeps the connection, none (or
-//! a connection error) declares it lost. Every connection has an id, and
+//! a connection error) declares it lost. A probe whose deadline this
+//! process noticed late (its own tasks kept every thread busy, as 100,000
+//! connections on two cores do) proves nothing, since the answer may be
+//! waiting unread in the socket: it is made again, up to three more times. Every connection has an id, and
 //! the pushes of one that was replaced are dropped, so a connection that
 //! lingers (clones of it still in flight) cannot deliver a message the new
 //! one delivers too.
@@ -98,6 +101,23 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// longer. Longer than the response timeout, since the question is no
 /// longer "is it quick" but "is it there".
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
+/// How many more `PING` probes are made, at most, when each one's deadline
+/// was seen late: this process's own tasks kept it from reading the
+/// answer, which may be waiting in the socket. A deadline seen on time
+/// decides; so does the last of these.
+const BUSY_PROBES: usize = 3;
+
+/// What one `PING` probe found.
+enum Probed {
+    Answered(Result<String, RedisError>),
+    /// No answer by the deadline, seen on time: Redis is not answering.
+    NoAnswer,
+    /// No answer by the deadline, but the deadline was seen this much later
+    /// (a quarter of the probe timeout or more): the task was waiting for
+    /// a thread, so the answer may have come and not been read yet.
+    SeenLate(Duration),
+}
 
 /// How many [`Reconnected`] events a slow listener may fall behind by
 /// before it sees `Lagged` (which still means "reconnected").
@@ -467,15 +487,24 @@ impl Link {
                 async move {
                     // The clone's own response timeout is the short one.
                     conn.set_response_timeout(link.probe_timeout);
-                    let ping = redis::cmd("PING");
-                    let answer = tokio::time::timeout(
-                        link.probe_timeout,
-                        ping.query_async::<String>(&mut conn),
-                    )
-                    .await;
+                    let mut answer = link.ping(&mut conn).await;
+                    for _ in 0..BUSY_PROBES {
+                        match answer {
+                            Probed::SeenLate(late) => {
+                                tracing::debug!(
+                                    host = link.host,
+                                    ?late,
+                                    "this process was too busy to see Redis's answer in time; \
+                                     probing again"
+                                );
+                                answer = link.ping(&mut conn).await;
+                            }
+                            _ => break,
+                        }
+                    }
                     link.probing.store(false, Ordering::Release);
                     match answer {
-                        Ok(Ok(_)) => {
+                        Probed::Answered(Ok(_)) => {
                             metrics::counter!("axum_channels_redis_slow_replies_total")
                                 .increment(1);
                             tracing::debug!(
@@ -484,8 +513,10 @@ impl Link {
                                 "Redis was slow to answer but its connection is fine; kept"
                             );
                         }
-                        Ok(Err(err)) => link.lost(id, &format!("{why}, then PING failed: {err}")),
-                        Err(_) => link.lost(
+                        Probed::Answered(Err(err)) => {
+                            link.lost(id, &format!("{why}, then PING failed: {err}"))
+                        }
+                        Probed::NoAnswer | Probed::SeenLate(_) => link.lost(
                             id,
                             &format!(
                                 "{why}, then no answer to PING within {:?}",
@@ -496,6 +527,30 @@ impl Link {
                 }
             },
         );
+    }
+
+    /// One `PING` with the probe timeout; a timeout noticed well after its
+    /// deadline is [`Probed::SeenLate`].
+    async fn ping(&self, conn: &mut MultiplexedConnection) -> Probed {
+        let deadline = Instant::now() + self.probe_timeout;
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout_at(deadline, ping.query_async::<String>(conn)).await {
+            // The connection's own response timeout is the probe timeout:
+            // its error is the same deadline passing.
+            Ok(Err(err)) if err.is_timeout() => self.timed_out(deadline),
+            Ok(answer) => Probed::Answered(answer),
+            Err(_) => self.timed_out(deadline),
+        }
+    }
+
+    /// A probe's `deadline` passed without an answer: on time, or late.
+    fn timed_out(&self, deadline: Instant) -> Probed {
+        let late = Instant::now().saturating_duration_since(deadline);
+        if late >= self.probe_timeout / 4 {
+            Probed::SeenLate(late)
+        } else {
+            Probed::NoAnswer
+        }
     }
 
     /// Stops the supervisor and drops the connection.
