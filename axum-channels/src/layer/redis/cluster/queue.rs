@@ -17,7 +17,7 @@
 //! redis-py's cluster client refuses them.
 //!
 //! Receiving: one popper task per key this process reads, each on a
-//! cluster connection of its own (a blocking `BZPOPMIN` would stall every
+//! cluster connection of its own (a blocking pop would stall every
 //! other command to that node on a shared connection), popping only while a
 //! receiver waits on an empty buffer, so that messages nobody waits for stay
 //! in Redis where capacity and expiry apply. The popper follows its slot
