@@ -394,12 +394,12 @@ async fn a_slow_reply_does_not_tear_the_connection_down() {
 /// runtime thread is blocked, as 14,000 connections' work blocks it at
 /// 100,000 connections on two cores), so the `PING` probe's deadline
 /// passes unseen. A deadline seen that late says nothing about Redis: the
-/// link probes again instead of taking the connection for lost, and Redis,
-/// which answers, keeps it. Before, every such moment was a warning, a
+/// link waits longer for the same `PING` instead of taking the connection
+/// for lost, and Redis, which answers, keeps it. Before, every such moment was a warning, a
 /// reconnection, and `group_send`s failing fast meanwhile (`cargo xtask
 /// bench scale` logged seven a run).
 #[tokio::test]
-async fn a_probe_seen_late_because_this_process_was_busy_is_made_again() {
+async fn a_probe_seen_late_because_this_process_was_busy_waits_longer() {
     let Some(server) = RedisServer::start().await else {
         return;
     };

@@ -29,7 +29,8 @@
 //! a connection error) declares it lost. A probe whose deadline this
 //! process noticed late (its own tasks kept every thread busy, as 100,000
 //! connections on two cores do) proves nothing, since the answer may be
-//! waiting unread in the socket: it is made again, up to three more times. Every connection has an id, and
+//! waiting unread in the socket: the same `PING` is given more time, up to
+//! three times. Every connection has an id, and
 //! the pushes of one that was replaced are dropped, so a connection that
 //! lingers (clones of it still in flight) cannot deliver a message the new
 //! one delivers too.
@@ -102,22 +103,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// longer "is it quick" but "is it there".
 const PROBE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
 
-/// How many more `PING` probes are made, at most, when each one's deadline
-/// was seen late: this process's own tasks kept it from reading the
-/// answer, which may be waiting in the socket. A deadline seen on time
-/// decides; so does the last of these.
-const BUSY_PROBES: usize = 3;
+/// How many times, at most, a probe's wait is extended because its
+/// deadline was seen late (see [`Link::ping`]).
+const BUSY_EXTENSIONS: u32 = 3;
 
-/// What one `PING` probe found.
-enum Probed {
-    Answered(Result<String, RedisError>),
-    /// No answer by the deadline, seen on time: Redis is not answering.
-    NoAnswer,
-    /// No answer by the deadline, but the deadline was seen this much later
-    /// (a quarter of the probe timeout or more): the task was waiting for
-    /// a thread, so the answer may have come and not been read yet.
-    SeenLate(Duration),
-}
+/// A deadline seen this much past (or more) says this process was busy: a
+/// timer in tokio fires within a millisecond of its deadline otherwise.
+const BUSY_LATENESS: Duration = Duration::from_millis(50);
 
 /// How many [`Reconnected`] events a slow listener may fall behind by
 /// before it sees `Lagged` (which still means "reconnected").
@@ -485,26 +477,13 @@ impl Link {
                 let mut conn = conn.clone();
                 let why = why.clone();
                 async move {
-                    // The clone's own response timeout is the short one.
-                    conn.set_response_timeout(link.probe_timeout);
-                    let mut answer = link.ping(&mut conn).await;
-                    for _ in 0..BUSY_PROBES {
-                        match answer {
-                            Probed::SeenLate(late) => {
-                                tracing::debug!(
-                                    host = link.host,
-                                    ?late,
-                                    "this process was too busy to see Redis's answer in time; \
-                                     probing again"
-                                );
-                                answer = link.ping(&mut conn).await;
-                            }
-                            _ => break,
-                        }
-                    }
+                    // The probe's own deadlines decide (see `ping`), not
+                    // the clone's response timeout.
+                    conn.set_response_timeout(link.probe_timeout * (2 + 2 * BUSY_EXTENSIONS));
+                    let answer = link.ping(&mut conn).await;
                     link.probing.store(false, Ordering::Release);
                     match answer {
-                        Probed::Answered(Ok(_)) => {
+                        Some(Ok(_)) => {
                             metrics::counter!("axum_channels_redis_slow_replies_total")
                                 .increment(1);
                             tracing::debug!(
@@ -513,10 +492,8 @@ impl Link {
                                 "Redis was slow to answer but its connection is fine; kept"
                             );
                         }
-                        Probed::Answered(Err(err)) => {
-                            link.lost(id, &format!("{why}, then PING failed: {err}"))
-                        }
-                        Probed::NoAnswer | Probed::SeenLate(_) => link.lost(
+                        Some(Err(err)) => link.lost(id, &format!("{why}, then PING failed: {err}")),
+                        None => link.lost(
                             id,
                             &format!(
                                 "{why}, then no answer to PING within {:?}",
@@ -529,27 +506,36 @@ impl Link {
         );
     }
 
-    /// One `PING` with the probe timeout; a timeout noticed well after its
-    /// deadline is [`Probed::SeenLate`].
-    async fn ping(&self, conn: &mut MultiplexedConnection) -> Probed {
-        let deadline = Instant::now() + self.probe_timeout;
+    /// One `PING`, and its answer if one comes within the probe timeout;
+    /// `None` if none does.
+    ///
+    /// A deadline this process notices late proves nothing: its own tasks
+    /// kept every thread busy (100,000 connections on two cores do), and
+    /// the answer may be waiting unread in the socket, its reader task
+    /// queued behind the same work. Then the same `PING` is given more
+    /// time, twice what the lateness was and at least half the probe
+    /// timeout, up to [`BUSY_EXTENSIONS`] times. A Redis that does not
+    /// answer is still found out, later by those extensions.
+    async fn ping(&self, conn: &mut MultiplexedConnection) -> Option<Result<String, RedisError>> {
         let ping = redis::cmd("PING");
-        match tokio::time::timeout_at(deadline, ping.query_async::<String>(conn)).await {
-            // The connection's own response timeout is the probe timeout:
-            // its error is the same deadline passing.
-            Ok(Err(err)) if err.is_timeout() => self.timed_out(deadline),
-            Ok(answer) => Probed::Answered(answer),
-            Err(_) => self.timed_out(deadline),
-        }
-    }
-
-    /// A probe's `deadline` passed without an answer: on time, or late.
-    fn timed_out(&self, deadline: Instant) -> Probed {
-        let late = Instant::now().saturating_duration_since(deadline);
-        if late >= self.probe_timeout / 4 {
-            Probed::SeenLate(late)
-        } else {
-            Probed::NoAnswer
+        let mut answer = std::pin::pin!(ping.query_async::<String>(conn));
+        let mut deadline = Instant::now() + self.probe_timeout;
+        let mut extended = 0;
+        loop {
+            if let Ok(answer) = tokio::time::timeout_at(deadline, answer.as_mut()).await {
+                return Some(answer);
+            }
+            let late = Instant::now().saturating_duration_since(deadline);
+            if late < BUSY_LATENESS || extended == BUSY_EXTENSIONS {
+                return None;
+            }
+            extended += 1;
+            tracing::debug!(
+                host = self.host,
+                ?late,
+                "this process was too busy to read Redis's answer in time; waiting longer"
+            );
+            deadline = Instant::now() + (late * 2).max(self.probe_timeout / 2);
         }
     }
 
