@@ -57,6 +57,17 @@ async fn calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
 }
 
 /// How many connections Redis accepted since it started.
+/// Has Redis hold every reply for `ms` milliseconds (`CLIENT PAUSE ALL`).
+async fn pause_redis(conn: &mut MultiplexedConnection, ms: u64) {
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query_async(conn)
+        .await
+        .expect("CLIENT PAUSE");
+}
+
 async fn connections(conn: &mut MultiplexedConnection) -> u64 {
     let stats = info(conn, "stats").await;
     stats
@@ -355,13 +366,7 @@ async fn a_slow_reply_does_not_tear_the_connection_down() {
     let slow = Arc::clone(&receiver);
     let stall = tokio::spawn(async move {
         paused.await.unwrap();
-        let _: () = redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(600)
-            .arg("ALL")
-            .query_async(&mut pauser)
-            .await
-            .expect("CLIENT PAUSE");
+        pause_redis(&mut pauser, 600).await;
         // Calls of the receiving layer in flight during the pause: they
         // time out.
         let calls = (0..5).map(|i| slow.send("elsewhere", numbered(i)));
@@ -395,9 +400,9 @@ async fn a_slow_reply_does_not_tear_the_connection_down() {
 /// 100,000 connections on two cores), so the `PING` probe's deadline
 /// passes unseen. A deadline seen that late says nothing about Redis: the
 /// link waits longer for the same `PING` instead of taking the connection
-/// for lost, and Redis, which answers, keeps it. Before, every such moment was a warning, a
-/// reconnection, and `group_send`s failing fast meanwhile (`cargo xtask
-/// bench scale` logged seven a run).
+/// for lost, and Redis, which answers, keeps it. Before, every such moment
+/// was a warning, a reconnection, and `group_send`s failing fast meanwhile
+/// (`cargo xtask bench scale` logged seven to nine a run).
 #[tokio::test]
 async fn a_probe_seen_late_because_this_process_was_busy_waits_longer() {
     let Some(server) = RedisServer::start().await else {
@@ -416,13 +421,7 @@ async fn a_probe_seen_late_because_this_process_was_busy_waits_longer() {
     // Redis holds every reply for 2.5 s from here: the call below times
     // out at 200 ms, and its probe's `PING` waits for the pause to end.
     let started = Instant::now();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2500)
-        .arg("ALL")
-        .query_async(&mut admin)
-        .await
-        .expect("CLIENT PAUSE");
+    pause_redis(&mut admin, 2500).await;
     assert!(
         layer.send("elsewhere", numbered(0)).await.is_err(),
         "the pause times the call out"

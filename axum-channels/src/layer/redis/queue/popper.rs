@@ -394,20 +394,24 @@ mod tests {
             .unwrap()
     }
 
+    /// Whether the Redis behind `conn` has `BZMPOP`.
+    async fn serves_bzmpop(conn: &mut MultiplexedConnection) -> bool {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(conn)
+            .await
+            .unwrap();
+        has_bzmpop(super::super::super::wire::server_version(&info))
+    }
+
     #[tokio::test]
     async fn a_backlog_is_popped_in_one_round_trip_and_an_empty_key_blocks() {
         let Some(server) = RedisServer::start().await else {
             return;
         };
         let mut conn = conn(&server).await;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let version = super::super::super::wire::server_version(&info);
         // ZPOPMIN then BZPOPMIN on any Redis; BZMPOP where there is one.
-        for bzmpop in [false, has_bzmpop(version)] {
+        for bzmpop in [false, serves_bzmpop(&mut conn).await] {
             for (score, member) in [(2.0, "b"), (1.0, "a"), (3.0, "c")] {
                 redis::cmd("ZADD")
                     .arg("k")
@@ -447,12 +451,7 @@ mod tests {
             return;
         };
         let mut admin = conn(&server).await;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        if !has_bzmpop(super::super::super::wire::server_version(&info)) {
+        if !serves_bzmpop(&mut admin).await {
             eprintln!("SKIPPED on_redis_7_each_pop_is_one_command: this Redis has no BZMPOP");
             return;
         }
