@@ -299,7 +299,7 @@ pub(crate) async fn pop<C: redis::aio::ConnectionLike>(
 ) -> Result<Popped, RedisError> {
     if bzmpop {
         // `[key, [[member, score], ...]]`, or nil once the block timed out.
-        let popped: Option<(Vec<u8>, Popped)> = redis::cmd("BZMPOP")
+        let popped: Result<Option<(Vec<u8>, Popped)>, RedisError> = redis::cmd("BZMPOP")
             .arg(block_secs)
             .arg(1)
             .arg(key)
@@ -307,8 +307,14 @@ pub(crate) async fn pop<C: redis::aio::ConnectionLike>(
             .arg("COUNT")
             .arg(count.max(1))
             .query_async(conn)
-            .await?;
-        return Ok(popped.map(|(_, members)| members).unwrap_or_default());
+            .await;
+        match popped {
+            Ok(popped) => return Ok(popped.map(|(_, members)| members).unwrap_or_default()),
+            // A server older than the one first met (a failover to an old
+            // replica, say): pop as on Redis 5.
+            Err(err) if err.to_string().contains("unknown command") => {}
+            Err(err) => return Err(err),
+        }
     }
     if count > 1 {
         let batch: Popped = redis::cmd("ZPOPMIN")
@@ -482,6 +488,26 @@ mod tests {
         assert!(stats.contains("cmdstat_bzmpop:"), "{stats}");
         assert!(!stats.contains("cmdstat_zpopmin:"), "{stats}");
         assert!(!stats.contains("cmdstat_bzpopmin:"), "{stats}");
+    }
+
+    /// A server without `BZMPOP` behind a link that expected one (a
+    /// failover to an older replica) is popped from as Redis 5 is.
+    #[tokio::test]
+    async fn a_server_without_bzmpop_is_popped_from_the_old_way() {
+        let Some(server) = RedisServer::start_with(&["--rename-command", "BZMPOP", ""]).await
+        else {
+            return;
+        };
+        let mut conn = conn(&server).await;
+        redis::cmd("ZADD")
+            .arg("k")
+            .arg(1.0)
+            .arg("a")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+        let popped = pop(&mut conn, "k", 32, 1, true).await.unwrap();
+        assert_eq!(popped, vec![(b"a".to_vec(), 1.0)]);
     }
 
     #[tokio::test]
