@@ -174,13 +174,15 @@ impl Inner {
     }
 
     /// Opens `channel`'s buffer if it has none, counted in its key's
-    /// demand, and starts the key's popper if it has none.
+    /// demand, and starts the key's popper if it has none. The name is
+    /// checked then, not again while the buffer lives.
     fn open<'s>(
         self: &Arc<Self>,
         state: &'s mut State,
         channel: &str,
-    ) -> &'s mut crate::layer::buffers::Buffer {
+    ) -> Result<&'s mut crate::layer::buffers::Buffer, LayerError> {
         if !state.buffers.contains(channel) {
+            validate_channel_name(channel)?;
             let key = self.key(channel);
             let entry = state.keys.entry(key.clone()).or_insert_with(|| {
                 let demand = Arc::new(Demand::default());
@@ -201,7 +203,7 @@ impl Inner {
             let capacity = self.config.capacity_of(channel);
             state.buffers.open_counted(channel, capacity, || demand);
         }
-        state.buffers.get_mut(channel).expect("opened above")
+        Ok(state.buffers.get_mut(channel).expect("opened above"))
     }
 
     /// Removes `channel`'s buffer; its key's popper stops when it was the
@@ -528,16 +530,12 @@ async fn popper(inner: Weak<Inner>, key: String, plain: Option<String>, demand: 
 
 impl RedisClusterLayer {
     /// One receive on `channel`: what `receive` and `receive_shared` wait
-    /// on. A channel's name is checked when it gets its buffer, not again
-    /// on every receive.
+    /// on.
     async fn next_entry(&self, channel: &str) -> Result<Entry, LayerError> {
         let inner = &self.inner;
         let receiver = {
             let mut state = inner.lock();
-            if !state.buffers.contains(channel) {
-                validate_channel_name(channel)?;
-            }
-            let buffer = inner.open(&mut state, channel);
+            let buffer = inner.open(&mut state, channel)?;
             Receiver::new(&inner.state, channel, buffer)
         };
         Ok(receiver.next().await)
@@ -548,9 +546,9 @@ impl RedisClusterLayer {
 impl ChannelLayer for RedisClusterLayer {
     async fn new_channel(&self, prefix: &str) -> Result<String, LayerError> {
         let name = queue_channel_name(prefix, &self.inner.client_prefix);
-        validate_channel_name(&name)?;
         let mut state = self.inner.lock();
-        self.inner.open(&mut state, &name);
+        // A new name has no buffer yet: `open` checks it.
+        self.inner.open(&mut state, &name)?;
         Ok(name)
     }
 
