@@ -106,18 +106,19 @@ pub(crate) async fn connect(
     })
     .await
     .map_err(|err| backend("the Redis Cluster does not answer INFO", err))?;
-    let mut oldest = None;
+    let mut versions = Vec::with_capacity(infos.len());
     for (node, info) in &infos {
-        let version = check_server_version(info, node, needed, because)
-            .map_err(|reason| LayerError::from(BackendError::new(reason)))?;
-        // One node that does not say is a cluster whose version is unknown.
-        oldest = match (oldest, version) {
-            (None, version) => Some(version),
-            (Some(Some(a)), Some(b)) => Some(Some(a.min(b))),
-            (Some(_), _) => Some(None),
-        };
+        versions.push(
+            check_server_version(info, node, needed, because)
+                .map_err(|reason| LayerError::from(BackendError::new(reason)))?,
+        );
     }
-    Ok((conn, oldest.flatten()))
+    // The oldest node's; unknown if one node does not say.
+    let oldest = versions
+        .into_iter()
+        .collect::<Option<Vec<Version>>>()
+        .and_then(|versions| versions.into_iter().min());
+    Ok((conn, oldest))
 }
 
 /// Whether the cluster refused a command before running it: no slot
