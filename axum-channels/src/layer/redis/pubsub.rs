@@ -342,12 +342,14 @@ impl RedisPubSubLayer {
             cluster::connect(client, Version(7, 0), because, "pub/sub publisher", within)
                 .await?
                 .0;
+        let direct = cluster::Direct::new(&shared.config)?;
+        direct.refresh().await;
         let interest: std::sync::Weak<dyn Interest> =
             Arc::downgrade(&shared) as std::sync::Weak<Shared>;
         let (reconnected, _) = broadcast::channel(RECONNECTED_BACKLOG);
         let subscriber = ClusterSubscriber::start(
             subscriber,
-            publisher,
+            (publisher, direct),
             interest,
             reconnected.clone(),
             (lost, lost_receiver),

@@ -19,21 +19,26 @@
 //! opens a new cluster connection, which reads the slot map afresh from the
 //! live nodes.
 
+mod direct;
 mod outage;
 mod queue;
 mod subscriber;
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use redis::aio::AsyncPushSender;
+use redis::aio::{AsyncPushSender, ConnectionLike, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::{ErrorKind, ProtocolVersion, RedisError, ServerErrorKind};
+use redis::{
+    Cmd, ErrorKind, Pipeline, ProtocolVersion, RedisError, RedisFuture, ServerErrorKind, Value,
+};
 
+pub(crate) use direct::Direct;
 pub(crate) use outage::Outage;
 pub use queue::RedisClusterLayer;
 pub(crate) use subscriber::ClusterSubscriber;
@@ -173,6 +178,72 @@ where
                 backoff = doubled(backoff);
             }
             outcome => return outcome,
+        }
+    }
+}
+
+/// Runs `attempt` on the connection to `slot`'s owner that `direct`
+/// knows ([`Direct`]), and if that fails without the node's own answer
+/// (a redirection, a refusal, a dropped connection), through `conn` as
+/// [`retrying`] does. The attempt may so run twice, like a command redis-rs
+/// tries again after a dropped connection.
+pub(crate) async fn routed<T, F, Fut>(
+    within: Duration,
+    direct: &Arc<Direct>,
+    conn: &Renewing,
+    slot: u16,
+    mut attempt: F,
+) -> redis::RedisResult<T>
+where
+    F: FnMut(Way) -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    match direct.to(slot) {
+        Some((node, to_node)) => match attempt(Way::Node(to_node)).await {
+            Ok(value) => return Ok(value),
+            Err(err) if direct::answered(&err) => return Err(err),
+            Err(err) => {
+                tracing::debug!(%err, slot, "a call straight to a node failed; sending it the slower way");
+                direct.failed(node, &err);
+            }
+        },
+        None => direct.refresh_soon(),
+    }
+    retrying(within, conn, Some(slot), |conn| attempt(Way::Cluster(conn))).await
+}
+
+/// A connection a [`routed`] call runs on: straight to a node, or
+/// redis-rs's cluster connection.
+#[derive(Clone)]
+pub(crate) enum Way {
+    Node(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Way {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Way::Node(conn) => conn.req_packed_command(cmd),
+            Way::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Way::Node(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Way::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Way::Node(conn) => conn.get_db(),
+            Way::Cluster(conn) => conn.get_db(),
         }
     }
 }

@@ -45,7 +45,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use tokio::time::Instant;
 
-use super::{Outage, Renewing, backend, retrying, slot};
+use super::{Direct, Outage, Renewing, backend, retrying, routed, slot};
 use crate::layer::buffers::{
     Demand, Entry, HoldsBuffers, LocalBuffers, Locked, Receiver, WhenFull,
 };
@@ -75,6 +75,9 @@ struct Inner {
     /// Every call but the poppers': renewed when a slot's calls keep
     /// failing towards a node (see `cluster::Renewing`).
     conn: Renewing,
+    /// Sends and group sends go straight to the slot's owner when it is
+    /// known.
+    direct: Arc<Direct>,
     /// For poppers' connections: no response timeout at or below the block.
     popper_client: ClusterClient,
     /// Every node has `BZMPOP` (Redis 7.0): a pop is one round trip.
@@ -139,12 +142,15 @@ impl RedisClusterLayer {
             &popper_config,
             None::<fn(redis::PushInfo) -> Result<(), ()>>,
         )?;
+        let direct = Direct::new(&config)?;
+        direct.refresh().await;
         Ok(RedisClusterLayer {
             inner: Arc::new(Inner {
                 outage: Outage::new("queue", &config.prefix),
                 config,
                 client_prefix: uuid4_hex(),
                 conn,
+                direct,
                 popper_client,
                 bzmpop: has_bzmpop(version),
                 group_send: Script::new(GROUP_SEND_LUA),
@@ -264,8 +270,9 @@ impl Inner {
         let key = self.key(channel);
         let capacity = self.config.capacity_of(channel);
         let expiry = self.config.expiry_secs();
-        let at = Some(slot(key.as_bytes()));
-        let added = retrying(self.config.command_timeout, &self.conn, at, |mut conn| {
+        let at = slot(key.as_bytes());
+        let within = self.config.command_timeout;
+        let added = routed(within, &self.direct, &self.conn, at, |mut conn| {
             let (key, payload) = (&key, &payload);
             async move { push_within_capacity(&mut conn, key, payload, capacity, expiry).await }
         })
@@ -285,23 +292,24 @@ impl Inner {
         codec::encode(&message, Route::None, true, self.config.max_message_size)?;
         let gkey = group_key(&self.config.prefix, group);
         let within = self.config.command_timeout;
-        let at = Some(slot(gkey.as_bytes()));
-        let (members,): (Vec<String>,) = retrying(within, &self.conn, at, |mut conn| {
-            let pipe = redis::pipe()
-                .cmd("ZREMRANGEBYSCORE")
-                .arg(&gkey)
-                .arg(0)
-                .arg(purge_below(now_secs(), self.config.group_expiry_secs()))
-                .ignore()
-                .cmd("ZRANGE")
-                .arg(&gkey)
-                .arg(0)
-                .arg(-1)
-                .to_owned();
-            async move { pipe.query_async(&mut conn).await }
-        })
-        .await
-        .map_err(|err| backend("group_send failed", err))?;
+        let at = slot(gkey.as_bytes());
+        let (members,): (Vec<String>,) =
+            routed(within, &self.direct, &self.conn, at, |mut conn| {
+                let pipe = redis::pipe()
+                    .cmd("ZREMRANGEBYSCORE")
+                    .arg(&gkey)
+                    .arg(0)
+                    .arg(purge_below(now_secs(), self.config.group_expiry_secs()))
+                    .ignore()
+                    .cmd("ZRANGE")
+                    .arg(&gkey)
+                    .arg(0)
+                    .arg(-1)
+                    .to_owned();
+                async move { pipe.query_async(&mut conn).await }
+            })
+            .await
+            .map_err(|err| backend("group_send failed", err))?;
         tracing::trace!(group, members = members.len(), "group_send");
         // Per channel key, as many payloads as keep each within
         // `max_message_size` (the single-Redis layer's code); then slot →
@@ -334,10 +342,10 @@ impl Inner {
                 invocation.arg(self.config.capacity_of(&channels[0]));
             }
             invocation.arg(&now).arg(expiry);
-            let conn = &self.conn;
+            let (conn, direct) = (&self.conn, &self.direct);
             calls.push(async move {
                 let invocation = &invocation;
-                retrying(within, conn, Some(at), |mut conn| async move {
+                routed(within, direct, conn, at, |mut conn| async move {
                     invocation.invoke_async::<usize>(&mut conn).await
                 })
                 .await

@@ -39,7 +39,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, broadcast, mpsc};
 use tokio::time::Instant;
 
-use super::{Outage, Renewing, SETTLE, backend, retrying, slot};
+use super::{Direct, Outage, Renewing, SETTLE, backend, retrying, routed, slot};
 use crate::layer::LayerError;
 use crate::layer::buffers::Locked;
 use crate::layer::episode::Episode;
@@ -64,6 +64,8 @@ pub(crate) struct ClusterSubscriber {
     /// again.
     subscriber: Renewing,
     publisher: Renewing,
+    /// Publishes go straight to the slot's owner when it is known.
+    direct: Arc<Direct>,
     interest: Weak<dyn Interest>,
     /// Names this layer has subscribed (and not unsubscribed).
     subscribed: Locked<HashSet<String>>,
@@ -82,7 +84,7 @@ impl ClusterSubscriber {
     /// subscriber is dropped).
     pub(crate) fn start(
         subscriber: Renewing,
-        publisher: Renewing,
+        publisher: (Renewing, Arc<Direct>),
         interest: Weak<dyn Interest>,
         reconnected: broadcast::Sender<Reconnected>,
         lost: (mpsc::UnboundedSender<Lost>, mpsc::UnboundedReceiver<Lost>),
@@ -95,9 +97,11 @@ impl ClusterSubscriber {
         let subscriber = subscriber.on_renewed(move || {
             let _ = renewed.send(Lost::Connection);
         });
+        let (publisher, direct) = publisher;
         let this = Arc::new(ClusterSubscriber {
             subscriber,
             publisher,
+            direct,
             interest,
             subscribed: Locked::default(),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -144,8 +148,8 @@ impl ClusterSubscriber {
         within: std::time::Duration,
     ) -> Result<u64, LayerError> {
         let command = redis::cmd("SPUBLISH").arg(name).arg(payload).to_owned();
-        let at = Some(slot(name.as_bytes()));
-        retrying(within, &self.publisher, at, |mut conn| {
+        let at = slot(name.as_bytes());
+        routed(within, &self.direct, &self.publisher, at, |mut conn| {
             let command = &command;
             async move { command.query_async::<u64>(&mut conn).await }
         })
