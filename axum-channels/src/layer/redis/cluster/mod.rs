@@ -7,7 +7,9 @@
 //! node, follows `MOVED`/`ASK`, refreshes its slot map and reconnects, so a
 //! second supervisor on top would fight it. What redis-rs does not do,
 //! following a sharded subscription to a slot's new owner, is done in
-//! `subscriber.rs`.
+//! `subscriber.rs`. The busiest calls take a shorter way when they can,
+//! straight to the slot's owner ([`routed`], `direct.rs`), and fall back
+//! to the cluster connection whenever that way fails.
 //!
 //! One thing redis-rs 1.8 gets wrong is mended here, by [`Renewing`]: after
 //! a master dies, its connection refreshes the slot map only while the

@@ -25,7 +25,9 @@
 //! map refresh, retries), and backs off while the cluster refuses; after a
 //! failed pop it opens its connection again, so it cannot keep a stale slot
 //! map. The other calls share one connection, renewed when a slot's calls
-//! keep failing towards a node (`cluster::Renewing`).
+//! keep failing towards a node (`cluster::Renewing`); sends and group sends
+//! go straight to their slot's owner when the layer knows it, and through
+//! that connection when that fails (`cluster::routed`).
 //!
 //! Simpler than the single-Redis queue layer, and said so in the book: no
 //! grace period or spare connections for poppers (a popper ends when its
