@@ -11,13 +11,14 @@
 //! fanout` measures it.
 //!
 //! The routes are a cache, never the authority. They are read with
-//! `CLUSTER SLOTS` when the layer connects. Any failure that is not the
+//! `CLUSTER SLOTS` when the layer connects. A failure that is not the
 //! node's own answer to the command (`MOVED`, `ASK`, `TRYAGAIN`, a
-//! refused or dropped connection, a timeout) sends that call through the
-//! cluster connection, which follows redirections, retries and renews as
-//! before (see [`routed`](super::routed)), and reads the routes again in
-//! the background, at most every [`REFRESH_EVERY`]. So a moved slot or a
-//! failover costs a few calls the slower way, never a lost one.
+//! refused or dropped connection) sends that call through the cluster
+//! connection, which follows redirections, retries and renews as before
+//! (see [`routed`](super::routed)), and reads the routes again in the
+//! background, at most every [`REFRESH_EVERY`]. So a moved slot or a
+//! failover costs a few calls the slower way, never a lost one. A timeout
+//! fails the call, as it would have on the cluster connection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,8 +54,18 @@ struct Routes {
     /// Slot → index in `nodes`, or [`NO_NODE`].
     owner: Vec<u16>,
     nodes: Vec<Node>,
+    /// Counts the readings, so that a failure reported against an older
+    /// reading's `nodes` is not taken for the node now at that index.
+    generation: u64,
     /// When the routes were last read (or a reading was started).
     read_at: Option<Instant>,
+}
+
+/// A node of one reading of the routes.
+#[derive(Clone, Copy)]
+pub(crate) struct NodeAt {
+    generation: u64,
+    node: usize,
 }
 
 struct Node {
@@ -89,28 +100,39 @@ impl Direct {
             routes: Locked::new(Routes {
                 owner: vec![NO_NODE; SLOTS],
                 nodes: Vec::new(),
+                generation: 0,
                 read_at: None,
             }),
             refreshing: AtomicBool::new(false),
         }))
     }
 
-    /// The connection to `slot`'s owner, if it is known and open.
-    pub(crate) fn to(&self, slot: u16) -> Option<(usize, MultiplexedConnection)> {
+    /// The connection to `slot`'s owner, if it is known and open, and
+    /// which node it is, for [`failed`](Direct::failed).
+    pub(crate) fn to(&self, slot: u16) -> Option<(NodeAt, MultiplexedConnection)> {
         let routes = self.routes.lock();
-        let node = *routes.owner.get(usize::from(slot))?;
-        let conn = routes.nodes.get(usize::from(node))?.conn.clone()?;
-        Some((usize::from(node), conn))
+        let node = usize::from(*routes.owner.get(usize::from(slot))?);
+        let conn = routes.nodes.get(node)?.conn.clone()?;
+        Some((
+            NodeAt {
+                generation: routes.generation,
+                node,
+            },
+            conn,
+        ))
     }
 
     /// Records that a call on `node`'s connection failed with `err`, and
     /// reads the routes again in the background. A failure without an
     /// answer also drops the connection, so that the reading opens it
-    /// again.
-    pub(crate) fn failed(self: &Arc<Self>, node: usize, err: &RedisError) {
-        if !answered(err) {
+    /// again; a timeout does not, since a slow node's connection still
+    /// works and what waits on it still runs.
+    pub(crate) fn failed(self: &Arc<Self>, node: NodeAt, err: &RedisError) {
+        if !answered(err) && !err.is_timeout() {
             let mut routes = self.routes.lock();
-            if let Some(node) = routes.nodes.get_mut(node) {
+            if routes.generation == node.generation
+                && let Some(node) = routes.nodes.get_mut(node.node)
+            {
                 node.conn = None;
             }
         }
@@ -230,6 +252,7 @@ impl Direct {
         let mut routes = self.routes.lock();
         routes.owner = owner;
         routes.nodes = nodes;
+        routes.generation += 1;
         true
     }
 
@@ -328,6 +351,28 @@ mod tests {
         node.conn.as_ref().map(|_| node.port)
     }
 
+    async fn connected(
+        cluster: &RedisCluster,
+        timeout: Duration,
+    ) -> (super::super::Renewing, Arc<Direct>) {
+        let config = RedisConfig::default()
+            .with_hosts(cluster.urls())
+            .with_command_timeout(timeout);
+        let none = None::<fn(redis::PushInfo) -> Result<(), ()>>;
+        let (conn, _) = connect(
+            client(&config, none).expect("a client"),
+            Version(5, 0),
+            "a test",
+            "test",
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("connect");
+        let direct = Direct::new(&config).expect("routes");
+        assert!(direct.refresh().await, "CLUSTER SLOTS is read");
+        (conn, direct)
+    }
+
     /// Runs `SET key value` (or, with `wrong_type`, `LPUSH` on a string) by
     /// [`routed`], and says which ways each attempt took: `true` straight
     /// to a node, `false` through the cluster connection.
@@ -364,20 +409,8 @@ mod tests {
         let Some(cluster) = RedisCluster::start().await else {
             return;
         };
-        let config = RedisConfig::default().with_hosts(cluster.urls());
         let within = Duration::from_secs(5);
-        let none = None::<fn(redis::PushInfo) -> Result<(), ()>>;
-        let (conn, _) = connect(
-            client(&config, none).expect("a client"),
-            Version(5, 0),
-            "a test",
-            "test",
-            within,
-        )
-        .await
-        .expect("connect");
-        let direct = Direct::new(&config).expect("routes");
-        assert!(direct.refresh().await, "CLUSTER SLOTS is read");
+        let (conn, direct) = connected(&cluster, within).await;
 
         let key = "direct-routes";
         let at = slot(key.as_bytes());
@@ -470,5 +503,55 @@ mod tests {
         }
         let reset = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
         assert!(!answered(&reset));
+    }
+
+    /// A node that does not answer in time may still run the call: it is
+    /// not sent again the other way, where it would run twice.
+    #[tokio::test]
+    async fn a_call_that_timed_out_is_not_sent_again() {
+        let Some(cluster) = RedisCluster::start().await else {
+            return;
+        };
+        let (conn, direct) = connected(&cluster, Duration::from_millis(300)).await;
+        let key = "direct-counted";
+        let at = slot(key.as_bytes());
+        let owner = cluster.master_of(at).await.port;
+        let mut admin = redis::Client::open(format!("redis://127.0.0.1:{owner}"))
+            .expect("a URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the owner");
+        // Writes wait on the owner for 1 s: the call below times out there.
+        let () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(1000)
+            .arg("WRITE")
+            .query_async(&mut admin)
+            .await
+            .expect("CLIENT PAUSE");
+        let ways = Mutex::new(Vec::new());
+        let result = routed(Duration::from_secs(5), &direct, &conn, at, |mut conn| {
+            ways.lock()
+                .expect("not poisoned")
+                .push(matches!(conn, Way::Node(_)));
+            async move {
+                redis::cmd("INCR")
+                    .arg(key)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            }
+        })
+        .await;
+        let err = result.expect_err("the paused owner does not answer in time");
+        assert!(err.is_timeout(), "{err}");
+        assert_eq!(ways.into_inner().expect("not poisoned"), [true]);
+        // Once the pause is over, the INCR has run, once.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let count: i64 = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut admin)
+            .await
+            .expect("GET");
+        assert_eq!(count, 1);
     }
 }

@@ -187,8 +187,10 @@ where
 /// Runs `attempt` on the connection to `slot`'s owner that `direct`
 /// knows ([`Direct`]), and if that fails without the node's own answer
 /// (a redirection, a refusal, a dropped connection), through `conn` as
-/// [`retrying`] does. The attempt may so run twice, like a command redis-rs
-/// tries again after a dropped connection.
+/// [`retrying`] does. After a dropped connection the attempt may so run
+/// twice, as redis-rs tries such a command again itself. A call that
+/// timed out is not sent again: the node may be slow, not gone, and its
+/// time is spent.
 pub(crate) async fn routed<T, F, Fut>(
     within: Duration,
     direct: &Arc<Direct>,
@@ -204,6 +206,10 @@ where
         Some((node, to_node)) => match attempt(Way::Node(to_node)).await {
             Ok(value) => return Ok(value),
             Err(err) if direct::answered(&err) => return Err(err),
+            Err(err) if err.is_timeout() => {
+                direct.failed(node, &err);
+                return Err(err);
+            }
             Err(err) => {
                 tracing::debug!(%err, slot, "a call straight to a node failed; sending it the slower way");
                 direct.failed(node, &err);
