@@ -537,6 +537,23 @@ mod tests {
     }
 
     #[test]
+    fn only_a_node_s_own_answer_ends_a_direct_call() {
+        assert!(direct::answered(&server_error(
+            "WRONGTYPE Operation against a key"
+        )));
+        assert!(direct::answered(&server_error("ERR unknown command")));
+        for line in [
+            "MOVED 1 127.0.0.1:7001",
+            "ASK 1 127.0.0.1:7001",
+            "TRYAGAIN x",
+        ] {
+            assert!(!direct::answered(&server_error(line)), "{line}");
+        }
+        let reset = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(!direct::answered(&reset));
+    }
+
+    #[test]
     fn a_slot_is_stale_after_failing_for_two_seconds() {
         let mut failing = Failing::default();
         let step = Duration::from_millis(100);
