@@ -349,7 +349,8 @@ impl RedisPubSubLayer {
         let (reconnected, _) = broadcast::channel(RECONNECTED_BACKLOG);
         let subscriber = ClusterSubscriber::start(
             subscriber,
-            (publisher, direct),
+            publisher,
+            direct,
             interest,
             reconnected.clone(),
             (lost, lost_receiver),

@@ -79,12 +79,14 @@ pub(crate) struct ClusterSubscriber {
 }
 
 impl ClusterSubscriber {
-    /// The subscriber on connections already made, and its resubscribing
-    /// task, which reads `lost` (fed by the push handler; it ends when the
-    /// subscriber is dropped).
+    /// The subscriber on connections already made (publishing by `direct`
+    /// where it knows the slot's owner), and its resubscribing task, which
+    /// reads `lost` (fed by the push handler; it ends when the subscriber
+    /// is dropped).
     pub(crate) fn start(
         subscriber: Renewing,
-        publisher: (Renewing, Arc<Direct>),
+        publisher: Renewing,
+        direct: Arc<Direct>,
         interest: Weak<dyn Interest>,
         reconnected: broadcast::Sender<Reconnected>,
         lost: (mpsc::UnboundedSender<Lost>, mpsc::UnboundedReceiver<Lost>),
@@ -97,7 +99,6 @@ impl ClusterSubscriber {
         let subscriber = subscriber.on_renewed(move || {
             let _ = renewed.send(Lost::Connection);
         });
-        let (publisher, direct) = publisher;
         let this = Arc::new(ClusterSubscriber {
             subscriber,
             publisher,
