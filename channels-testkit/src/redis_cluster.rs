@@ -360,7 +360,8 @@ impl RedisCluster {
         }
     }
 
-    /// The port of a replica of the master on `master_port`, if it has one.
+    /// The port of a replica of the master on `master_port`, if it has one
+    /// (waiting, as the cluster forms, until some node knows of it).
     pub async fn replica_port(&self, master_port: u16) -> Option<u16> {
         let nodes = self.nodes().await;
         let master = nodes.iter().find(|node| node.port == master_port)?;
@@ -393,18 +394,30 @@ impl RedisCluster {
     }
 
     async fn replica_of(&self, master_id: &str) -> Option<u16> {
-        for node in &self.nodes {
-            if let Ok(text) = cli(node.port(), &["cluster", "nodes"]).await {
-                return text.lines().find_map(|line| {
+        // Any node that knows of one: the first to answer may not have
+        // heard of a replica yet on a busy machine, as gossip takes turns.
+        let deadline = Instant::now() + FORMING;
+        loop {
+            for node in &self.nodes {
+                let Ok(text) = cli(node.port(), &["cluster", "nodes"]).await else {
+                    continue;
+                };
+                let replica = text.lines().find_map(|line| {
                     let fields: Vec<&str> = line.split_whitespace().collect();
                     (fields.get(3) == Some(&master_id)
                         && fields[2].split(',').any(|flag| flag == "slave"))
                     .then(|| port_of(fields[1]))
                     .flatten()
                 });
+                if replica.is_some() {
+                    return replica;
+                }
             }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            sleep(Duration::from_millis(50)).await;
         }
-        None
     }
 
     fn node_mut(&mut self, port: u16) -> &mut RedisServer {
