@@ -511,6 +511,12 @@ impl Member {
     /// Reads what the server sends (and, for the sender, sends), until the
     /// connection ends (`Some(cause)`) or the bench closes it (`None`).
     async fn hold(&mut self, mut socket: Socket) -> Option<String> {
+        // One wait for the bench's close for the connection's life: made
+        // again at every frame, its registration with the watch channel
+        // was a measurable share of this process's CPU in a broadcast.
+        let mut closing = self.closing.clone();
+        let closed = closing.changed();
+        tokio::pin!(closed);
         loop {
             let send = async {
                 match self.sends.as_mut() {
@@ -543,7 +549,7 @@ impl Member {
                         return Some(failure(&err).cause);
                     }
                 }
-                _ = self.closing.changed() => {
+                _ = &mut closed => {
                     let _ = socket.close(None).await;
                     let drain = async { while let Some(Ok(_)) = socket.next().await {} };
                     let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
