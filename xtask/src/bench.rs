@@ -251,6 +251,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
     let servers = args.value("--servers")?;
     let curve = args.flag("--curve");
     let rolling = args.flag("--rolling");
+    let no_baseline = args.flag("--no-baseline");
     let step: Option<String> = args.value("--step")?;
     let path: Option<String> = args.value("--path")?;
     if path.as_ref().is_some_and(|p| !p.starts_with('/')) {
@@ -269,6 +270,7 @@ fn parse_options(mut args: Args) -> Result<Options> {
         ("--servers", servers.is_some()),
         ("--curve", curve),
         ("--rolling", rolling),
+        ("--no-baseline", no_baseline),
     ];
     if scenario == Scenario::Scale {
         refuse_stray(
@@ -285,12 +287,21 @@ fn parse_options(mut args: Args) -> Result<Options> {
             |name| {
                 format!(
                     "{name} does not apply to scale, which runs step {}'s servers \
-                 (--connections, --servers, --layer pubsub|queue, --in-flight, --curve, --rolling)",
+                 (--connections, --servers, --layer pubsub|queue, --in-flight, --curve, --rolling, \
+                 --no-baseline)",
                     scale::STEP
                 )
             },
         )?;
-        let scale = scale::options(connections, servers, layer, in_flight, curve, rolling)?;
+        let scale = scale::options(
+            connections,
+            servers,
+            layer,
+            in_flight,
+            curve,
+            rolling,
+            no_baseline,
+        )?;
         return Ok(Options {
             scenario,
             step: Some(scale::STEP.to_owned()),
@@ -680,7 +691,7 @@ fn release_dir(root: &Path) -> PathBuf {
 /// `cargo xtask bench [SCENARIO] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C]`,
 /// or `cargo xtask bench fanout [--seconds S] [--rounds R] [--receivers N]`,
 /// or `cargo xtask bench storm [--connections N] [--in-flight K] [--room-size R] [--layers L]`,
-/// or `cargo xtask bench scale [--connections N] [--servers S] [--layer pubsub|queue] [--in-flight K] [--curve] [--rolling]`
+/// or `cargo xtask bench scale [--connections N] [--servers S] [--layer pubsub|queue] [--in-flight K] [--curve] [--rolling] [--no-baseline]`
 pub fn run(ws: &Workspace, args: Args) -> Result<()> {
     let options = parse_options(args)?;
     if let Some(scale) = &options.scale {

@@ -55,7 +55,7 @@ const TASKS: &[(&str, &str)] = &[
          nginx and fonts-noto-color-emoji",
     ),
     (
-        "bench [echo|idle|fanout|storm|flood|scale|jobs|presence] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub] [--servers S] [--layer pubsub|queue] [--curve] [--rolling]",
+        "bench [echo|idle|fanout|storm|flood|scale|jobs|presence] [--step N] [--path P] [--seconds S] [--rounds R] [--clients C] [--receivers N] [--connections N] [--in-flight K] [--room-size R] [--layers memory,pubsub] [--servers S] [--layer pubsub|queue] [--curve] [--rolling] [--no-baseline]",
         "Compare a step's endpoint with a bare tokio-tungstenite server; echo: round trips \
          (defaults: the newest step, /ws/system, 5 s, 3 rounds, 32 clients); idle: memory per \
          idle connection and how much returns (10,000 clients); fanout: deliveries/s from one \
@@ -72,8 +72,10 @@ const TASKS: &[(&str, &str)] = &[
          (default 100,000) in one group of step 05 (/ws/analytics, the queue layer; or \
          /ws/notifications, pub/sub, up to 10,000) over S servers (enough for the open-file \
          limit) on one Redis, 1,000 handshakes in flight: handshakes, memory per connection and \
-         returned, a broadcast, 60 s of 1 message/s, Redis's CPU; --rolling: restart the servers \
-         one by one; --curve: 10k to 100k, written into the book as a table and an SVG; jobs: 50 \
+         returned, a broadcast, 60 s of 1 message/s, Redis's CPU, then the same on bare \
+         tokio-tungstenite servers as the baseline (--no-baseline skips it); --rolling: restart \
+         the servers one by one; --curve: 10k to 100k, written into the book as a table and an \
+         SVG; jobs: 50 \
          jobs of 100 ms on Redis (the newest step), each timed from request to result; \
          presence: step 06's presence room against step 05's room, in memory and on Redis: \
          200 joins and 200 messages timed one after another (p50/p99), and the presence_diff \

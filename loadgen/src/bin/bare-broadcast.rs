@@ -8,6 +8,11 @@
 //! axum-channels runner does, rather than one write each: the bench runs
 //! both, so the layers are compared with a bare server that writes the
 //! same way as well as with the plainest one.
+//!
+//! `--read-buffer BYTES` sets tungstenite's read buffer (default: its own,
+//! 128 KiB allocated per connection). The `scale` bench gives it the 2 KiB
+//! that axum-channels' servers use, so that 100,000 of its connections fit
+//! in memory and cost what the step's do.
 
 #[path = "../args.rs"]
 mod args;
@@ -32,6 +37,7 @@ const WRITE_BUFFER: usize = 16 * 1024;
 fn main() {
     let port: u16 = args::arg("port", 9002);
     let batch: bool = args::arg("batch", false);
+    let read_buffer: usize = args::arg("read-buffer", WebSocketConfig::default().read_buffer_size);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,11 +55,9 @@ fn main() {
             let _ = stream.set_nodelay(true);
             let room = room.clone();
             tokio::spawn(async move {
-                let config = WebSocketConfig::default().write_buffer_size(if batch {
-                    WRITE_BUFFER
-                } else {
-                    0
-                });
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(read_buffer)
+                    .write_buffer_size(if batch { WRITE_BUFFER } else { 0 });
                 let Ok(ws) =
                     tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
                 else {

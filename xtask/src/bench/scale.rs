@@ -28,6 +28,16 @@
 //! measured; the sustained load in steady state (after the broadcast).
 //! Everything, load generators included, runs on the same machine, so a
 //! latency includes the load generators' own wait for a core.
+//!
+//! The baseline (unless `--no-baseline`, and not with `--curve`): the same
+//! N connections, load generators and messages against as many bare
+//! servers (loadgen's `bare-broadcast`: tokio-tungstenite and one tokio
+//! broadcast channel per process, with the step's 2 KiB read buffer; no
+//! framework, no layer, no Redis), measured after the step in the same
+//! run. Bare servers share nothing, so each gets a sender of its own and
+//! the message is sent into all of them at once. What the step's figures
+//! are then measured against is what this machine, its kernel and these
+//! load generators can do at all.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -71,6 +81,15 @@ const SUSTAINED: u64 = 60;
 const REPORT_WAIT_S: u64 = 60;
 /// How long the clients of a restarted server may take to come back.
 const BACK_WAIT: Duration = Duration::from_secs(180);
+/// The baseline's read buffer: axum-channels' default `read_buffer_size`.
+const BARE_READ_BUFFER: usize = 2 * 1024;
+
+/// What serves the connections: step 05 on one Redis, or the baseline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Step,
+    Bare,
+}
 
 /// The group, by the layer it is on.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -103,6 +122,7 @@ pub(super) struct Options {
     in_flight: u32,
     curve: bool,
     rolling: bool,
+    baseline: bool,
 }
 
 pub(super) fn options(
@@ -112,6 +132,7 @@ pub(super) fn options(
     in_flight: Option<u32>,
     curve: bool,
     rolling: bool,
+    no_baseline: bool,
 ) -> Result<Options> {
     let layer = match layer.as_deref() {
         None | Some("queue") => Layer::Queue,
@@ -143,6 +164,7 @@ pub(super) fn options(
         in_flight: in_flight.unwrap_or(DEFAULT_IN_FLIGHT),
         curve,
         rolling,
+        baseline: !no_baseline && !curve,
     })
 }
 
@@ -379,11 +401,6 @@ impl Client {
         }
         Ok(line)
     }
-
-    fn ask(&mut self, command: &str) -> Result<String> {
-        self.say(command)?;
-        self.hear()
-    }
 }
 
 impl Drop for Client {
@@ -415,13 +432,18 @@ struct Fleet<'a> {
     step: &'a Step,
     plan: &'a Plan,
     layer: Layer,
-    redis: Redis,
+    kind: Kind,
+    /// Step 05's servers share it; the bare ones have none.
+    redis: Option<Redis>,
     servers: Vec<StepServer>,
 }
 
 impl Fleet<'_> {
     fn start_server(&self, port: u16, log: &Path, index: usize) -> Result<Server> {
-        let label = format!("server {} of step {}", index + 1, self.step.id);
+        let label = match self.kind {
+            Kind::Step => format!("server {} of step {}", index + 1, self.step.id),
+            Kind::Bare => format!("bare server {}", index + 1),
+        };
         let file = File::options()
             .create(true)
             .append(true)
@@ -431,10 +453,27 @@ impl Fleet<'_> {
         let stdout = file
             .try_clone()
             .map_err(|e| fail(format!("cannot share {}: {e}", log.display())))?;
-        let child = Command::new(self.release.join(exe(&self.step.package())))
-            .env("HOST", "127.0.0.1")
-            .env("PORT", port.to_string())
-            .env("REDIS_URL", self.redis.url())
+        let mut command = match (self.kind, &self.redis) {
+            (Kind::Step, Some(redis)) => {
+                let mut command = Command::new(self.release.join(exe(&self.step.package())));
+                command
+                    .env("HOST", "127.0.0.1")
+                    .env("PORT", port.to_string())
+                    .env("REDIS_URL", redis.url());
+                command
+            }
+            _ => {
+                let mut command = Command::new(self.release.join(exe("bare-broadcast")));
+                command.args([
+                    "--port",
+                    &port.to_string(),
+                    "--read-buffer",
+                    &BARE_READ_BUFFER.to_string(),
+                ]);
+                command
+            }
+        };
+        let child = command
             .env("RUST_LOG", "warn")
             .env("NO_COLOR", "1")
             // Room for its share, and for clients that come back to it
@@ -608,7 +647,8 @@ fn start_clients(
     urls: &str,
     layer: Layer,
     in_flight: u32,
-) -> Result<(Vec<Client>, Client)> {
+    kind: Kind,
+) -> Result<(Vec<Client>, Vec<Client>)> {
     let spawn = |connections: u32, first: u32, sources: String, in_flight: u32, sender: bool| {
         let mut cmd = Command::new(release.join(exe("scale")));
         cmd.args(["--urls", urls])
@@ -647,11 +687,31 @@ fn start_clients(
         let sources = format!("127.0.0.{},127.0.0.{}", 2 + 2 * i, 3 + 2 * i);
         clients.push(spawn(count, first, sources, per_process_in_flight, false)?);
     }
-    // The sender is a connection of its own, to the first server, so that
-    // one process can be told to send while the others are asked how they
-    // are doing.
-    let sender = spawn(1, 0, "127.0.0.250".to_owned(), 1, true)?;
-    Ok((clients, sender))
+    // A sender is a connection of its own, so that its process can be told
+    // to send while the others are asked how they are doing. Step 05 needs
+    // one, to the first server: the layer takes its messages to every
+    // server. Bare servers share nothing, so each gets one (connection `k`
+    // of the bench goes to server `k`).
+    let senders = match kind {
+        Kind::Step => 1,
+        Kind::Bare => plan.servers,
+    };
+    let senders = (0..senders)
+        .map(|k| spawn(1, k, format!("127.0.0.{}", 250 - k % 40), 1, true))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((clients, senders))
+}
+
+/// Has every sender send `FIRST COUNT INTERVAL_MS`, at the same time, and
+/// adds up what they sent again and never got out.
+fn send_all(senders: &mut [Client], what: &str) -> Result<(u64, u64)> {
+    let answers = ask_all(senders, &format!("send {what}"))?;
+    Ok(answers.iter().fold((0, 0), |(resent, unsent), answer| {
+        (
+            resent + json_number(answer, "resent").unwrap_or(0.0) as u64,
+            unsent + json_number(answer, "unsent").unwrap_or(0.0) as u64,
+        )
+    }))
 }
 
 /// One run at `connections`: everything of the module documentation.
@@ -661,6 +721,7 @@ fn measure(
     o: &Options,
     connections: u32,
     rolling: bool,
+    kind: Kind,
 ) -> Result<Measured> {
     let files = file_limit().unwrap_or(u64::MAX);
     let plan = plan(
@@ -670,17 +731,25 @@ fn measure(
         files,
         available_kb().unwrap_or(u64::MAX),
     )?;
-    println!(
-        "\nscale: {connections} connections into {} ({}) on {} server(s) of step {} \
-         (~{} each), one Redis, {} load generator process(es) (~{} each)",
-        o.layer.path(),
-        o.layer.label(),
-        plan.servers,
-        step.id,
-        plan.per_server,
-        plan.clients,
-        plan.per_client
-    );
+    match kind {
+        Kind::Step => println!(
+            "\nscale: {connections} connections into {} ({}) on {} server(s) of step {} \
+             (~{} each), one Redis, {} load generator process(es) (~{} each)",
+            o.layer.path(),
+            o.layer.label(),
+            plan.servers,
+            step.id,
+            plan.per_server,
+            plan.clients,
+            plan.per_client
+        ),
+        Kind::Bare => println!(
+            "\nscale, baseline: the same {connections} connections on {} bare server(s) \
+             (loadgen's bare-broadcast, ~{} each; no layer, no Redis), {} load generator \
+             process(es), one sender into each server",
+            plan.servers, plan.per_server, plan.clients
+        ),
+    }
     println!(
         "  one process may hold at most {files} open files here (ulimit -Hn), so the \
          connections are spread over processes; {} handshakes in flight in all",
@@ -689,12 +758,16 @@ fn measure(
     let load_before = load_average();
     println!("  load average before: {load_before}");
 
-    let redis = Redis::start(false)?;
+    let redis = match kind {
+        Kind::Step => Some(Redis::start(false)?),
+        Kind::Bare => None,
+    };
     let mut fleet = Fleet {
         release,
         step,
         plan: &plan,
         layer: o.layer,
+        kind,
         redis,
         servers: Vec::new(),
     };
@@ -713,10 +786,10 @@ fn measure(
         .collect();
     let memory_before_kb = fleet.settled_memory_kb()?;
 
-    let (mut clients, mut sender) =
-        start_clients(release, &plan, &urls.join(","), o.layer, o.in_flight)?;
-    // The sender first, so that it hears the warm-up.
-    sender.ask("open")?;
+    let (mut clients, mut senders) =
+        start_clients(release, &plan, &urls.join(","), o.layer, o.in_flight, kind)?;
+    // The senders first, so that they hear the warm-up.
+    ask_all(&mut senders, "open")?;
     let started = Instant::now();
     let answers = ask_all(&mut clients, "open")?;
     let open_s = started.elapsed().as_secs_f64();
@@ -742,13 +815,14 @@ fn measure(
     }
 
     ask_all(&mut clients, "mark")?;
-    sender.ask(&format!("send 0 {WARM_UP} 500"))?;
+    send_all(&mut senders, &format!("0 {WARM_UP} 500"))?;
     ask_all(&mut clients, &format!("report 0 {WARM_UP} {REPORT_WAIT_S}"))?;
 
     let first = WARM_UP;
-    let sent = sender.ask(&format!("send {first} {BROADCASTS} {BROADCAST_GAP_MS}"))?;
-    let mut resent = json_number(&sent, "resent").unwrap_or(0.0) as u64;
-    let mut unsent = json_number(&sent, "unsent").unwrap_or(0.0) as u64;
+    let (mut resent, mut unsent) = send_all(
+        &mut senders,
+        &format!("{first} {BROADCASTS} {BROADCAST_GAP_MS}"),
+    )?;
     let answers = ask_all(
         &mut clients,
         &format!("report {first} {BROADCASTS} {REPORT_WAIT_S}"),
@@ -765,8 +839,8 @@ fn measure(
 
     let first = WARM_UP + BROADCASTS;
     let ticks = ticks_per_second();
-    let redis_pid = fleet.redis.pid();
-    let (redis_before, servers_before) = (cpu_ticks(redis_pid), fleet.server_ticks());
+    let redis_pid = fleet.redis.as_ref().map(Redis::pid);
+    let (redis_before, servers_before) = (redis_pid.and_then(cpu_ticks), fleet.server_ticks());
     // Sixty messages that each fail five times would take a quarter of an
     // hour to find out what the broadcast already said.
     let sustained_count = if unsent > 0 {
@@ -776,15 +850,15 @@ fn measure(
         SUSTAINED
     };
     let started = Instant::now();
-    let sent = sender.ask(&format!("send {first} {sustained_count} 1000"))?;
-    resent += json_number(&sent, "resent").unwrap_or(0.0) as u64;
-    unsent += json_number(&sent, "unsent").unwrap_or(0.0) as u64;
+    let (again, never) = send_all(&mut senders, &format!("{first} {sustained_count} 1000"))?;
+    resent += again;
+    unsent += never;
     let answers = ask_all(
         &mut clients,
         &format!("report {first} {sustained_count} {REPORT_WAIT_S}"),
     )?;
     let sustained_s = started.elapsed().as_secs_f64();
-    let (redis_after, servers_after) = (cpu_ticks(redis_pid), fleet.server_ticks());
+    let (redis_after, servers_after) = (redis_pid.and_then(cpu_ticks), fleet.server_ticks());
     let redis_cpu = redis_after
         .zip(redis_before)
         .map_or(0.0, |(a, b)| (a - b) as f64 / ticks / sustained_s);
@@ -805,12 +879,12 @@ fn measure(
         Some(roll(
             &mut fleet,
             &mut clients,
-            sender,
+            senders,
             first + SUSTAINED,
             connections,
         )?)
     } else {
-        drop(sender);
+        drop(senders);
         None
     };
 
@@ -858,7 +932,7 @@ fn measure(
 fn roll(
     fleet: &mut Fleet,
     clients: &mut [Client],
-    mut sender: Client,
+    mut senders: Vec<Client>,
     first: u64,
     connections: u32,
 ) -> Result<Rolling> {
@@ -870,7 +944,7 @@ fn roll(
             let mut seq = first;
             let started = Instant::now();
             while !stop.load(Ordering::Relaxed) {
-                sender.ask(&format!("send {seq} 1 0"))?;
+                send_all(&mut senders, &format!("{seq} 1 0"))?;
                 seq += 1;
                 let next = Duration::from_secs(seq - first);
                 std::thread::sleep(next.saturating_sub(started.elapsed()));
@@ -969,7 +1043,70 @@ fn is_bad_5xx(cause: &str) -> bool {
     cause.starts_with("http 5") && cause != "http 503 retry-after"
 }
 
-fn print_report(m: &Measured) {
+/// Step 05's figures beside the bare servers' of the same run.
+fn print_baseline(m: &Measured, bare: &Measured) {
+    let (ours, theirs) = (
+        Measured::pooled(&m.broadcast),
+        Measured::pooled(&bare.broadcast),
+    );
+    let (ours_s, theirs_s) = (
+        Measured::pooled(&m.sustained),
+        Measured::pooled(&bare.sustained),
+    );
+    let rate = |h: &Histogram, m: &Measured| h.count() as f64 / m.sustained_s.max(f64::EPSILON);
+    println!(
+        "  against {} bare servers in this run (loadgen's bare-broadcast, same connections, \
+         load generators and messages; step / bare, lower is better but for deliveries/s):",
+        bare.servers
+    );
+    println!(
+        "    {:<28} {:>10} {:>10} {:>7}",
+        "", "step 05", "bare", "ratio"
+    );
+    // No ratio for the first delivery: the bare servers' is a fraction of
+    // a millisecond, the step's the way through Redis, and their quotient
+    // says nothing.
+    let rows = [
+        (
+            "handshake p99 (ms)",
+            m.handshake.ms(0.99),
+            bare.handshake.ms(0.99),
+        ),
+        (
+            "kB per idle connection",
+            m.kb_per_connection(),
+            bare.kb_per_connection(),
+        ),
+        ("broadcast first (ms)", ours.ms(0.0), theirs.ms(0.0)),
+        ("broadcast p50 (ms)", ours.ms(0.5), theirs.ms(0.5)),
+        ("broadcast p99 (ms)", ours.ms(0.99), theirs.ms(0.99)),
+        ("broadcast max (ms)", ours.ms(1.0), theirs.ms(1.0)),
+        (
+            "sustained deliveries/s",
+            rate(&ours_s, m),
+            rate(&theirs_s, bare),
+        ),
+        ("sustained p99 (ms)", ours_s.ms(0.99), theirs_s.ms(0.99)),
+    ];
+    for (name, ours, theirs) in rows {
+        // Two decimals for the small figures (kB), none for the rest.
+        let places = if ours.max(theirs) < 100.0 { 2 } else { 0 };
+        let ratio = if name.starts_with("broadcast first") {
+            "-".to_owned()
+        } else {
+            format!("{:.2}", ours / theirs.max(f64::EPSILON))
+        };
+        println!("    {name:<28} {ours:>10.places$} {theirs:>10.places$} {ratio:>7}");
+    }
+    println!(
+        "    bare: {} missing in the broadcast, {} lost sustained, {} never sent",
+        Measured::lost(&bare.broadcast),
+        Measured::lost(&bare.sustained),
+        bare.unsent
+    );
+}
+
+fn print_report(m: &Measured, baseline: Option<&Measured>) {
     let n = m.connections;
     println!(
         "\n== {n} connections, {} servers, {} load generators ==",
@@ -1006,17 +1143,20 @@ fn print_report(m: &Measured) {
         m.memory_closed_kb,
         m.kb_per_connection(),
     );
+    // `first`: the member that had it soonest, which is the way through
+    // the layer (and Redis) before any member's share of the work.
     println!("  broadcast, time until each member had it (ms):");
     println!(
-        "    {:>7} {:>9} {:>8} {:>8} {:>8} {:>8}",
-        "message", "heard", "missing", "p50", "p99", "max"
+        "    {:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "message", "heard", "missing", "first", "p50", "p99", "max"
     );
     for (seq, d) in &m.broadcast {
         println!(
-            "    {:>7} {:>9} {:>8} {:>8.0} {:>8.0} {:>8.0}",
+            "    {:>7} {:>9} {:>8} {:>8.0} {:>8.0} {:>8.0} {:>8.0}",
             seq - WARM_UP + 1,
             d.heard,
             d.missing,
+            d.latency.ms(0.0),
             d.latency.ms(0.5),
             d.latency.ms(0.99),
             d.latency.ms(1.0)
@@ -1024,10 +1164,11 @@ fn print_report(m: &Measured) {
     }
     let pooled = Measured::pooled(&m.broadcast);
     println!(
-        "    {:>7} {:>9} {:>8} {:>8.0} {:>8.0} {:>8.0}",
+        "    {:>7} {:>9} {:>8} {:>8.0} {:>8.0} {:>8.0} {:>8.0}",
         "all",
         pooled.count(),
         Measured::lost(&m.broadcast),
+        pooled.ms(0.0),
         pooled.ms(0.5),
         pooled.ms(0.99),
         pooled.ms(1.0)
@@ -1085,6 +1226,9 @@ fn print_report(m: &Measured) {
     for line in m.warnings.iter().take(3) {
         println!("    {line}");
     }
+    if let Some(bare) = baseline {
+        print_baseline(m, bare);
+    }
 
     println!("\n  goals:");
     let all_open = m.opened == u64::from(n) && m.failed.is_empty();
@@ -1094,8 +1238,14 @@ fn print_report(m: &Measured) {
         m.kb_per_connection(),
         verdict(m.kb_per_connection() <= 7.0)
     );
+    let bare = baseline.map_or(String::new(), |bare| {
+        format!(
+            " (the bare servers: {:.0} ms)",
+            Measured::pooled(&bare.broadcast).ms(0.99)
+        )
+    });
     println!(
-        "  - broadcast p99 under 1 s: {:.0} ms, {}",
+        "  - broadcast p99 under 1 s: {:.0} ms, {}{bare}",
         pooled.ms(0.99),
         verdict(pooled.ms(0.99) < 1000.0 && Measured::lost(&m.broadcast) == 0 && m.unsent == 0)
     );
@@ -1387,11 +1537,20 @@ pub(super) fn run(root: &Path, release: &Path, step: &Step, o: &Options) -> Resu
         step.dir_name(),
         o.layer.label()
     );
-    let binaries = Binaries::copy(release, &[exe(&step.package()), exe("scale")])?;
+    let binaries = Binaries::copy(
+        release,
+        &[exe(&step.package()), exe("scale"), exe("bare-broadcast")],
+    )?;
     let mut points = Vec::new();
     for n in sizes {
-        let measured = measure(&binaries.dir, step, o, n, o.rolling && !o.curve)?;
-        print_report(&measured);
+        let rolling = o.rolling && !o.curve;
+        let measured = measure(&binaries.dir, step, o, n, rolling, Kind::Step)?;
+        let baseline = if o.baseline {
+            Some(measure(&binaries.dir, step, o, n, false, Kind::Bare)?)
+        } else {
+            None
+        };
+        print_report(&measured, baseline.as_ref());
         points.push(measured);
     }
     if o.curve {
@@ -1450,16 +1609,28 @@ mod tests {
 
     #[test]
     fn options_refuse_nonsense() {
-        let o = options(None, None, None, None, false, false).unwrap();
+        let o = options(None, None, None, None, false, false, false).unwrap();
         assert_eq!(
             (o.connections, o.layer, o.in_flight),
             (100_000, Layer::Queue, 1_000)
         );
-        assert!(options(Some(10), None, None, None, true, false).is_err());
-        assert!(options(None, None, Some("memory".into()), None, false, false).is_err());
-        assert!(options(None, Some(0), None, None, false, false).is_err());
+        // The baseline runs by default, but not for the curve's four points.
+        assert!(o.baseline);
+        assert!(
+            !options(None, None, None, None, false, false, true)
+                .unwrap()
+                .baseline
+        );
+        assert!(
+            !options(None, None, None, None, true, false, false)
+                .unwrap()
+                .baseline
+        );
+        assert!(options(Some(10), None, None, None, true, false, false).is_err());
+        assert!(options(None, None, Some("memory".into()), None, false, false, false).is_err());
+        assert!(options(None, Some(0), None, None, false, false, false).is_err());
         assert_eq!(
-            options(None, None, Some("pubsub".into()), None, false, true)
+            options(None, None, Some("pubsub".into()), None, false, true, false)
                 .unwrap()
                 .layer,
             Layer::PubSub
