@@ -24,8 +24,9 @@
 //!   comes back (see [`flood`]);
 //! - `scale`: up to 100,000 connections in one group over several servers
 //!   of step 05 on one Redis: handshakes, memory, a broadcast, a sustained
-//!   load, a rolling restart, and (`--curve`) how these grow with N
-//!   (see [`scale`]);
+//!   load, a rolling restart, and (`--curve`) how these grow with N; then
+//!   the same against bare tokio-tungstenite broadcast servers, the
+//!   baseline (see [`scale`]);
 //! - `jobs`: background jobs on Redis, each timed from its request to its
 //!   result, against the job's own delay (see [`jobs`]);
 //! - `presence`: what presence and history cost on a join and on a message,
