@@ -22,17 +22,33 @@ impl Drop for Killed {
 }
 
 fn start_server(port: u16) -> Killed {
-    let server = Command::new(env!("CARGO_BIN_EXE_room-server"))
-        .args(["--layer", "memory", "--port", &port.to_string()])
-        .env("RUST_LOG", "error")
-        .spawn()
-        .unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_room-server"));
+    command.args(["--layer", "memory", "--port", &port.to_string()]);
+    listening(command, port)
+}
+
+/// A baseline server of the bench, as it starts them.
+fn start_bare_server(port: u16) -> Killed {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bare-broadcast"));
+    command.args(["--port", &port.to_string(), "--read-buffer", "2048"]);
+    listening(command, port)
+}
+
+fn listening(mut command: Command, port: u16) -> Killed {
+    let server = command.env("RUST_LOG", "error").spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "room-server did not listen");
+        assert!(Instant::now() < deadline, "{command:?} did not listen");
         std::thread::sleep(Duration::from_millis(10));
     }
     Killed(server)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .port()
 }
 
 /// One `scale` process, spoken to line by line.
@@ -44,9 +60,20 @@ struct Client {
 
 impl Client {
     fn start(url: &str, first: usize, source: &str, sender: bool) -> Client {
+        Client::start_with(url, 150, first, source, sender)
+    }
+
+    fn start_with(
+        url: &str,
+        connections: usize,
+        first: usize,
+        source: &str,
+        sender: bool,
+    ) -> Client {
         let mut command = Command::new(env!("CARGO_BIN_EXE_scale"));
         command
-            .args(["--urls", url, "--connections", "150"])
+            .args(["--urls", url])
+            .args(["--connections", &connections.to_string()])
             .args(["--first", &first.to_string(), "--sources", source])
             .args(["--in-flight", "50"])
             .stdin(Stdio::piped())
@@ -94,10 +121,7 @@ fn number(json: &str, key: &str) -> f64 {
 
 #[test]
 fn three_hundred_members_hear_every_broadcast_and_come_back_after_a_restart() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut server = start_server(port);
     let url = format!("ws://127.0.0.1:{port}/ws/bench");
     let mut clients = [
@@ -166,4 +190,48 @@ fn three_hundred_members_hear_every_broadcast_and_come_back_after_a_restart() {
         client.ask("close");
     }
     drop(server);
+}
+
+/// The bench's baseline: bare servers share nothing, so each gets a sender
+/// of its own (connection `k` of the bench goes to server `k`), and all
+/// send at once. Every member then hears each message once, from its own
+/// server; with one sender, the members of the other server would hear
+/// nothing and the baseline would measure half the room.
+#[test]
+fn bare_servers_each_with_a_sender_reach_every_member() {
+    let ports = [free_port(), free_port()];
+    let _servers = ports.map(start_bare_server);
+    let urls = ports.map(|port| format!("ws://127.0.0.1:{port}/ws/bench"));
+    let urls = urls.join(",");
+    let mut members = [
+        Client::start_with(&urls, 150, 0, "127.0.0.5", false),
+        Client::start_with(&urls, 150, 150, "127.0.0.6", false),
+    ];
+    let mut senders: Vec<Client> = (0..2)
+        .map(|k| Client::start_with(&urls, 1, k, &format!("127.0.0.{}", 7 + k), true))
+        .collect();
+    for client in senders.iter_mut().chain(&mut members) {
+        let opened = client.ask("open");
+        assert!(opened.contains("\"failed\":{}"), "{opened}");
+        client.ask("mark");
+    }
+
+    for sender in &mut senders {
+        sender.say("send 0 3 50");
+    }
+    for sender in &mut senders {
+        let sent = sender.hear();
+        assert_eq!(number(&sent, "unsent"), 0.0, "{sent}");
+    }
+    for client in &mut members {
+        let report = client.ask("report 0 3 10");
+        assert_eq!(
+            report.matches("\"heard\":150,\"missing\":0").count(),
+            3,
+            "{report}"
+        );
+    }
+    for client in senders.iter_mut().chain(&mut members) {
+        client.ask("close");
+    }
 }
