@@ -1041,10 +1041,10 @@ mod tests {
             let scenario = match *option {
                 "--receivers" => "fanout",
                 "--connections" | "--in-flight" | "--room-size" | "--layers" => "storm",
-                "--servers" | "--layer" | "--curve" | "--rolling" => "scale",
+                "--servers" | "--layer" | "--curve" | "--rolling" | "--no-baseline" => "scale",
                 _ => "echo",
             };
-            let given: &[&str] = if matches!(*option, "--curve" | "--rolling") {
+            let given: &[&str] = if matches!(*option, "--curve" | "--rolling" | "--no-baseline") {
                 &[scenario, option]
             } else {
                 &[scenario, option, value]

@@ -453,8 +453,12 @@ impl Fleet<'_> {
         let stdout = file
             .try_clone()
             .map_err(|e| fail(format!("cannot share {}: {e}", log.display())))?;
-        let mut command = match (self.kind, &self.redis) {
-            (Kind::Step, Some(redis)) => {
+        let mut command = match self.kind {
+            Kind::Step => {
+                let redis = self
+                    .redis
+                    .as_ref()
+                    .ok_or_else(|| fail("step 05's servers need the run's Redis"))?;
                 let mut command = Command::new(self.release.join(exe(&self.step.package())));
                 command
                     .env("HOST", "127.0.0.1")
@@ -462,7 +466,7 @@ impl Fleet<'_> {
                     .env("REDIS_URL", redis.url());
                 command
             }
-            _ => {
+            Kind::Bare => {
                 let mut command = Command::new(self.release.join(exe("bare-broadcast")));
                 command.args([
                     "--port",
