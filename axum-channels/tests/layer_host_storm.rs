@@ -56,7 +56,6 @@ async fn calls(conn: &mut MultiplexedConnection, command: &str) -> u64 {
         .map_or(0, |n| n.parse().expect("a count"))
 }
 
-/// How many connections Redis accepted since it started.
 /// Has Redis hold every reply for `ms` milliseconds (`CLIENT PAUSE ALL`).
 async fn pause_redis(conn: &mut MultiplexedConnection, ms: u64) {
     let _: () = redis::cmd("CLIENT")
@@ -68,6 +67,7 @@ async fn pause_redis(conn: &mut MultiplexedConnection, ms: u64) {
         .expect("CLIENT PAUSE");
 }
 
+/// How many connections Redis accepted since it started.
 async fn connections(conn: &mut MultiplexedConnection) -> u64 {
     let stats = info(conn, "stats").await;
     stats
