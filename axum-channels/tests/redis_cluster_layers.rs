@@ -637,6 +637,132 @@ async fn queue_group_send_reaches_members_in_every_slot() {
     ));
 }
 
+/// Receives the next message on `channel`, which must be number `n`.
+async fn expect_next(layer: &RedisClusterLayer, channel: &str, n: u64, why: &str) {
+    let message = timeout(RECOVERY, layer.receive(channel))
+        .await
+        .unwrap_or_else(|_| panic!("{why}: nothing came"))
+        .expect("receive");
+    assert_eq!(message["n"], n, "{why}");
+}
+
+/// Checks that nothing more comes to `channel`.
+async fn expect_nothing(layer: &RedisClusterLayer, channel: &str, why: &str) {
+    let more = timeout(Duration::from_millis(300), layer.receive(channel)).await;
+    assert!(more.is_err(), "{why}: got {more:?}");
+}
+
+/// A sender that has sent to a group before sends the next message in one
+/// round trip, to the keys it remembers, each checked against its
+/// membership version, while it checks the group's digest. Members that
+/// another process adds or removes must be seen at once all the same: on a
+/// key the sender remembers (the version), and on a key it has never sent
+/// to (the digest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_send_sees_members_changed_by_another_process() {
+    trace();
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let sender = queue(&cluster).await;
+    let other = queue(&cluster).await;
+    let first = other.new_channel("specific").await.expect("new_channel");
+    other.group_add("room", &first).await.expect("group_add");
+    // From the third message on, the sender knows the key's version.
+    for n in 1..=3 {
+        sender
+            .group_send("room", numbered(n))
+            .await
+            .expect("group_send");
+        expect_next(&other, &first, n, "a member").await;
+    }
+
+    // On the remembered key: one member joins, one leaves.
+    let second = other.new_channel("specific").await.expect("new_channel");
+    other.group_add("room", &second).await.expect("group_add");
+    other
+        .group_discard("room", &first)
+        .await
+        .expect("group_discard");
+    sender
+        .group_send("room", numbered(4))
+        .await
+        .expect("group_send");
+    expect_next(&other, &second, 4, "it joined on a remembered key").await;
+    expect_nothing(&other, &first, "it left the group").await;
+
+    // On a key the sender has never sent to: another process joins.
+    let third_layer = queue(&cluster).await;
+    let third = third_layer
+        .new_channel("specific")
+        .await
+        .expect("new_channel");
+    third_layer
+        .group_add("room", &third)
+        .await
+        .expect("group_add");
+    sender
+        .group_send("room", numbered(5))
+        .await
+        .expect("group_send");
+    expect_next(&third_layer, &third, 5, "it joined on a new key").await;
+    expect_next(&other, &second, 5, "still a member").await;
+
+    // Nothing changed: the remembered keys serve.
+    for n in 6..=7 {
+        sender
+            .group_send("room", numbered(n))
+            .await
+            .expect("group_send");
+        expect_next(&third_layer, &third, n, "still a member").await;
+        expect_next(&other, &second, n, "still a member").await;
+    }
+    expect_nothing(&other, &first, "it left the group").await;
+}
+
+/// A membership lapses after `group_expiry` for a sender that remembers
+/// it too. Here the key it is on has a newer member, whose join gave the
+/// key the version the sender remembers: the version stays valid after
+/// the older membership lapses, so the sender must see by the time each
+/// member joined that the key needs reading again. Group expiry 3 s
+/// (whole seconds make a membership last 3 to 4 s): the lapsed membership
+/// is 4.3 s old, the newer one 2.3 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_group_send_lets_a_remembered_membership_lapse() {
+    trace();
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let lapsing = config(&cluster).with_group_expiry(Duration::from_secs(3));
+    let connect = || async {
+        RedisClusterLayer::connect(lapsing.clone())
+            .await
+            .expect("connect the queue layer to the cluster")
+    };
+    let (sender, members) = (connect().await, connect().await);
+    let joined = Instant::now();
+    let older = members.new_channel("specific").await.expect("new_channel");
+    members.group_add("room", &older).await.expect("group_add");
+    sleep(Duration::from_millis(2000)).await;
+    let newer = members.new_channel("specific").await.expect("new_channel");
+    members.group_add("room", &newer).await.expect("group_add");
+    for n in 1..=3 {
+        sender
+            .group_send("room", numbered(n))
+            .await
+            .expect("group_send");
+        expect_next(&members, &older, n, "a member").await;
+        expect_next(&members, &newer, n, "a member").await;
+    }
+    sleep((joined + Duration::from_millis(4300)).saturating_duration_since(Instant::now())).await;
+    sender
+        .group_send("room", numbered(4))
+        .await
+        .expect("group_send");
+    expect_next(&members, &newer, 4, "its membership is 2.3 s old").await;
+    expect_nothing(&members, &older, "its membership lapsed").await;
+}
+
 /// Sends `count` numbered messages to `channel` at `PACE` while `change`
 /// runs, then receives: the queue layer must deliver every one, in order.
 async fn queue_keeps_everything_while(

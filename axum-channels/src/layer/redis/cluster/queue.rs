@@ -8,13 +8,24 @@
 //! |---|---|---|
 //! | a channel's messages | `{prefix}{non-local name}` | `{prefix}{{non-local name}}`: the hash tag keeps the key whole in one slot, and the channels of one process share it |
 //! | a group's members | `{prefix}:group:{group}` | the same: one key, its own slot |
+//! | a group's membership version for one channel key | none | `{channel key}:group:{group}`: a random token, new at every `group_add` and `group_discard` of one of the key's channels, in the key's slot |
 //!
-//! `group_send` reads the members (one command on the group's slot),
-//! groups their channel keys by slot, and runs Python's group-send script
-//! once per slot, concurrently, so a room whose members are spread over
-//! many processes costs one script call per slot they occupy. A Python
-//! process cannot share this layout: its scripts touch several slots, and
-//! redis-py's cluster client refuses them.
+//! The first `group_send` to a group from this process reads the members
+//! (one command on the group's slot), groups their channel keys by slot,
+//! and runs Python's group-send script once per slot, concurrently. It
+//! remembers what it read. The next one takes one round trip while the
+//! members stay the same, as the single-Redis layer's checked script does
+//! on one host: it sends to each key it remembers, in a script that adds
+//! the message only if the key's membership version is still the one the
+//! members were read with, and at the same time checks the digest of the
+//! group's list on the group's slot. A key whose version changed, and a
+//! key the group gained, get the message after a fresh read (two more
+//! round trips); a key with a membership older than `group_expiry` is read
+//! again before it is sent to. A `group_send` that fails may still have
+//! reached some keys, as one over several slots always could.
+//!
+//! A Python process cannot share this layout: its scripts touch several
+//! slots, and redis-py's cluster client refuses them.
 //!
 //! Receiving: one popper task per key this process reads, each on a
 //! cluster connection of its own (a blocking pop would stall every
@@ -56,7 +67,10 @@ use crate::layer::redis::bounded;
 use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MIN, doubled};
-use crate::layer::redis::queue::{KeyPayload, POP_BATCH, has_bzmpop, payloads_by_key, pop};
+use crate::layer::redis::queue::{
+    KeyPayload, POP_BATCH, SEEN_GROUPS_MAX, SEEN_MEMBERS_MAX, digest, has_bzmpop, payloads_by_key,
+    pop,
+};
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
     push_within_capacity, queue_channel_name, score_arg, uuid4_hex,
@@ -85,6 +99,10 @@ struct Inner {
     /// Every node has `BZMPOP` (Redis 7.0): a pop is one round trip.
     bzmpop: bool,
     group_send: Script,
+    group_digest: Script,
+    push_checked: Script,
+    /// Per group, what its last `group_send` from here read of it.
+    seen: Locked<HashMap<String, Arc<Seen>>>,
     state: Locked<State>,
     /// One warning while the cluster refuses calls, not one per call.
     outage: Outage,
@@ -121,6 +139,81 @@ impl HoldsBuffers for State {
     }
 }
 
+/// What a layer last read of a group, for its next `group_send`.
+struct Seen {
+    /// [`digest`] of the members as Redis listed them.
+    digest: String,
+    /// The members by channel key, in the order Redis listed them.
+    keys: Vec<SeenKey>,
+}
+
+/// One channel key of a group's members, as last read.
+struct SeenKey {
+    key: String,
+    names: Vec<String>,
+    capacity: usize,
+    /// When the longest-standing of `names` joined (its score).
+    oldest: f64,
+    /// The key's membership version for the group, read before `names`
+    /// were ([`UNKNOWN`] if it was not).
+    version: String,
+}
+
+/// A version no key has: a key seen with it is read again before it is
+/// sent to in one step.
+const UNKNOWN: &str = "?";
+
+/// What [`PUSH_CHECKED_LUA`] did with one key's message.
+enum Checked {
+    /// Sent, or skipped for capacity (`true`).
+    Sent(bool),
+    /// Not sent: the key's membership changed; its version now.
+    Changed(String),
+}
+
+/// The key of a group's membership version for one channel key: set to a
+/// fresh random token by every `group_add` and `group_discard` of one of
+/// its channels, in the channel key's slot.
+fn version_key(channel_key: &str, group: &str) -> String {
+    format!("{channel_key}:group:{group}")
+}
+
+// ANCHOR: cluster_group_scripts
+/// Whether a group's members are still those with a digest. `KEYS`: the
+/// group. `ARGV`: its purge cut-off, the digest. Returns 1 if they are.
+const GROUP_DIGEST_LUA: &str = r#"
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+    local members = redis.call('ZRANGE', KEYS[1], 0, -1)
+    if redis.sha1hex(table.concat(members, '\n')) == ARGV[2] then
+        return 1
+    end
+    return 0
+"#;
+
+/// A group message to one channel key, only if the key's membership
+/// version for the group is still the one its members were read with.
+/// `KEYS`: the version key, the channel key. `ARGV`: the version, the
+/// capacity, the time, the expiry, then the payloads. Returns
+/// `{status, version}`: status 0 sent, 1 at capacity, -1 changed (nothing
+/// sent); `-` stands for no version.
+const PUSH_CHECKED_LUA: &str = r#"
+    local version = redis.call('GET', KEYS[1]) or '-'
+    if version ~= ARGV[1] then
+        return {-1, version}
+    end
+    local status = 0
+    for i = 5, #ARGV do
+        if redis.call('ZCOUNT', KEYS[2], '-inf', '+inf') < tonumber(ARGV[2]) then
+            redis.call('ZADD', KEYS[2], ARGV[3], ARGV[i])
+            redis.call('EXPIRE', KEYS[2], ARGV[4])
+        else
+            status = 1
+        end
+    end
+    return {status, version}
+"#;
+// ANCHOR_END: cluster_group_scripts
+
 /// The cluster layout's key for a channel: `{prefix}{{non-local name}}`.
 pub(crate) fn cluster_channel_key(prefix: &str, channel: &str) -> String {
     format!("{prefix}{{{}}}", non_local_name(channel))
@@ -156,6 +249,9 @@ impl RedisClusterLayer {
                 popper_client,
                 bzmpop: has_bzmpop(version),
                 group_send: Script::new(GROUP_SEND_LUA),
+                group_digest: Script::new(GROUP_DIGEST_LUA),
+                push_checked: Script::new(PUSH_CHECKED_LUA),
+                seen: Locked::default(),
                 state: Locked::default(),
             }),
         })
@@ -179,6 +275,33 @@ impl Inner {
 
     fn key(&self, channel: &str) -> String {
         cluster_channel_key(&self.config.prefix, channel)
+    }
+
+    /// Gives `channel`'s key a new membership version for `group`, after
+    /// its membership changed in the group's list (in that order: a
+    /// `group_send` that sees the new version reads the list after it, so
+    /// it reads the change). A sender that remembers the old one reads the
+    /// group again before sending to that key.
+    async fn new_version(&self, group: &str, channel: &str) -> Result<(), LayerError> {
+        let key = version_key(&self.key(channel), group);
+        let within = self.config.command_timeout;
+        let command = redis::cmd("SET")
+            .arg(&key)
+            .arg(uuid4_hex())
+            .arg("EX")
+            .arg(self.config.group_expiry_secs())
+            .to_owned();
+        retrying(
+            within,
+            &self.conn,
+            Some(slot(key.as_bytes())),
+            |mut conn| {
+                let command = command.clone();
+                async move { command.query_async::<()>(&mut conn).await }
+            },
+        )
+        .await
+        .map_err(|err| backend("changing a membership version failed", err))
     }
 
     /// Opens `channel`'s buffer if it has none, counted in its key's
@@ -291,11 +414,145 @@ impl Inner {
     }
 
     async fn group_send(&self, group: &str, message: LayerMessage) -> Result<(), LayerError> {
+        // Refuse a bad message before touching Redis.
         codec::encode(&message, Route::None, true, self.config.max_message_size)?;
+        let seen = self.seen.lock().get(group).cloned();
+        let sent = match seen {
+            Some(seen) => self.group_send_seen(group, &message, &seen).await,
+            None => {
+                self.group_send_read(group, &message, HashMap::new(), &HashSet::new())
+                    .await
+            }
+        };
+        if sent.is_err() {
+            // Whatever was seen may be out of date; read next time.
+            self.seen.lock().remove(group);
+        }
+        let over = sent?;
+        if over > 0 {
+            metrics::counter!("axum_channels_layer_channel_full_total").increment(over as u64);
+            tracing::debug!(group, over, "group_send skipped members at capacity");
+        }
+        Ok(())
+    }
+
+    /// `group_send` to a group seen before, in one round trip while its
+    /// members stay as seen: the message goes to each key seen, checked
+    /// there against the key's membership version, while the group's list
+    /// is checked against its digest on the group's slot. Keys whose
+    /// version changed, and keys the group has gained, are sent to after a
+    /// fresh read. Returns how many keys were at capacity.
+    async fn group_send_seen(
+        &self,
+        group: &str,
+        message: &LayerMessage,
+        seen: &Seen,
+    ) -> Result<usize, LayerError> {
+        // A key with a membership past `group_expiry` by now is read
+        // again first, so that the lapsed member gets nothing more.
+        let cutoff = purge_below(now_secs(), self.config.group_expiry_secs()) as f64;
+        let (fresh, lapsing): (Vec<&SeenKey>, Vec<&SeenKey>) =
+            seen.keys.iter().partition(|key| key.oldest > cutoff);
+        let (unchanged, pushed) = tokio::join!(
+            self.group_unchanged(group, &seen.digest),
+            self.push_checked(group, message, &fresh)
+        );
+        let (unchanged, pushed) = (unchanged?, pushed?);
+        let mut over = 0;
+        let mut versions: HashMap<String, String> = lapsing
+            .iter()
+            .map(|key| (key.key.clone(), key.version.clone()))
+            .collect();
+        let mut done = HashSet::new();
+        for (key, outcome) in fresh.into_iter().zip(pushed) {
+            match outcome {
+                Checked::Sent(at_capacity) => {
+                    over += usize::from(at_capacity);
+                    versions.insert(key.key.clone(), key.version.clone());
+                    done.insert(key.key.clone());
+                }
+                Checked::Changed(now) => {
+                    versions.insert(key.key.clone(), now);
+                }
+            }
+        }
+        if unchanged && done.len() == seen.keys.len() {
+            return Ok(over);
+        }
+        Ok(over
+            + self
+                .group_send_read(group, message, versions, &done)
+                .await?)
+    }
+
+    /// `group_send` in two steps: reads the group's members, sends to
+    /// their keys except those in `done`, and remembers what it read, each
+    /// key with its version in `versions` (read before the members were;
+    /// unknown for the others). Returns how many keys were at capacity.
+    async fn group_send_read(
+        &self,
+        group: &str,
+        message: &LayerMessage,
+        mut versions: HashMap<String, String>,
+        done: &HashSet<String>,
+    ) -> Result<usize, LayerError> {
+        let listed = self.members(group).await?;
+        let mut oldest: HashMap<&str, f64> = HashMap::new();
+        for (name, score) in &listed {
+            let tag = oldest.entry(non_local_name(name)).or_insert(*score);
+            *tag = tag.min(*score);
+        }
+        let oldest: HashMap<String, f64> = oldest
+            .into_iter()
+            .map(|(tag, score)| (self.key(tag), score))
+            .collect();
+        let members: Vec<String> = listed.into_iter().map(|(name, _)| name).collect();
+        let digest = (members.len() <= SEEN_MEMBERS_MAX).then(|| digest(&members));
+        // Per channel key, as many payloads as keep each within
+        // `max_message_size` (the single-Redis layer's code).
+        let writes = payloads_by_key(
+            message,
+            members,
+            |name| self.key(name),
+            self.config.max_message_size,
+        )?;
+        let over = self
+            .push(
+                group,
+                writes.iter().filter(|write| !done.contains(&write.0)),
+            )
+            .await?;
+        match digest {
+            Some(digest) => {
+                let mut keys: Vec<SeenKey> = Vec::new();
+                for (key, _, names) in writes {
+                    match keys.last_mut() {
+                        Some(last) if last.key == key => last.names.extend(names),
+                        _ => keys.push(SeenKey {
+                            capacity: self.config.capacity_of(&names[0]),
+                            oldest: oldest.get(&key).copied().unwrap_or(0.0),
+                            version: versions.remove(&key).unwrap_or_else(|| UNKNOWN.to_owned()),
+                            key,
+                            names,
+                        }),
+                    }
+                }
+                self.remember(group, Seen { digest, keys });
+            }
+            None => {
+                self.seen.lock().remove(group);
+            }
+        }
+        Ok(over)
+    }
+
+    /// The group's members now, with the time each joined, after purging
+    /// those older than `group_expiry`: one call, on the group's slot.
+    async fn members(&self, group: &str) -> Result<Vec<(String, f64)>, LayerError> {
         let gkey = group_key(&self.config.prefix, group);
         let within = self.config.command_timeout;
         let at = slot(gkey.as_bytes());
-        let (members,): (Vec<String>,) =
+        let (members,): (Vec<(String, f64)>,) =
             routed(within, &self.direct, &self.conn, at, |mut conn| {
                 let pipe = redis::pipe()
                     .cmd("ZREMRANGEBYSCORE")
@@ -307,22 +564,90 @@ impl Inner {
                     .arg(&gkey)
                     .arg(0)
                     .arg(-1)
+                    .arg("WITHSCORES")
                     .to_owned();
                 async move { pipe.query_async(&mut conn).await }
             })
             .await
             .map_err(|err| backend("group_send failed", err))?;
-        tracing::trace!(group, members = members.len(), "group_send");
-        // Per channel key, as many payloads as keep each within
-        // `max_message_size` (the single-Redis layer's code); then slot →
-        // its writes.
-        let writes = payloads_by_key(
-            &message,
-            members,
-            |name| self.key(name),
-            self.config.max_message_size,
-        )?;
-        let mut by_slot: BTreeMap<u16, Vec<KeyPayload>> = BTreeMap::new();
+        tracing::trace!(group, members = members.len(), "group_send read the group");
+        Ok(members)
+    }
+
+    /// True while the group's members (purged as [`members`](Self::members)
+    /// does) still have `digest`.
+    async fn group_unchanged(&self, group: &str, digest: &str) -> Result<bool, LayerError> {
+        let gkey = group_key(&self.config.prefix, group);
+        let within = self.config.command_timeout;
+        let cutoff = purge_below(now_secs(), self.config.group_expiry_secs());
+        let mut invocation = self.group_digest.prepare_invoke();
+        invocation.key(&gkey).arg(cutoff).arg(digest);
+        let invocation = &invocation;
+        routed(
+            within,
+            &self.direct,
+            &self.conn,
+            slot(gkey.as_bytes()),
+            |mut conn| async move { invocation.invoke_async::<bool>(&mut conn).await },
+        )
+        .await
+        .map_err(|err| backend("group_send failed", err))
+    }
+
+    /// The message to each of `keys`, by [`PUSH_CHECKED_LUA`], concurrently.
+    async fn push_checked(
+        &self,
+        group: &str,
+        message: &LayerMessage,
+        keys: &[&SeenKey],
+    ) -> Result<Vec<Checked>, LayerError> {
+        let now = score_arg(now_secs());
+        let expiry = self.config.expiry_secs();
+        let within = self.config.command_timeout;
+        let mut calls = Vec::with_capacity(keys.len());
+        for key in keys {
+            let mut invocation = self.push_checked.prepare_invoke();
+            invocation
+                .key(version_key(&key.key, group))
+                .key(&key.key)
+                .arg(&key.version)
+                .arg(key.capacity)
+                .arg(&now)
+                .arg(expiry);
+            for (payload, _) in
+                codec::encode_many(message, &key.names, self.config.max_message_size)?
+            {
+                invocation.arg(payload);
+            }
+            let at = slot(key.key.as_bytes());
+            let (conn, direct) = (&self.conn, &self.direct);
+            calls.push(async move {
+                let invocation = &invocation;
+                routed(within, direct, conn, at, |mut conn| async move {
+                    invocation.invoke_async::<(i64, String)>(&mut conn).await
+                })
+                .await
+            });
+        }
+        let mut outcomes = Vec::with_capacity(calls.len());
+        for result in futures_util::future::join_all(calls).await {
+            let (status, version) = result.map_err(|err| backend("group_send failed", err))?;
+            outcomes.push(match status {
+                -1 => Checked::Changed(version),
+                status => Checked::Sent(status > 0),
+            });
+        }
+        Ok(outcomes)
+    }
+
+    /// Python's group-send script once per slot of `writes`, concurrently.
+    /// Returns how many were at capacity.
+    async fn push<'w>(
+        &self,
+        group: &str,
+        writes: impl Iterator<Item = &'w KeyPayload>,
+    ) -> Result<usize, LayerError> {
+        let mut by_slot: BTreeMap<u16, Vec<&KeyPayload>> = BTreeMap::new();
         for write in writes {
             by_slot
                 .entry(slot(write.0.as_bytes()))
@@ -331,6 +656,7 @@ impl Inner {
         }
         let now = score_arg(now_secs());
         let expiry = self.config.expiry_secs();
+        let within = self.config.command_timeout;
         let mut calls = Vec::with_capacity(by_slot.len());
         for (at, writes) in by_slot {
             let mut invocation = self.group_send.prepare_invoke();
@@ -357,11 +683,18 @@ impl Inner {
         for result in futures_util::future::join_all(calls).await {
             over += result.map_err(|err| backend("group_send failed", err))?;
         }
-        if over > 0 {
-            metrics::counter!("axum_channels_layer_channel_full_total").increment(over as u64);
-            tracing::debug!(group, over, "group_send skipped members at capacity");
+        tracing::trace!(group, over, "group_send pushed");
+        Ok(over)
+    }
+
+    /// Keeps what `group_send` saw of `group`; a layer sending to many
+    /// groups starts over rather than growing without end.
+    fn remember(&self, group: &str, seen: Seen) {
+        let mut groups = self.seen.lock();
+        if groups.len() >= SEEN_GROUPS_MAX && !groups.contains_key(group) {
+            groups.clear();
         }
-        Ok(())
+        groups.insert(group.to_owned(), Arc::new(seen));
     }
 
     /// Deletes every key of this layer's prefix on every master (`SCAN`
@@ -612,7 +945,8 @@ impl ChannelLayer for RedisClusterLayer {
                 async move { pipe.query_async::<()>(&mut conn).await }
             })
             .await
-            .map_err(|err| backend("group_add failed", err))
+            .map_err(|err| backend("group_add failed", err))?;
+            inner.new_version(group, channel).await
         })
         .await;
         inner.outage.observe(&added);
@@ -644,7 +978,8 @@ impl ChannelLayer for RedisClusterLayer {
                 async move { command.query_async::<()>(&mut conn).await }
             })
             .await
-            .map_err(|err| backend("group_discard failed", err))
+            .map_err(|err| backend("group_discard failed", err))?;
+            inner.new_version(group, channel).await
         })
         .await;
         inner.outage.observe(&result);

@@ -485,20 +485,20 @@ pub(super) enum Seen {
 }
 
 /// Groups larger than this are not remembered (see [`Seen::TooMany`]).
-const SEEN_MEMBERS_MAX: usize = 4096;
+pub(crate) const SEEN_MEMBERS_MAX: usize = 4096;
 
 /// How many groups' members a layer remembers before it starts over.
-const SEEN_GROUPS_MAX: usize = 1024;
+pub(crate) const SEEN_GROUPS_MAX: usize = 1024;
 
 /// The SHA-1, in hex, of `members` joined by newlines: what the checked
 /// script computes with `redis.sha1hex(table.concat(members, '\n'))`.
-fn digest(members: &[Vec<u8>]) -> String {
+pub(crate) fn digest(members: &[impl AsRef<[u8]>]) -> String {
     let mut sha1 = sha1_smol::Sha1::new();
     for (i, member) in members.iter().enumerate() {
         if i > 0 {
             sha1.update(b"\n");
         }
-        sha1.update(member);
+        sha1.update(member.as_ref());
     }
     sha1.digest().to_string()
 }
