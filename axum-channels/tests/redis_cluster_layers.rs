@@ -637,6 +637,21 @@ async fn queue_group_send_reaches_members_in_every_slot() {
     ));
 }
 
+/// A new channel of `layer`, added to `group`.
+async fn member_of(layer: &RedisClusterLayer, group: &str) -> String {
+    let channel = layer.new_channel("specific").await.expect("new_channel");
+    layer.group_add(group, &channel).await.expect("group_add");
+    channel
+}
+
+/// Sends message number `n` to `group`.
+async fn send_numbered(sender: &RedisClusterLayer, group: &str, n: u64) {
+    sender
+        .group_send(group, numbered(n))
+        .await
+        .expect("group_send");
+}
+
 /// Receives the next message on `channel`, which must be number `n`.
 async fn expect_next(layer: &RedisClusterLayer, channel: &str, n: u64, why: &str) {
     let message = timeout(RECOVERY, layer.receive(channel))
@@ -666,54 +681,33 @@ async fn queue_group_send_sees_members_changed_by_another_process() {
     };
     let sender = queue(&cluster).await;
     let other = queue(&cluster).await;
-    let first = other.new_channel("specific").await.expect("new_channel");
-    other.group_add("room", &first).await.expect("group_add");
+    let first = member_of(&other, "room").await;
     // From the third message on, the sender knows the key's version.
     for n in 1..=3 {
-        sender
-            .group_send("room", numbered(n))
-            .await
-            .expect("group_send");
+        send_numbered(&sender, "room", n).await;
         expect_next(&other, &first, n, "a member").await;
     }
 
     // On the remembered key: one member joins, one leaves.
-    let second = other.new_channel("specific").await.expect("new_channel");
-    other.group_add("room", &second).await.expect("group_add");
+    let second = member_of(&other, "room").await;
     other
         .group_discard("room", &first)
         .await
         .expect("group_discard");
-    sender
-        .group_send("room", numbered(4))
-        .await
-        .expect("group_send");
+    send_numbered(&sender, "room", 4).await;
     expect_next(&other, &second, 4, "it joined on a remembered key").await;
     expect_nothing(&other, &first, "it left the group").await;
 
     // On a key the sender has never sent to: another process joins.
     let third_layer = queue(&cluster).await;
-    let third = third_layer
-        .new_channel("specific")
-        .await
-        .expect("new_channel");
-    third_layer
-        .group_add("room", &third)
-        .await
-        .expect("group_add");
-    sender
-        .group_send("room", numbered(5))
-        .await
-        .expect("group_send");
+    let third = member_of(&third_layer, "room").await;
+    send_numbered(&sender, "room", 5).await;
     expect_next(&third_layer, &third, 5, "it joined on a new key").await;
     expect_next(&other, &second, 5, "still a member").await;
 
     // Nothing changed: the remembered keys serve.
     for n in 6..=7 {
-        sender
-            .group_send("room", numbered(n))
-            .await
-            .expect("group_send");
+        send_numbered(&sender, "room", n).await;
         expect_next(&third_layer, &third, n, "still a member").await;
         expect_next(&other, &second, n, "still a member").await;
     }
@@ -741,24 +735,16 @@ async fn queue_group_send_lets_a_remembered_membership_lapse() {
     };
     let (sender, members) = (connect().await, connect().await);
     let joined = Instant::now();
-    let older = members.new_channel("specific").await.expect("new_channel");
-    members.group_add("room", &older).await.expect("group_add");
+    let older = member_of(&members, "room").await;
     sleep(Duration::from_millis(2000)).await;
-    let newer = members.new_channel("specific").await.expect("new_channel");
-    members.group_add("room", &newer).await.expect("group_add");
+    let newer = member_of(&members, "room").await;
     for n in 1..=3 {
-        sender
-            .group_send("room", numbered(n))
-            .await
-            .expect("group_send");
+        send_numbered(&sender, "room", n).await;
         expect_next(&members, &older, n, "a member").await;
         expect_next(&members, &newer, n, "a member").await;
     }
     sleep((joined + Duration::from_millis(4300)).saturating_duration_since(Instant::now())).await;
-    sender
-        .group_send("room", numbered(4))
-        .await
-        .expect("group_send");
+    send_numbered(&sender, "room", 4).await;
     expect_next(&members, &newer, 4, "its membership is 2.3 s old").await;
     expect_nothing(&members, &older, "its membership lapsed").await;
 }
