@@ -272,7 +272,7 @@ fn reads_redis_cluster_url(step: &Step) -> bool {
 }
 
 /// `redis-cli -p PORT ARGS...`, its output as text, if it ran.
-fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
+pub(crate) fn redis_cli(port: u16, args: &[&str]) -> Option<String> {
     let output = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
         .args(args)

@@ -58,6 +58,11 @@
 //! cluster spreads over machines. It is the pessimistic view again; the
 //! ratio says what the cluster costs on one core, not what it gains on
 //! several. Without `redis-cli` the cluster runs are skipped, loudly.
+//! After the cluster queue room's run, the report says on how many of the
+//! three masters its keys were (the group's list and each server's
+//! membership version): each round forms a new cluster, and the servers'
+//! keys land where their random names hash, which moves the ratio more
+//! than anything else from round to round.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -210,6 +215,9 @@ struct Report {
     /// How busy the server side (the server, and Redis if any) was while
     /// the client ran, in cores; measured here, not by the client.
     server_busy: Option<f64>,
+    /// For the cluster queue room: on how many masters its keys were (the
+    /// group's list and each server's membership version).
+    masters: Option<usize>,
 }
 
 impl Report {
@@ -270,6 +278,7 @@ fn parse_report(stdout: &str) -> Result<Report, String> {
         // Negative: the client could not read its CPU time.
         client_busy: Some(field("cpu_busy")?).filter(|busy| *busy >= 0.0),
         server_busy: None,
+        masters: None,
     })
 }
 
@@ -415,6 +424,22 @@ impl Cluster {
         let urls: Vec<String> = self.nodes.iter().map(Redis::url).collect();
         urls.join(",")
     }
+
+    /// On how many masters there are keys that match `pattern`, if every
+    /// node answered. Where a room's keys land decides how many processes
+    /// each of its messages wakes, which on one core is much of its cost.
+    fn masters_holding(&self, pattern: &str) -> Option<usize> {
+        let mut masters = 0;
+        for node in &self.nodes {
+            let role = cluster::redis_cli(node.port, &["ROLE"])?;
+            if role.lines().next() != Some("master") {
+                continue;
+            }
+            let keys = cluster::redis_cli(node.port, &["--scan", "--pattern", pattern])?;
+            masters += usize::from(keys.lines().any(|key| !key.is_empty()));
+        }
+        Some(masters)
+    }
 }
 
 impl Drop for Cluster {
@@ -520,6 +545,14 @@ impl Fanout<'_> {
             }
             _ => None,
         };
+        // The room-server's group is `bench`; its list and each server's
+        // membership version end in `:group:bench`.
+        let masters = match &cluster {
+            Some(cluster) if target == Target::ClusterQueue => {
+                cluster.masters_holding("*:group:bench")
+            }
+            _ => None,
+        };
         drop(servers);
         drop(redis);
         drop(cluster);
@@ -533,6 +566,7 @@ impl Fanout<'_> {
             .map_err(|e| fail(format!("against {label}: {e}")))?;
         Ok(Report {
             server_busy,
+            masters,
             ..report
         })
     }
@@ -621,8 +655,29 @@ fn print_round(round: &Round) {
     }
     for (cluster, one) in Target::ON_ONE_REDIS {
         if let (Some(c), Some(o)) = (figure(round, cluster), figure(round, one)) {
-            println!("  {} / {}: {:.2}", cluster.label(), one.label(), c / o);
+            println!(
+                "  {} / {}: {:.2}{}",
+                cluster.label(),
+                one.label(),
+                c / o,
+                placement(round, cluster)
+            );
         }
+    }
+}
+
+/// Where a cluster room's keys were in `round`, in words, if known.
+fn placement(round: &Round, target: Target) -> String {
+    let masters = round
+        .iter()
+        .find(|(t, _)| *t == target)
+        .and_then(|(_, r)| r.masters);
+    match masters {
+        Some(n) => format!(
+            " (the group's keys on {n} of {} masters)",
+            cluster::cluster_recipe::MASTERS
+        ),
+        None => String::new(),
     }
 }
 
@@ -659,6 +714,28 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
              {goal:.2}, {verdict})",
             target.label(),
             against.label(),
+        );
+    }
+    // A cluster room's rounds differ most by where its keys landed: say
+    // so next to each round's ratio.
+    let by_round: Vec<String> = rounds
+        .iter()
+        .filter_map(|round| {
+            let masters = round
+                .iter()
+                .find(|(t, _)| *t == Target::ClusterQueue)?
+                .1
+                .masters?;
+            let ratio = figure(round, Target::ClusterQueue)? / figure(round, Target::SplitQueue)?;
+            Some(format!("{ratio:.2} ({masters})"))
+        })
+        .collect();
+    if !by_round.is_empty() {
+        println!(
+            "{} / {} by round, with the number of masters its group's keys were on: {}",
+            Target::ClusterQueue.label(),
+            Target::SplitQueue.label(),
+            by_round.join(", ")
         );
     }
     let split = ratios(rounds, Target::SplitPubSub, Target::Memory);
@@ -765,7 +842,28 @@ mod tests {
             p99_us: 2.0,
             client_busy: None,
             server_busy: None,
+            masters: None,
         }
+    }
+
+    #[test]
+    fn says_where_a_cluster_rooms_keys_were() {
+        let round: Round = vec![
+            (Target::SplitQueue, report(100.0)),
+            (
+                Target::ClusterQueue,
+                Report {
+                    masters: Some(2),
+                    ..report(60.0)
+                },
+            ),
+            (Target::ClusterPubSub, report(90.0)),
+        ];
+        assert_eq!(
+            placement(&round, Target::ClusterQueue),
+            " (the group's keys on 2 of 3 masters)"
+        );
+        assert_eq!(placement(&round, Target::ClusterPubSub), "");
     }
 
     #[test]
@@ -788,6 +886,7 @@ mod tests {
                 p99_us: 12000.0,
                 client_busy: Some(0.97),
                 server_busy: None,
+                masters: None,
             }
         );
         let unknown = out.replace("0.97", "-1.00");
