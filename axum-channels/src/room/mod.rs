@@ -108,7 +108,7 @@ pub struct Recovery {
 /// the `redis` feature, `layer::redis::RedisHistory`.
 ///
 /// `#[async_trait]` for the same reason as
-/// [`ChannelLayer`](crate::layer::ChannelLayer): apps hold it as
+/// [`ChannelLayer`]: apps hold it as
 /// `Arc<dyn HistoryStore>`, chosen at start.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {
