@@ -68,8 +68,7 @@ use crate::layer::redis::codec::{self, Route};
 use crate::layer::redis::config::RedisConfig;
 use crate::layer::redis::link::{BACKOFF_MIN, doubled};
 use crate::layer::redis::queue::{
-    KeyPayload, POP_BATCH, SEEN_GROUPS_MAX, SEEN_MEMBERS_MAX, digest, has_bzmpop, payloads_by_key,
-    pop,
+    KeyPayload, POP_BATCH, SEEN_MEMBERS_MAX, digest, has_bzmpop, payloads_by_key, pop, remember,
 };
 use crate::layer::redis::wire::{
     GROUP_SEND_LUA, Version, escape_glob, group_key, non_local_name, now_secs, purge_below,
@@ -497,17 +496,22 @@ impl Inner {
         done: &HashSet<String>,
     ) -> Result<usize, LayerError> {
         let listed = self.members(group).await?;
+        // A group too large to remember is read at every send: it needs
+        // neither its digest nor when each key's members joined.
+        let remembered = listed.len() <= SEEN_MEMBERS_MAX;
         let mut oldest: HashMap<&str, f64> = HashMap::new();
-        for (name, score) in &listed {
-            let tag = oldest.entry(non_local_name(name)).or_insert(*score);
-            *tag = tag.min(*score);
+        if remembered {
+            for (name, score) in &listed {
+                let tag = oldest.entry(non_local_name(name)).or_insert(*score);
+                *tag = tag.min(*score);
+            }
         }
         let oldest: HashMap<String, f64> = oldest
             .into_iter()
             .map(|(tag, score)| (self.key(tag), score))
             .collect();
         let members: Vec<String> = listed.into_iter().map(|(name, _)| name).collect();
-        let digest = (members.len() <= SEEN_MEMBERS_MAX).then(|| digest(&members));
+        let digest = remembered.then(|| digest(&members));
         // Per channel key, as many payloads as keep each within
         // `max_message_size` (the single-Redis layer's code).
         let writes = payloads_by_key(
@@ -537,7 +541,11 @@ impl Inner {
                         }),
                     }
                 }
-                self.remember(group, Seen { digest, keys });
+                remember(
+                    &mut self.seen.lock(),
+                    group,
+                    Arc::new(Seen { digest, keys }),
+                );
             }
             None => {
                 self.seen.lock().remove(group);
@@ -685,16 +693,6 @@ impl Inner {
         }
         tracing::trace!(group, over, "group_send pushed");
         Ok(over)
-    }
-
-    /// Keeps what `group_send` saw of `group`; a layer sending to many
-    /// groups starts over rather than growing without end.
-    fn remember(&self, group: &str, seen: Seen) {
-        let mut groups = self.seen.lock();
-        if groups.len() >= SEEN_GROUPS_MAX && !groups.contains_key(group) {
-            groups.clear();
-        }
-        groups.insert(group.to_owned(), Arc::new(seen));
     }
 
     /// Deletes every key of this layer's prefix on every master (`SCAN`

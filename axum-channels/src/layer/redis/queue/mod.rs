@@ -63,7 +63,7 @@ mod send;
 mod state;
 
 pub(crate) use popper::{POP_BATCH, has_bzmpop, pop};
-pub(crate) use send::{KeyPayload, SEEN_GROUPS_MAX, SEEN_MEMBERS_MAX, digest, payloads_by_key};
+pub(crate) use send::{KeyPayload, SEEN_MEMBERS_MAX, digest, payloads_by_key, remember};
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};

@@ -212,13 +212,7 @@ impl Inner {
                 members: utf8_members(group, raw.to_vec()),
             }
         });
-        let mut groups = self.seen.lock();
-        if groups.len() >= SEEN_GROUPS_MAX && !groups.contains_key(group) {
-            // Forgetting costs one round trip per group; keeping every
-            // group ever sent to would cost memory without bound.
-            groups.clear();
-        }
-        groups.insert(group.to_owned(), Arc::clone(&seen));
+        remember(&mut self.seen.lock(), group, Arc::clone(&seen));
         seen
     }
 
@@ -488,7 +482,18 @@ pub(super) enum Seen {
 pub(crate) const SEEN_MEMBERS_MAX: usize = 4096;
 
 /// How many groups' members a layer remembers before it starts over.
-pub(crate) const SEEN_GROUPS_MAX: usize = 1024;
+const SEEN_GROUPS_MAX: usize = 1024;
+
+/// Keeps what a `group_send` saw of `group` in `groups` (either queue
+/// layer's memory of its groups), starting over once it holds
+/// [`SEEN_GROUPS_MAX`]: forgetting costs one round trip per group; keeping
+/// every group ever sent to would cost memory without bound.
+pub(crate) fn remember<T>(groups: &mut HashMap<String, Arc<T>>, group: &str, seen: Arc<T>) {
+    if groups.len() >= SEEN_GROUPS_MAX && !groups.contains_key(group) {
+        groups.clear();
+    }
+    groups.insert(group.to_owned(), seen);
+}
 
 /// The SHA-1, in hex, of `members` joined by newlines: what the checked
 /// script computes with `redis.sha1hex(table.concat(members, '\n'))`.
