@@ -346,8 +346,13 @@ fn flowing_again(what: &str, got: &[(u64, Instant)], last: u64, promoted: Instan
 }
 
 async fn queue(cluster: &RedisCluster) -> Arc<RedisClusterLayer> {
+    queue_with(config(cluster)).await
+}
+
+/// The queue layer on the cluster `config` names, with its settings.
+async fn queue_with(config: RedisConfig) -> Arc<RedisClusterLayer> {
     Arc::new(
-        RedisClusterLayer::connect(config(cluster))
+        RedisClusterLayer::connect(config)
             .await
             .expect("connect the queue layer to the cluster"),
     )
@@ -365,12 +370,7 @@ async fn queue_group_send_splits_a_key_over_max_message_size() {
         return;
     };
     let small = config(&cluster).with_max_message_size(300);
-    let connect = || async {
-        RedisClusterLayer::connect(small.clone())
-            .await
-            .expect("connect the queue layer to the cluster")
-    };
-    let (members, sender) = (connect().await, connect().await);
+    let (members, sender) = (queue_with(small.clone()).await, queue_with(small).await);
     let mut channels = Vec::new();
     for _ in 0..12 {
         let channel = members.new_channel("specific").await.expect("new_channel");
@@ -728,12 +728,7 @@ async fn queue_group_send_lets_a_remembered_membership_lapse() {
         return;
     };
     let lapsing = config(&cluster).with_group_expiry(Duration::from_secs(3));
-    let connect = || async {
-        RedisClusterLayer::connect(lapsing.clone())
-            .await
-            .expect("connect the queue layer to the cluster")
-    };
-    let (sender, members) = (connect().await, connect().await);
+    let (sender, members) = (queue_with(lapsing.clone()).await, queue_with(lapsing).await);
     let joined = Instant::now();
     let older = member_of(&members, "room").await;
     sleep(Duration::from_millis(2000)).await;
