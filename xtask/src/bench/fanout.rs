@@ -21,7 +21,14 @@
 //!   throwaway Redis Cluster of six nodes (three masters, a replica each),
 //!   through `RedisPubSubLayer::connect_cluster` (sharded pub/sub) and
 //!   `RedisClusterLayer`; the report gives each one's ratio to the same
-//!   room on one Redis, in the same round (goal: at least 0.8).
+//!   room on one Redis, in the same round (goal: at least 0.8);
+//! - **bare relay, redis**, **bare relay, cluster**: the floor under those
+//!   two: the same two-server room through one Redis and through the
+//!   cluster, with no channel layer at all (loadgen's `bare-broadcast
+//!   --relay`: a text is added to each server's sorted set, each server
+//!   pops its own with `BZMPOP`, nothing is checked). Their ratio says what
+//!   the cluster's layout costs on this machine before a layer does
+//!   anything, so that the cluster layers' ratios can be read against it.
 //!
 //! The load is loadgen's `fanout` client (see its documentation): a closed
 //! loop with a small window, so a slower server shows as fewer deliveries,
@@ -118,10 +125,14 @@ enum Target {
     ClusterPubSub,
     /// The queue room on two servers over a Redis Cluster.
     ClusterQueue,
+    /// Two bare servers relaying through one Redis: no layer.
+    RelayOne,
+    /// Two bare servers relaying through a Redis Cluster: no layer.
+    RelayCluster,
 }
 
 impl Target {
-    const ALL: [Target; 9] = [
+    const ALL: [Target; 11] = [
         Target::Baseline,
         Target::BareBatched,
         Target::Memory,
@@ -131,12 +142,15 @@ impl Target {
         Target::SplitQueue,
         Target::ClusterPubSub,
         Target::ClusterQueue,
+        Target::RelayOne,
+        Target::RelayCluster,
     ];
 
     /// Each cluster target and the same room on one Redis, for the ratio.
-    const ON_ONE_REDIS: [(Target, Target); 2] = [
+    const ON_ONE_REDIS: [(Target, Target); 3] = [
         (Target::ClusterPubSub, Target::SplitPubSub),
         (Target::ClusterQueue, Target::SplitQueue),
+        (Target::RelayCluster, Target::RelayOne),
     ];
 
     fn label(self) -> &'static str {
@@ -150,6 +164,8 @@ impl Target {
             Target::SplitQueue => "2 servers queue",
             Target::ClusterPubSub => "cluster pubsub",
             Target::ClusterQueue => "cluster queue",
+            Target::RelayOne => "bare relay, redis",
+            Target::RelayCluster => "bare relay, cluster",
         }
     }
 
@@ -159,15 +175,19 @@ impl Target {
             Target::SplitPubSub
             | Target::SplitQueue
             | Target::ClusterPubSub
-            | Target::ClusterQueue => 2,
+            | Target::ClusterQueue
+            | Target::RelayOne
+            | Target::RelayCluster => 2,
             _ => 1,
         }
     }
 
-    /// `room-server --layer` for this target; `None` for the baseline.
+    /// `room-server --layer` for this target; `None` for the bare servers.
     fn layer(self) -> Option<&'static str> {
         match self {
-            Target::Baseline | Target::BareBatched => None,
+            Target::Baseline | Target::BareBatched | Target::RelayOne | Target::RelayCluster => {
+                None
+            }
             Target::Memory => Some("memory"),
             Target::PubSub | Target::SplitPubSub => Some("pubsub"),
             Target::Queue | Target::SplitQueue => Some("queue"),
@@ -185,7 +205,19 @@ impl Target {
 
     /// Whether it runs on a Redis Cluster (which needs `redis-cli` too).
     fn on_cluster(self) -> bool {
-        matches!(self, Target::ClusterPubSub | Target::ClusterQueue)
+        matches!(
+            self,
+            Target::ClusterPubSub | Target::ClusterQueue | Target::RelayCluster
+        )
+    }
+
+    /// `bare-broadcast --relay` for this target, if it relays.
+    fn relay(self) -> Option<&'static str> {
+        match self {
+            Target::RelayOne => Some("one"),
+            Target::RelayCluster => Some("cluster"),
+            _ => None,
+        }
     }
 }
 
@@ -440,6 +472,36 @@ impl Cluster {
         }
         Some(masters)
     }
+
+    /// On how many masters `keys` are (whether or not they exist), if
+    /// every node asked answered.
+    fn masters_of(&self, keys: &[String]) -> Option<usize> {
+        let port = self.nodes.first()?.port;
+        let nodes = cluster::redis_cli(port, &["CLUSTER", "NODES"])?;
+        let mut owners = Vec::new();
+        for key in keys {
+            let slot = cluster::redis_cli(port, &["CLUSTER", "KEYSLOT", key])?;
+            let owner = owner_of(&nodes, slot.trim().parse().ok()?)?;
+            if !owners.contains(&owner) {
+                owners.push(owner);
+            }
+        }
+        Some(owners.len())
+    }
+}
+
+/// The id of the master that serves `slot`, by a `CLUSTER NODES` reply:
+/// a node's slots are its fields from the ninth on, each `N` or `FROM-TO`.
+fn owner_of(nodes: &str, slot: u16) -> Option<&str> {
+    nodes.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let serves = fields.get(8..)?.iter().any(|range| {
+            let (from, to) = range.split_once('-').unwrap_or((range, range));
+            matches!((from.parse::<u16>(), to.parse::<u16>()),
+                (Ok(from), Ok(to)) if (from..=to).contains(&slot))
+        });
+        serves.then_some(fields[0])
+    })
 }
 
 impl Drop for Cluster {
@@ -460,8 +522,14 @@ struct Fanout<'a> {
 
 impl Fanout<'_> {
     /// Starts one server of `target` on a free port (on `redis`, if it
-    /// has one) and waits until it listens; returns it and its room's URL.
-    fn start_server(&self, target: Target, redis: Option<&str>) -> Result<(Server, String)> {
+    /// has one; relaying through `relay`'s keys, if it relays) and waits
+    /// until it listens; returns it and its room's URL.
+    fn start_server(
+        &self,
+        target: Target,
+        redis: Option<&str>,
+        relay: Option<RelayKeys>,
+    ) -> Result<(Server, String)> {
         let label = target.label();
         let port = free_port()?;
         let mut cmd = match target.layer() {
@@ -471,8 +539,17 @@ impl Fanout<'_> {
                     "0",
                     self.pin,
                 );
-                if target == Target::BareBatched {
+                // The relays write as the layers' runner does.
+                if target == Target::BareBatched || target.relay().is_some() {
                     cmd.args(["--batch", "true"]);
+                }
+                if let (Some(mode), Some(redis), Some(keys)) = (target.relay(), redis, relay) {
+                    cmd.args(["--relay", mode, "--redis", redis]).args([
+                        "--key",
+                        keys.own,
+                        "--keys",
+                        &keys.all.join(","),
+                    ]);
                 }
                 cmd
             }
@@ -515,10 +592,25 @@ impl Fanout<'_> {
             (_, Some(cluster)) => Some(cluster.urls()),
             _ => None,
         };
+        // A relay's servers each read a key of their own, named afresh each
+        // time, so that on a cluster they land where they may, as a layer's
+        // random process names do.
+        let relay_keys: Vec<String> = (0..target.servers())
+            .map(|server| {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |since| since.subsec_nanos());
+                format!("fanout-relay-{}-{nanos}-{server}", std::process::id())
+            })
+            .collect();
         let mut servers = Vec::new();
         let mut urls = Vec::new();
-        for _ in 0..target.servers() {
-            let (server, url) = self.start_server(target, redis_url.as_deref())?;
+        for own in &relay_keys {
+            let keys = RelayKeys {
+                own,
+                all: &relay_keys,
+            };
+            let (server, url) = self.start_server(target, redis_url.as_deref(), Some(keys))?;
             servers.push(server);
             urls.push(url);
         }
@@ -551,6 +643,7 @@ impl Fanout<'_> {
             Some(cluster) if target == Target::ClusterQueue => {
                 cluster.masters_holding("*:group:bench")
             }
+            Some(cluster) if target == Target::RelayCluster => cluster.masters_of(&relay_keys),
             _ => None,
         };
         drop(servers);
@@ -570,6 +663,13 @@ impl Fanout<'_> {
             ..report
         })
     }
+}
+
+/// The keys of a relaying server: its own, and every server's.
+#[derive(Clone, Copy)]
+struct RelayKeys<'a> {
+    own: &'a str,
+    all: &'a [String],
 }
 
 /// The figures of one round, by target, in [`Target::ALL`] order.
@@ -592,7 +692,7 @@ fn ratios(rounds: &[Round], a: Target, b: Target) -> Vec<f64> {
 
 fn print_round(round: &Round) {
     println!(
-        "  {:<16} {:>13} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "  {:<20} {:>13} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8}",
         "server",
         "deliveries/s",
         "sent",
@@ -607,7 +707,7 @@ fn print_round(round: &Round) {
     for (target, r) in round {
         let ratio = baseline.map_or(String::new(), |b| format!("{:.2}", r.deliveries_per_s / b));
         println!(
-            "  {:<16} {:>13.0} {:>8.0} {:>8.0} {:>9.0} {:>9.0} {:>8} {:>8} {ratio:>8}",
+            "  {:<20} {:>13.0} {:>8.0} {:>8.0} {:>9.0} {:>9.0} {:>8} {:>8} {ratio:>8}",
             target.label(),
             r.deliveries_per_s,
             r.sent,
@@ -674,7 +774,7 @@ fn placement(round: &Round, target: Target) -> String {
         .and_then(|(_, r)| r.masters);
     match masters {
         Some(n) => format!(
-            " (the group's keys on {n} of {} masters)",
+            " (the room's keys on {n} of {} masters)",
             cluster::cluster_recipe::MASTERS
         ),
         None => String::new(),
@@ -686,7 +786,7 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
     let plural = if n == 1 { "" } else { "s" };
     println!("\nmedian of {n} round{plural}");
     println!(
-        "  {:<16} {:>13} {:>18} {:>15}",
+        "  {:<20} {:>13} {:>18} {:>15}",
         "server",
         "deliveries/s",
         format!("vs {}", Target::Baseline.label()),
@@ -697,7 +797,7 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
         let ratio = median(&ratios(rounds, target, Target::Baseline));
         let batched = median(&ratios(rounds, target, Target::BareBatched));
         println!(
-            "  {:<16} {:>13.0} {ratio:>18.2} {batched:>15.2}",
+            "  {:<20} {:>13.0} {ratio:>18.2} {batched:>15.2}",
             target.label(),
             median(&figures)
         );
@@ -716,27 +816,38 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
             against.label(),
         );
     }
+    let floor = ratios(rounds, Target::RelayCluster, Target::RelayOne);
+    if !floor.is_empty() {
+        println!(
+            "{} / {} (the floor: the same room with no layer, on the cluster against one \
+             Redis): {:.2} (median of {n} round{plural})",
+            Target::RelayCluster.label(),
+            Target::RelayOne.label(),
+            median(&floor),
+        );
+    }
     // A cluster room's rounds differ most by where its keys landed: say
     // so next to each round's ratio.
-    let by_round: Vec<String> = rounds
-        .iter()
-        .filter_map(|round| {
-            let masters = round
-                .iter()
-                .find(|(t, _)| *t == Target::ClusterQueue)?
-                .1
-                .masters?;
-            let ratio = figure(round, Target::ClusterQueue)? / figure(round, Target::SplitQueue)?;
-            Some(format!("{ratio:.2} ({masters})"))
-        })
-        .collect();
-    if !by_round.is_empty() {
-        println!(
-            "{} / {} by round, with the number of masters its group's keys were on: {}",
-            Target::ClusterQueue.label(),
-            Target::SplitQueue.label(),
-            by_round.join(", ")
-        );
+    for (cluster, one) in [
+        (Target::ClusterQueue, Target::SplitQueue),
+        (Target::RelayCluster, Target::RelayOne),
+    ] {
+        let by_round: Vec<String> = rounds
+            .iter()
+            .filter_map(|round| {
+                let masters = round.iter().find(|(t, _)| *t == cluster)?.1.masters?;
+                let ratio = figure(round, cluster)? / figure(round, one)?;
+                Some(format!("{ratio:.2} ({masters})"))
+            })
+            .collect();
+        if !by_round.is_empty() {
+            println!(
+                "{} / {} by round, with the number of masters its keys were on: {}",
+                cluster.label(),
+                one.label(),
+                by_round.join(", ")
+            );
+        }
     }
     let split = ratios(rounds, Target::SplitPubSub, Target::Memory);
     if !split.is_empty() {
@@ -768,11 +879,12 @@ pub(super) fn run(
         .collect();
     let skipped_note = format!(
         "note: the Redis runs (redis pub/sub, redis queue, 2 servers pubsub and queue, cluster \
-         pubsub and queue) were SKIPPED: redis-server is not on PATH; {INSTALL_REDIS} and run \
+         pubsub and queue, the bare relays) were SKIPPED: redis-server is not on PATH; {INSTALL_REDIS} and run \
          again"
     );
     let cluster_note = format!(
-        "note: the Redis Cluster runs (cluster pubsub, cluster queue) were SKIPPED: redis-cli \
+        "note: the Redis Cluster runs (cluster pubsub, cluster queue, bare relay on the \
+         cluster) were SKIPPED: redis-cli \
          is not on PATH; {INSTALL_REDIS} and run again"
     );
     println!(
@@ -861,9 +973,26 @@ mod tests {
         ];
         assert_eq!(
             placement(&round, Target::ClusterQueue),
-            " (the group's keys on 2 of 3 masters)"
+            " (the room's keys on 2 of 3 masters)"
         );
         assert_eq!(placement(&round, Target::ClusterPubSub), "");
+    }
+
+    #[test]
+    fn finds_the_master_of_a_slot() {
+        // `CLUSTER NODES` of a three-master cluster, one slot migrating.
+        let nodes = "\
+a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7002@17002 master - 0 1700000000000 2 connected 5461-10921 10922 [10922->-c3]
+c3 127.0.0.1:7003@17003 master - 0 1700000000000 3 connected 10923-16383
+d4 127.0.0.1:7004@17004 slave a1 0 1700000000000 1 connected
+";
+        assert_eq!(owner_of(nodes, 0), Some("a1"));
+        assert_eq!(owner_of(nodes, 5460), Some("a1"));
+        assert_eq!(owner_of(nodes, 5461), Some("b2"));
+        assert_eq!(owner_of(nodes, 10922), Some("b2"));
+        assert_eq!(owner_of(nodes, 16383), Some("c3"));
+        assert_eq!(owner_of("", 1), None);
     }
 
     #[test]
@@ -908,7 +1037,7 @@ mod tests {
         let mut reversed = all;
         reversed.reverse();
         assert_eq!(order(1, &all), reversed);
-        assert_eq!(order(1, &all)[0], Target::ClusterQueue);
+        assert_eq!(order(1, &all)[0], Target::RelayCluster);
         assert_eq!(order(2, &all), all);
     }
 
@@ -942,7 +1071,22 @@ mod tests {
         assert_eq!(Target::ClusterQueue.layer(), Some("queue-cluster"));
         assert_eq!(Target::ClusterPubSub.servers(), 2);
         let on_cluster: Vec<Target> = Target::ALL.into_iter().filter(|t| t.on_cluster()).collect();
-        assert_eq!(on_cluster, [Target::ClusterPubSub, Target::ClusterQueue]);
+        assert_eq!(
+            on_cluster,
+            [
+                Target::ClusterPubSub,
+                Target::ClusterQueue,
+                Target::RelayCluster
+            ]
+        );
+        assert_eq!(
+            Target::RelayCluster.layer(),
+            None,
+            "no layer: a bare server"
+        );
+        assert_eq!(Target::RelayCluster.relay(), Some("cluster"));
+        assert_eq!(Target::RelayOne.relay(), Some("one"));
+        assert_eq!(Target::BareBatched.relay(), None);
         for (cluster, one) in Target::ON_ONE_REDIS {
             assert!(cluster.on_cluster() && !one.on_cluster());
             assert_eq!(cluster.servers(), one.servers(), "the same room");
