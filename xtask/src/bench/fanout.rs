@@ -29,6 +29,9 @@
 //!   pops its own with `BZMPOP`, nothing is checked). Their ratio says what
 //!   the cluster's layout costs on this machine before a layer does
 //!   anything, so that the cluster layers' ratios can be read against it.
+//!   From them the report also gives the most the cluster queue room could
+//!   keep of one Redis if the cluster cost it nothing beyond what it costs
+//!   the relays (see [`ceiling`]).
 //!
 //! The load is loadgen's `fanout` client (see its documentation): a closed
 //! loop with a small window, so a slower server shows as fewer deliveries,
@@ -826,6 +829,16 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
             median(&floor),
         );
     }
+    let ceilings: Vec<f64> = rounds.iter().filter_map(ceiling).collect();
+    if !ceilings.is_empty() {
+        println!(
+            "{} / {} could be at most {:.2} (median of {n} round{plural}): its time per delivery \
+             on one Redis, plus what the cluster adds to it with no layer",
+            Target::ClusterQueue.label(),
+            Target::SplitQueue.label(),
+            median(&ceilings),
+        );
+    }
     // A cluster room's rounds differ most by where its keys landed: say
     // so next to each round's ratio.
     for (cluster, one) in [
@@ -859,6 +872,18 @@ fn print_summary(rounds: &[Round], targets: &[Target]) {
             median(&split),
         );
     }
+}
+
+/// The best the cluster queue room could do in `round`, as a ratio to the
+/// same room on one Redis: if the cluster cost it nothing beyond what it
+/// costs the bare relays, its time per delivery would be its time on one
+/// Redis plus the relays' difference. Times per delivery are the inverse
+/// of deliveries per second, which holds while the server's core is
+/// saturated, as it is in every Redis run of this bench.
+fn ceiling(round: &Round) -> Option<f64> {
+    let one = figure(round, Target::SplitQueue)?;
+    let added = 1.0 / figure(round, Target::RelayCluster)? - 1.0 / figure(round, Target::RelayOne)?;
+    Some(1.0 / (1.0 + one * added))
 }
 
 /// `cargo xtask bench fanout [--receivers N] [--seconds S] [--rounds R]`,
@@ -976,6 +1001,19 @@ mod tests {
             " (the room's keys on 2 of 3 masters)"
         );
         assert_eq!(placement(&round, Target::ClusterPubSub), "");
+    }
+
+    #[test]
+    fn bounds_the_cluster_room_by_what_the_layout_adds() {
+        // On one Redis: 10 µs per delivery for the room, 5 for the relays;
+        // on the cluster the relays take 7.5, so the room at best 12.5.
+        let round: Round = vec![
+            (Target::SplitQueue, report(100_000.0)),
+            (Target::RelayOne, report(200_000.0)),
+            (Target::RelayCluster, report(1.0 / 7.5e-6)),
+        ];
+        assert!((ceiling(&round).unwrap() - 0.8).abs() < 1e-9);
+        assert_eq!(ceiling(&round[..2].to_vec()), None);
     }
 
     #[test]
