@@ -767,6 +767,14 @@ fn print_round(round: &Round) {
             );
         }
     }
+    if let Some(most) = ceiling(round) {
+        println!(
+            "  {} / {} at most: {most:.2} (were the cluster to cost it only what it costs the \
+             relays)",
+            Target::ClusterQueue.label(),
+            Target::SplitQueue.label(),
+        );
+    }
 }
 
 /// Where a cluster room's keys were in `round`, in words, if known.
