@@ -598,22 +598,25 @@ impl Fanout<'_> {
         // A relay's servers each read a key of their own, named afresh each
         // time, so that on a cluster they land where they may, as a layer's
         // random process names do.
-        let relay_keys: Vec<String> = (0..target.servers())
-            .map(|server| {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |since| since.subsec_nanos());
-                format!("fanout-relay-{}-{nanos}-{server}", std::process::id())
-            })
-            .collect();
+        let relay_keys: Vec<String> = match target.relay() {
+            Some(_) => (0..target.servers())
+                .map(|server| {
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |since| since.subsec_nanos());
+                    format!("fanout-relay-{}-{nanos}-{server}", std::process::id())
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         let mut servers = Vec::new();
         let mut urls = Vec::new();
-        for own in &relay_keys {
-            let keys = RelayKeys {
+        for server in 0..target.servers() {
+            let relay = relay_keys.get(server).map(|own| RelayKeys {
                 own,
                 all: &relay_keys,
-            };
-            let (server, url) = self.start_server(target, redis_url.as_deref(), Some(keys))?;
+            });
+            let (server, url) = self.start_server(target, redis_url.as_deref(), relay)?;
             servers.push(server);
             urls.push(url);
         }
@@ -912,13 +915,12 @@ pub(super) fn run(
         .collect();
     let skipped_note = format!(
         "note: the Redis runs (redis pub/sub, redis queue, 2 servers pubsub and queue, cluster \
-         pubsub and queue, the bare relays) were SKIPPED: redis-server is not on PATH; {INSTALL_REDIS} and run \
-         again"
+         pubsub and queue, the bare relays) were SKIPPED: redis-server is not on PATH; \
+         {INSTALL_REDIS} and run again"
     );
     let cluster_note = format!(
         "note: the Redis Cluster runs (cluster pubsub, cluster queue, bare relay on the \
-         cluster) were SKIPPED: redis-cli \
-         is not on PATH; {INSTALL_REDIS} and run again"
+         cluster) were SKIPPED: redis-cli is not on PATH; {INSTALL_REDIS} and run again"
     );
     println!(
         "fanout: one sender and {receivers} receivers in one room, {} s per run, {rounds} \
