@@ -178,39 +178,19 @@ impl Relay {
         own: &str,
         port: u16,
     ) -> redis::RedisResult<(Relay, MultiplexedConnection)> {
+        let mut clients = Vec::new();
         let mut nodes = Vec::new();
         for url in urls {
             let client = redis::Client::open(*url)?;
-            let conn = client.get_multiplexed_async_connection().await?;
-            nodes.push((client, conn));
+            nodes.push(client.get_multiplexed_async_connection().await?);
+            clients.push(client);
         }
-        // A master answers for its own keys and refuses the others (MOVED).
-        let owner_of = |key: &str| {
-            let key = key.to_owned();
-            let nodes = nodes.clone();
-            async move {
-                for (index, (_, conn)) in nodes.iter().enumerate() {
-                    let mut conn = conn.clone();
-                    let owns: redis::RedisResult<i64> =
-                        redis::cmd("ZCARD").arg(&key).query_async(&mut conn).await;
-                    if owns.is_ok() {
-                        return Ok(index);
-                    }
-                }
-                Err(redis::RedisError::from((
-                    redis::ErrorKind::Client,
-                    "no node holds the key",
-                )))
-            }
-        };
         let mut relayed = Vec::new();
         for key in keys {
-            let at = owner_of(key).await?;
-            relayed.push(((*key).to_owned(), nodes[at].1.clone()));
+            let at = holder(&nodes, key).await?;
+            relayed.push(((*key).to_owned(), nodes[at].clone()));
         }
-        let at = owner_of(own).await?;
-        let popper = nodes[at]
-            .0
+        let popper = clients[holder(&nodes, own).await?]
             .get_multiplexed_async_connection_with_config(
                 &AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(5))),
             )
@@ -250,6 +230,24 @@ impl Relay {
             futures_util::future::try_join_all(adds).await.map(drop)
         }
     }
+}
+
+/// Which of `nodes` holds `key`: a master answers for its own keys and
+/// refuses the others (`MOVED`); one Redis holds every key.
+async fn holder(nodes: &[MultiplexedConnection], key: &str) -> redis::RedisResult<usize> {
+    for (at, node) in nodes.iter().enumerate() {
+        let asked: redis::RedisResult<i64> = redis::cmd("ZCARD")
+            .arg(key)
+            .query_async(&mut node.clone())
+            .await;
+        if asked.is_ok() {
+            return Ok(at);
+        }
+    }
+    Err(redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "no node holds the key",
+    )))
 }
 
 /// Pops `key` for ever, up to 32 at a time, into the room.
