@@ -3,7 +3,7 @@
 //! cluster --redis-cluster` (sync, which compiles this file with
 //! `#[path]` rather than depend on this crate and its runtime) make the
 //! same one: the nodes' settings, the `redis-cli --cluster create` command,
-//! and how to read whether it is ready.
+//! how to read whether it is ready, and which slots a node owns.
 
 /// Masters, and one replica for each: six nodes.
 pub const MASTERS: usize = 3;
@@ -48,6 +48,22 @@ pub fn replica_behind(info_replication: &str) -> bool {
     info_replication.contains("role:slave") && !info_replication.contains("master_link_status:up")
 }
 
+/// The slots a node owns, by its line of `CLUSTER NODES` (`id address
+/// flags master-id ping pong epoch link-state slot...`), each range as
+/// `(first, last)`: every field from the ninth on, `N` or `FROM-TO`. A
+/// `[slot->-id]` or `[slot-<-id]` field marks a slot being moved, not one
+/// owned.
+pub fn owned_slots(line: &str) -> Vec<(u16, u16)> {
+    line.split_whitespace()
+        .skip(8)
+        .filter(|range| !range.starts_with('['))
+        .filter_map(|range| match range.split_once('-') {
+            Some((first, last)) => Some((first.parse().ok()?, last.parse().ok()?)),
+            None => range.parse().ok().map(|slot| (slot, slot)),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +74,15 @@ mod tests {
             create_args(&[7000, 7001]).join(" "),
             "--cluster create 127.0.0.1:7000 127.0.0.1:7001 --cluster-replicas 1 --cluster-yes"
         );
+    }
+
+    #[test]
+    fn reads_a_nodes_slots() {
+        let master = "b2 127.0.0.1:7002@17002 master - 0 1 2 connected 5461-10921 10922 \
+                      [10922->-c3]";
+        assert_eq!(owned_slots(master), [(5461, 10921), (10922, 10922)]);
+        let replica = "d4 127.0.0.1:7004@17004 slave a1 0 1 1 connected";
+        assert!(owned_slots(replica).is_empty());
     }
 
     #[test]

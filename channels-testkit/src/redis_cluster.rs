@@ -473,20 +473,11 @@ fn parse_nodes(text: &str) -> Vec<NodeInfo> {
             if fields.len() < 8 || flags.iter().any(|flag| flag.starts_with("fail")) {
                 return None;
             }
-            let slots = fields[8..]
-                .iter()
-                // `[slot->-id]` marks a slot being moved, not one owned.
-                .filter(|range| !range.starts_with('['))
-                .filter_map(|range| match range.split_once('-') {
-                    Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
-                    None => range.parse().ok().map(|s| (s, s)),
-                })
-                .collect();
             Some(NodeInfo {
                 id: fields[0].to_owned(),
                 port: port_of(fields[1])?,
                 master: flags.contains(&"master"),
-                slots,
+                slots: cluster_recipe::owned_slots(line),
             })
         })
         .collect()

@@ -493,18 +493,14 @@ impl Cluster {
     }
 }
 
-/// The id of the master that serves `slot`, by a `CLUSTER NODES` reply:
-/// a node's slots are its fields from the ninth on, each `N` or `FROM-TO`.
+/// The id of the master that serves `slot`, by a `CLUSTER NODES` reply.
 fn owner_of(nodes: &str, slot: u16) -> Option<&str> {
-    nodes.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let serves = fields.get(8..)?.iter().any(|range| {
-            let (from, to) = range.split_once('-').unwrap_or((range, range));
-            matches!((from.parse::<u16>(), to.parse::<u16>()),
-                (Ok(from), Ok(to)) if (from..=to).contains(&slot))
-        });
-        serves.then_some(fields[0])
-    })
+    let serves = |line: &&str| {
+        cluster::cluster_recipe::owned_slots(line)
+            .iter()
+            .any(|(first, last)| (*first..=*last).contains(&slot))
+    };
+    nodes.lines().find(serves)?.split(' ').next()
 }
 
 impl Drop for Cluster {
